@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# install-deps.sh: install what building, testing and the demo need on a
+# Debian machine, skipping whatever is already there. Run as root.
+#   apt: zlib (cgo inflater), a registry, containerd + runc, FUSE, mmdebstrap
+#        (test image), iproute2 (shaped links), pigz (multi-member gzip tests)
+#   go tools: staticcheck, crane (image pushes in tests)
+set -euo pipefail
+
+need_apt=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+for p in zlib1g-dev docker-registry containerd runc fuse3 mmdebstrap iproute2 pigz curl jq ca-certificates tar gzip; do
+  have_pkg "$p" || need_apt+=("$p")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+GOBIN=${GOBIN:-$(go env GOPATH)/bin}
+export PATH="$GOBIN:$PATH"
+have_cmd staticcheck || go install honnef.co/go/tools/cmd/staticcheck@2025.1.1
+have_cmd crane || go install github.com/google/go-containerregistry/cmd/crane@v0.22.1
+echo "install-deps: ok"
