@@ -127,10 +127,11 @@ type TarZinfo struct {
 // MarshalTarZinfo encodes a TarZinfo flatbuffer exactly as SOCI does.
 func MarshalTarZinfo(t TarZinfo) []byte {
 	b := flatbuffers.NewBuilder(0)
+	// Field order as SOCI's encoder adds them (it shows in the byte layout).
 	b.StartObject(3)
-	b.PrependInt64Slot(2, t.Size, 0)
-	b.PrependInt64Slot(1, t.SpanSize, 0)
 	b.PrependInt32Slot(0, tarZinfoVersion, 0)
+	b.PrependInt64Slot(1, t.SpanSize, 0)
+	b.PrependInt64Slot(2, t.Size, 0)
 	b.Finish(b.EndObject())
 	return b.FinishedBytes()
 }

@@ -1,0 +1,577 @@
+package ztoc
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/errgroup"
+)
+
+// BuildOptions tunes Build.
+type BuildOptions struct {
+	// SpanSize is the number of uncompressed bytes after which the next
+	// deflate block boundary becomes a checkpoint. Default DefaultSpanSize.
+	SpanSize int64
+	// BuildToolIdentifier is written into the zTOC. Default
+	// DefaultBuildToolIdentifier.
+	BuildToolIdentifier string
+	// Progress, when set, is called from the reading goroutine with the
+	// number of layer bytes read so far.
+	Progress func(read int64)
+}
+
+// Buffer sizes of the build pipeline. They bound its memory: about 3 input
+// chunks and 4 output chunks are alive at once, whatever the layer size.
+const (
+	inputChunkSize  = 256 << 10
+	inputChunks     = 4
+	outputChunkSize = 1 << 20
+	outputChunks    = 4
+)
+
+// Magic numbers used to recognise layer compression.
+var (
+	gzipMagic = []byte{0x1f, 0x8b}
+	zstdMagic = []byte{0x28, 0xb5, 0x2f, 0xfd}
+)
+
+// ErrUnsupportedCompression is returned for layers that are neither gzip
+// nor plain tar (zstd, for instance).
+var ErrUnsupportedCompression = errors.New("unsupported layer compression")
+
+// Build reads a layer blob once, as a stream, and returns its zTOC and the
+// digest of the blob. In that single pass it parses the tar stream into the
+// TOC, records a checkpoint at the first deflate block boundary after every
+// SpanSize uncompressed bytes, and hashes every span's compressed bytes.
+// Plain tar layers get fixed-size spans. Memory use does not depend on the
+// layer size (beyond the zTOC itself).
+func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.Digest, error) {
+	if opts.SpanSize <= 0 {
+		opts.SpanSize = DefaultSpanSize
+	}
+	if opts.BuildToolIdentifier == "" {
+		opts.BuildToolIdentifier = DefaultBuildToolIdentifier
+	}
+	g, ctx := errgroup.WithContext(ctx)
+
+	// Stage 1: read the blob in chunks, hash it, count it.
+	inputs := make(chan chunk, inputChunks-1)
+	inPool := newBufferPool(inputChunks, inputChunkSize)
+	layerHash := sha256.New()
+	var total int64
+	g.Go(func() error {
+		for {
+			buf, err := inPool.get(ctx)
+			if err != nil {
+				return err
+			}
+			n, rerr := io.ReadFull(r, buf)
+			if n > 0 {
+				layerHash.Write(buf[:n])
+				total += int64(n)
+				if opts.Progress != nil {
+					opts.Progress(total)
+				}
+				if err := send(ctx, inputs, chunk{data: buf[:n], release: func() { inPool.put(buf) }}); err != nil {
+					return err
+				}
+			} else {
+				inPool.put(buf)
+			}
+			switch {
+			case rerr == io.EOF || rerr == io.ErrUnexpectedEOF:
+				close(inputs)
+				return nil
+			case rerr != nil:
+				return fmt.Errorf("read layer at offset %d: %w", total, rerr)
+			}
+		}
+	})
+
+	// Stage 2: decompress (gzip) or pass through (tar), recording spans.
+	// Stage 3: parse the tar stream into the TOC.
+	tarStream := make(chan chunk, outputChunks-1)
+	var spans spanRecorder
+	var toc tocBuilder
+	g.Go(func() error {
+		first, ok, err := recv(ctx, inputs)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return errors.New("layer is empty")
+		}
+		switch {
+		case bytes.HasPrefix(first.data, gzipMagic):
+			spans.algorithm = Gzip
+			err = inflateStream(ctx, first, inputs, tarStream, opts.SpanSize, &spans)
+		case bytes.HasPrefix(first.data, zstdMagic):
+			first.release()
+			return fmt.Errorf("%w: zstd", ErrUnsupportedCompression)
+		default:
+			spans.algorithm = Uncompressed
+			err = passTar(ctx, first, inputs, tarStream, opts.SpanSize, &spans)
+		}
+		if err != nil {
+			return err
+		}
+		close(tarStream)
+		return nil
+	})
+	g.Go(func() error {
+		return toc.run(ctx, tarStream)
+	})
+	if err := g.Wait(); err != nil {
+		return nil, "", err
+	}
+
+	z := &Ztoc{
+		Version:                 Version,
+		BuildToolIdentifier:     opts.BuildToolIdentifier,
+		CompressedArchiveSize:   total,
+		UncompressedArchiveSize: toc.archiveSize,
+		Files:                   toc.files,
+	}
+	z.Algorithm = spans.algorithm
+	z.MaxSpanID = SpanID(len(spans.digests) - 1)
+	z.SpanDigests = spans.digests
+	switch spans.algorithm {
+	case Gzip:
+		blob, err := MarshalGzipZinfo(&GzipZinfo{SpanSize: opts.SpanSize, Checkpoints: spans.checkpoints})
+		if err != nil {
+			return nil, "", err
+		}
+		z.Checkpoints = blob
+	case Uncompressed:
+		z.Checkpoints = MarshalTarZinfo(TarZinfo{SpanSize: opts.SpanSize, Size: total})
+	}
+	if _, err := z.Spans(); err != nil {
+		return nil, "", fmt.Errorf("built an inconsistent zTOC: %w", err)
+	}
+	return z, digest.NewDigestFromBytes(digest.SHA256, layerHash.Sum(nil)), nil
+}
+
+// chunk is a slice of a pipeline buffer; release hands the buffer back.
+type chunk struct {
+	data    []byte
+	release func()
+}
+
+func send(ctx context.Context, ch chan<- chunk, c chunk) error {
+	select {
+	case ch <- c:
+		return nil
+	case <-ctx.Done():
+		c.release()
+		return ctx.Err()
+	}
+}
+
+// recv returns the next chunk; ok is false once ch is closed.
+func recv(ctx context.Context, ch <-chan chunk) (c chunk, ok bool, err error) {
+	select {
+	case c, ok = <-ch:
+		return c, ok, nil
+	case <-ctx.Done():
+		return chunk{}, false, ctx.Err()
+	}
+}
+
+// bufferPool is a fixed set of reusable buffers; get blocks until one is free.
+type bufferPool struct{ free chan []byte }
+
+func newBufferPool(n, size int) *bufferPool {
+	p := &bufferPool{free: make(chan []byte, n)}
+	for range n {
+		p.free <- make([]byte, size)
+	}
+	return p
+}
+
+func (p *bufferPool) get(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-p.free:
+		return b, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (p *bufferPool) put(b []byte) { p.free <- b[:cap(b)] }
+
+// spanRecorder collects checkpoints and the SHA-256 of each span's
+// compressed bytes as the stream goes by.
+type spanRecorder struct {
+	algorithm   Compression
+	checkpoints []Checkpoint
+	digests     []digest.Digest
+	h           hash.Hash // hash of the current span; nil before span 0
+}
+
+// startSpan finishes the current span's digest and starts a new one.
+func (s *spanRecorder) startSpan(shared []byte) {
+	s.finishSpan()
+	s.h = sha256.New()
+	s.h.Write(shared)
+}
+
+func (s *spanRecorder) write(b []byte) {
+	if s.h != nil {
+		s.h.Write(b)
+	}
+}
+
+func (s *spanRecorder) finishSpan() {
+	if s.h != nil {
+		s.digests = append(s.digests, digest.NewDigestFromBytes(digest.SHA256, s.h.Sum(nil)))
+		s.h = nil
+	}
+}
+
+// passTar hashes fixed-size spans of an uncompressed tar layer and forwards
+// its bytes to the tar parser unchanged.
+func passTar(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, spanSize int64, s *spanRecorder) error {
+	var pos int64
+	c, ok := first, true
+	for ok {
+		for b := c.data; len(b) > 0; {
+			if pos%spanSize == 0 {
+				s.startSpan(nil)
+			}
+			n := min(int64(len(b)), spanSize-pos%spanSize)
+			s.write(b[:n])
+			b, pos = b[n:], pos+n
+		}
+		if err := send(ctx, out, c); err != nil {
+			return err
+		}
+		var err error
+		if c, ok, err = recv(ctx, in); err != nil {
+			return err
+		}
+	}
+	if s.h == nil { // an empty layer still has one (empty) span
+		s.startSpan(nil)
+	}
+	s.finishSpan()
+	return nil
+}
+
+// inflateStream decompresses a gzip layer (one or more members), recording
+// a checkpoint the way SOCI's zinfo builder does: right after the first
+// gzip header, then at the first deflate block boundary (outside a final
+// block) once more than spanSize bytes were produced since the last one.
+func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, spanSize int64, s *spanRecorder) error {
+	inf, err := newInflater(windowBitsGzip)
+	if err != nil {
+		return err
+	}
+	defer inf.close()
+
+	outPool := newBufferPool(outputChunks, WindowSize+outputChunkSize)
+	cur, err := outPool.get(ctx)
+	if err != nil {
+		first.release()
+		return err
+	}
+	clear(cur[:WindowSize])
+	pos := WindowSize // cur[pos-WindowSize:pos] is always the history window
+	emit := func() error {
+		next, err := outPool.get(ctx)
+		if err != nil {
+			return err
+		}
+		copy(next[:WindowSize], cur[pos-WindowSize:pos])
+		done := cur
+		if err := send(ctx, out, chunk{data: done[WindowSize:pos], release: func() { outPool.put(done) }}); err != nil {
+			return err
+		}
+		cur, pos = next, WindowSize
+		return nil
+	}
+
+	var (
+		totIn, totOut int64
+		lastOut       int64
+		lastByte      byte
+		memberDone    bool // the previous member's trailer was read
+	)
+	c, ok := first, true
+	for ok {
+		data := c.data
+		for len(data) > 0 {
+			if memberDone {
+				// Between members: skip zero padding; anything else must be
+				// the next member's header.
+				if data[0] == 0 {
+					n := len(data) - len(bytes.TrimLeft(data, "\x00"))
+					s.write(data[:n])
+					lastByte, data, totIn = 0, data[n:], totIn+int64(n)
+					continue
+				}
+				if err := inf.reset(windowBitsGzip); err != nil {
+					return err
+				}
+				memberDone = false
+			}
+			consumed, produced, ret, dt := inf.inflate(data, cur[pos:], zBlock)
+			s.write(data[:consumed])
+			if consumed > 0 {
+				lastByte = data[consumed-1]
+			}
+			data = data[consumed:]
+			totIn += int64(consumed)
+			totOut += int64(produced)
+			pos += produced
+			switch ret {
+			case zOK, zBufError:
+			case zStreamEnd:
+				memberDone = true
+			default:
+				c.release()
+				return fmt.Errorf("gzip data at compressed offset %d: %w", totIn, inf.errInflate(ret))
+			}
+			if !memberDone && dt&128 != 0 && dt&64 == 0 && (totOut == 0 && len(s.checkpoints) == 0 || totOut-lastOut > spanSize) {
+				bits := uint8(dt & 7)
+				var shared []byte
+				if bits > 0 {
+					shared = []byte{lastByte}
+				}
+				s.startSpan(shared)
+				s.checkpoints = append(s.checkpoints, Checkpoint{
+					In: totIn, Out: totOut, Bits: bits,
+					Window: bytes.Clone(cur[pos-WindowSize : pos]),
+				})
+				lastOut = totOut
+			}
+			if pos == len(cur) {
+				if err := emit(); err != nil {
+					c.release()
+					return err
+				}
+			}
+			if consumed == 0 && produced == 0 && !memberDone && ret != zOK {
+				c.release()
+				return fmt.Errorf("gzip data at compressed offset %d: inflate made no progress", totIn)
+			}
+		}
+		c.release()
+		if c, ok, err = recv(ctx, in); err != nil {
+			return err
+		}
+	}
+	if !memberDone {
+		return fmt.Errorf("gzip stream truncated at compressed offset %d (uncompressed %d): %w", totIn, totOut, io.ErrUnexpectedEOF)
+	}
+	if len(s.checkpoints) == 0 {
+		return errors.New("gzip stream has no deflate data")
+	}
+	s.finishSpan()
+	if pos > WindowSize {
+		done := cur
+		return send(ctx, out, chunk{data: done[WindowSize:pos], release: func() { outPool.put(done) }})
+	}
+	outPool.put(cur)
+	return nil
+}
+
+// tocBuilder parses the uncompressed tar stream into FileMetadata entries.
+type tocBuilder struct {
+	files       []FileMetadata
+	archiveSize int64
+}
+
+func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
+	sr := &streamReader{ctx: ctx, in: in}
+	tr := tar.NewReader(sr)
+	for {
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			// The end-of-archive marker; what follows is padding, still
+			// to be inflated (and checked) upstream.
+			t.archiveSize = sr.pos
+			sr.drain()
+			return nil
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("read tar entry at uncompressed offset %d: %w", sr.pos, err)
+		}
+		fm, ok, err := fileMetadata(hdr, sr.pos)
+		if err != nil {
+			return err
+		}
+		if ok {
+			t.files = append(t.files, fm)
+		}
+	}
+}
+
+// fileMetadata converts a tar header whose data starts at dataOffset. It
+// reports ok=false for entries that carry no file (PAX global headers).
+func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error) {
+	var typ string
+	switch hdr.Typeflag {
+	case tar.TypeReg, tar.TypeRegA, tar.TypeCont:
+		typ = TypeReg
+	case tar.TypeDir:
+		typ = TypeDir
+	case tar.TypeSymlink:
+		typ = TypeSymlink
+	case tar.TypeLink:
+		typ = TypeHardlink
+	case tar.TypeChar:
+		typ = TypeChar
+	case tar.TypeBlock:
+		typ = TypeBlock
+	case tar.TypeFifo:
+		typ = TypeFifo
+	case tar.TypeXGlobalHeader:
+		// PAX global headers describe the archive, not a file. SOCI fails
+		// on them; we leave them out of the TOC.
+		return FileMetadata{}, false, nil
+	default:
+		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: unsupported type %q", hdr.Name, dataOffset, hdr.Typeflag)
+	}
+	if err := CheckPath(hdr.Name); err != nil {
+		return FileMetadata{}, false, fmt.Errorf("tar entry at uncompressed offset %d: %w", dataOffset, err)
+	}
+	if typ == TypeHardlink {
+		if err := CheckPath(hdr.Linkname); err != nil {
+			return FileMetadata{}, false, fmt.Errorf("hardlink %q at uncompressed offset %d: target: %w", hdr.Name, dataOffset, err)
+		}
+	}
+	fm := FileMetadata{
+		Name:               hdr.Name,
+		Type:               typ,
+		UncompressedOffset: dataOffset,
+		UncompressedSize:   hdr.Size,
+		Linkname:           hdr.Linkname,
+		Mode:               hdr.Mode,
+		UID:                uint32(hdr.Uid),
+		GID:                uint32(hdr.Gid),
+		Uname:              hdr.Uname,
+		Gname:              hdr.Gname,
+		ModTime:            tocTime(hdr.ModTime),
+		Devmajor:           hdr.Devmajor,
+		Devminor:           hdr.Devminor,
+	}
+	if len(hdr.PAXRecords) > 0 {
+		fm.PAXRecords = hdr.PAXRecords
+	}
+	return fm, true, nil
+}
+
+// tocTime normalises a tar mtime to what the zTOC can carry: UTC, and the
+// zero Time when the year does not fit RFC 3339 (SOCI writes "").
+func tocTime(t time.Time) time.Time {
+	t = t.UTC()
+	if y := t.Year(); y < 0 || y > 9999 {
+		return time.Time{}
+	}
+	return t
+}
+
+// CheckPath rejects tar entry names that could escape the layer root: an
+// absolute path or any ".." component.
+func CheckPath(name string) error {
+	if strings.HasPrefix(name, "/") {
+		return fmt.Errorf("path %q is absolute", name)
+	}
+	if name == "" {
+		return errors.New("path is empty")
+	}
+	for _, part := range strings.Split(name, "/") {
+		if part == ".." {
+			return fmt.Errorf("path %q has a \"..\" component", name)
+		}
+	}
+	return nil
+}
+
+// streamReader presents the chunks of the uncompressed stream as an
+// io.Reader for archive/tar, counting the position. Forward Seek lets the
+// tar reader skip file contents without copying them.
+type streamReader struct {
+	ctx  context.Context
+	in   <-chan chunk
+	cur  chunk
+	buf  []byte // unread part of cur
+	pos  int64
+	done bool
+}
+
+// next makes buf non-empty; it returns io.EOF at the end of the stream.
+func (s *streamReader) next() error {
+	for len(s.buf) == 0 {
+		if s.cur.release != nil {
+			s.cur.release()
+			s.cur = chunk{}
+		}
+		if s.done {
+			return io.EOF
+		}
+		c, ok, err := recv(s.ctx, s.in)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			s.done = true
+			return io.EOF
+		}
+		s.cur, s.buf = c, c.data
+	}
+	return nil
+}
+
+func (s *streamReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if err := s.next(); err != nil {
+		return 0, err
+	}
+	n := copy(p, s.buf)
+	s.buf = s.buf[n:]
+	s.pos += int64(n)
+	return n, nil
+}
+
+// Seek supports only forward moves relative to the current position.
+func (s *streamReader) Seek(offset int64, whence int) (int64, error) {
+	if whence != io.SeekCurrent || offset < 0 {
+		return s.pos, errors.New("streamReader: only forward relative seeks")
+	}
+	for offset > 0 {
+		if err := s.next(); err != nil {
+			if err == io.EOF {
+				return s.pos, nil
+			}
+			return s.pos, err
+		}
+		n := min(int64(len(s.buf)), offset)
+		s.buf = s.buf[n:]
+		s.pos += n
+		offset -= n
+	}
+	return s.pos, nil
+}
+
+// drain releases every remaining chunk so the producer never blocks.
+func (s *streamReader) drain() {
+	s.buf = nil
+	for s.next() == nil {
+		s.buf = nil
+	}
+}
