@@ -1,0 +1,184 @@
+package index
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// Layer describes the zTOC of one image layer, as listed in an index.
+type Layer struct {
+	// LayerDigest is the digest of the indexed image layer blob.
+	LayerDigest digest.Digest
+	// LayerMediaType is the media type of the indexed image layer.
+	LayerMediaType string
+	// SpanSize is the span size the zTOC was built with. Zero means unknown:
+	// the span-size annotation is then omitted (as in pre-2025 indexes).
+	SpanSize int64
+	// Ztoc is the zTOC blob: Digest and Size are required; MediaType is
+	// forced to MediaTypeZtoc and other fields are ignored when building.
+	Ztoc ocispec.Descriptor
+	// DisableXattrs marks a layer without extended attributes.
+	DisableXattrs bool
+}
+
+// Prefetch describes a prefetch artifact (SOCI-FORMAT.md §1.10) for one
+// layer. Prefetch descriptors follow the zTOCs in the index.
+type Prefetch struct {
+	// LayerDigest is the digest of the image layer the spans belong to.
+	LayerDigest digest.Digest
+	// Blob is the prefetch JSON blob: Digest and Size are required.
+	Blob ocispec.Descriptor
+}
+
+// BuildOptions are the inputs of Build.
+type BuildOptions struct {
+	// Version selects v1 (requires Subject) or v2 (forbids Subject).
+	Version Version
+	// Subject is the image manifest a v1 index is attached to. Only its
+	// MediaType, Digest and Size are written.
+	Subject *ocispec.Descriptor
+	// Layers are the zTOCs in image-layer order; unindexed layers are simply
+	// absent. At least one is required.
+	Layers []Layer
+	// Prefetches are optional prefetch artifacts, in layer order.
+	Prefetches []Prefetch
+	// BuildTool is written as the build-tool-identifier annotation; empty
+	// means ztoc.DefaultBuildToolIdentifier.
+	BuildTool string
+}
+
+// Built is a serialized SOCI index manifest.
+type Built struct {
+	// Manifest is the decoded form of Bytes.
+	Manifest ocispec.Manifest
+	// Bytes is the exact manifest content to push (canonical Go JSON).
+	Bytes []byte
+	// Descriptor describes Bytes: OCI manifest media type, digest, size, and
+	// artifactType set to the index version's artifact type (the form SOCI
+	// keeps locally; registries ignore artifactType on push).
+	Descriptor ocispec.Descriptor
+}
+
+// ErrEmptyIndex is returned by Build when no layer was indexed: SOCI treats
+// an index without zTOCs as an error, not as an empty artifact.
+var ErrEmptyIndex = errors.New("soci index has no zTOCs")
+
+// Build produces a SOCI index manifest. The bytes are json.Marshal of an
+// ocispec.Manifest with no top-level artifactType, which is what SOCI's
+// runtime reproduces when it re-marshals a fetched index.
+func Build(opts BuildOptions) (*Built, error) {
+	switch opts.Version {
+	case V1:
+		if opts.Subject == nil {
+			return nil, errors.New("build soci index v1: subject (image manifest descriptor) is required")
+		}
+	case V2:
+		if opts.Subject != nil {
+			return nil, errors.New("build soci index v2: a v2 index has no subject")
+		}
+	default:
+		return nil, fmt.Errorf("build soci index: unknown version %d", opts.Version)
+	}
+	if len(opts.Layers) == 0 {
+		return nil, fmt.Errorf("build soci index %s: %w", opts.Version, ErrEmptyIndex)
+	}
+	tool := opts.BuildTool
+	if tool == "" {
+		tool = ztoc.DefaultBuildToolIdentifier
+	}
+
+	m := ocispec.Manifest{
+		MediaType:   ocispec.MediaTypeImageManifest,
+		Config:      ConfigDescriptor(opts.Version),
+		Layers:      make([]ocispec.Descriptor, 0, len(opts.Layers)+len(opts.Prefetches)),
+		Annotations: map[string]string{AnnotationBuildToolIdentifier: tool},
+	}
+	m.SchemaVersion = 2
+	if opts.Subject != nil {
+		s := opts.Subject
+		if err := checkDescriptor(*s); err != nil {
+			return nil, fmt.Errorf("build soci index: subject: %w", err)
+		}
+		if s.MediaType == "" {
+			return nil, errors.New("build soci index: subject has no media type")
+		}
+		m.Subject = &ocispec.Descriptor{MediaType: s.MediaType, Digest: s.Digest, Size: s.Size}
+	}
+	for i, l := range opts.Layers {
+		if err := l.LayerDigest.Validate(); err != nil {
+			return nil, fmt.Errorf("build soci index: layer %d: layer digest %q: %w", i, l.LayerDigest, err)
+		}
+		if l.LayerMediaType == "" {
+			return nil, fmt.Errorf("build soci index: layer %d (%s): no layer media type", i, l.LayerDigest)
+		}
+		if l.SpanSize < 0 {
+			return nil, fmt.Errorf("build soci index: layer %d (%s): negative span size %d", i, l.LayerDigest, l.SpanSize)
+		}
+		if err := checkDescriptor(l.Ztoc); err != nil {
+			return nil, fmt.Errorf("build soci index: layer %d (%s): ztoc: %w", i, l.LayerDigest, err)
+		}
+		ann := map[string]string{
+			AnnotationImageLayerDigest:    l.LayerDigest.String(),
+			AnnotationImageLayerMediaType: l.LayerMediaType,
+		}
+		if l.SpanSize > 0 {
+			ann[AnnotationSpanSize] = strconv.FormatInt(l.SpanSize, 10)
+		}
+		if l.DisableXattrs {
+			ann[AnnotationDisableXattrs] = "true"
+		}
+		m.Layers = append(m.Layers, ocispec.Descriptor{
+			MediaType:   MediaTypeZtoc,
+			Digest:      l.Ztoc.Digest,
+			Size:        l.Ztoc.Size,
+			Annotations: ann,
+		})
+	}
+	for i, p := range opts.Prefetches {
+		if err := p.LayerDigest.Validate(); err != nil {
+			return nil, fmt.Errorf("build soci index: prefetch %d: layer digest %q: %w", i, p.LayerDigest, err)
+		}
+		if err := checkDescriptor(p.Blob); err != nil {
+			return nil, fmt.Errorf("build soci index: prefetch %d (%s): %w", i, p.LayerDigest, err)
+		}
+		m.Layers = append(m.Layers, ocispec.Descriptor{
+			MediaType:   MediaTypePrefetch,
+			Digest:      p.Blob.Digest,
+			Size:        p.Blob.Size,
+			Annotations: map[string]string{AnnotationImageLayerDigest: p.LayerDigest.String()},
+		})
+	}
+
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("build soci index: marshal: %w", err)
+	}
+	return &Built{
+		Manifest: m,
+		Bytes:    b,
+		Descriptor: ocispec.Descriptor{
+			MediaType:    ocispec.MediaTypeImageManifest,
+			ArtifactType: opts.Version.ArtifactType(),
+			Digest:       digest.FromBytes(b),
+			Size:         int64(len(b)),
+		},
+	}, nil
+}
+
+// checkDescriptor validates the digest and size of a content descriptor.
+func checkDescriptor(d ocispec.Descriptor) error {
+	if err := d.Digest.Validate(); err != nil {
+		return fmt.Errorf("digest %q: %w", d.Digest, err)
+	}
+	if d.Size <= 0 {
+		return fmt.Errorf("%s: invalid size %d", d.Digest, d.Size)
+	}
+	return nil
+}

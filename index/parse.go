@@ -1,0 +1,145 @@
+package index
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strconv"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// MaxIndexSize bounds the manifest bytes Parse accepts. Registries commonly
+// cap manifests at 4 MiB; an index lists one small descriptor per layer.
+const MaxIndexSize = 4 << 20
+
+// Index is a parsed SOCI index manifest.
+type Index struct {
+	// Version is V1 or V2, from the config media type.
+	Version Version
+	// Manifest is the decoded manifest.
+	Manifest ocispec.Manifest
+	// Layers are the zTOCs in manifest order.
+	Layers []Layer
+	// Prefetches are the prefetch artifacts in manifest order.
+	Prefetches []Prefetch
+	// Canonical reports whether the input bytes equal json.Marshal of
+	// Manifest. A non-canonical index cannot be stored under its digest by
+	// SOCI's runtime (it re-marshals before committing), so SOCI silently
+	// falls back to a full pull for it.
+	Canonical bool
+
+	byLayer map[digest.Digest]int
+}
+
+// Parse decodes and validates a SOCI index manifest (v1 or v2). It rejects
+// malformed JSON, config media types other than the two SOCI artifact types,
+// layer descriptors without a valid layer-digest annotation, bad digests,
+// sizes or span sizes, and indexes without any zTOC.
+func Parse(b []byte) (*Index, error) {
+	if len(b) > MaxIndexSize {
+		return nil, fmt.Errorf("parse soci index: %d bytes exceeds the %d byte limit", len(b), MaxIndexSize)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("parse soci index: %w", err)
+	}
+	if m.SchemaVersion != 2 {
+		return nil, fmt.Errorf("parse soci index: schemaVersion %d, want 2", m.SchemaVersion)
+	}
+	if m.MediaType != "" && m.MediaType != ocispec.MediaTypeImageManifest {
+		return nil, fmt.Errorf("parse soci index: media type %q is not an OCI image manifest", m.MediaType)
+	}
+	v := versionOf(m.Config.MediaType)
+	if v == 0 {
+		return nil, fmt.Errorf("parse soci index: config media type %q is not a SOCI index artifact type", m.Config.MediaType)
+	}
+	if err := m.Config.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("parse soci index: config digest %q: %w", m.Config.Digest, err)
+	}
+	if m.Subject != nil {
+		if err := checkDescriptor(*m.Subject); err != nil {
+			return nil, fmt.Errorf("parse soci index: subject: %w", err)
+		}
+	}
+	ix := &Index{Version: v, Manifest: m, byLayer: make(map[digest.Digest]int)}
+	for i, d := range m.Layers {
+		if err := checkDescriptor(d); err != nil {
+			return nil, fmt.Errorf("parse soci index: layers[%d]: %w", i, err)
+		}
+		ld, ok := d.Annotations[AnnotationImageLayerDigest]
+		if !ok {
+			return nil, fmt.Errorf("parse soci index: layers[%d] (%s): no %s annotation", i, d.Digest, AnnotationImageLayerDigest)
+		}
+		layer := digest.Digest(ld)
+		if err := layer.Validate(); err != nil {
+			return nil, fmt.Errorf("parse soci index: layers[%d] (%s): layer digest %q: %w", i, d.Digest, ld, err)
+		}
+		switch d.MediaType {
+		case MediaTypeZtoc:
+			l := Layer{
+				LayerDigest:    layer,
+				LayerMediaType: d.Annotations[AnnotationImageLayerMediaType],
+				Ztoc:           ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size, Annotations: d.Annotations},
+				DisableXattrs:  d.Annotations[AnnotationDisableXattrs] == "true",
+			}
+			if s, ok := d.Annotations[AnnotationSpanSize]; ok {
+				n, err := strconv.ParseInt(s, 10, 64)
+				if err != nil || n <= 0 {
+					return nil, fmt.Errorf("parse soci index: layers[%d] (%s): bad %s %q", i, d.Digest, AnnotationSpanSize, s)
+				}
+				l.SpanSize = n
+			}
+			if _, dup := ix.byLayer[layer]; !dup {
+				ix.byLayer[layer] = len(ix.Layers)
+			}
+			ix.Layers = append(ix.Layers, l)
+		case MediaTypePrefetch:
+			ix.Prefetches = append(ix.Prefetches, Prefetch{
+				LayerDigest: layer,
+				Blob:        ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size, Annotations: d.Annotations},
+			})
+		default:
+			// Unknown artifacts bound to a layer are kept in Manifest but
+			// not interpreted, so newer indexes still load.
+		}
+	}
+	if len(ix.Layers) == 0 {
+		return nil, fmt.Errorf("parse soci index: %w", ErrEmptyIndex)
+	}
+	if re, err := json.Marshal(m); err == nil {
+		ix.Canonical = bytes.Equal(re, b)
+	}
+	return ix, nil
+}
+
+// Ztoc returns the zTOC descriptor for an image layer, and false when the
+// layer is not indexed (the runtime then pulls it normally).
+func (ix *Index) Ztoc(layer digest.Digest) (ocispec.Descriptor, bool) {
+	l, ok := ix.Layer(layer)
+	return l.Ztoc, ok
+}
+
+// Layer returns everything the index says about an image layer's zTOC.
+func (ix *Index) Layer(layer digest.Digest) (Layer, bool) {
+	i, ok := ix.byLayer[layer]
+	if !ok {
+		return Layer{}, false
+	}
+	return ix.Layers[i], true
+}
+
+// SpanSize returns the span size annotated for a layer's zTOC; false when
+// the layer is not indexed or the annotation is absent (older indexes).
+func (ix *Index) SpanSize(layer digest.Digest) (int64, bool) {
+	l, ok := ix.Layer(layer)
+	return l.SpanSize, ok && l.SpanSize > 0
+}
+
+// Subject returns the image manifest a v1 index is attached to (nil for v2
+// indexes and for v1 indexes without a subject).
+func (ix *Index) Subject() *ocispec.Descriptor { return ix.Manifest.Subject }
+
+// BuildTool returns the build-tool-identifier annotation ("" if absent).
+func (ix *Index) BuildTool() string { return ix.Manifest.Annotations[AnnotationBuildToolIdentifier] }
