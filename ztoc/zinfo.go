@@ -258,3 +258,19 @@ func (z *Ztoc) Spans() ([]Span, error) {
 	}
 	return spans, nil
 }
+
+// SpanSize returns the span size the zTOC was built with, as recorded in
+// its checkpoint blob.
+func (z *Ztoc) SpanSize() (int64, error) {
+	switch z.Algorithm {
+	case Gzip:
+		if len(z.Checkpoints) < zinfoHeaderSize {
+			return 0, errors.New("checkpoint blob is shorter than its header")
+		}
+		return int64(binary.LittleEndian.Uint64(z.Checkpoints[4:])), nil
+	case Uncompressed:
+		t, err := UnmarshalTarZinfo(z.Checkpoints)
+		return t.SpanSize, err
+	}
+	return 0, fmt.Errorf("unknown compression algorithm %d", z.Algorithm)
+}

@@ -1,0 +1,38 @@
+// Command indexer builds zTOCs for gzip OCI layers and publishes them as
+// SOCI indexes next to images already in a registry. It also inspects
+// zTOCs and indexes.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newRootCommand().ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "indexer:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "indexer",
+		Short: "Index gzip OCI images for lazy pulling (SOCI-compatible zTOCs and indexes)",
+		Long: `indexer streams each layer of an image once, records a zTOC (the tar table of
+contents plus decompressor checkpoints every span-size bytes of output) and
+publishes the zTOCs next to the image, so a lazy snapshotter can start
+containers after fetching only the bytes they read.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newZtocCommand())
+	return root
+}

@@ -1,0 +1,275 @@
+package ztoc
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"path"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// ErrSpanDigest reports compressed span bytes that do not match the digest
+// recorded in the zTOC.
+var ErrSpanDigest = errors.New("span digest mismatch")
+
+// gzipTrailerSize is the CRC-32 and ISIZE that end every gzip member.
+const gzipTrailerSize = 8
+
+// VerifySpan checks that compressed are exactly the compressed bytes of
+// span id, by size and SHA-256.
+func (z *Ztoc) VerifySpan(s Span, compressed []byte) error {
+	if int(s.ID) < 0 || int(s.ID) >= len(z.SpanDigests) {
+		return fmt.Errorf("span %d: no such span (layer has %d)", s.ID, len(z.SpanDigests))
+	}
+	if int64(len(compressed)) != s.Size() {
+		return fmt.Errorf("span %d: got %d compressed bytes, want %d: %w", s.ID, len(compressed), s.Size(), ErrSpanDigest)
+	}
+	want := z.SpanDigests[s.ID]
+	sum := sha256.Sum256(compressed)
+	if got := digest.NewDigestFromBytes(digest.SHA256, sum[:]); got != want {
+		return fmt.Errorf("span %d: compressed bytes hash to %s, zTOC says %s: %w", s.ID, got, want, ErrSpanDigest)
+	}
+	return nil
+}
+
+// InflateSpan fills dst with the uncompressed bytes at offset off (of the
+// layer's tar stream) that lie in span s, decompressing from the span's
+// checkpoint and stopping as soon as dst is full. compressed must be the
+// span's verified compressed bytes (see VerifySpan). [off, off+len(dst))
+// must lie inside the span.
+func InflateSpan(algorithm Compression, s Span, compressed []byte, off int64, dst []byte) error {
+	end := off + int64(len(dst))
+	if off < s.UncompressedStart || end > s.UncompressedEnd {
+		return fmt.Errorf("span %d: range [%d, %d) is outside the span [%d, %d)", s.ID, off, end, s.UncompressedStart, s.UncompressedEnd)
+	}
+	return inflateRange(algorithm, s, compressed, off, end, func(b []byte) error {
+		dst = dst[copy(dst, b):]
+		return nil
+	})
+}
+
+// inflateRange passes the uncompressed bytes [from, to) of span s to emit,
+// in order, inflating only up to to.
+func inflateRange(algorithm Compression, s Span, compressed []byte, from, to int64, emit func([]byte) error) error {
+	if from >= to {
+		return nil
+	}
+	switch algorithm {
+	case Uncompressed:
+		return emit(compressed[from-s.UncompressedStart : to-s.UncompressedStart])
+	case Gzip:
+	default:
+		return fmt.Errorf("span %d: unknown compression %d", s.ID, algorithm)
+	}
+
+	inf, err := newInflater(windowBitsRaw)
+	if err != nil {
+		return err
+	}
+	defer inf.close()
+	in := compressed
+	if s.Bits > 0 {
+		if len(in) == 0 {
+			return fmt.Errorf("span %d: empty compressed bytes", s.ID)
+		}
+		if err := inf.prime(int(s.Bits), in[0]); err != nil {
+			return err
+		}
+		in = in[1:]
+	}
+	if err := inf.setDictionary(s.Window); err != nil {
+		return fmt.Errorf("span %d: %w", s.ID, err)
+	}
+
+	var buf [64 << 10]byte
+	pos := s.UncompressedStart // uncompressed offset of the next byte out
+	raw := true                // false once past the first member: zlib parses headers
+	memberDone := false
+	for pos < to {
+		if memberDone {
+			// Skip the raw member's trailer, then any zero padding; the
+			// next member's header is zlib's to parse.
+			if raw {
+				if len(in) < gzipTrailerSize {
+					return fmt.Errorf("span %d: gzip trailer truncated", s.ID)
+				}
+				in, raw = in[gzipTrailerSize:], false
+			}
+			for len(in) > 0 && in[0] == 0 {
+				in = in[1:]
+			}
+			if len(in) == 0 {
+				break
+			}
+			if err := inf.reset(windowBitsGzip); err != nil {
+				return err
+			}
+			memberDone = false
+		}
+		out := buf[:min(int64(len(buf)), to-pos)]
+		consumed, produced, ret, _ := inf.inflate(in, out, zNoFlush)
+		in = in[consumed:]
+		switch ret {
+		case zOK, zBufError:
+		case zStreamEnd:
+			memberDone = true
+		default:
+			return fmt.Errorf("span %d: inflate at uncompressed offset %d: %w", s.ID, pos, inf.errInflate(ret))
+		}
+		if produced > 0 {
+			chunk := out[:produced]
+			if skip := from - pos; skip > 0 {
+				chunk = chunk[min(skip, int64(len(chunk))):]
+			}
+			if len(chunk) > 0 {
+				if err := emit(chunk); err != nil {
+					return err
+				}
+			}
+			pos += int64(produced)
+		}
+		if consumed == 0 && produced == 0 && !memberDone {
+			break
+		}
+	}
+	if pos < to {
+		return fmt.Errorf("span %d: compressed bytes ended at uncompressed offset %d, before %d: %w", s.ID, pos, to, io.ErrUnexpectedEOF)
+	}
+	return nil
+}
+
+// Reader reads a layer's uncompressed tar stream through its zTOC. Each
+// read fetches from the blob only the compressed spans it covers (one
+// ReadAt per span), verifies them against their digests and inflates only
+// what the read needs.
+type Reader struct {
+	z     *Ztoc
+	spans []Span
+	blob  io.ReaderAt
+}
+
+// NewReader returns a Reader over blob, an io.ReaderAt over the layer's
+// compressed bytes (a local file or a registry range reader).
+func NewReader(z *Ztoc, blob io.ReaderAt) (*Reader, error) {
+	spans, err := z.Spans()
+	if err != nil {
+		return nil, err
+	}
+	return &Reader{z: z, spans: spans, blob: blob}, nil
+}
+
+// Spans returns the layer's span table.
+func (r *Reader) Spans() []Span { return r.spans }
+
+// FetchSpan reads span id's compressed bytes from the blob and verifies them.
+func (r *Reader) FetchSpan(id SpanID) (Span, []byte, error) {
+	if int(id) < 0 || int(id) >= len(r.spans) {
+		return Span{}, nil, fmt.Errorf("span %d: no such span", id)
+	}
+	s := r.spans[id]
+	buf := make([]byte, s.Size())
+	if n, err := r.blob.ReadAt(buf, s.CompressedStart); n < len(buf) {
+		if err == nil || err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return s, nil, fmt.Errorf("fetch span %d (bytes %d-%d): %w", id, s.CompressedStart, s.CompressedEnd-1, err)
+	}
+	if err := r.z.VerifySpan(s, buf); err != nil {
+		return s, nil, err
+	}
+	return s, buf, nil
+}
+
+// ReadAt reads uncompressed bytes of the tar stream at off.
+func (r *Reader) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("read at negative offset %d", off)
+	}
+	end := min(off+int64(len(p)), r.z.UncompressedArchiveSize)
+	n := 0
+	err := r.writeRange(off, end, func(b []byte) error {
+		n += copy(p[n:], b)
+		return nil
+	})
+	if err == nil && n < len(p) {
+		err = io.EOF
+	}
+	return n, err
+}
+
+// writeRange passes the uncompressed bytes [from, to) to emit, span by span.
+func (r *Reader) writeRange(from, to int64, emit func([]byte) error) error {
+	for pos := from; pos < to; {
+		id, ok := SpanForOffset(r.spans, pos)
+		if !ok {
+			return fmt.Errorf("uncompressed offset %d is in no span", pos)
+		}
+		s, comp, err := r.FetchSpan(id)
+		if err != nil {
+			return err
+		}
+		end := min(to, s.UncompressedEnd)
+		if err := inflateRange(r.z.Algorithm, s, comp, pos, end, emit); err != nil {
+			return err
+		}
+		pos = end
+	}
+	return nil
+}
+
+// WriteFile writes the contents of regular file f (an entry of this zTOC)
+// to w, fetching each span it covers once.
+func (r *Reader) WriteFile(w io.Writer, f *FileMetadata) (int64, error) {
+	if f.Type != TypeReg {
+		return 0, fmt.Errorf("%s is a %s, not a regular file", f.Name, f.Type)
+	}
+	end := f.UncompressedOffset + f.UncompressedSize
+	if f.UncompressedOffset < 0 || end > r.z.UncompressedArchiveSize {
+		return 0, fmt.Errorf("%s: data [%d, %d) is outside the archive", f.Name, f.UncompressedOffset, end)
+	}
+	var n int64
+	err := r.writeRange(f.UncompressedOffset, end, func(b []byte) error {
+		m, err := w.Write(b)
+		n += int64(m)
+		return err
+	})
+	return n, err
+}
+
+// CleanPath returns the canonical form of a tar entry name or a user's
+// path: no leading "./" or "/", no trailing "/", "." for the root.
+func CleanPath(name string) string {
+	p := path.Clean("/" + name)
+	if p == "/" {
+		return "."
+	}
+	return strings.TrimPrefix(p, "/")
+}
+
+// Lookup returns the last entry named name (tar semantics: a later entry
+// replaces an earlier one), comparing cleaned paths. For a hardlink it
+// returns the entry holding the data. It returns an error naming the path
+// when there is no such entry.
+func (z *Ztoc) Lookup(name string) (*FileMetadata, error) {
+	want := CleanPath(name)
+	for hops := 0; hops < 64; hops++ {
+		var found *FileMetadata
+		for i := len(z.Files) - 1; i >= 0; i-- {
+			if CleanPath(z.Files[i].Name) == want {
+				found = &z.Files[i]
+				break
+			}
+		}
+		if found == nil {
+			return nil, fmt.Errorf("%s: no such entry in the layer", name)
+		}
+		if found.Type != TypeHardlink {
+			return found, nil
+		}
+		want = CleanPath(found.Linkname)
+	}
+	return nil, fmt.Errorf("%s: too many hardlink hops", name)
+}
