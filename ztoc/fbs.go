@@ -69,7 +69,12 @@ func Marshal(z *Ztoc) (_ []byte, err error) {
 	if err := z.Validate(); err != nil {
 		return nil, fmt.Errorf("encode zTOC: %w", err)
 	}
-	if z.MaxSpanID > math.MaxInt32 {
+	return encode(z)
+}
+
+// encode is Marshal without validation; tests use it to forge bad zTOCs.
+func encode(z *Ztoc) (_ []byte, err error) {
+	if z.MaxSpanID > math.MaxInt32 || z.MaxSpanID < math.MinInt32 {
 		return nil, fmt.Errorf("encode zTOC: max span id %d does not fit the int32 field", z.MaxSpanID)
 	}
 	// The builder panics only when the buffer would pass 2 GiB.
@@ -216,11 +221,13 @@ func Unmarshal(b []byte) (*Ztoc, error) {
 	return z, nil
 }
 
-// fbDecoder reads flatbuffers defensively. budget bounds the bytes and
-// elements copied out: a flatbuffer written by SOCI never shares strings or
-// vectors, so everything it decodes fits in len(buf), while a hostile one
-// pointing many offsets at the same large object would otherwise make the
-// decoder allocate far more than its size.
+// fbDecoder reads flatbuffers defensively. budget bounds what is decoded:
+// every table, string, vector element and byte vector read is charged the
+// buffer bytes it occupies. A flatbuffer written by SOCI never shares
+// tables, strings or vectors (only vtables, which are not charged), so its
+// charges add up to at most len(buf); a hostile one pointing many offsets
+// at the same object runs out of budget instead of making the decoder
+// allocate far more than its size.
 type fbDecoder struct {
 	buf    []byte
 	budget int64
@@ -238,7 +245,7 @@ func (d *fbDecoder) need(pos, n int64) error {
 func (d *fbDecoder) spend(n int64) error {
 	d.budget -= n
 	if d.budget < 0 {
-		return errors.New("objects are referenced more than once (decoded size exceeds the buffer size)")
+		return fmt.Errorf("objects are referenced more than once (decoded data exceeds the %d-byte buffer)", len(d.buf))
 	}
 	return nil
 }
@@ -269,6 +276,9 @@ func (d *fbDecoder) table(pos int64) (fbTable, error) {
 	}
 	if tlen < 4 || d.need(pos, tlen) != nil {
 		return fbTable{}, fmt.Errorf("table at %d: bad size %d", pos, tlen)
+	}
+	if err := d.spend(tlen); err != nil {
+		return fbTable{}, err
 	}
 	return fbTable{d: d, pos: pos, vt: vt, vlen: vlen, tlen: tlen}, nil
 }
@@ -369,7 +379,7 @@ func (t fbTable) bytesField(id int) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := t.d.spend(n); err != nil {
+	if err := t.d.spend(4 + n); err != nil {
 		return nil, err
 	}
 	return append([]byte(nil), t.d.buf[start:start+n]...), nil
@@ -377,14 +387,15 @@ func (t fbTable) bytesField(id int) ([]byte, error) {
 
 // stringField returns a copy of the string in field id ("" when absent).
 func (t fbTable) stringField(id int) (string, error) {
-	start, n, err := t.vectorField(id, 1)
+	pos, ok, err := t.ref(id)
+	if err != nil || !ok {
+		return "", err
+	}
+	s, err := t.d.stringAt(pos)
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("field %d: %w", id, err)
 	}
-	if err := t.d.spend(n); err != nil {
-		return "", err
-	}
-	return string(t.d.buf[start : start+n]), nil
+	return s, nil
 }
 
 // offsetVectorField returns the positions of the tables or strings listed
@@ -425,13 +436,17 @@ func (t fbTable) tableField(id int) (fbTable, bool, error) {
 	return sub, true, nil
 }
 
-// stringAt returns a copy of the string at pos.
+// stringAt returns a copy of the string at pos, which must be
+// NUL-terminated like every flatbuffers string.
 func (d *fbDecoder) stringAt(pos int64) (string, error) {
 	start, n, err := d.vector(pos, 1)
 	if err != nil {
 		return "", err
 	}
-	if err := d.spend(n); err != nil {
+	if d.need(start, n+1) != nil || d.buf[start+n] != 0 {
+		return "", fmt.Errorf("string at %d is not NUL-terminated", pos)
+	}
+	if err := d.spend(4 + n + 1); err != nil {
 		return "", err
 	}
 	return string(d.buf[start : start+n]), nil
@@ -471,13 +486,15 @@ func (d *fbDecoder) ztoc() (*Ztoc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("toc: %w", err)
 	}
-	if len(files) > 0 {
-		z.Files = make([]FileMetadata, len(files))
-	}
+	// Files are appended as they decode rather than allocated up front:
+	// each costs far more memory than the 4-byte offset that announces it,
+	// but no more than a small multiple of the buffer bytes it is charged.
 	for i, pos := range files {
-		if err := d.file(pos, &z.Files[i]); err != nil {
+		var f FileMetadata
+		if err := d.file(pos, &f); err != nil {
 			return nil, fmt.Errorf("toc entry %d: %w", i, err)
 		}
+		z.Files = append(z.Files, f)
 	}
 
 	ci, ok, err := root.tableField(fbZtocCompressionInfo)
@@ -513,6 +530,11 @@ func (d *fbDecoder) file(pos int64, f *FileMetadata) error {
 		if *s.dst, err = t.stringField(s.id); err != nil {
 			return err
 		}
+	}
+	// Validate rejects these too; failing early keeps entries that are
+	// cheap to forge from piling up in memory.
+	if f.Name == "" || f.Type == "" {
+		return fmt.Errorf("entry without name or type (name %q, type %q)", f.Name, f.Type)
 	}
 	ints := []struct {
 		id  int
