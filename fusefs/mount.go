@@ -1,0 +1,116 @@
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// DefaultTimeout is how long the kernel may cache entries, attributes and
+// failed lookups by default: a layer never changes while it is mounted.
+const DefaultTimeout = time.Hour
+
+// MountOptions configure a FUSE mount.
+type MountOptions struct {
+	// EntryTimeout, AttrTimeout and NegativeTimeout bound how long the
+	// kernel caches lookups, attributes and failed lookups. Zero means
+	// DefaultTimeout; a negative value disables caching.
+	EntryTimeout, AttrTimeout, NegativeTimeout time.Duration
+	// FsName is the source shown in /proc/mounts (for example the layer
+	// digest). Empty means "spanpull".
+	FsName string
+	// Debug logs every FUSE request (through the standard log package).
+	Debug bool
+}
+
+// Server is a mounted layer.
+type Server struct {
+	dir string
+	srv *fuse.Server
+
+	mu        sync.Mutex
+	unmounted bool
+}
+
+// Mount mounts root read-only on dir and serves it until Unmount. The
+// mount allows other users (containers run as any uid) and checks
+// permissions in the kernel from the modes of the layer.
+func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Server, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("mount layer at %s: %w", dir, err)
+	}
+	if !root.mounted.CompareAndSwap(false, true) {
+		return nil, fmt.Errorf("mount layer at %s: root is already mounted", dir)
+	}
+	fsName := opts.FsName
+	if fsName == "" {
+		fsName = "spanpull"
+	}
+	fo := &fs.Options{
+		EntryTimeout:    timeout(opts.EntryTimeout),
+		AttrTimeout:     timeout(opts.AttrTimeout),
+		NegativeTimeout: timeout(opts.NegativeTimeout),
+		MountOptions: fuse.MountOptions{
+			FsName:            fsName,
+			Name:              "spanpull",
+			AllowOther:        true,
+			DirectMount:       true,
+			DirectMountStrict: true,
+			// Read-only and no device access through this mount;
+			// setuid binaries keep working.
+			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NODEV,
+			Options:          []string{"default_permissions"},
+			Debug:            opts.Debug,
+		},
+	}
+	srv, err := fs.Mount(dir, root, fo)
+	if err != nil {
+		return nil, fmt.Errorf("mount layer at %s: %w", dir, err)
+	}
+	return &Server{dir: dir, srv: srv}, nil
+}
+
+func timeout(d time.Duration) *time.Duration {
+	switch {
+	case d == 0:
+		d = DefaultTimeout
+	case d < 0:
+		d = 0
+	}
+	return &d
+}
+
+// Dir returns the mountpoint.
+func (s *Server) Dir() string { return s.dir }
+
+// Unmount unmounts the layer and waits until the server has stopped. It
+// fails (and can be retried) while the mount is busy, for example under
+// an overlayfs mount. Unmounting again, or after someone else unmounted
+// the directory, returns nil.
+func (s *Server) Unmount() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unmounted {
+		return nil
+	}
+	if err := s.srv.Unmount(); err != nil {
+		if !errors.Is(err, syscall.EINVAL) {
+			return fmt.Errorf("unmount layer at %s: %w", s.dir, err)
+		}
+		// EINVAL: dir is no longer a mountpoint. The kernel ends the
+		// connection, and with it the server, once the last open
+		// file of the detached mount is closed.
+	}
+	s.unmounted = true
+	return nil
+}
+
+// Wait blocks until the server stops, after Unmount or an unmount from
+// outside.
+func (s *Server) Wait() { s.srv.Wait() }
