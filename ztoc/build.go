@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"maps"
 	"strings"
 	"time"
 
@@ -394,7 +395,11 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 	sr := &streamReader{ctx: ctx, in: in}
 	tr := tar.NewReader(sr)
 	for {
+		// Keep the bytes archive/tar reads for the header: sparse maps
+		// are parsed from them.
+		sr.tap, sr.tapping, sr.tapOverflow = sr.tap[:0], true, false
 		hdr, err := tr.Next()
+		sr.tapping = false
 		if err == io.EOF {
 			// The end-of-archive marker; what follows is padding, still
 			// to be inflated (and checked) upstream.
@@ -412,6 +417,23 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 		if err != nil {
 			return err
 		}
+		if ok && isSparse(hdr) {
+			if sr.tapOverflow {
+				return fmt.Errorf("sparse file %q at uncompressed offset %d: header too large", hdr.Name, sr.pos)
+			}
+			nums, err := sparseMap(hdr, sr.tap)
+			if err != nil {
+				return fmt.Errorf("sparse file %q at uncompressed offset %d: %w", hdr.Name, sr.pos, err)
+			}
+			fm.PAXRecords = maps.Clone(fm.PAXRecords)
+			if fm.PAXRecords == nil {
+				fm.PAXRecords = make(map[string]string, 1)
+			}
+			fm.PAXRecords[SparseMapRecord] = formatSparseList(nums)
+			if _, err := fm.Fragments(); err != nil {
+				return err
+			}
+		}
 		if ok {
 			t.files = append(t.files, fm)
 		}
@@ -423,7 +445,7 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error) {
 	var typ string
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeCont:
+	case tar.TypeReg, tar.TypeRegA, tar.TypeCont, tar.TypeGNUSparse:
 		typ = TypeReg
 	case tar.TypeDir:
 		typ = TypeDir
@@ -510,7 +532,16 @@ type streamReader struct {
 	buf  []byte // unread part of cur
 	pos  int64
 	done bool
+	// While tapping, Read keeps a copy of what it returns in tap (up to
+	// maxTap bytes; tapOverflow records that more was read).
+	tapping     bool
+	tap         []byte
+	tapOverflow bool
 }
+
+// maxTap bounds the header bytes kept for one entry; archive/tar itself
+// refuses PAX and GNU long-name headers over 1 MiB.
+const maxTap = 4 << 20
 
 // next makes buf non-empty; it returns io.EOF at the end of the stream.
 func (s *streamReader) next() error {
@@ -543,6 +574,13 @@ func (s *streamReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	n := copy(p, s.buf)
+	if s.tapping {
+		if len(s.tap)+n <= maxTap {
+			s.tap = append(s.tap, p[:n]...)
+		} else {
+			s.tapOverflow = true
+		}
+	}
 	s.buf = s.buf[n:]
 	s.pos += int64(n)
 	return n, nil

@@ -691,8 +691,12 @@ func (z *Ztoc) validateFile(f *FileMetadata) error {
 	if f.UncompressedSize < 0 {
 		return fmt.Errorf("negative size %d", f.UncompressedSize)
 	}
-	if f.Type == TypeReg && f.UncompressedSize > z.UncompressedArchiveSize-f.UncompressedOffset {
-		return fmt.Errorf("data [%d, +%d) runs past the end of the %d-byte archive", f.UncompressedOffset, f.UncompressedSize, z.UncompressedArchiveSize)
+	stored, err := f.StoredSize()
+	if err != nil {
+		return err
+	}
+	if stored > z.UncompressedArchiveSize-f.UncompressedOffset {
+		return fmt.Errorf("data [%d, +%d) runs past the end of the %d-byte archive", f.UncompressedOffset, stored, z.UncompressedArchiveSize)
 	}
 	return nil
 }

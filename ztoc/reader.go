@@ -221,22 +221,47 @@ func (r *Reader) writeRange(from, to int64, emit func([]byte) error) error {
 }
 
 // WriteFile writes the contents of regular file f (an entry of this zTOC)
-// to w, fetching each span it covers once.
+// to w, fetching each span it covers once. Holes of sparse files are
+// written as zeros.
 func (r *Reader) WriteFile(w io.Writer, f *FileMetadata) (int64, error) {
 	if f.Type != TypeReg {
 		return 0, fmt.Errorf("%s is a %s, not a regular file", f.Name, f.Type)
 	}
-	end := f.UncompressedOffset + f.UncompressedSize
-	if f.UncompressedOffset < 0 || end > r.z.UncompressedArchiveSize {
-		return 0, fmt.Errorf("%s: data [%d, %d) is outside the archive", f.Name, f.UncompressedOffset, end)
+	frags, err := f.Fragments()
+	if err != nil {
+		return 0, err
 	}
-	var n int64
-	err := r.writeRange(f.UncompressedOffset, end, func(b []byte) error {
+	var n, pos int64 // bytes written; logical file position
+	write := func(b []byte) error {
 		m, err := w.Write(b)
 		n += int64(m)
 		return err
-	})
-	return n, err
+	}
+	zeros := func(k int64) error {
+		var z [32 << 10]byte
+		for k > 0 {
+			c := min(k, int64(len(z)))
+			if err := write(z[:c]); err != nil {
+				return err
+			}
+			k -= c
+		}
+		return nil
+	}
+	for _, fr := range frags {
+		end := fr.StreamOffset + fr.Length
+		if fr.StreamOffset < 0 || end > r.z.UncompressedArchiveSize {
+			return n, fmt.Errorf("%s: data [%d, %d) is outside the archive", f.Name, fr.StreamOffset, end)
+		}
+		if err := zeros(fr.Offset - pos); err != nil {
+			return n, err
+		}
+		if err := r.writeRange(fr.StreamOffset, end, write); err != nil {
+			return n, fmt.Errorf("%s: %w", f.Name, err)
+		}
+		pos = fr.Offset + fr.Length
+	}
+	return n, zeros(f.UncompressedSize - pos)
 }
 
 // CleanPath returns the canonical form of a tar entry name or a user's
