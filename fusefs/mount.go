@@ -56,6 +56,9 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 		EntryTimeout:    timeout(opts.EntryTimeout),
 		AttrTimeout:     timeout(opts.AttrTimeout),
 		NegativeTimeout: timeout(opts.NegativeTimeout),
+		// Show modes as they are, 0000 included (go-fuse would
+		// otherwise turn 0000 into 0644).
+		NullPermissions: true,
 		MountOptions: fuse.MountOptions{
 			FsName:            fsName,
 			Name:              "spanpull",
