@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# bench.sh: every benchmark of the project, each printing a markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "## zTOC build (scripts/bench-ztoc.sh)"
+scripts/bench-ztoc.sh
