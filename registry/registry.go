@@ -1,0 +1,452 @@
+// Package registry talks to one OCI distribution repository: resolve
+// references, fetch manifests and blobs (streaming, or by HTTP range for lazy
+// reads), push blobs and manifests, and list referrers (OCI referrers API, or
+// the `sha256-<hex>` fallback tag on registries without it).
+//
+// It is a thin layer over oras-go v2 that adds what spanpull needs on top:
+// every byte handed out is verified against its descriptor; transient
+// failures (HTTP 408/429/5xx, connection resets, stalls) are retried with
+// bounded exponential backoff, and broken blob bodies are resumed with Range
+// requests; errors name the reference and wrap ErrNotFound, ErrUnauthorized
+// or ErrForbidden so callers can tell them apart.
+//
+// Credentials come from the Docker config (~/.docker/config.json or
+// $DOCKER_CONFIG, including credential helpers) unless Options.Credential is
+// set; basic and token (bearer/OAuth2) auth are handled by oras-go's
+// auth.Client.
+package registry
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2/content"
+	"oras.land/oras-go/v2/errdef"
+	orasreg "oras.land/oras-go/v2/registry"
+	"oras.land/oras-go/v2/registry/remote"
+	"oras.land/oras-go/v2/registry/remote/auth"
+	"oras.land/oras-go/v2/registry/remote/credentials"
+	"oras.land/oras-go/v2/registry/remote/errcode"
+)
+
+// Errors wrapped by the errors of Repository methods, to be tested with
+// errors.Is.
+var (
+	// ErrNotFound: the repository, manifest or blob does not exist (404).
+	ErrNotFound = errors.New("not found")
+	// ErrUnauthorized: the registry wants credentials that were missing or
+	// rejected (401).
+	ErrUnauthorized = errors.New("unauthorized (missing or rejected credentials)")
+	// ErrForbidden: the credentials do not grant the operation (403).
+	ErrForbidden = errors.New("forbidden (access denied)")
+	// ErrRangeUnsupported: the registry answered a range read with the
+	// whole blob, so lazy reads cannot work against it.
+	ErrRangeUnsupported = errors.New("registry ignored the Range header")
+)
+
+// DefaultUserAgent is sent when Options.UserAgent is empty.
+const DefaultUserAgent = "spanpull"
+
+// Options configure a Repository.
+type Options struct {
+	// PlainHTTP talks http instead of https (local test registries).
+	PlainHTTP bool
+	// Insecure skips TLS certificate verification.
+	Insecure bool
+	// UserAgent is sent with every request (default DefaultUserAgent).
+	UserAgent string
+	// Retry bounds retries of transient failures.
+	Retry RetryPolicy
+	// Timeout is the longest time any request may go without progress:
+	// connecting, waiting for response headers, or between two body reads.
+	// It is not a limit on whole transfers (use the context for that), so
+	// large blobs stream at any speed. Zero means DefaultTimeout; negative
+	// disables it.
+	Timeout time.Duration
+	// Credential supplies credentials per registry host. Nil means the
+	// Docker config file and its credential helpers (DockerConfig or the
+	// default location).
+	Credential auth.CredentialFunc
+	// DockerConfig is the path of a Docker config.json to read credentials
+	// from; empty means $DOCKER_CONFIG/config.json or ~/.docker/config.json.
+	DockerConfig string
+	// Transport is the base HTTP transport; nil means a clone of
+	// http.DefaultTransport (with Insecure applied).
+	Transport http.RoundTripper
+}
+
+// Repository is one repository on one registry (e.g. "ghcr.io/org/app").
+// It is safe for concurrent use.
+type Repository struct {
+	repo   *remote.Repository
+	name   string // host/repository
+	ref    string // tag or digest given to New, may be empty
+	client *auth.Client
+}
+
+// New returns a Repository for ref, "host[:port]/name[:tag|@digest]". The
+// tag or digest, if any, is available as Reference() for callers that took
+// the whole reference from a user. No network I/O happens here.
+func New(ref string, opts Options) (*Repository, error) {
+	parsed, err := orasreg.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("parse reference %q: %w", ref, err)
+	}
+	cred := opts.Credential
+	if cred == nil {
+		var store credentials.Store
+		var err error
+		if opts.DockerConfig != "" {
+			store, err = credentials.NewStore(opts.DockerConfig, credentials.StoreOptions{})
+		} else {
+			store, err = credentials.NewStoreFromDocker(credentials.StoreOptions{})
+		}
+		if err != nil {
+			return nil, fmt.Errorf("load registry credentials: %w", err)
+		}
+		cred = credentials.Credential(store)
+	}
+	base := opts.Transport
+	if base == nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		if opts.Insecure {
+			t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // explicit user choice
+		}
+		base = t
+	}
+	timeout := opts.Timeout
+	if timeout == 0 {
+		timeout = DefaultTimeout
+	}
+	client := &auth.Client{
+		Client: &http.Client{Transport: &transport{
+			base:   base,
+			policy: opts.Retry.withDefaults(),
+			stall:  timeout,
+		}},
+		Cache:      auth.NewCache(),
+		Credential: cred,
+	}
+	ua := opts.UserAgent
+	if ua == "" {
+		ua = DefaultUserAgent
+	}
+	client.SetUserAgent(ua)
+
+	r := &remote.Repository{
+		Client:    client,
+		Reference: orasreg.Reference{Registry: parsed.Registry, Repository: parsed.Repository},
+		PlainHTTP: opts.PlainHTTP,
+	}
+	return &Repository{
+		repo:   r,
+		name:   parsed.Registry + "/" + parsed.Repository,
+		ref:    parsed.Reference,
+		client: client,
+	}, nil
+}
+
+// Name returns "host/repository".
+func (r *Repository) Name() string { return r.name }
+
+// Reference returns the tag or digest part of the reference given to New
+// ("" if there was none).
+func (r *Repository) Reference() string { return r.ref }
+
+// at formats name:tag or name@digest for error messages.
+func (r *Repository) at(reference string) string {
+	if reference == "" {
+		return r.name
+	}
+	if _, err := digest.Parse(reference); err == nil {
+		return r.name + "@" + reference
+	}
+	return r.name + ":" + reference
+}
+
+// wrap adds the operation and reference to err and classifies it.
+func (r *Repository) wrap(op, reference string, err error) error {
+	if err == nil {
+		return nil
+	}
+	var kind error
+	var er *errcode.ErrorResponse
+	switch {
+	case errors.Is(err, ErrNotFound), errors.Is(err, ErrUnauthorized), errors.Is(err, ErrForbidden):
+	case errors.Is(err, errdef.ErrNotFound):
+		kind = ErrNotFound
+	case errors.Is(err, auth.ErrBasicCredentialNotFound):
+		kind = ErrUnauthorized
+	case errors.As(err, &er):
+		switch er.StatusCode {
+		case http.StatusNotFound:
+			kind = ErrNotFound
+		case http.StatusUnauthorized:
+			kind = ErrUnauthorized
+		case http.StatusForbidden:
+			kind = ErrForbidden
+		}
+	}
+	if kind != nil {
+		return fmt.Errorf("%s %s: %w: %w", op, r.at(reference), kind, err)
+	}
+	return fmt.Errorf("%s %s: %w", op, r.at(reference), err)
+}
+
+// Resolve returns the manifest descriptor a tag or digest points to
+// (HEAD request: media type, digest, size).
+func (r *Repository) Resolve(ctx context.Context, reference string) (ocispec.Descriptor, error) {
+	d, err := r.repo.Resolve(ctx, reference)
+	return d, r.wrap("resolve", reference, err)
+}
+
+// FetchManifest fetches a manifest (or image index) by tag or digest and
+// returns its bytes, verified against the digest (the requested one, or the
+// registry's Docker-Content-Digest for a tag), and its descriptor.
+func (r *Repository) FetchManifest(ctx context.Context, reference string) ([]byte, ocispec.Descriptor, error) {
+	desc, rc, err := r.repo.Manifests().FetchReference(ctx, reference)
+	if err != nil {
+		return nil, ocispec.Descriptor{}, r.wrap("fetch manifest", reference, err)
+	}
+	defer rc.Close()
+	b, err := content.ReadAll(rc, desc)
+	if err != nil {
+		return nil, ocispec.Descriptor{}, r.wrap("fetch manifest", reference, err)
+	}
+	return b, desc, nil
+}
+
+// FetchManifestDescriptor fetches the manifest a descriptor names and
+// verifies it against the descriptor's digest and size.
+func (r *Repository) FetchManifestDescriptor(ctx context.Context, desc ocispec.Descriptor) ([]byte, error) {
+	rc, err := r.repo.Manifests().Fetch(ctx, desc)
+	if err != nil {
+		return nil, r.wrap("fetch manifest", desc.Digest.String(), err)
+	}
+	defer rc.Close()
+	b, err := content.ReadAll(rc, desc)
+	return b, r.wrap("fetch manifest", desc.Digest.String(), err)
+}
+
+// FetchBlob streams a blob. The reader returns an error instead of io.EOF
+// if the content does not match desc (size or digest), so a caller that
+// reads to EOF has verified bytes. Broken connections are resumed with
+// Range requests within the retry policy.
+func (r *Repository) FetchBlob(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+	if err := desc.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("fetch blob %s: bad digest %q: %w", r.name, desc.Digest, err)
+	}
+	rc, err := r.repo.Blobs().Fetch(ctx, desc)
+	if err != nil {
+		return nil, r.wrap("fetch blob", desc.Digest.String(), err)
+	}
+	return &verifyReader{rc: rc, desc: desc, h: desc.Digest.Algorithm().Hash(), what: r.at(desc.Digest.String())}, nil
+}
+
+// verifyReader checks size and digest of a stream at EOF.
+type verifyReader struct {
+	rc   io.ReadCloser
+	desc ocispec.Descriptor
+	h    interface {
+		io.Writer
+		Sum([]byte) []byte
+	}
+	n    int64
+	what string
+	err  error
+}
+
+func (v *verifyReader) Read(p []byte) (int, error) {
+	if v.err != nil {
+		return 0, v.err
+	}
+	n, err := v.rc.Read(p)
+	v.n += int64(n)
+	v.h.Write(p[:n])
+	if v.n > v.desc.Size {
+		v.err = fmt.Errorf("blob %s: more than %d bytes", v.what, v.desc.Size)
+		return n, v.err
+	}
+	if err == io.EOF {
+		if v.n != v.desc.Size {
+			v.err = fmt.Errorf("blob %s: got %d bytes, want %d: %w", v.what, v.n, v.desc.Size, io.ErrUnexpectedEOF)
+			return n, v.err
+		}
+		if got := digest.NewDigestFromBytes(v.desc.Digest.Algorithm(), v.h.Sum(nil)); got != v.desc.Digest {
+			v.err = fmt.Errorf("blob %s: content digest is %s", v.what, got)
+			return n, v.err
+		}
+		v.err = io.EOF
+	} else if err != nil {
+		v.err = fmt.Errorf("read blob %s: %w", v.what, err)
+		return n, v.err
+	}
+	return n, err
+}
+
+func (v *verifyReader) Close() error { return v.rc.Close() }
+
+// Exists reports whether a blob or manifest (chosen by desc.MediaType)
+// exists in the repository.
+func (r *Repository) Exists(ctx context.Context, desc ocispec.Descriptor) (bool, error) {
+	ok, err := r.repo.Exists(ctx, desc)
+	return ok, r.wrap("check", desc.Digest.String(), err)
+}
+
+// PushBlob uploads a blob unless it already exists. The content must match
+// desc (oras-go verifies size and digest). Passing a *bytes.Reader (or
+// another body net/http can rewind) lets transient failures be retried.
+func (r *Repository) PushBlob(ctx context.Context, desc ocispec.Descriptor, rd io.Reader) error {
+	ok, err := r.repo.Blobs().Exists(ctx, desc)
+	if err != nil {
+		return r.wrap("push blob", desc.Digest.String(), err)
+	}
+	if ok {
+		return nil
+	}
+	err = r.repo.Blobs().Push(ctx, desc, rd)
+	if errors.Is(err, errdef.ErrAlreadyExists) {
+		return nil
+	}
+	return r.wrap("push blob", desc.Digest.String(), err)
+}
+
+// PushBlobBytes is PushBlob for content held in memory; it builds the
+// descriptor (digest, size, mediaType) and returns it.
+func (r *Repository) PushBlobBytes(ctx context.Context, mediaType string, b []byte) (ocispec.Descriptor, error) {
+	desc := content.NewDescriptorFromBytes(mediaType, b)
+	return desc, r.PushBlob(ctx, desc, bytes.NewReader(b))
+}
+
+// MountBlob makes a blob of repository fromRepo (a name on the same
+// registry, without host) available in this repository through a
+// cross-repository mount, falling back to fetching and pushing it when the
+// registry does not mount. It does nothing if the blob already exists.
+func (r *Repository) MountBlob(ctx context.Context, desc ocispec.Descriptor, fromRepo string) error {
+	if ok, err := r.repo.Blobs().Exists(ctx, desc); err == nil && ok {
+		return nil
+	}
+	m, ok := r.repo.Blobs().(orasreg.Mounter)
+	if !ok {
+		return fmt.Errorf("mount blob %s: oras blob store cannot mount", r.at(desc.Digest.String()))
+	}
+	err := m.Mount(ctx, desc, fromRepo, nil)
+	return r.wrap("mount blob (from "+fromRepo+")", desc.Digest.String(), err)
+}
+
+// PushManifest uploads a manifest (or index) whose descriptor is desc, and
+// tags it when tag is not empty. If the manifest has a subject (a SOCI v1
+// index), it becomes discoverable through Referrers: registries with the
+// OCI referrers API index it themselves; otherwise the `sha256-<hex>`
+// fallback tag index of the subject is updated (read-modify-write, so
+// concurrent pushers can lose each other's entries, as the distribution
+// spec warns).
+func (r *Repository) PushManifest(ctx context.Context, desc ocispec.Descriptor, b []byte, tag string) error {
+	reference := tag
+	if reference == "" {
+		reference = desc.Digest.String()
+	}
+	if desc.Size != int64(len(b)) || digest.FromBytes(b) != desc.Digest {
+		return fmt.Errorf("push manifest %s: content does not match descriptor %s (%d bytes)", r.at(reference), desc.Digest, desc.Size)
+	}
+	if hasSubject(b) {
+		// Learn whether the registry has the referrers API before pushing:
+		// oras-go otherwise decides from the OCI-Subject response header,
+		// which some referrers-capable registries do not send, and would
+		// maintain a redundant fallback tag.
+		if err := r.probeReferrers(ctx); err != nil {
+			return r.wrap("push manifest", reference, err)
+		}
+	}
+	var err error
+	if tag != "" {
+		err = r.repo.Manifests().PushReference(ctx, desc, bytes.NewReader(b), tag)
+	} else {
+		err = r.repo.Manifests().Push(ctx, desc, bytes.NewReader(b))
+	}
+	return r.wrap("push manifest", reference, err)
+}
+
+// Tag points tag at an existing manifest.
+func (r *Repository) Tag(ctx context.Context, desc ocispec.Descriptor, tag string) error {
+	return r.wrap("tag", tag, r.repo.Tag(ctx, desc, tag))
+}
+
+// Referrers lists the manifests whose subject is the given manifest,
+// filtered by artifactType (empty: all). It uses the OCI referrers API
+// where the registry has it and the `sha256-<hex>` fallback tag otherwise.
+// For manifests without a top-level artifactType (such as SOCI indexes),
+// registries and the fallback index report the config media type.
+func (r *Repository) Referrers(ctx context.Context, subject ocispec.Descriptor, artifactType string) ([]ocispec.Descriptor, error) {
+	var out []ocispec.Descriptor
+	err := r.repo.Referrers(ctx, subject, artifactType, func(refs []ocispec.Descriptor) error {
+		out = append(out, refs...)
+		return nil
+	})
+	if err != nil {
+		return nil, r.wrap("list referrers of", subject.Digest.String(), err)
+	}
+	return out, nil
+}
+
+// ReferrersAPI reports whether the registry serves the OCI referrers API
+// (probing it once if still unknown).
+func (r *Repository) ReferrersAPI(ctx context.Context) (bool, error) {
+	if err := r.probeReferrers(ctx); err != nil {
+		return false, r.wrap("probe referrers API", "", err)
+	}
+	// After probing, SetReferrersCapability(true) fails only if the state
+	// is "unsupported".
+	return r.repo.SetReferrersCapability(true) == nil, nil
+}
+
+// probeReferrers settles the repository's referrers capability by listing
+// the referrers of an arbitrary digest, which is what oras-go does when the
+// capability is unknown.
+func (r *Repository) probeReferrers(ctx context.Context) error {
+	probe := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromString("spanpull referrers probe"), Size: 1}
+	err := r.repo.Referrers(ctx, probe, "", func([]ocispec.Descriptor) error { return nil })
+	if err != nil && (errors.Is(err, errdef.ErrNotFound) || isNameUnknown(err)) {
+		// A repository that does not exist yet tells nothing; let the push
+		// decide from the response header.
+		return nil
+	}
+	return err
+}
+
+func isNameUnknown(err error) bool {
+	var er *errcode.ErrorResponse
+	if !errors.As(err, &er) {
+		return false
+	}
+	for _, e := range er.Errors {
+		if e.Code == errcode.ErrorCodeNameUnknown {
+			return true
+		}
+	}
+	return false
+}
+
+// hasSubject reports whether manifest JSON carries a subject.
+func hasSubject(b []byte) bool {
+	var m struct {
+		Subject *json.RawMessage `json:"subject"`
+	}
+	return json.Unmarshal(b, &m) == nil && m.Subject != nil
+}
+
+// isTLSError reports errors that retrying cannot fix.
+func isTLSError(err error) bool {
+	var cv *tls.CertificateVerificationError
+	var rh tls.RecordHeaderError
+	return errors.As(err, &cv) || errors.As(err, &rh)
+}
