@@ -20,6 +20,6 @@ fi
 
 GOBIN=${GOBIN:-$(go env GOPATH)/bin}
 export PATH="$GOBIN:$PATH"
-have_cmd staticcheck || go install honnef.co/go/tools/cmd/staticcheck@2025.1.1
+have_cmd staticcheck || go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 have_cmd crane || go install github.com/google/go-containerregistry/cmd/crane@v0.22.1
 echo "install-deps: ok"

@@ -445,7 +445,7 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error) {
 	var typ string
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeCont, tar.TypeGNUSparse:
+	case tar.TypeReg, tar.TypeCont, tar.TypeGNUSparse: // archive/tar turns TypeRegA into TypeReg
 		typ = TypeReg
 	case tar.TypeDir:
 		typ = TypeDir
