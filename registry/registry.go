@@ -363,8 +363,10 @@ func (r *Repository) PushManifest(ctx context.Context, desc ocispec.Descriptor, 
 		// oras-go otherwise decides from the OCI-Subject response header,
 		// which some referrers-capable registries do not send, and would
 		// maintain a redundant fallback tag.
-		if err := r.probeReferrers(ctx); err != nil {
-			return r.wrap("push manifest", reference, err)
+		// A failed probe leaves the capability unknown, which oras-go
+		// handles; only cancellation stops the push here.
+		if err := r.probeReferrers(ctx); err != nil && ctx.Err() != nil {
+			return r.wrap("push manifest", reference, ctx.Err())
 		}
 	}
 	var err error

@@ -402,6 +402,28 @@ func TestBasicAuth(t *testing.T) {
 	}
 }
 
+func TestTokenAuth(t *testing.T) {
+	upstream := registrytest.StartReferrersRegistry(t)
+	p := registrytest.StartFaultProxy(t, upstream)
+	p.Set(registrytest.Faults{User: "bob", Password: "pw", Token: true})
+	ctx := testCtx(t)
+
+	anon := newRepo(t, p.Addr, "spanpull/tok", registry.Options{})
+	if _, err := anon.Resolve(ctx, "v1"); !errors.Is(err, registry.ErrUnauthorized) || !strings.Contains(err.Error(), p.Addr+"/spanpull/tok:v1") {
+		t.Fatalf("anonymous err = %v", err)
+	}
+	r := newRepo(t, p.Addr, "spanpull/tok", registry.Options{
+		Credential: auth.StaticCredential(p.Addr, auth.Credential{Username: "bob", Password: "pw"})})
+	img := pushImage(t, ctx, r, "v1", 3000)
+	buf := make([]byte, 100)
+	if _, err := r.ReadAt(ctx, img.layerDesc, buf, 10); err != nil || !bytes.Equal(buf, img.layer[10:110]) {
+		t.Fatalf("range read with token: %v", err)
+	}
+	if p.CountRequests("200 (token)") == 0 {
+		t.Fatalf("no token fetched: %v", p.Requests())
+	}
+}
+
 // Transient 5xx answers are retried and the operations succeed.
 func TestRetryTransient5xx(t *testing.T) {
 	upstream := registrytest.StartDistribution(t)
@@ -436,6 +458,19 @@ func TestRetryTransient5xx(t *testing.T) {
 		Status: http.StatusServiceUnavailable, StatusCount: 2})
 	if _, _, err := r.FetchManifest(ctx, "v1"); err != nil {
 		t.Fatal(err)
+	}
+
+	// Connections reset before any answer are retried too.
+	p.Set(registrytest.Faults{DropCount: 2})
+	if _, err := r.Resolve(ctx, "v1"); err != nil {
+		t.Fatal(err)
+	}
+	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, DropCount: 3})
+	if n, err := r.ReadAt(ctx, img.layerDesc, make([]byte, 10), 0); err != nil || n != 10 {
+		t.Fatalf("ReadAt after dropped connections: %d %v", n, err)
+	}
+	if n := p.CountRequests("dropped"); n != 5 {
+		t.Fatalf("%d dropped, want 5: %v", n, p.Requests())
 	}
 }
 

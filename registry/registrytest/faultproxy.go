@@ -30,6 +30,7 @@ type FaultProxy struct {
 	faults   Faults
 	statusN  int
 	resetN   int
+	dropN    int
 	requests []string
 }
 
@@ -49,6 +50,9 @@ type Faults struct {
 	// disables resets.
 	ResetAfter int64
 	ResetCount int
+	// DropCount matching requests (negative: all) get their connection
+	// reset before any response is sent.
+	DropCount int
 	// Latency delays every matching request before it is handled.
 	Latency time.Duration
 	// StripRange removes the Range header from matching requests, like a
@@ -60,7 +64,15 @@ type Faults struct {
 	// User and Password, if User is set, are required as HTTP basic auth
 	// on every request; others get 401 with a Basic challenge.
 	User, Password string
+	// Token switches the auth above to distribution token auth: requests
+	// need "Bearer <token>", the challenge names the realm
+	// http://<proxy>/token, which hands out the token for basic auth with
+	// User and Password.
+	Token bool
 }
+
+// tokenFor is the bearer token the proxy issues and accepts.
+func tokenFor(user string) string { return "registrytest-token-" + user }
 
 // StartFaultProxy starts a FaultProxy forwarding to the registry at
 // upstream ("host:port", plain HTTP), stopped in Cleanup.
@@ -80,6 +92,7 @@ func (p *FaultProxy) Set(f Faults) {
 	p.faults = f
 	p.statusN = f.StatusCount
 	p.resetN = f.ResetCount
+	p.dropN = f.DropCount
 }
 
 // Requests returns "METHOD path -> outcome" for every request seen so far.
@@ -111,13 +124,19 @@ func (p *FaultProxy) note(r *http.Request, outcome string) {
 }
 
 // decide takes the fault decisions for one request under the lock.
-func (p *FaultProxy) decide(r *http.Request) (f Faults, match, status, reset bool) {
+func (p *FaultProxy) decide(r *http.Request) (f Faults, match, drop, status, reset bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	f = p.faults
 	match = f.Match == nil || f.Match(r)
 	if !match {
-		return f, false, false, false
+		return f, false, false, false, false
+	}
+	if p.dropN != 0 {
+		if p.dropN > 0 {
+			p.dropN--
+		}
+		return f, true, true, false, false
 	}
 	if f.Status != 0 && p.statusN != 0 {
 		status = true
@@ -128,7 +147,7 @@ func (p *FaultProxy) decide(r *http.Request) (f Faults, match, status, reset boo
 	if !status && f.ResetAfter > 0 && p.resetN != 0 {
 		reset = true
 	}
-	return f, match, status, reset
+	return f, match, false, status, reset
 }
 
 func (p *FaultProxy) consumeReset() {
@@ -140,11 +159,30 @@ func (p *FaultProxy) consumeReset() {
 }
 
 func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f, match, status, reset := p.decide(r)
+	f, match, drop, status, reset := p.decide(r)
 	if f.User != "" {
-		if u, pw, ok := r.BasicAuth(); !ok || u != f.User || pw != f.Password {
+		u, pw, basicOK := r.BasicAuth()
+		basicOK = basicOK && u == f.User && pw == f.Password
+		if f.Token && r.URL.Path == "/token" {
+			if !basicOK {
+				p.note(r, "401 (token)")
+				writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "bad credentials for token")
+				return
+			}
+			p.note(r, "200 (token)")
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"token":%q,"expires_in":300}`, tokenFor(f.User))
+			return
+		}
+		ok := basicOK
+		challenge := `Basic realm="registrytest"`
+		if f.Token {
+			ok = r.Header.Get("Authorization") == "Bearer "+tokenFor(f.User)
+			challenge = fmt.Sprintf(`Bearer realm="http://%s/token",service="registrytest"`, r.Host)
+		}
+		if !ok {
 			p.note(r, "401 (auth)")
-			w.Header().Set("WWW-Authenticate", `Basic realm="registrytest"`)
+			w.Header().Set("WWW-Authenticate", challenge)
 			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
 			return
 		}
@@ -156,6 +194,18 @@ func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			p.note(r, "client gone during latency")
 			return
 		}
+	}
+	if drop {
+		p.note(r, "dropped (injected)")
+		if hj, ok := w.(http.Hijacker); ok {
+			if conn, _, err := hj.Hijack(); err == nil {
+				if tc, ok := conn.(*net.TCPConn); ok {
+					tc.SetLinger(0)
+				}
+				conn.Close()
+			}
+		}
+		return
 	}
 	if status {
 		p.note(r, fmt.Sprintf("%d (injected)", f.Status))
