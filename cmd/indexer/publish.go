@@ -77,11 +77,11 @@ type layerResult struct {
 
 // platformResult reports one platform manifest of the image.
 type platformResult struct {
-	Platform string          `json:"platform"`
-	Manifest digest.Digest   `json:"manifest"`
-	Index    digest.Digest   `json:"index,omitempty"`
-	Layers   []*layerResult  `json:"layers"`
-	Error    string          `json:"error,omitempty"`
+	Platform string         `json:"platform"`
+	Manifest digest.Digest  `json:"manifest"`
+	Index    digest.Digest  `json:"index,omitempty"`
+	Layers   []*layerResult `json:"layers"`
+	Error    string         `json:"error,omitempty"`
 	raw      []byte
 	manifest ocispec.Manifest
 	desc     ocispec.Descriptor
