@@ -525,6 +525,8 @@ func TestUnmarshalHostile(t *testing.T) {
 		{"negative offset", forge(func(z *Ztoc) { z.Files[0].UncompressedOffset = -512 }), `"./": data offset`},
 		{"offset past end", forge(func(z *Ztoc) { z.Files[8].UncompressedOffset = 8193 }), "outside"},
 		{"offsets unsorted", forge(func(z *Ztoc) { z.Files[3].UncompressedOffset = 2048 }), `"link": data offset 2048 does not follow`},
+		{"bad sparse map", forge(func(z *Ztoc) { z.Files[1].PAXRecords = map[string]string{SparseMapRecord: "0,10,5"} }), "sparse map"},
+		{"sparse map past file", forge(func(z *Ztoc) { z.Files[1].PAXRecords = map[string]string{SparseMapRecord: "990,11"} }), "sparse map"},
 		{"unknown type", forge(func(z *Ztoc) { z.Files[2].Type = "sparse" }), `"old": unknown entry type`},
 		{"empty name", forge(func(z *Ztoc) { z.Files[2].Name = "" }), "toc entry 2: entry without name"},
 		{"absolute name", forge(func(z *Ztoc) { z.Files[2].Name = "/etc/shadow" }), `"/etc/shadow": name: absolute`},

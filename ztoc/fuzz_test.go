@@ -117,6 +117,12 @@ func fuzzSeeds(t *testing.T) map[string]map[string][]byte {
 	if err != nil {
 		t.Fatal(err)
 	}
+	sparse := syntheticTar()
+	sparse.Files[1].PAXRecords = map[string]string{SparseMapRecord: "0,10,500,20,990,10"}
+	sparseB, err := Marshal(sparse)
+	if err != nil {
+		t.Fatal(err)
+	}
 	gz := syntheticGzip(t, false)
 	gz.Files = gz.Files[1:2]
 	zi, err := UnmarshalGzipZinfo(gz.Checkpoints)
@@ -148,6 +154,7 @@ func fuzzSeeds(t *testing.T) map[string]map[string][]byte {
 			"synthetic-tar":         tarZ,
 			"synthetic-tar-1file":   oneB,
 			"synthetic-gzip-1span":  gzB,
+			"synthetic-sparse":      sparseB,
 			"truncated-tar-half":    tarZ[:len(tarZ)/2],
 			"truncated-tar-minus-1": tarZ[:len(tarZ)-1],
 		},
