@@ -302,3 +302,19 @@ func samePlatform(a, b ocispec.Platform) bool {
 	return a.OS == b.OS && a.Architecture == b.Architecture && a.Variant == b.Variant &&
 		a.OSVersion == b.OSVersion && slices.Equal(a.OSFeatures, b.OSFeatures)
 }
+
+// IndexDigestOf returns the SOCI index v2 a (rewritten) image manifest
+// names through AnnotationIndexDigest: false when it names none, an error
+// when the annotation is not a valid digest. This is how a runtime finds
+// the index of a SOCI-enabled image.
+func IndexDigestOf(m *ocispec.Manifest) (digest.Digest, bool, error) {
+	s, ok := m.Annotations[AnnotationIndexDigest]
+	if !ok {
+		return "", false, nil
+	}
+	d, err := digest.Parse(s)
+	if err != nil {
+		return "", false, fmt.Errorf("annotation %s: %w", AnnotationIndexDigest, err)
+	}
+	return d, true, nil
+}

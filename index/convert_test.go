@@ -74,6 +74,17 @@ func TestRewriteDockerManifest(t *testing.T) {
 		desc.Annotations[AnnotationIndexDigest] != idx.Descriptor.Digest.String() {
 		t.Fatalf("descriptor %+v", desc)
 	}
+	m, err := ParseImageManifest(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, ok, err := IndexDigestOf(m); err != nil || !ok || d != idx.Descriptor.Digest {
+		t.Fatalf("IndexDigestOf = %s %v %v", d, ok, err)
+	}
+	m.Annotations[AnnotationIndexDigest] = "sha256:bad"
+	if _, _, err := IndexDigestOf(m); err == nil {
+		t.Fatal("bad annotation accepted")
+	}
 	// Rewriting again without an index drops the annotation.
 	b2, d2, err := RewriteManifest(b, "")
 	if err != nil {
