@@ -66,11 +66,13 @@ type Options struct {
 	UserAgent string
 	// Retry bounds retries of transient failures.
 	Retry RetryPolicy
-	// Timeout is the longest time any request may go without progress:
-	// connecting, waiting for response headers, or between two body reads.
-	// It is not a limit on whole transfers (use the context for that), so
-	// large blobs stream at any speed. Zero means DefaultTimeout; negative
-	// disables it.
+	// Timeout is the longest time a request may wait on the network
+	// without progress: to connect and send the request (each chunk of an
+	// upload counts as progress), for response headers, or inside one read
+	// of the response body. A stalled attempt is retried (a body is
+	// resumed with a Range request). It is not a limit on whole transfers
+	// (use the context for that), and a caller may pause between reads for
+	// as long as it likes. Zero means DefaultTimeout; negative disables it.
 	Timeout time.Duration
 	// Credential supplies credentials per registry host. Nil means the
 	// Docker config file and its credential helpers (DockerConfig or the

@@ -639,6 +639,50 @@ func TestStallTimeout(t *testing.T) {
 	}
 }
 
+// A body that stops flowing is abandoned after the timeout and resumed;
+// a caller that pauses between reads is not mistaken for a stall.
+func TestStallMidBodyResumes(t *testing.T) {
+	upstream := registrytest.StartDistribution(t)
+	p := registrytest.StartFaultProxy(t, upstream)
+	ctx := testCtx(t)
+	img := pushImage(t, ctx, newRepo(t, p.Addr, "spanpull/stall", registry.Options{}), "v1", 500_000)
+	r := newRepo(t, p.Addr, "spanpull/stall", registry.Options{Timeout: 300 * time.Millisecond})
+
+	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 100_000, ResetCount: 1, StallReset: true})
+	rc, err := r.FetchBlob(ctx, img.layerDesc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(b, img.layer) {
+		t.Fatalf("FetchBlob across a stall: %v", err)
+	}
+	if n := p.CountRequests("[bytes=100000-499999] -> 206"); n != 1 {
+		t.Fatalf("no resume after the stall: %v", p.Requests())
+	}
+
+	p.Set(registrytest.Faults{})
+	before := len(p.Requests())
+	rc, err = r.FetchBlob(ctx, img.layerDesc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head := make([]byte, 1000)
+	if _, err := io.ReadFull(rc, head); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // > Timeout, between reads
+	rest, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(append(head, rest...), img.layer) {
+		t.Fatalf("read after a pause: %v", err)
+	}
+	if got := p.Requests()[before:]; len(got) != 1 {
+		t.Fatalf("a pause between reads caused extra requests: %v", got)
+	}
+}
+
 func TestRangeIgnoredIsAnError(t *testing.T) {
 	upstream := registrytest.StartDistribution(t)
 	p := registrytest.StartFaultProxy(t, upstream)

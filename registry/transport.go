@@ -198,7 +198,9 @@ func (t *transport) attempt(req *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
-	st.timer.Reset(t.stall)
+	// Between body reads the caller may take its time; the timer runs
+	// only while a read is waiting for the network.
+	st.timer.Stop()
 	resp.Body = &stallBody{rc: resp.Body, st: st, d: t.stall, what: req.Method + " " + req.URL.Redacted()}
 	return resp, nil
 }
@@ -236,10 +238,9 @@ type stallBody struct {
 }
 
 func (b *stallBody) Read(p []byte) (int, error) {
+	b.st.timer.Reset(b.d)
 	n, err := b.rc.Read(p)
-	if n > 0 {
-		b.st.timer.Reset(b.d)
-	}
+	b.st.timer.Stop()
 	if err != nil && err != io.EOF && b.st.fired() {
 		err = fmt.Errorf("%s: no data for %s: %w", b.what, b.d, ErrStalled)
 	}

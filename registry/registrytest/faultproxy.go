@@ -50,6 +50,10 @@ type Faults struct {
 	// disables resets.
 	ResetAfter int64
 	ResetCount int
+	// StallReset makes the resets above hang first: after ResetAfter bytes
+	// the proxy sends nothing more until the client gives up (or a minute
+	// passes), like a registry that stops answering mid-transfer.
+	StallReset bool
 	// DropCount matching requests (negative: all) get their connection
 	// reset before any response is sent.
 	DropCount int
@@ -240,7 +244,7 @@ func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if reset && r.Method == http.MethodGet && resp.ContentLength > f.ResetAfter {
 		p.consumeReset()
 		p.note(r, fmt.Sprintf("%d reset after %d bytes", resp.StatusCode, f.ResetAfter))
-		p.resetMidBody(w, resp, f.ResetAfter)
+		p.resetMidBody(w, resp, f.ResetAfter, f.StallReset)
 		return
 	}
 	p.note(r, strconv.Itoa(resp.StatusCode))
@@ -273,7 +277,7 @@ func (f *flipFirst) Read(p []byte) (int, error) {
 // resetMidBody writes the response head and the first n body bytes on the
 // raw connection, then closes it with SO_LINGER 0 so the client sees a
 // TCP reset, as with a crashing registry or a flaky load balancer.
-func (p *FaultProxy) resetMidBody(w http.ResponseWriter, resp *http.Response, n int64) {
+func (p *FaultProxy) resetMidBody(w http.ResponseWriter, resp *http.Response, n int64, stall bool) {
 	hj, ok := w.(http.Hijacker)
 	if !ok {
 		http.Error(w, "cannot hijack", http.StatusInternalServerError)
@@ -292,6 +296,11 @@ func (p *FaultProxy) resetMidBody(w http.ResponseWriter, resp *http.Response, n 
 	buf.WriteString("\r\n")
 	io.CopyN(buf, resp.Body, n)
 	buf.Flush()
+	if stall {
+		// The client closes its end when it gives up: wait for that.
+		conn.SetReadDeadline(time.Now().Add(time.Minute))
+		io.Copy(io.Discard, conn)
+	}
 	if tc, ok := conn.(*net.TCPConn); ok {
 		tc.SetLinger(0)
 	}
