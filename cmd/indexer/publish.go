@@ -32,10 +32,10 @@ const (
 // the reason the layer cannot be indexed.
 func layerCompression(mediaType string) (ztoc.Compression, string) {
 	switch mediaType {
-	case ocispec.MediaTypeImageLayerGzip, ocispec.MediaTypeImageLayerNonDistributableGzip, //nolint:staticcheck // still found in registries
+	case ocispec.MediaTypeImageLayerGzip, "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
 		"application/vnd.docker.image.rootfs.diff.tar.gzip", "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip":
 		return ztoc.Gzip, ""
-	case ocispec.MediaTypeImageLayer, ocispec.MediaTypeImageLayerNonDistributable, //nolint:staticcheck // idem
+	case ocispec.MediaTypeImageLayer, "application/vnd.oci.image.layer.nondistributable.v1.tar",
 		"application/vnd.docker.image.rootfs.diff.tar":
 		return ztoc.Uncompressed, ""
 	}
@@ -86,7 +86,6 @@ type platformResult struct {
 	manifest ocispec.Manifest
 	desc     ocispec.Descriptor
 	platform ocispec.Platform
-	indexed  *index.Built
 }
 
 // publisher indexes the layers of image manifests from src and pushes
