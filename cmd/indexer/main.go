@@ -33,6 +33,6 @@ containers after fetching only the bytes they read.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newZtocCommand(), newCreateCommand(), newConvertCommand())
+	root.AddCommand(newZtocCommand(), newCreateCommand(), newConvertCommand(), newIndexCommand())
 	return root
 }

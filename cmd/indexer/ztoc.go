@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -96,12 +95,13 @@ type ztocFileInfo struct {
 }
 
 func newZtocInfoCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:   "info ZTOC",
+	var rf remoteFlags
+	cmd := &cobra.Command{
+		Use:   "info ZTOC|REF@sha256:<ztoc digest>",
 		Short: "Print a zTOC's summary and files as JSON (SOCI's field names)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			z, size, err := loadZtoc(args[0])
+			z, size, err := loadZtocArg(cmd.Context(), args[0], &rf)
 			if err != nil {
 				return err
 			}
@@ -132,6 +132,8 @@ func newZtocInfoCommand() *cobra.Command {
 			return enc.Encode(info)
 		},
 	}
+	rf.add(cmd)
+	return cmd
 }
 
 // fileSpans returns the first and last span holding f's data (the span of
@@ -146,13 +148,14 @@ func fileSpans(spans []ztoc.Span, f *ztoc.FileMetadata) (first, last ztoc.SpanID
 }
 
 func newZtocListCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:     "ls ZTOC",
+	var rf remoteFlags
+	cmd := &cobra.Command{
+		Use:     "ls ZTOC|REF@sha256:<ztoc digest>",
 		Aliases: []string{"list"},
 		Short:   "List a zTOC's entries like tar -tv",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			z, _, err := loadZtoc(args[0])
+			z, _, err := loadZtocArg(cmd.Context(), args[0], &rf)
 			if err != nil {
 				return err
 			}
@@ -187,6 +190,8 @@ func newZtocListCommand() *cobra.Command {
 			return w.Flush()
 		},
 	}
+	rf.add(cmd)
+	return cmd
 }
 
 // modeString renders a tar mode the way tar -tv does, e.g. "-rwsr-xr-x".
@@ -220,30 +225,31 @@ func modeString(typ string, mode int64) string {
 }
 
 func newZtocGetFileCommand() *cobra.Command {
-	var out string
+	var (
+		out string
+		rf  remoteFlags
+	)
 	cmd := &cobra.Command{
 		Use:   "get-file [-o OUT] ZTOC LAYER PATH",
-		Short: "Extract one file from a local layer, reading only the spans it covers",
+		Short: "Extract one file from a layer, reading only the spans it covers",
 		Long: `get-file looks PATH up in the zTOC, reads from LAYER only the compressed spans
 that hold the file, verifies each against its digest and writes the file's
-bytes to OUT (stdout by default).`,
+bytes to OUT (stdout by default). ZTOC and LAYER are local files or
+REF@sha256:<digest> blobs in a registry (read with HTTP range requests).`,
 		Args: cobra.ExactArgs(3),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			z, _, err := loadZtoc(args[0])
+			ctx := cmd.Context()
+			z, _, err := loadZtocArg(ctx, args[0], &rf)
 			if err != nil {
 				return err
 			}
-			layer, err := os.Open(args[1])
+			layer, size, closeLayer, err := openLayerArg(ctx, args[1], &rf)
 			if err != nil {
 				return err
 			}
-			defer layer.Close()
-			st, err := layer.Stat()
-			if err != nil {
-				return err
-			}
-			if st.Size() != z.CompressedArchiveSize {
-				return fmt.Errorf("zTOC %s does not match layer %s: it describes a %d-byte layer, the file has %d bytes", args[0], args[1], z.CompressedArchiveSize, st.Size())
+			defer closeLayer()
+			if size != z.CompressedArchiveSize {
+				return fmt.Errorf("zTOC %s does not match layer %s: it describes a %d-byte layer, the layer has %d bytes", args[0], args[1], z.CompressedArchiveSize, size)
 			}
 			f, err := z.Lookup(args[2])
 			if err != nil {
@@ -253,29 +259,29 @@ bytes to OUT (stdout by default).`,
 			if err != nil {
 				return err
 			}
-			var w io.Writer = cmd.OutOrStdout()
-			if out != "" && out != "-" {
-				tmp, err := os.CreateTemp(filepath.Dir(out), ".get-file-*")
-				if err != nil {
-					return err
-				}
-				defer os.Remove(tmp.Name())
-				if _, err := r.WriteFile(tmp, f); err != nil {
-					tmp.Close()
+			if out == "" || out == "-" {
+				if _, err := r.WriteFile(cmd.OutOrStdout(), f); err != nil {
 					return fmt.Errorf("extract %s: %w", args[2], err)
 				}
-				if err := tmp.Close(); err != nil {
-					return err
-				}
-				return os.Rename(tmp.Name(), out)
+				return nil
 			}
-			if _, err := r.WriteFile(w, f); err != nil {
+			tmp, err := os.CreateTemp(filepath.Dir(out), ".get-file-*")
+			if err != nil {
+				return err
+			}
+			defer os.Remove(tmp.Name())
+			if _, err := r.WriteFile(tmp, f); err != nil {
+				tmp.Close()
 				return fmt.Errorf("extract %s: %w", args[2], err)
 			}
-			return nil
+			if err := tmp.Close(); err != nil {
+				return err
+			}
+			return os.Rename(tmp.Name(), out)
 		},
 	}
 	cmd.Flags().StringVarP(&out, "output", "o", "", "write the file here instead of stdout")
+	rf.add(cmd)
 	return cmd
 }
 

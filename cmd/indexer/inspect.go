@@ -1,0 +1,277 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/spf13/cobra"
+
+	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// remoteFlags are the registry flags of the inspection commands.
+type remoteFlags struct{ plainHTTP, insecure bool }
+
+func (f *remoteFlags) add(cmd *cobra.Command) {
+	cmd.Flags().BoolVar(&f.plainHTTP, "plain-http", false, "talk plain HTTP to the registry")
+	cmd.Flags().BoolVar(&f.insecure, "insecure", false, "skip TLS certificate verification")
+}
+
+func (f *remoteFlags) repo(ref string) (*registry.Repository, error) {
+	return registry.New(ref, registry.Options{PlainHTTP: f.plainHTTP, Insecure: f.insecure})
+}
+
+// maxZtocSize bounds a zTOC read from a registry (SOCI's zTOCs are a few
+// percent of a layer; this leaves room for multi-GB layers).
+const maxZtocSize = 1 << 30
+
+// loadZtocArg reads a zTOC from a local file or, for REF@sha256:<digest>
+// (when no such file exists), straight from the registry.
+func loadZtocArg(ctx context.Context, arg string, rf *remoteFlags) (*ztoc.Ztoc, int64, error) {
+	if _, err := os.Stat(arg); err == nil || !strings.Contains(arg, "@") {
+		return loadZtoc(arg)
+	}
+	repo, err := rf.repo(arg)
+	if err != nil {
+		return nil, 0, err
+	}
+	d, err := digest.Parse(repo.Reference())
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: want REF@sha256:<zTOC digest>: %w", arg, err)
+	}
+	desc, err := repo.ResolveBlob(ctx, d)
+	if err != nil {
+		return nil, 0, err
+	}
+	if desc.Size > maxZtocSize {
+		return nil, 0, fmt.Errorf("%s: %d bytes is too large for a zTOC", arg, desc.Size)
+	}
+	rc, err := repo.FetchBlob(ctx, desc)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		return nil, 0, err
+	}
+	z, err := ztoc.Unmarshal(b)
+	if err != nil {
+		return nil, 0, fmt.Errorf("read zTOC %s: %w", arg, err)
+	}
+	return z, int64(len(b)), nil
+}
+
+// openLayerArg opens a layer for random reads: a local file or, for
+// REF@sha256:<layer digest> (when no such file exists), HTTP range reads
+// from the registry. It returns the layer's size.
+func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (io.ReaderAt, int64, func(), error) {
+	if _, err := os.Stat(arg); err == nil || !strings.Contains(arg, "@") {
+		f, err := os.Open(arg)
+		if err != nil {
+			return nil, 0, nil, err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, 0, nil, err
+		}
+		return f, st.Size(), func() { f.Close() }, nil
+	}
+	repo, err := rf.repo(arg)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	d, err := digest.Parse(repo.Reference())
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("%s: want REF@sha256:<layer digest>: %w", arg, err)
+	}
+	desc, err := repo.ResolveBlob(ctx, d)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	ra, err := repo.ReaderAt(ctx, desc)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	return ra, desc.Size, func() {}, nil
+}
+
+func newIndexCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "index",
+		Short: "Inspect the SOCI indexes of images in a registry",
+	}
+	cmd.AddCommand(newIndexListCommand(), newIndexInfoCommand())
+	return cmd
+}
+
+// indexEntry is one SOCI index of an image.
+type indexEntry struct {
+	Digest   digest.Digest `json:"digest"`
+	Version  string        `json:"version"`
+	Platform string        `json:"platform"`
+	Manifest digest.Digest `json:"manifest"`
+	Ztocs    int           `json:"ztocs"`
+	Size     int64         `json:"size"`
+}
+
+// listIndexes finds the SOCI indexes of the image REF: v1 referrers of each
+// image manifest and v2 entries of an image index.
+func listIndexes(ctx context.Context, repo *registry.Repository) ([]indexEntry, error) {
+	b, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+	if err != nil {
+		return nil, err
+	}
+	type image struct {
+		desc     ocispec.Descriptor
+		platform string
+	}
+	var images []image
+	var out []indexEntry
+	switch root.MediaType {
+	case ocispec.MediaTypeImageIndex, mediaTypeDockerManifestList:
+		idx, err := index.ParseImageIndex(b)
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range idx.Manifests {
+			pl := ""
+			if d.Platform != nil {
+				pl = platforms.Format(*d.Platform)
+			}
+			if d.ArtifactType == index.V2.ArtifactType() {
+				out = append(out, indexEntry{Digest: d.Digest, Version: "v2", Platform: pl,
+					Manifest: digest.Digest(d.Annotations[index.AnnotationImageManifestDigest])})
+				continue
+			}
+			if d.ArtifactType == "" && (d.MediaType == ocispec.MediaTypeImageManifest || d.MediaType == mediaTypeDockerManifest) {
+				images = append(images, image{d, pl})
+			}
+		}
+	default:
+		images = append(images, image{root, ""})
+	}
+	for _, im := range images {
+		subject := ocispec.Descriptor{MediaType: im.desc.MediaType, Digest: im.desc.Digest, Size: im.desc.Size}
+		refs, err := repo.Referrers(ctx, subject, index.V1.ArtifactType())
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range refs {
+			out = append(out, indexEntry{Digest: r.Digest, Version: "v1", Platform: im.platform, Manifest: im.desc.Digest})
+		}
+	}
+	for i := range out {
+		mb, _, err := repo.FetchManifest(ctx, out[i].Digest.String())
+		if err != nil {
+			return nil, err
+		}
+		ix, err := index.Parse(mb)
+		if err != nil {
+			return nil, fmt.Errorf("index %s: %w", out[i].Digest, err)
+		}
+		out[i].Ztocs = len(ix.Manifest.Layers)
+		for _, l := range ix.Manifest.Layers {
+			out[i].Size += l.Size
+		}
+	}
+	return out, nil
+}
+
+func newIndexListCommand() *cobra.Command {
+	var rf remoteFlags
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:     "ls REF",
+		Aliases: []string{"list"},
+		Short:   "List the SOCI indexes of an image (v1 referrers and v2 entries)",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			repo, err := rf.repo(args[0])
+			if err != nil {
+				return err
+			}
+			entries, err := listIndexes(cmd.Context(), repo)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(entries)
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tIMAGE MANIFEST")
+			for _, e := range entries {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, e.Manifest)
+			}
+			return w.Flush()
+		},
+	}
+	rf.add(cmd)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func newIndexInfoCommand() *cobra.Command {
+	var rf remoteFlags
+	cmd := &cobra.Command{
+		Use:   "info REF|REPO@DIGEST",
+		Short: "Print one SOCI index manifest",
+		Long: `info prints a SOCI index manifest: REPO@DIGEST names the index itself; an
+image REF prints the image's index when it has exactly one (see "index ls").`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			if _, err := digest.Parse(args[0]); err == nil {
+				return fmt.Errorf("%s: a digest alone names no repository: use REPO@%s", args[0], args[0])
+			}
+			repo, err := rf.repo(args[0])
+			if err != nil {
+				return err
+			}
+			b, _, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+			if err != nil {
+				return err
+			}
+			if _, perr := index.Parse(b); perr != nil {
+				// Not an index: treat REF as an image.
+				entries, err := listIndexes(ctx, repo)
+				if err != nil {
+					return err
+				}
+				switch len(entries) {
+				case 0:
+					return fmt.Errorf("%s is not a SOCI index and has none", args[0])
+				case 1:
+				default:
+					return fmt.Errorf("%s has %d SOCI indexes: name one with REPO@DIGEST (see indexer index ls)", args[0], len(entries))
+				}
+				if b, _, err = repo.FetchManifest(ctx, entries[0].Digest.String()); err != nil {
+					return err
+				}
+			}
+			var out bytes.Buffer
+			if err := json.Indent(&out, b, "", "  "); err != nil {
+				return err
+			}
+			out.WriteByte('\n')
+			_, err = out.WriteTo(cmd.OutOrStdout())
+			return err
+		},
+	}
+	rf.add(cmd)
+	return cmd
+}
