@@ -97,6 +97,7 @@ func (v Version) ArtifactType() string {
 	return ""
 }
 
+// String returns "v1", "v2" or "invalid", for messages.
 func (v Version) String() string {
 	switch v {
 	case V1:
