@@ -1,0 +1,95 @@
+// Command snapshotter is spanpull's containerd remote snapshotter daemon. It
+// serves containerd's snapshots gRPC API on a unix socket, for a
+// [proxy_plugins.spanpull] entry of type "snapshot" in containerd's config.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newRootCommand().ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "snapshotter:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "snapshotter",
+		Short: "containerd snapshotter that lazily pulls SOCI-indexed gzip layers",
+		Long: `snapshotter is a containerd proxy snapshotter. Layers it cannot serve lazily
+behave exactly like containerd's overlayfs snapshotter; register it in
+containerd's config with
+
+  [proxy_plugins.spanpull]
+    type = "snapshot"
+    address = "/run/spanpull/snapshotter.sock"
+
+and start it before containerd.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newServeCommand())
+	return root
+}
+
+func newServeCommand() *cobra.Command {
+	var (
+		configPath     string
+		address        string
+		rootDir        string
+		metricsAddress string
+		logLevel       string
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Serve the snapshots gRPC API on a unix socket until SIGINT or SIGTERM",
+		Long: `serve opens the snapshotter's root directory and serves containerd's snapshots
+gRPC API on a unix socket. Settings come from the defaults, then the TOML
+config file, then the flags given on the command line. A stale socket left
+by a previous run is removed; a socket some live process answers on is not.
+
+Config file keys: address, root, metrics_address, log_level, async_remove
+(bool), mount_options (list of extra overlayfs options).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(configPath, cmd.Flags().Changed("config"))
+			if err != nil {
+				return err
+			}
+			flags := cmd.Flags()
+			if flags.Changed("address") {
+				cfg.Address = address
+			}
+			if flags.Changed("root") {
+				cfg.Root = rootDir
+			}
+			if flags.Changed("metrics-address") {
+				cfg.MetricsAddress = metricsAddress
+			}
+			if flags.Changed("log-level") {
+				cfg.LogLevel = logLevel
+			}
+			if err := cfg.validate(); err != nil {
+				return err
+			}
+			return serve(cmd.Context(), cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&configPath, "config", defaultConfigPath, "TOML config file (a missing default file is fine)")
+	f.StringVar(&address, "address", defaultAddress, "unix socket to serve the snapshots API on")
+	f.StringVar(&rootDir, "root", defaultRoot, "directory for snapshots and metadata")
+	f.StringVar(&metricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (empty: off)")
+	f.StringVar(&logLevel, "log-level", defaultLogLevel, "log level: trace, debug, info, warn or error")
+	return cmd
+}

@@ -1,0 +1,178 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+
+	"github.com/spanpull/spanpull/snapshotter"
+)
+
+// shutdownGrace bounds how long in-flight RPCs may run after a signal.
+const shutdownGrace = 10 * time.Second
+
+// serve runs the daemon until ctx is done.
+func serve(ctx context.Context, cfg config) error {
+	if err := log.SetLevel(cfg.LogLevel); err != nil {
+		return fmt.Errorf("log level: %w", err)
+	}
+	logger := log.G(ctx)
+
+	var opts []snapshotter.Opt
+	if cfg.AsyncRemove {
+		opts = append(opts, snapshotter.WithAsyncRemove())
+	}
+	if len(cfg.MountOptions) > 0 {
+		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
+	}
+	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := sn.Close(); err != nil {
+			logger.WithError(err).Error("close snapshotter")
+		}
+	}()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	rpcs := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "spanpull",
+		Subsystem: "snapshotter",
+		Name:      "grpc_requests_total",
+		Help:      "Snapshots API calls by method and gRPC status code.",
+	}, []string{"method", "code"})
+	rpcSeconds := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "spanpull",
+		Subsystem: "snapshotter",
+		Name:      "grpc_request_duration_seconds",
+		Help:      "Snapshots API call latency by method.",
+		Buckets:   prometheus.ExponentialBuckets(0.0005, 4, 10),
+	}, []string{"method"})
+	reg.MustRegister(rpcs, rpcSeconds)
+
+	l, err := listenUnix(cfg.Address)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(cfg.Address)
+
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
+		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			start := time.Now()
+			resp, err := h(ctx, req)
+			method := filepath.Base(info.FullMethod)
+			rpcs.WithLabelValues(method, status.Code(err).String()).Inc()
+			rpcSeconds.WithLabelValues(method).Observe(time.Since(start).Seconds())
+			if err != nil {
+				logger.WithError(err).WithField("method", method).Debug("snapshots call failed")
+			}
+			return resp, err
+		}))
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+
+	errc := make(chan error, 2)
+	go func() {
+		if err := srv.Serve(l); err != nil {
+			errc <- fmt.Errorf("serve snapshots API: %w", err)
+		}
+	}()
+
+	var metrics *http.Server
+	if cfg.MetricsAddress != "" {
+		ml, err := net.Listen("tcp", cfg.MetricsAddress)
+		if err != nil {
+			srv.Stop()
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("serve metrics: %w", err)
+			}
+		}()
+		logger.WithField("address", ml.Addr().String()).Info("serving metrics")
+	}
+	logger.WithField("address", cfg.Address).WithField("root", cfg.Root).Info("spanpull snapshotter serving")
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		logger.Info("shutting down")
+	case runErr = <-errc:
+		logger.WithError(runErr).Error("server failed, shutting down")
+	}
+
+	stopped := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(shutdownGrace):
+		srv.Stop()
+		<-stopped
+	}
+	if metrics != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+		defer cancel()
+		if err := metrics.Shutdown(sctx); err != nil {
+			logger.WithError(err).Warn("stop metrics server")
+		}
+	}
+	return runErr
+}
+
+// listenUnix listens on the unix socket path, creating its directory and
+// removing a stale socket. It refuses to replace a non-socket file or a
+// socket that some process still accepts connections on.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o711); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	st, err := os.Lstat(path)
+	switch {
+	case err == nil:
+		if st.Mode()&fs.ModeSocket == 0 {
+			return nil, fmt.Errorf("socket path %s exists and is not a socket", path)
+		}
+		c, derr := net.DialTimeout("unix", path, time.Second)
+		if derr == nil {
+			c.Close()
+			return nil, fmt.Errorf("socket %s is in use by another process", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket: %w", err)
+		}
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("socket path: %w", err)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket permissions: %w", err)
+	}
+	return l, nil
+}
