@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -97,9 +98,11 @@ type Repository struct {
 
 // New returns a Repository for ref, "host[:port]/name[:tag|@digest]". The
 // tag or digest, if any, is available as Reference() for callers that took
-// the whole reference from a user. No network I/O happens here.
+// the whole reference from a user. Docker Hub's familiar forms are
+// accepted ("alpine:3", "docker.io/library/alpine"). No network I/O
+// happens here.
 func New(ref string, opts Options) (*Repository, error) {
-	parsed, err := orasreg.ParseReference(ref)
+	parsed, err := orasreg.ParseReference(normalizeReference(ref))
 	if err != nil {
 		return nil, fmt.Errorf("parse reference %q: %w", ref, err)
 	}
@@ -156,6 +159,32 @@ func New(ref string, opts Options) (*Repository, error) {
 		client: client,
 	}, nil
 }
+
+// normalizeReference expands Docker Hub's short forms the way docker does:
+// a first component without '.' or ':' (and not "localhost") is a Docker
+// Hub repository, one-component Hub names live under "library/", and the
+// Hub's API host is registry-1.docker.io. Other references are returned
+// unchanged.
+func normalizeReference(ref string) string {
+	first, rest, ok := strings.Cut(ref, "/")
+	if !ok || (!strings.ContainsAny(first, ".:") && first != "localhost") {
+		first, rest = "docker.io", ref
+	}
+	if first != "docker.io" && first != "index.docker.io" && first != dockerHubHost {
+		return ref
+	}
+	name := rest
+	if i := strings.IndexAny(name, ":@"); i >= 0 {
+		name = name[:i]
+	}
+	if name != "" && !strings.Contains(name, "/") {
+		rest = "library/" + rest
+	}
+	return dockerHubHost + "/" + rest
+}
+
+// dockerHubHost serves Docker Hub's registry API.
+const dockerHubHost = "registry-1.docker.io"
 
 // Name returns "host/repository".
 func (r *Repository) Name() string { return r.name }

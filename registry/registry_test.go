@@ -358,7 +358,7 @@ func TestPushManifestChecksContent(t *testing.T) {
 }
 
 func TestNewErrors(t *testing.T) {
-	for _, ref := range []string{"", "noslash", "host:port:bad/x", "localhost:5000/a@sha256:12", "localhost/UPPER"} {
+	for _, ref := range []string{"", "host:port:bad/x", "localhost:5000/a@sha256:12", "localhost/UPPER", "ghcr.io/"} {
 		if _, err := registry.New(ref, registry.Options{}); err == nil {
 			t.Errorf("New(%q) succeeded", ref)
 		}

@@ -49,3 +49,23 @@ func TestParseContentRange(t *testing.T) {
 		}
 	}
 }
+
+func TestNormalizeReference(t *testing.T) {
+	for in, want := range map[string]string{
+		"alpine":                            "registry-1.docker.io/library/alpine",
+		"alpine:3.20":                       "registry-1.docker.io/library/alpine:3.20",
+		"user/app@sha256:abc":               "registry-1.docker.io/user/app@sha256:abc",
+		"docker.io/library/alpine":          "registry-1.docker.io/library/alpine",
+		"docker.io/alpine:3":                "registry-1.docker.io/library/alpine:3",
+		"index.docker.io/x/y":               "registry-1.docker.io/x/y",
+		"localhost/app":                     "localhost/app",
+		"localhost:5000/app:v1":             "localhost:5000/app:v1",
+		"127.0.0.1:5000/a/b":                "127.0.0.1:5000/a/b",
+		"ghcr.io/org/app:tag":               "ghcr.io/org/app:tag",
+		"public.ecr.aws/docker/library/foo": "public.ecr.aws/docker/library/foo",
+	} {
+		if got := normalizeReference(in); got != want {
+			t.Errorf("normalizeReference(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
