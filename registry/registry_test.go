@@ -504,6 +504,15 @@ func TestRetryTransient5xx(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Uploads (POST/PUT of blobs, PUT of manifests) are retried as well.
+	p.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method == http.MethodPut || r.Method == http.MethodPost },
+		Status: http.StatusBadGateway, StatusCount: 4})
+	r2 := newRepo(t, p.Addr, "spanpull/flaky-push", registry.Options{})
+	pushImage(t, ctx, r2, "v2", 5000)
+	if n := p.CountRequests("PUT /v2/spanpull/flaky-push/manifests/v2 -> 201"); n != 1 {
+		t.Fatalf("manifest push: %v", p.Requests())
+	}
+
 	// Connections reset before any answer are retried too.
 	p.Set(registrytest.Faults{DropCount: 2})
 	if _, err := r.Resolve(ctx, "v1"); err != nil {
