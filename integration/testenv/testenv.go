@@ -1,0 +1,465 @@
+//go:build linux
+
+// Package testenv starts the real parts end-to-end tests need: a registry,
+// spanpull's snapshotter daemon, Debian's containerd 1.6 wired to it as a
+// proxy plugin, and ctr. Every process it starts is stopped by PID in
+// t.Cleanup (also when the test fails), containers are killed and removed,
+// and mounts left below the test's directories are unmounted before the
+// directories are deleted.
+//
+// Tests using it need root: containerd, runc and overlayfs do.
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+
+	"github.com/spanpull/spanpull/registry/registrytest"
+)
+
+// RequireRoot fails (never skips) a test that needs root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this end-to-end test starts containerd and mounts file systems: run it as root")
+	}
+}
+
+// Dir returns a new directory for the test with a short path (unix socket
+// paths are limited to 108 bytes, and t.TempDir's include the test name).
+// Mounts left below it are unmounted before it is deleted in Cleanup.
+func Dir(t testing.TB) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "sp-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := UnmountUnder(d); err != nil {
+			t.Errorf("unmount leftovers in %s: %v", d, err)
+			return // never delete through a mount
+		}
+		if err := os.RemoveAll(d); err != nil {
+			t.Errorf("remove %s: %v", d, err)
+		}
+	})
+	return d
+}
+
+// UnmountUnder unmounts every mount at or below dir, deepest first (lazily
+// if one is busy), and reports mounts it could not remove.
+func UnmountUnder(dir string) error {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return fmt.Errorf("read mount table: %w", err)
+	}
+	sort.Slice(mounts, func(i, j int) bool { return len(mounts[i].Mountpoint) > len(mounts[j].Mountpoint) })
+	for _, m := range mounts {
+		if err := unix.Unmount(m.Mountpoint, 0); err != nil && err != unix.EINVAL {
+			if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+				return fmt.Errorf("unmount %s: %w", m.Mountpoint, err)
+			}
+		}
+	}
+	left, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return fmt.Errorf("read mount table: %w", err)
+	}
+	if len(left) > 0 {
+		return fmt.Errorf("%d mounts left below %s, first %s", len(left), dir, left[0].Mountpoint)
+	}
+	return nil
+}
+
+// StartRegistry starts Debian's docker-registry on a free loopback port
+// with filesystem storage in a temporary directory and returns its
+// "127.0.0.1:port" address.
+func StartRegistry(t testing.TB) string {
+	t.Helper()
+	return registrytest.StartDistribution(t)
+}
+
+// BuildGo builds the Go main package pkg (an import path or a path
+// relative to the calling test's directory) into dir and returns the
+// binary's path. env adds to the build environment (CGO_ENABLED=0, ...).
+func BuildGo(t testing.TB, dir, pkg, name string, env ...string) string {
+	t.Helper()
+	out := filepath.Join(dir, name)
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Env = append(os.Environ(), env...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	return out
+}
+
+// Process is a daemon started by this package.
+type Process struct {
+	Name string
+	Cmd  *exec.Cmd
+	// Log is the file holding the process's stdout and stderr.
+	Log string
+
+	exited chan struct{}
+	mu     sync.Mutex
+	err    error
+}
+
+// startProcess starts cmd with output to a log file in dir and registers
+// its stop by PID (SIGTERM, then SIGKILL after grace) in Cleanup. The log is
+// printed when the test failed.
+func startProcess(t testing.TB, dir, name string, cmd *exec.Cmd, grace time.Duration) *Process {
+	t.Helper()
+	logPath := filepath.Join(dir, name+".log")
+	f, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = f, f
+	// Die with the test binary, whatever happens to it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		t.Fatalf("start %s: %v", name, err)
+	}
+	p := &Process{Name: name, Cmd: cmd, Log: logPath, exited: make(chan struct{})}
+	go func() {
+		err := cmd.Wait()
+		f.Close()
+		p.mu.Lock()
+		p.err = err
+		p.mu.Unlock()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		if err := p.Stop(grace); err != nil {
+			t.Logf("stop %s: %v", name, err)
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("%s (pid %d) log:\n%s", name, cmd.Process.Pid, tail(b, 16<<10))
+		}
+	})
+	return p
+}
+
+func tail(b []byte, n int) []byte {
+	if len(b) > n {
+		return append([]byte("...\n"), b[len(b)-n:]...)
+	}
+	return b
+}
+
+// Exited reports whether the process has exited.
+func (p *Process) Exited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// Stop sends SIGTERM and waits up to grace for the process to exit, then
+// kills it. It returns the process's exit error, if any (nil when it
+// exited cleanly on SIGTERM).
+func (p *Process) Stop(grace time.Duration) error {
+	if !p.Exited() {
+		_ = p.Cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.exited:
+		case <-time.After(grace):
+			_ = p.Cmd.Process.Kill()
+			<-p.exited
+			return fmt.Errorf("%s did not stop within %v of SIGTERM: killed", p.Name, grace)
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+// waitFor polls ready until it returns nil, the process exits, or timeout.
+func waitFor(p *Process, timeout time.Duration, ready func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := ready()
+		if err == nil {
+			return nil
+		}
+		if p.Exited() {
+			b, _ := os.ReadFile(p.Log)
+			return fmt.Errorf("%s exited before it was ready (%v); log:\n%s", p.Name, err, tail(b, 8<<10))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not ready after %v: %w", p.Name, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Snapshotter is a running spanpull snapshotter daemon.
+type Snapshotter struct {
+	*Process
+	// Socket serves the snapshots gRPC API.
+	Socket string
+	// Root is its state directory.
+	Root string
+}
+
+// SnapshotterConfig configures StartSnapshotter.
+type SnapshotterConfig struct {
+	// Binary is the snapshotter executable (see BuildGo).
+	Binary string
+	// Config is the TOML config file's content (written to a file and
+	// passed with --config, so the machine's /etc/spanpull is never read).
+	Config string
+	// Args are extra arguments for "serve".
+	Args []string
+}
+
+// StartSnapshotter starts "snapshotter serve" with its socket and root in
+// dir and returns once the socket accepts connections.
+func StartSnapshotter(t testing.TB, dir string, c SnapshotterConfig) *Snapshotter {
+	t.Helper()
+	sock := filepath.Join(dir, "snap.sock")
+	root := filepath.Join(dir, "snap-root")
+	cfg := filepath.Join(dir, "snapshotter.toml")
+	if err := os.WriteFile(cfg, []byte(c.Config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"serve", "--config", cfg, "--address", sock, "--root", root, "--log-level", "debug"}, c.Args...)
+	p := startProcess(t, dir, "snapshotter", exec.Command(c.Binary, args...), 15*time.Second)
+	// Registered after the process: runs before it is stopped, so it can
+	// report remote mounts the daemon did not clean up.
+	if err := waitFor(p, 30*time.Second, func() error { return dialUnix(sock) }); err != nil {
+		t.Fatal(err)
+	}
+	return &Snapshotter{Process: p, Socket: sock, Root: root}
+}
+
+func dialUnix(sock string) error {
+	c, err := net.DialTimeout("unix", sock, time.Second)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+// Containerd is a running containerd daemon.
+type Containerd struct {
+	*Process
+	// Socket is its gRPC address.
+	Socket string
+	// Root and State are its directories.
+	Root, State string
+	// Ctr is the ctr binary matching the daemon.
+	Ctr string
+	// Namespace is passed to every Ctr call.
+	Namespace string
+}
+
+// ContainerdConfig configures StartContainerd16.
+type ContainerdConfig struct {
+	// Snapshotters maps proxy plugin names to snapshotter sockets.
+	Snapshotters map[string]string
+}
+
+// Debian's containerd 1.6 and its tools.
+const (
+	Containerd16Binary = "/usr/bin/containerd"
+	Ctr16Binary        = "/usr/bin/ctr"
+)
+
+// StartContainerd16 starts Debian's containerd 1.6 with its root, state
+// and sockets in dir, CRI disabled, and one proxy_plugins entry per
+// snapshotter. Start the snapshotters first: containerd 1.6 fails its
+// first calls to a proxy whose socket is missing at start-up. Its PATH
+// puts /usr/bin first so Debian's runc shim is used. In Cleanup it kills
+// and deletes every task, stops containerd, then stops the shims it left.
+func StartContainerd16(t testing.TB, dir string, c ContainerdConfig) *Containerd {
+	t.Helper()
+	for _, b := range []string{Containerd16Binary, Ctr16Binary, "/usr/bin/containerd-shim-runc-v2"} {
+		if _, err := os.Stat(b); err != nil {
+			t.Fatalf("containerd 1.6 not installed (%v): run scripts/install-deps.sh", err)
+		}
+	}
+	cd := &Containerd{
+		Socket:    filepath.Join(dir, "containerd.sock"),
+		Root:      filepath.Join(dir, "containerd-root"),
+		State:     filepath.Join(dir, "containerd-state"),
+		Ctr:       Ctr16Binary,
+		Namespace: "default",
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, `version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = %q
+[ttrpc]
+  address = %q
+[debug]
+  level = "debug"
+[proxy_plugins]
+`, cd.Root, cd.State, cd.Socket, cd.Socket+".ttrpc")
+	names := make([]string, 0, len(c.Snapshotters))
+	for n := range c.Snapshotters {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(&b, "  [proxy_plugins.%s]\n    type = \"snapshot\"\n    address = %q\n", n, c.Snapshotters[n])
+	}
+	cfg := filepath.Join(dir, "containerd.toml")
+	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(Containerd16Binary, "--config", cfg)
+	cmd.Env = append(filteredEnv("PATH"), "PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+	// Cleanups run last-in first-out: shims are stopped after containerd.
+	t.Cleanup(func() { killShims(t, cd.Socket) })
+	cd.Process = startProcess(t, dir, "containerd", cmd, 15*time.Second)
+	t.Cleanup(func() { cd.removeTasks(t) })
+	if err := waitFor(cd.Process, 30*time.Second, func() error {
+		_, err := cd.Run(context.Background(), "version")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return cd
+}
+
+func filteredEnv(drop ...string) []string {
+	var env []string
+next:
+	for _, kv := range os.Environ() {
+		for _, d := range drop {
+			if strings.HasPrefix(kv, d+"=") {
+				continue next
+			}
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// Run runs ctr against the daemon and returns its combined output; the
+// error includes that output.
+func (c *Containerd) Run(ctx context.Context, args ...string) (string, error) {
+	full := append([]string{"-a", c.Socket, "-n", c.Namespace}, args...)
+	cmd := exec.CommandContext(ctx, c.Ctr, full...)
+	cmd.Env = append(filteredEnv("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, out.String())
+	}
+	return out.String(), nil
+}
+
+// Ctr is Run that fails the test on error, with a two-minute timeout.
+func (c *Containerd) MustRun(t testing.TB, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := c.Run(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// removeTasks kills and deletes every task and container, so nothing keeps
+// a snapshot mounted when the daemons stop.
+func (c *Containerd) removeTasks(t testing.TB) {
+	if c.Process.Exited() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := c.Run(ctx, "tasks", "ls", "-q")
+	if err != nil {
+		t.Logf("list tasks: %v", err)
+	}
+	for _, id := range strings.Fields(out) {
+		_, _ = c.Run(ctx, "tasks", "kill", "-s", "SIGKILL", id)
+		if _, err := c.Run(ctx, "tasks", "rm", "-f", id); err != nil {
+			t.Logf("remove task %s: %v", id, err)
+		}
+	}
+	out, _ = c.Run(ctx, "containers", "ls", "-q")
+	for _, id := range strings.Fields(out) {
+		if _, err := c.Run(ctx, "containers", "rm", id); err != nil {
+			t.Logf("remove container %s: %v", id, err)
+		}
+	}
+}
+
+// killShims kills the runc shims of the containerd listening on socket:
+// they outlive containerd by design. They are found by their command line,
+// which names that (test-unique) socket.
+func killShims(t testing.TB, socket string) {
+	for _, pid := range pidsWithArg(socket) {
+		if pid == os.Getpid() {
+			continue
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && err != syscall.ESRCH {
+			t.Logf("kill shim %d: %v", pid, err)
+		}
+	}
+}
+
+// pidsWithArg lists processes with arg among their command-line arguments.
+func pidsWithArg(arg string) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		for _, a := range strings.Split(string(b), "\x00") {
+			if a == arg {
+				pids = append(pids, pid)
+				break
+			}
+		}
+	}
+	return pids
+}
+
+// execGo prepares a go command run in dir.
+func execGo(dir string, args ...string) *exec.Cmd {
+	cmd := exec.Command("go", args...)
+	cmd.Dir = dir
+	return cmd
+}
