@@ -477,9 +477,12 @@ func hasSubject(b []byte) bool {
 	return json.Unmarshal(b, &m) == nil && m.Subject != nil
 }
 
-// isTLSError reports errors that retrying cannot fix.
-func isTLSError(err error) bool {
+// isPermanent reports transport errors that retrying cannot fix: TLS
+// verification failures and protocol mismatches (an https client talking
+// to a plain-HTTP registry, or the reverse).
+func isPermanent(err error) bool {
 	var cv *tls.CertificateVerificationError
 	var rh tls.RecordHeaderError
-	return errors.As(err, &cv) || errors.As(err, &rh)
+	return errors.As(err, &cv) || errors.As(err, &rh) ||
+		strings.Contains(err.Error(), "server gave HTTP response to HTTPS client")
 }

@@ -413,6 +413,23 @@ func TestInsecureTLS(t *testing.T) {
 	}
 }
 
+// Talking https to a plain-HTTP registry fails at once, not after retries.
+func TestHTTPSToPlainRegistryFailsFast(t *testing.T) {
+	addr := registrytest.StartReferrersRegistry(t)
+	cred := func(context.Context, string) (auth.Credential, error) { return auth.EmptyCredential, nil }
+	r, err := registry.New(addr+"/a/b", registry.Options{Credential: cred, Retry: registry.RetryPolicy{MaxRetries: 5, MinBackoff: 5 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := r.Resolve(testCtx(t), "v1"); err == nil || !strings.Contains(err.Error(), "HTTP response to HTTPS client") {
+		t.Fatalf("err = %v", err)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("retried for %s", d)
+	}
+}
+
 func TestBasicAuth(t *testing.T) {
 	upstream := registrytest.StartDistribution(t)
 	p := registrytest.StartFaultProxy(t, upstream)

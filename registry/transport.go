@@ -138,7 +138,7 @@ func (t *transport) do(req *http.Request, b *budget) (*http.Response, error) {
 			}
 			return nil, ctx.Err()
 		}
-		retry := (err != nil && !isTLSError(err)) || (err == nil && retryableStatus(resp.StatusCode))
+		retry := (err != nil && !isPermanent(err)) || (err == nil && retryableStatus(resp.StatusCode))
 		rewindable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
 		if !retry || !rewindable {
 			return resp, err
