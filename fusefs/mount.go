@@ -10,6 +10,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultTimeout is how long the kernel may cache entries, attributes and
@@ -33,10 +34,17 @@ type MountOptions struct {
 type Server struct {
 	dir string
 	srv *fuse.Server
+	// stopped is closed when the server has stopped serving: the kernel
+	// dropped the connection.
+	stopped chan struct{}
 
 	mu        sync.Mutex
 	unmounted bool
 }
+
+// unmountWait bounds how long Unmount waits for the kernel to release the
+// filesystem after the unmount.
+const unmountWait = 5 * time.Second
 
 // Mount mounts root read-only on dir and serves it until Unmount. The
 // mount allows other users (containers run as any uid) and checks
@@ -76,7 +84,12 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 	if err != nil {
 		return nil, fmt.Errorf("mount layer at %s: %w", dir, err)
 	}
-	return &Server{dir: dir, srv: srv}, nil
+	s := &Server{dir: dir, srv: srv, stopped: make(chan struct{})}
+	go func() {
+		srv.Wait()
+		close(s.stopped)
+	}()
+	return s, nil
 }
 
 func timeout(d time.Duration) *time.Duration {
@@ -92,28 +105,43 @@ func timeout(d time.Duration) *time.Duration {
 // Dir returns the mountpoint.
 func (s *Server) Dir() string { return s.dir }
 
-// Unmount unmounts the layer and waits until the server has stopped. It
-// fails (and can be retried) while the mount is busy, for example under
-// an overlayfs mount. Unmounting again, or after someone else unmounted
-// the directory, returns nil.
+// Unmount unmounts the layer and waits until the server has stopped.
+//
+// It fails, changing nothing, while files of the mount are open or a
+// process has its working directory inside it. It also fails when the
+// kernel still holds the filesystem after the unmount, which happens when
+// it is a lower layer of a live overlayfs mount: the layer then keeps
+// being served (to the overlay only) until that mount goes, and calling
+// Unmount again after that returns nil. Unmounting again, or after
+// someone else unmounted the directory, returns nil.
 func (s *Server) Unmount() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.unmounted {
-		return nil
-	}
-	if err := s.srv.Unmount(); err != nil {
-		if !errors.Is(err, syscall.EINVAL) {
+	if !s.unmounted {
+		var err error
+		for delay := 5 * time.Millisecond; ; delay *= 2 {
+			err = unix.Unmount(s.dir, 0)
+			if !errors.Is(err, unix.EBUSY) || delay > 200*time.Millisecond {
+				break
+			}
+			time.Sleep(delay)
+		}
+		// EINVAL: dir is no longer a mountpoint; someone else
+		// unmounted it.
+		if err != nil && !errors.Is(err, unix.EINVAL) {
 			return fmt.Errorf("unmount layer at %s: %w", s.dir, err)
 		}
-		// EINVAL: dir is no longer a mountpoint. The kernel ends the
-		// connection, and with it the server, once the last open
-		// file of the detached mount is closed.
+		s.unmounted = true
 	}
-	s.unmounted = true
-	return nil
+	select {
+	case <-s.stopped:
+		return nil
+	case <-time.After(unmountWait):
+		return fmt.Errorf("unmount layer at %s: unmounted, but the kernel still uses the filesystem "+
+			"(a lower layer of a live overlay mount?); it is served until released", s.dir)
+	}
 }
 
 // Wait blocks until the server stops, after Unmount or an unmount from
 // outside.
-func (s *Server) Wait() { s.srv.Wait() }
+func (s *Server) Wait() { <-s.stopped }

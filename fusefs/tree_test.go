@@ -179,4 +179,3 @@ func TestTreeSemantics(t *testing.T) {
 		t.Errorf("tree counts %d nodes, want 17", tr.nodes)
 	}
 }
-
