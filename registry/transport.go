@@ -176,8 +176,9 @@ func sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// attempt sends one request under a stall timer. The returned body resets
-// the timer on every read and releases it on Close.
+// attempt sends one request under a stall timer: it runs while the request
+// is sent (restarted by upload progress) and until response headers arrive,
+// then only during body reads; Close releases it.
 func (t *transport) attempt(req *http.Request) (*http.Response, error) {
 	if t.stall <= 0 {
 		return t.base.RoundTrip(req)
@@ -200,16 +201,20 @@ func (t *transport) attempt(req *http.Request) (*http.Response, error) {
 	}
 	// Between body reads the caller may take its time; the timer runs
 	// only while a read is waiting for the network.
+	st.mu.Lock()
+	st.answered = true
+	st.mu.Unlock()
 	st.timer.Stop()
 	resp.Body = &stallBody{rc: resp.Body, st: st, d: t.stall, what: req.Method + " " + req.URL.Redacted()}
 	return resp, nil
 }
 
 type stallTimer struct {
-	timer  *time.Timer
-	cancel context.CancelFunc
-	mu     sync.Mutex
-	hit    bool
+	timer    *time.Timer
+	cancel   context.CancelFunc
+	mu       sync.Mutex
+	hit      bool
+	answered bool // response headers arrived: uploads no longer restart the timer
 }
 
 func (s *stallTimer) fire() {
@@ -257,7 +262,11 @@ type progressBody struct {
 func (b *progressBody) Read(p []byte) (int, error) {
 	n, err := b.rc.Read(p)
 	if n > 0 {
-		b.st.timer.Reset(b.d)
+		b.st.mu.Lock()
+		if !b.st.answered {
+			b.st.timer.Reset(b.d)
+		}
+		b.st.mu.Unlock()
 	}
 	return n, err
 }
