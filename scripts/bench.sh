@@ -4,3 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "## zTOC build (scripts/bench-ztoc.sh)"
 scripts/bench-ztoc.sh
+echo
+echo "## Indexing an image from a registry (scripts/bench-indexer.sh)"
+scripts/bench-indexer.sh

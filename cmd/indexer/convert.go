@@ -54,6 +54,9 @@ indexer.`,
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[0], err)
 			}
+			if imageIndex == nil && targets[0].platform.OS == "" {
+				return fmt.Errorf("%s: the image config names no platform (os/architecture), which a SOCI v2 index entry needs", args[0])
+			}
 			if err := p.findExistingConverted(ctx, targets, imageIndex); err != nil {
 				return err
 			}

@@ -177,8 +177,10 @@ func (p *publisher) selectTargets(ctx context.Context, root ocispec.Descriptor, 
 		if err != nil {
 			return nil, nil, fmt.Errorf("read image config %s: %w", m.Config.Digest, err)
 		}
+		// A config without a platform is indexable (v1 needs none);
+		// convert refuses it, since a v2 index entry must name one.
 		pl, err := index.PlatformFromConfig(cfg)
-		if err != nil {
+		if err != nil && len(p.opts.Platforms) > 0 {
 			return nil, nil, err
 		}
 		if len(p.opts.Platforms) > 0 && !p.opts.AllPlatforms {
