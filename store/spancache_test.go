@@ -1,0 +1,231 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+var (
+	layerA = digest.FromString("layer a")
+	layerB = digest.FromString("layer b")
+)
+
+func spanData(layer digest.Digest, id ztoc.SpanID) []byte {
+	return bytes.Repeat([]byte(fmt.Sprintf("%s/%d;", layer.Encoded()[:8], id)), 1000+int(id))
+}
+
+// files lists the regular files under dir, relative to it.
+func files(t *testing.T, dir string) []string {
+	t.Helper()
+	var out []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() {
+			rel, _ := filepath.Rel(dir, p)
+			out = append(out, rel)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	des, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(des)
+}
+
+func TestSpanCache(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	c, err := NewSpanCache(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, layerA, 0); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get of an empty cache = %v, want ErrNotFound", err)
+	}
+	if _, err := c.Open(ctx, layerA, 0); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Open of an empty cache = %v, want ErrNotFound", err)
+	}
+	for _, l := range []digest.Digest{layerA, layerB} {
+		for id := range ztoc.SpanID(5) {
+			if err := c.Put(ctx, l, id, spanData(l, id)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := c.Put(ctx, layerA, 3, spanData(layerA, 3)); err != nil {
+		t.Fatalf("Put again: %v", err)
+	}
+	if got := files(t, filepath.Join(root, "spans", layerA.Encoded())); strings.Join(got, ",") != "0,1,2,3,4" {
+		t.Errorf("layer dir holds %v", got)
+	}
+	b, err := c.Get(ctx, layerB, 4)
+	if err != nil || !bytes.Equal(b, spanData(layerB, 4)) {
+		t.Errorf("Get = %d bytes, %v", len(b), err)
+	}
+	r, err := c.Open(ctx, layerA, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := spanData(layerA, 2)
+	buf := make([]byte, 100)
+	if n, err := r.ReadAt(buf, 50); err != nil || !bytes.Equal(buf[:n], want[50:150]) || r.Size() != int64(len(want)) {
+		t.Errorf("ReadAt = %d, %v; size %d", n, err, r.Size())
+	}
+	if !c.Has(layerA, 4) || c.Has(layerA, 5) || c.Has("sha256:bad", 0) {
+		t.Error("Has is wrong")
+	}
+	layers, err := c.Layers()
+	if err != nil || len(layers) != 2 {
+		t.Errorf("Layers = %v, %v", layers, err)
+	}
+
+	// RemoveLayer leaves nothing of the layer, and the other intact.
+	fds := openFDs(t)
+	if err := c.RemoveLayer(ctx, layerA); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "spans", layerA.Encoded())); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("layer dir still there: %v", err)
+	}
+	if got := files(t, root); len(got) != 5 || !strings.HasPrefix(got[0], filepath.Join("spans", layerB.Encoded())) {
+		t.Errorf("after RemoveLayer the cache holds %v", got)
+	}
+	if c.Has(layerA, 0) {
+		t.Error("removed span still cached")
+	}
+	// an open reader still works, and closing it frees its fd
+	if n, err := r.ReadAt(buf, 0); err != nil || !bytes.Equal(buf[:n], want[:100]) {
+		t.Errorf("ReadAt after RemoveLayer = %d, %v", n, err)
+	}
+	r.Close()
+	if got := openFDs(t); got != fds-1 {
+		t.Errorf("%d fds open, want %d", got, fds-1)
+	}
+	if err := c.RemoveLayer(ctx, layerA); err != nil {
+		t.Errorf("RemoveLayer again: %v", err)
+	}
+	if err := c.RemoveLayer(ctx, layerB); err != nil {
+		t.Fatal(err)
+	}
+	if got := files(t, root); len(got) != 0 {
+		t.Errorf("cache holds %v after removing every layer", got)
+	}
+}
+
+func TestSpanCacheBadInput(t *testing.T) {
+	ctx := context.Background()
+	c, err := NewSpanCache(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []digest.Digest{"", "sha256:../../etc", "sha256:abc", "md5:d41d8cd98f00b204e9800998ecf8427e"} {
+		if err := c.Put(ctx, d, 0, []byte("x")); err == nil {
+			t.Errorf("Put accepted layer %q", d)
+		}
+		if _, err := c.Get(ctx, d, 0); err == nil || errors.Is(err, ErrNotFound) {
+			t.Errorf("Get of layer %q = %v", d, err)
+		}
+		if err := c.RemoveLayer(ctx, d); err == nil {
+			t.Errorf("RemoveLayer accepted layer %q", d)
+		}
+	}
+	if err := c.Put(ctx, layerA, -1, []byte("x")); err == nil {
+		t.Error("Put accepted span -1")
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := c.Put(cctx, layerA, 0, []byte("x")); !errors.Is(err, context.Canceled) {
+		t.Errorf("Put with a canceled context = %v", err)
+	}
+}
+
+func TestSpanCacheRemovesLeftovers(t *testing.T) {
+	root := t.TempDir()
+	c, err := NewSpanCache(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(context.Background(), layerA, 0, []byte("span")); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, "spans", layerA.Encoded())
+	if err := os.WriteFile(filepath.Join(dir, tempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewSpanCache(root); err != nil {
+		t.Fatal(err)
+	}
+	if got := files(t, dir); strings.Join(got, ",") != "0" {
+		t.Errorf("after reopening: %v", got)
+	}
+}
+
+// TestSpanCacheConcurrent races Puts, Gets and RemoveLayers (run with
+// -race): a reader sees a whole span or none.
+func TestSpanCacheConcurrent(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	c, err := NewSpanCache(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for g := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 60 {
+				l := []digest.Digest{layerA, layerB}[i%2]
+				id := ztoc.SpanID(i % 7)
+				switch (g + i) % 3 {
+				case 0:
+					if err := c.Put(ctx, l, id, spanData(l, id)); err != nil {
+						t.Error(err)
+					}
+				case 1:
+					b, err := c.Get(ctx, l, id)
+					if err == nil && !bytes.Equal(b, spanData(l, id)) {
+						t.Errorf("span %d of %s: torn read of %d bytes", id, l, len(b))
+					} else if err != nil && !errors.Is(err, ErrNotFound) {
+						t.Error(err)
+					}
+				case 2:
+					if i%10 == 2 {
+						if err := c.RemoveLayer(ctx, l); err != nil {
+							t.Error(err)
+						}
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for _, f := range files(t, root) {
+		if strings.Contains(f, tempPrefix) {
+			t.Errorf("temporary file left: %s", f)
+		}
+	}
+}
