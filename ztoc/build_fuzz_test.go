@@ -1,0 +1,139 @@
+package ztoc
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"io"
+	"reflect"
+	"testing"
+	"time"
+)
+
+// cfFuzzMaxFile bounds the regular files whose contents FuzzBuild compares
+// (a sparse header can declare a terabyte of holes in a few bytes).
+const cfFuzzMaxFile = 8 << 20
+
+// FuzzBuild feeds arbitrary bytes to Build: it must never panic or hang,
+// and when it succeeds its zTOC must agree with an independent reading of
+// the input (compress/gzip, then archive/tar): the same entries, and every
+// regular file read through the zTOC equal to archive/tar's contents. The
+// zTOC must also survive the codec.
+func FuzzBuild(f *testing.F) {
+	// More seeds live in testdata/fuzz/FuzzBuild.
+	f.Add(cfSmallTarForFuzz(), uint16(511))
+	f.Fuzz(func(t *testing.T, data []byte, span uint16) {
+		spanSize := int64(span) + 1
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		z, _, err := Build(ctx, bytes.NewReader(data), BuildOptions{SpanSize: spanSize})
+		if ctx.Err() != nil {
+			t.Fatalf("Build hung: %v", err)
+		}
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("Build failed with an empty error message")
+			}
+			return
+		}
+
+		tarball := data
+		if bytes.HasPrefix(data, gzipMagic) {
+			if tarball, err = cfBufferedGunzip(data); err != nil {
+				t.Fatalf("Build accepted gzip data that compress/gzip rejects: %v", err)
+			}
+		}
+		entries, end, err := cfReadTarHeaders(tarball)
+		if err != nil {
+			t.Fatalf("Build accepted a tar that archive/tar rejects: %v", err)
+		}
+		if z.UncompressedArchiveSize != end || z.CompressedArchiveSize != int64(len(data)) {
+			t.Fatalf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(data), end)
+		}
+		if len(z.Files) != len(entries) {
+			t.Fatalf("TOC has %d entries, archive/tar reads %d", len(z.Files), len(entries))
+		}
+		r, err := NewReader(z, bytes.NewReader(data))
+		if err != nil {
+			t.Fatalf("NewReader on the built zTOC: %v", err)
+		}
+		for i, e := range entries {
+			f := &z.Files[i]
+			if f.Name != e.name || f.Type != e.typ || f.UncompressedSize != e.size {
+				t.Fatalf("entry %d: TOC %q %s %d bytes, archive/tar %q %s %d bytes", i, f.Name, f.Type, f.UncompressedSize, e.name, e.typ, e.size)
+			}
+			if f.Type != TypeReg || e.size > cfFuzzMaxFile {
+				continue
+			}
+			h := sha256.New()
+			if _, err := r.WriteFile(h, f); err != nil {
+				t.Fatalf("WriteFile(%q): %v", f.Name, err)
+			}
+			if got := h.Sum(nil); !bytes.Equal(got, e.sum) {
+				t.Fatalf("entry %d %q: contents through the zTOC differ from archive/tar's", i, f.Name)
+			}
+		}
+		b, err := Marshal(z)
+		if err != nil {
+			t.Fatalf("Marshal of a built zTOC: %v", err)
+		}
+		z2, err := Unmarshal(b)
+		if err != nil {
+			t.Fatalf("Unmarshal(Marshal(built zTOC)): %v", err)
+		}
+		if !reflect.DeepEqual(z, z2) {
+			t.Fatal("built zTOC changes through Marshal/Unmarshal")
+		}
+	})
+}
+
+// cfFuzzEntry is archive/tar's reading of one entry: name, TOC type, size
+// and the SHA-256 of a regular file's contents.
+type cfFuzzEntry struct {
+	name, typ string
+	size      int64
+	sum       []byte
+}
+
+// cfReadTarHeaders reads a tar stream with archive/tar, hashing the
+// contents of regular files up to cfFuzzMaxFile bytes, and returns the
+// entries the TOC must hold and the offset past the end-of-archive marker.
+func cfReadTarHeaders(tarball []byte) ([]cfFuzzEntry, int64, error) {
+	cr := &cfCountingReader{r: bytes.NewReader(tarball)}
+	tr := tar.NewReader(cr)
+	var entries []cfFuzzEntry
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return entries, cr.n, nil
+		}
+		if err != nil {
+			return nil, 0, err
+		}
+		if h.Typeflag == tar.TypeXGlobalHeader {
+			continue
+		}
+		e := cfFuzzEntry{name: h.Name, typ: cfTocType(h.Typeflag), size: h.Size}
+		if e.typ == TypeReg && h.Size <= cfFuzzMaxFile {
+			sum := sha256.New()
+			if _, err := io.Copy(sum, tr); err != nil {
+				return nil, 0, err
+			}
+			e.sum = sum.Sum(nil)
+		}
+		entries = append(entries, e)
+	}
+}
+
+// cfSmallTarForFuzz is a tiny tar with a directory, a file and a symlink.
+func cfSmallTarForFuzz() []byte {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	_ = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: "d/", Mode: 0o755})
+	_ = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "d/f", Mode: 0o644, Size: 5})
+	_, _ = tw.Write([]byte("hello"))
+	_ = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: "d/l", Linkname: "f"})
+	_ = tw.Close()
+	return buf.Bytes()
+}
