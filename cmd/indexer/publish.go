@@ -350,7 +350,9 @@ func (p *publisher) buildLayer(ctx context.Context, l ocispec.Descriptor, slots 
 	}
 	if p.cache != nil {
 		if err := p.cache.Put(l.Digest, p.opts.SpanSize, zb); err != nil {
+			p.mu.Lock()
 			fmt.Fprintf(p.log, "warning: %v\n", err)
+			p.mu.Unlock()
 		}
 	}
 	res.Status, res.Ztoc, res.ZtocSize, res.Spans = "indexed", d.Digest, d.Size, z.NumSpans()
@@ -438,6 +440,10 @@ func (p *publisher) report(r *layerResult) {
 	if p.opts.Quiet || p.opts.JSON {
 		return
 	}
+	// Layers finish concurrently and p.log may be any io.Writer (cobra's
+	// SetOut): write one line at a time.
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.progress.clear()
 	switch r.Status {
 	case "indexed":

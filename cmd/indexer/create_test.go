@@ -1,0 +1,376 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// itHasLine reports whether the human output has the line of a layer with
+// the given status ("indexed", "reused", "skipped").
+func itHasLine(out, status string, d digest.Digest) bool {
+	prefix := fmt.Sprintf("%-9s%s  ", status, short(d))
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+func itLineOf(out string, d digest.Digest) string {
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, short(d)+"  ") {
+			return line
+		}
+	}
+	return ""
+}
+
+var itIndexLine = regexp.MustCompile(`(?m)^index    (sha256:[0-9a-f]{64})  SOCI index (v1|v2) for (\S+) \(manifest (sha256:[0-9a-f]{12}), (\d+) of (\d+) layers\)$`)
+
+// TestCreateLayerKinds indexes an image of six layers: three gzip or tar
+// layers above --min-layer-size are indexed (the tar one with fixed-size
+// spans), two small ones and a zstd one are skipped with a reason. The
+// pushed SOCI index is checked byte for byte and found as a referrer.
+func TestCreateLayerKinds(t *testing.T) {
+	const spanSize = 128 << 10
+	layers := []itLayer{
+		itGzipLayer(1, 400<<10, itOCIGzip),
+		itGzipLayer(2, 40<<10, itOCIGzip),
+		itZstdLayer(3, 300<<10),
+		itTarLayer(4, 500<<10),
+		itGzipLayer(5, 60<<10, itOCIGzip),
+		itGzipLayer(6, 700<<10, itOCIGzip),
+	}
+	indexed := []itWant{{layers[0], spanSize}, {layers[3], spanSize}, {layers[5], spanSize}}
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		img := itPushImage(t, reg.Addr, "kinds", "v1", "linux/amd64", false, layers...)
+		out := itMustRun(t, "create", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "200000",
+			"--span-size", fmt.Sprint(spanSize), reg.Addr+"/kinds:v1")
+		for _, i := range []int{0, 3, 5} {
+			if !itHasLine(out.Stdout, "indexed", layers[i].Desc.Digest) {
+				t.Errorf("no indexed line for layer %d:\n%s", i, out.Stdout)
+			}
+		}
+		for _, i := range []int{1, 4} {
+			if l := itLineOf(out.Stdout, layers[i].Desc.Digest); !itHasLine(out.Stdout, "skipped", layers[i].Desc.Digest) || !strings.Contains(l, "below --min-layer-size") {
+				t.Errorf("layer %d: want a skipped line naming --min-layer-size, got %q", i, l)
+			}
+		}
+		if l := itLineOf(out.Stdout, layers[2].Desc.Digest); !itHasLine(out.Stdout, "skipped", layers[2].Desc.Digest) || !strings.Contains(l, "zstd") {
+			t.Errorf("zstd layer: want a skipped line naming zstd, got %q", l)
+		}
+		m := itIndexLine.FindAllStringSubmatch(out.Stdout, -1)
+		if len(m) != 1 {
+			t.Fatalf("want one index line, got %d:\n%s", len(m), out.Stdout)
+		}
+		if m[0][2] != "v1" || m[0][3] != "linux/amd64" || m[0][4] != short(img.Desc.Digest) || m[0][5] != "3" || m[0][6] != "6" {
+			t.Errorf("index line %q", m[0][0])
+		}
+		idx := digest.Digest(m[0][1])
+
+		refs := itSociReferrers(t, reg, "kinds", img.Desc.Digest)
+		if len(refs) != 1 || refs[0].Digest != idx || refs[0].MediaType != ocispec.MediaTypeImageManifest {
+			t.Errorf("SOCI referrers of the image: %+v, want index %s", refs, idx)
+		}
+		subject := img.Desc
+		itCheckIndex(t, reg.Addr, "kinds", idx, index.V1, &subject, indexed)
+		if got := itWalk(t, reg, "kinds"); len(got) != 1 || got[0] != idx {
+			t.Errorf("SOCI indexes in the repository: %v, want [%s]", got, idx)
+		}
+	})
+}
+
+// TestCreateDefaults runs create with the default --min-layer-size (10
+// MiB) and span size, and checks --json and -q output.
+func TestCreateDefaults(t *testing.T) {
+	big := itGzipLayer(10, 11<<20+300<<10, itOCIGzip)
+	small := itGzipLayer(11, 2<<20, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		img := itPushImage(t, reg.Addr, "defaults", "latest", "linux/amd64", false, small, big)
+		cache := t.TempDir()
+		rep := itReport(t, "create", "--plain-http", "--cache-dir", cache, reg.Addr+"/defaults")
+		if rep.Image != reg.Addr+"/defaults" || len(rep.Platforms) != 1 {
+			t.Fatalf("report %+v", rep)
+		}
+		p := rep.Platforms[0]
+		if p.Platform != "linux/amd64" || p.Manifest != img.Desc.Digest || p.Error != "" || p.Index.Validate() != nil || len(p.Layers) != 2 {
+			t.Fatalf("platform report %+v", p)
+		}
+		l0, l1 := p.Layers[0], p.Layers[1]
+		if l0.Digest != small.Desc.Digest || l0.Status != "skipped" || !strings.Contains(l0.Reason, "10.0 MiB") || l0.Ztoc != "" {
+			t.Errorf("small layer: %+v", l0)
+		}
+		if l1.Digest != big.Desc.Digest || l1.Status != "indexed" || l1.Ztoc.Validate() != nil || l1.ZtocSize <= 0 || l1.Spans != 3 ||
+			l1.Size != big.Desc.Size || l1.MediaType != itOCIGzip {
+			t.Errorf("big layer: %+v", l1)
+		}
+		subject := img.Desc
+		m := itCheckIndex(t, reg.Addr, "defaults", p.Index, index.V1, &subject, []itWant{{big, ztoc.DefaultSpanSize}})
+		if m.Layers[0].Digest != l1.Ztoc || m.Layers[0].Size != l1.ZtocSize {
+			t.Errorf("report names zTOC %s (%d bytes), index has %+v", l1.Ztoc, l1.ZtocSize, m.Layers[0])
+		}
+		if m.Annotations[index.AnnotationBuildToolIdentifier] == "" {
+			t.Errorf("index has no build tool annotation: %v", m.Annotations)
+		}
+
+		// -q: the index digest alone (the layers are reused this time).
+		out := itMustRun(t, "create", "--plain-http", "--cache-dir", cache, "-q", reg.Addr+"/defaults:latest")
+		if out.Stdout != p.Index.String()+"\n" || out.Stderr != "" {
+			t.Errorf("-q printed %q (stderr %q), want %q", out.Stdout, out.Stderr, p.Index.String()+"\n")
+		}
+		if r := itRun(t, "create", "--plain-http", "--cache-dir", cache, "-q", "--json", reg.Addr+"/defaults:latest"); r.Err == nil {
+			t.Error("-q with --json: no error")
+		}
+	})
+}
+
+// TestCreateReuse checks that nothing is rebuilt when the registry or the
+// local cache already has a layer's zTOC, that --force rebuilds, and that
+// a base layer shared by two images of a repository is indexed once.
+func TestCreateReuse(t *testing.T) {
+	base := itGzipLayer(20, 300<<10, itOCIGzip)
+	a1 := itGzipLayer(21, 200<<10, itOCIGzip)
+	b1 := itGzipLayer(22, 250<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		imgA := itPushImage(t, reg.Addr, "app", "a", "linux/amd64", false, base, a1)
+		imgB := itPushImage(t, reg.Addr, "app", "b", "linux/amd64", false, base, b1)
+		cache := t.TempDir()
+		flags := []string{"create", "--plain-http", "--min-layer-size", "1000"}
+		create := func(ref string, extra ...string) runReport {
+			return itReport(t, append(append(append([]string{}, flags...), extra...), reg.Addr+"/app:"+ref)...)
+		}
+		want := func(rep runReport, what string, st map[digest.Digest]string) {
+			t.Helper()
+			got := itStatuses(rep)
+			for d, s := range st {
+				if got[d] != s {
+					t.Errorf("%s: layer %s is %q, want %q", what, short(d), got[d], s)
+				}
+			}
+		}
+		first := create("a", "--cache-dir", cache)
+		want(first, "first create", map[digest.Digest]string{base.Desc.Digest: "indexed", a1.Desc.Digest: "indexed"})
+		idx := first.Platforms[0].Index
+
+		again := create("a", "--cache-dir", cache)
+		want(again, "second create", map[digest.Digest]string{base.Desc.Digest: "reused", a1.Desc.Digest: "reused"})
+		if again.Platforms[0].Index != idx {
+			t.Errorf("second create pushed index %s, first %s", again.Platforms[0].Index, idx)
+		}
+		// Human output says so too.
+		out := itMustRun(t, append(flags, "--cache-dir", cache, reg.Addr+"/app:a")...)
+		if !itHasLine(out.Stdout, "reused", base.Desc.Digest) || !itHasLine(out.Stdout, "reused", a1.Desc.Digest) || strings.Contains(out.Stdout, "indexed  ") {
+			t.Errorf("third create, want only reused lines:\n%s", out.Stdout)
+		}
+
+		// Without the local cache the zTOCs must come from the registry.
+		noCache := create("a", "--no-cache", "--cache-dir", t.TempDir())
+		want(noCache, "--no-cache", map[digest.Digest]string{base.Desc.Digest: "reused", a1.Desc.Digest: "reused"})
+		for _, l := range noCache.Platforms[0].Layers {
+			if !strings.Contains(l.Reason, "registry") {
+				t.Errorf("--no-cache: layer %s reused because %q, want the registry", short(l.Digest), l.Reason)
+			}
+		}
+		// An empty cache and a fresh cache directory: same.
+		fresh := create("a", "--cache-dir", t.TempDir())
+		want(fresh, "fresh cache", map[digest.Digest]string{base.Desc.Digest: "reused", a1.Desc.Digest: "reused"})
+
+		forced := create("a", "--cache-dir", cache, "--force")
+		want(forced, "--force", map[digest.Digest]string{base.Desc.Digest: "indexed", a1.Desc.Digest: "indexed"})
+		for i, l := range forced.Platforms[0].Layers {
+			if l.Ztoc != first.Platforms[0].Layers[i].Ztoc {
+				t.Errorf("--force rebuilt layer %s into zTOC %s, first build %s (not deterministic)", short(l.Digest), l.Ztoc, first.Platforms[0].Layers[i].Ztoc)
+			}
+		}
+
+		// Image b shares the base layer: indexed once, reused now.
+		second := create("b", "--cache-dir", cache)
+		want(second, "image b", map[digest.Digest]string{base.Desc.Digest: "reused", b1.Desc.Digest: "indexed"})
+		subject := imgB.Desc
+		itCheckIndex(t, reg.Addr, "app", second.Platforms[0].Index, index.V1, &subject, []itWant{{base, ztoc.DefaultSpanSize}, {b1, ztoc.DefaultSpanSize}})
+
+		// Re-runs push the same index: the image has one SOCI index.
+		if refs := itSociReferrers(t, reg, "app", imgA.Desc.Digest); len(refs) != 1 || refs[0].Digest != idx {
+			t.Errorf("after re-runs image a has SOCI referrers %+v, want only %s", refs, idx)
+		}
+		if refs := itSociReferrers(t, reg, "app", imgB.Desc.Digest); len(refs) != 1 {
+			t.Errorf("image b has SOCI referrers %+v, want one", refs)
+		}
+		if got := itWalk(t, reg, "app"); len(got) != 2 {
+			t.Errorf("SOCI indexes in the repository: %v, want 2", got)
+		}
+	})
+}
+
+// TestCreateSharedLayerNoCache: with --no-cache, a layer indexed for one
+// image is found in the registry for another image of the repository only
+// if create looks beyond the image's own referrers. It records what
+// happens (reused or rebuilt) and that both images get correct indexes.
+func TestCreateSharedLayerNoCache(t *testing.T) {
+	base := itGzipLayer(30, 300<<10, itOCIGzip)
+	a1 := itGzipLayer(31, 100<<10, itOCIGzip)
+	b1 := itGzipLayer(32, 100<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		itPushImage(t, reg.Addr, "shared", "a", "linux/amd64", false, base, a1)
+		imgB := itPushImage(t, reg.Addr, "shared", "b", "linux/amd64", false, base, b1)
+		itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", reg.Addr+"/shared:a")
+		rep := itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", reg.Addr+"/shared:b")
+		t.Logf("base layer of the second image without cache: %s", itStatuses(rep)[base.Desc.Digest])
+		subject := imgB.Desc
+		itCheckIndex(t, reg.Addr, "shared", rep.Platforms[0].Index, index.V1, &subject, []itWant{{base, ztoc.DefaultSpanSize}, {b1, ztoc.DefaultSpanSize}})
+	})
+}
+
+// TestCreatePlatforms indexes a two-platform image index: the default
+// platform only, --platform, --all-platforms, and a --platform that
+// matches nothing.
+func TestCreatePlatforms(t *testing.T) {
+	shared := itGzipLayer(40, 150<<10, itOCIGzip)
+	amd := itGzipLayer(41, 200<<10, itOCIGzip)
+	arm := itGzipLayer(42, 220<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		push := func(repo string) (itImage, itImage) {
+			a := itPushImage(t, reg.Addr, repo, "", "linux/amd64", false, shared, amd)
+			b := itPushImage(t, reg.Addr, repo, "", "linux/arm64", false, shared, arm)
+			itPushIndex(t, reg.Addr, repo, "multi", false, a, b)
+			return a, b
+		}
+		flags := []string{"create", "--plain-http", "--min-layer-size", "1000"}
+		run := func(repo string, extra ...string) itOutput {
+			return itRun(t, append(append(append([]string{}, flags...), "--cache-dir", t.TempDir()), append(extra, reg.Addr+"/"+repo+":multi")...)...)
+		}
+		count := func(repo string, a, b itImage) (int, int) {
+			return len(itSociReferrers(t, reg, repo, a.Desc.Digest)), len(itSociReferrers(t, reg, repo, b.Desc.Digest))
+		}
+
+		a, b := push("default")
+		out := run("default")
+		if out.Err != nil {
+			t.Fatal(out.Err)
+		}
+		lines := itIndexLine.FindAllStringSubmatch(out.Stdout, -1)
+		na, nb := count("default", a, b)
+		switch itDefaultPlatform() {
+		case "linux/amd64":
+			if len(lines) != 1 || lines[0][3] != "linux/amd64" || na != 1 || nb != 0 {
+				t.Errorf("default platform: index lines %q, referrers amd64 %d arm64 %d; want amd64 only", lines, na, nb)
+			}
+			if itHasLine(out.Stdout, "indexed", arm.Desc.Digest) {
+				t.Errorf("default platform indexed the arm64 layer")
+			}
+			subject := a.Desc
+			subject.Platform = nil
+			itCheckIndex(t, reg.Addr, "default", digest.Digest(lines[0][1]), index.V1, &subject, []itWant{{shared, ztoc.DefaultSpanSize}, {amd, ztoc.DefaultSpanSize}})
+		case "linux/arm64":
+			if len(lines) != 1 || lines[0][3] != "linux/arm64" || na != 0 || nb != 1 {
+				t.Errorf("default platform: index lines %q, referrers amd64 %d arm64 %d; want arm64 only", lines, na, nb)
+			}
+		default:
+			if out.Err == nil {
+				t.Errorf("default platform %s is not in the image, but create succeeded", itDefaultPlatform())
+			}
+		}
+
+		a, b = push("arm")
+		out = run("arm", "--platform", "linux/arm64")
+		if out.Err != nil {
+			t.Fatal(out.Err)
+		}
+		lines = itIndexLine.FindAllStringSubmatch(out.Stdout, -1)
+		if na, nb := count("arm", a, b); len(lines) != 1 || lines[0][3] != "linux/arm64" || na != 0 || nb != 1 {
+			t.Errorf("--platform linux/arm64: index lines %q, referrers amd64 %d arm64 %d", lines, na, nb)
+		} else {
+			subject := b.Desc
+			subject.Platform = nil
+			itCheckIndex(t, reg.Addr, "arm", digest.Digest(lines[0][1]), index.V1, &subject, []itWant{{shared, ztoc.DefaultSpanSize}, {arm, ztoc.DefaultSpanSize}})
+		}
+
+		a, b = push("all")
+		rep := itReport(t, append(flags, "--cache-dir", t.TempDir(), "--all-platforms", reg.Addr+"/all:multi")...)
+		if len(rep.Platforms) != 2 || rep.Platforms[0].Platform != "linux/amd64" || rep.Platforms[1].Platform != "linux/arm64" {
+			t.Fatalf("--all-platforms report: %+v", rep.Platforms)
+		}
+		if na, nb := count("all", a, b); na != 1 || nb != 1 {
+			t.Errorf("--all-platforms: referrers amd64 %d arm64 %d, want 1 and 1", na, nb)
+		}
+		// The shared layer is built once and used by both indexes.
+		if z0, z1 := rep.Platforms[0].Layers[0].Ztoc, rep.Platforms[1].Layers[0].Ztoc; z0 != z1 || z0 == "" {
+			t.Errorf("shared layer zTOCs %s and %s", z0, z1)
+		}
+		if got := itWalk(t, reg, "all"); len(got) != 2 {
+			t.Errorf("SOCI indexes: %v, want 2", got)
+		}
+
+		push("none")
+		out = run("none", "--platform", "linux/s390x")
+		if out.Err == nil || !strings.Contains(out.Err.Error(), "linux/s390x") || !strings.Contains(out.Err.Error(), "no image manifest") {
+			t.Errorf("--platform linux/s390x: err %v, want an error naming the platform", out.Err)
+		}
+		if got := itWalk(t, reg, "none"); len(got) != 0 {
+			t.Errorf("failed create left SOCI indexes %v", got)
+		}
+		out = run("none", "--platform", "not/a/plat/form")
+		if out.Err == nil {
+			t.Error("--platform not/a/plat/form: no error")
+		}
+	})
+}
+
+// TestCreateSingleManifestPlatform: --platform on a single-manifest image
+// must match the image's config.
+func TestCreateSingleManifestPlatform(t *testing.T) {
+	l := itGzipLayer(50, 100<<10, itOCIGzip)
+	reg := itRegistry{Addr: startReferrers(t), Referrers: true}
+	itPushImage(t, reg.Addr, "single", "v1", "linux/arm64", false, l)
+	out := itRun(t, "create", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "0", "--platform", "linux/amd64", reg.Addr+"/single:v1")
+	if out.Err == nil || !strings.Contains(out.Err.Error(), "linux/arm64") {
+		t.Errorf("single arm64 image with --platform linux/amd64: err %v", out.Err)
+	}
+	out = itMustRun(t, "create", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "0", reg.Addr+"/single:v1")
+	if m := itIndexLine.FindStringSubmatch(out.Stdout); m == nil || m[3] != "linux/arm64" {
+		t.Errorf("single arm64 image without --platform: %q", out.Stdout)
+	}
+}
+
+// TestCreateReportJSON checks the --json report's shape with the generic
+// decoder too, so field names are pinned.
+func TestCreateReportJSON(t *testing.T) {
+	l := itGzipLayer(60, 100<<10, itOCIGzip)
+	z := itZstdLayer(61, 1000)
+	addr := startReferrers(t)
+	itPushImage(t, addr, "json", "v1", "linux/amd64", false, l, z)
+	out := itMustRun(t, "create", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "0", "--json", addr+"/json:v1")
+	var rep struct {
+		Image     string
+		Platforms []struct {
+			Platform, Manifest, Index string
+			Layers                    []map[string]any
+		}
+	}
+	if err := json.Unmarshal([]byte(out.Stdout), &rep); err != nil || len(rep.Platforms) != 1 || len(rep.Platforms[0].Layers) != 2 {
+		t.Fatalf("--json: %v\n%s", err, out.Stdout)
+	}
+	ls := rep.Platforms[0].Layers
+	if ls[0]["status"] != "indexed" || ls[0]["ztoc"] == nil || ls[0]["digest"] != l.Desc.Digest.String() {
+		t.Errorf("layer 0: %v", ls[0])
+	}
+	if ls[1]["status"] != "skipped" || !strings.Contains(fmt.Sprint(ls[1]["reason"]), "zstd") || ls[1]["ztoc"] != nil {
+		t.Errorf("layer 1: %v", ls[1])
+	}
+}
+
+func startReferrers(t *testing.T) string {
+	t.Helper()
+	return registrytest.StartReferrersRegistry(t)
+}
