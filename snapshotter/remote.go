@@ -5,9 +5,15 @@ package snapshotter
 import (
 	"context"
 	"errors"
+	"fmt"
+	"path/filepath"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,13 +42,189 @@ type RemoteMount interface {
 	Unmount() error
 }
 
-// Prepare creates the active snapshot key on top of parent.
+// Labels the snapshotter reads and writes.
+const (
+	// LabelSnapshotRef is set by containerd's unpacker on Prepare: the name
+	// (chain ID) the layer's snapshot will be committed under.
+	LabelSnapshotRef = "containerd.io/snapshot.ref"
+	// LabelLayerDigest is the layer blob's digest, set by clients that wrap
+	// their pull with snapshotters.AppendInfoHandlerWrapper (ctr-remote
+	// rpull, nerdctl, CRI with snapshot annotations). Without it a layer is
+	// never tried remotely.
+	LabelLayerDigest = snapshotters.TargetLayerDigestLabel
+	// LabelRemote marks committed snapshots whose layer is mounted remotely
+	// (value "spanpull"); they are mounted again when the snapshotter
+	// restarts. The prefix makes containerd keep it across namespaces.
+	LabelRemote = "containerd.io/snapshot/remote"
+	remoteValue = "spanpull"
+)
+
+// Prepare creates the active snapshot key on top of parent. When labels
+// name a target snapshot and a layer digest and a RemoteLayerResolver can
+// mount that layer, Prepare commits the target itself and returns an error
+// wrapping errdefs.ErrAlreadyExists, which tells containerd's unpacker to
+// skip fetching and unpacking the layer. Otherwise it behaves like
+// overlayfs' Prepare.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	return s.overlay.Prepare(ctx, key, parent, opts...)
+	if s.resolver == nil {
+		return s.overlay.Prepare(ctx, key, parent, opts...)
+	}
+	var base snapshots.Info
+	for _, o := range opts {
+		if err := o(&base); err != nil {
+			return nil, err
+		}
+	}
+	target := base.Labels[LabelSnapshotRef]
+	if target == "" || base.Labels[LabelLayerDigest] == "" {
+		return s.overlay.Prepare(ctx, key, parent, opts...)
+	}
+	if _, err := s.overlay.Stat(ctx, target); err == nil {
+		// Committed before (for another namespace, or by a concurrent
+		// Prepare): containerd's metadata store finds it by its labels.
+		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+	}
+	mounts, err := s.overlay.Prepare(ctx, key, parent, opts...)
+	if err != nil {
+		return nil, err
+	}
+	err = s.mountRemote(ctx, key, target, base.Labels, opts)
+	switch {
+	case err == nil:
+		log.G(ctx).WithField("target", target).WithField("layer", base.Labels[LabelLayerDigest]).Debug("spanpull: remote snapshot committed")
+		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+	case errdefs.IsAlreadyExists(err):
+		// Someone committed target meanwhile; our key is gone.
+		return nil, err
+	case errors.Is(err, ErrNoRemote):
+		log.G(ctx).WithError(err).WithField("layer", base.Labels[LabelLayerDigest]).Debug("spanpull: layer is pulled normally")
+	default:
+		log.G(ctx).WithError(err).WithField("layer", base.Labels[LabelLayerDigest]).Warn("spanpull: remote mount failed, layer is pulled normally")
+	}
+	// The active snapshot prepared above is still empty and unmounted:
+	// containerd unpacks the layer into it.
+	return mounts, nil
 }
 
-// restoreRemote mounts again the remote layers of committed snapshots,
-// after a restart.
+// mountRemote mounts the layer on the active snapshot key's directory and
+// commits it as target. On success the key no longer exists; on failure
+// it is left as it was, empty and unmounted, unless the error wraps
+// ErrAlreadyExists (target was committed concurrently; key is removed).
+func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, labels map[string]string, opts []snapshots.Opt) error {
+	id, err := s.snapshotID(ctx, key)
+	if err != nil {
+		return err
+	}
+	dir := s.upperPath(id)
+	rm, err := s.resolver.Mount(ctx, dir, labels)
+	if err != nil {
+		if uerr := unmountUnder(dir); uerr != nil {
+			// Never hand containerd a directory with a stray mount.
+			return errors.Join(err, fmt.Errorf("remove stray mount: %w", uerr))
+		}
+		return err
+	}
+	if rm == nil {
+		return fmt.Errorf("remote layer resolver returned no mount for %s: %w", dir, ErrNoRemote)
+	}
+	s.mu.Lock()
+	s.mounted[id] = rm
+	s.mu.Unlock()
+
+	copts := append(append([]snapshots.Opt(nil), opts...), snapshots.WithLabels(map[string]string{LabelRemote: remoteValue}))
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		// Not overlay's Commit: it would walk the whole remote tree to
+		// compute disk usage, fetching nothing but stat'ing every file.
+		_, err := storage.CommitActive(ctx, key, target, snapshots.Usage{}, copts...)
+		return err
+	})
+	if err == nil {
+		return nil
+	}
+	s.mu.Lock()
+	delete(s.mounted, id)
+	s.mu.Unlock()
+	uerr := rm.Unmount()
+	if uerr == nil {
+		uerr = unmountUnder(dir)
+	}
+	if uerr != nil {
+		return errors.Join(fmt.Errorf("commit remote snapshot %s: %w", target, err), fmt.Errorf("unmount: %w", uerr))
+	}
+	if errdefs.IsAlreadyExists(err) {
+		if rerr := s.Remove(ctx, key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("spanpull: remove unused snapshot")
+		}
+	}
+	return fmt.Errorf("commit remote snapshot %s: %w", target, err)
+}
+
+// snapshotID returns the storage ID (directory name) of snapshot key.
+func (s *Snapshotter) snapshotID(ctx context.Context, key string) (string, error) {
+	var id string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, _, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("snapshot %s: %w", key, err)
+	}
+	return id, nil
+}
+
+// upperPath is the directory holding snapshot id's files: overlayfs'
+// upper dir while active, a lower dir once committed.
+func (s *Snapshotter) upperPath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "fs")
+}
+
+// restoreRemote mounts the remote layers of committed snapshots again, as
+// after a restart (the previous process's mounts are dead or gone). A
+// layer that cannot be mounted is logged and left empty: containers on it
+// fail to read files rather than the whole snapshotter failing to start.
 func (s *Snapshotter) restoreRemote(ctx context.Context) error {
+	type remote struct {
+		id   string
+		info snapshots.Info
+	}
+	var remotes []remote
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			if info.Kind != snapshots.KindCommitted || info.Labels[LabelRemote] != remoteValue {
+				return nil
+			}
+			id, _, _, err := storage.GetInfo(ctx, info.Name)
+			if err != nil {
+				return err
+			}
+			remotes = append(remotes, remote{id: id, info: info})
+			return nil
+		})
+	})
+	if err != nil && !errdefs.IsNotFound(err) { // NotFound: a new, empty store
+		return fmt.Errorf("list remote snapshots: %w", err)
+	}
+	for _, r := range remotes {
+		dir := s.upperPath(r.id)
+		l := log.G(ctx).WithField("snapshot", r.info.Name).WithField("layer", r.info.Labels[LabelLayerDigest])
+		if err := unmountUnder(dir); err != nil {
+			l.WithError(err).Error("spanpull: remote layer: remove old mount")
+			continue
+		}
+		if s.resolver == nil {
+			l.Error("spanpull: remote layer cannot be mounted: no remote layer resolver configured")
+			continue
+		}
+		rm, err := s.resolver.Mount(ctx, dir, r.info.Labels)
+		if err == nil && rm == nil {
+			err = ErrNoRemote
+		}
+		if err != nil {
+			l.WithError(err).Error("spanpull: remote layer cannot be mounted again; its files are unreadable")
+			continue
+		}
+		s.mounted[r.id] = rm
+	}
 	return nil
 }

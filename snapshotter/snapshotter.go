@@ -113,6 +113,10 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("create snapshotter root: %w", err)
 	}
+	// Mount points are matched against the mount table by path.
+	if root, err = filepath.EvalSymlinks(root); err != nil {
+		return nil, fmt.Errorf("snapshotter root: %w", err)
+	}
 	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"))
 	if err != nil {
 		return nil, fmt.Errorf("open snapshot metadata in %s: %w", root, err)

@@ -38,4 +38,7 @@ func TestSnapshotterSuite(t *testing.T) {
 	t.Run("AsyncRemove", func(t *testing.T) {
 		testsuite.SnapshotterSuite(t, suiteName, newSuiteSnapshotter(WithAsyncRemove()))
 	})
+	t.Run("WithResolver", func(t *testing.T) {
+		testsuite.SnapshotterSuite(t, suiteName, newSuiteSnapshotter(WithRemoteLayerResolver(newBindResolver())))
+	})
 }

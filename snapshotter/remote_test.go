@@ -1,0 +1,444 @@
+//go:build linux
+
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+)
+
+// bindResolver serves "remote" layers by bind-mounting local directories
+// read-only: a real mount, so unmounting on Remove, Cleanup and Close is
+// tested for real, without a registry.
+type bindResolver struct {
+	mu     sync.Mutex
+	layers map[string]string // layer digest -> directory
+	err    error             // returned by Mount when set
+	calls  int
+	live   map[string]bool // mounted dirs
+}
+
+func newBindResolver() *bindResolver {
+	return &bindResolver{layers: map[string]string{}, live: map[string]bool{}}
+}
+
+func (r *bindResolver) Mount(ctx context.Context, dir string, labels map[string]string) (RemoteMount, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls++
+	if r.err != nil {
+		return nil, r.err
+	}
+	src, ok := r.layers[labels[LabelLayerDigest]]
+	if !ok {
+		return nil, fmt.Errorf("layer %s: %w", labels[LabelLayerDigest], ErrNoRemote)
+	}
+	if err := unix.Mount(src, dir, "", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("bind %s: %w", src, err)
+	}
+	if err := unix.Mount("", dir, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		unix.Unmount(dir, 0)
+		return nil, fmt.Errorf("remount ro: %w", err)
+	}
+	r.live[dir] = true
+	return &bindMount{r: r, dir: dir}, nil
+}
+
+func (r *bindResolver) liveMounts() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.live)
+}
+
+type bindMount struct {
+	r   *bindResolver
+	dir string
+}
+
+func (m *bindMount) Unmount() error {
+	m.r.mu.Lock()
+	defer m.r.mu.Unlock()
+	if !m.r.live[m.dir] {
+		return fmt.Errorf("%s unmounted twice", m.dir)
+	}
+	delete(m.r.live, m.dir)
+	return unix.Unmount(m.dir, 0)
+}
+
+// layerDir makes a directory with files (name -> content).
+func layerDir(t *testing.T, files map[string]string) string {
+	t.Helper()
+	d := t.TempDir()
+	for name, data := range files {
+		p := filepath.Join(d, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return d
+}
+
+// unpackLabels are the labels containerd's unpacker passes with
+// AppendInfoHandlerWrapper.
+func unpackLabels(target, layer string) snapshots.Opt {
+	return snapshots.WithLabels(map[string]string{
+		LabelSnapshotRef:                       target,
+		LabelLayerDigest:                       layer,
+		"containerd.io/snapshot/cri.image-ref": "127.0.0.1:1/x:y",
+	})
+}
+
+func mountsBelow(t *testing.T, dir string) int {
+	t.Helper()
+	m, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(m)
+}
+
+// withMounted mounts ms on a temporary directory, runs fn on it and
+// unmounts it.
+func withMounted(t *testing.T, ms []mount.Mount, fn func(dir string)) {
+	t.Helper()
+	d := t.TempDir()
+	if err := mount.All(ms, d); err != nil {
+		t.Fatalf("mount %+v: %v", ms, err)
+	}
+	defer func() {
+		if err := mount.UnmountAll(d, 0); err != nil {
+			t.Errorf("unmount: %v", err)
+		}
+	}()
+	fn(d)
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestRemotePrepare(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background() // no namespace, as from containerd 1.6
+	root := t.TempDir()
+	r := newBindResolver()
+	r.layers["sha256:l1"] = layerDir(t, map[string]string{"a": "from l1", "dir/b": "b1"})
+	r.layers["sha256:l2"] = layerDir(t, map[string]string{"dir/b": "b2"})
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+
+	// Layer 1: mounted remotely, committed as its chain ID by Prepare.
+	_, err = sn.Prepare(ctx, "extract-1 c1", "", unpackLabels("c1", "sha256:l1"))
+	if !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("prepare of a remote layer: err = %v, want AlreadyExists", err)
+	}
+	info, err := sn.Stat(ctx, "c1")
+	if err != nil {
+		t.Fatalf("stat of the committed target: %v", err)
+	}
+	if info.Kind != snapshots.KindCommitted || info.Labels[LabelRemote] != "spanpull" || info.Labels[LabelSnapshotRef] != "c1" {
+		t.Fatalf("target info = %+v", info)
+	}
+	if _, err := sn.Stat(ctx, "extract-1 c1"); !errdefs.IsNotFound(err) {
+		t.Fatalf("the extraction key must be gone: %v", err)
+	}
+	// containerd's metadata store finds the target exactly like this.
+	var found []string
+	if err := sn.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
+		found = append(found, i.Name)
+		return nil
+	}, `labels."containerd.io/snapshot.ref"==c1,parent==""`); err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || found[0] != "c1" {
+		t.Fatalf("walk by target label found %v", found)
+	}
+
+	// Layer 2 on top of it; then again: already there, resolver not asked.
+	if _, err := sn.Prepare(ctx, "extract-2 c2", "c1", unpackLabels("c2", "sha256:l2")); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("prepare layer 2: %v", err)
+	}
+	calls := r.calls
+	if _, err := sn.Prepare(ctx, "extract-2b c2", "c1", unpackLabels("c2", "sha256:l2")); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("prepare of an existing target: %v", err)
+	}
+	if r.calls != calls {
+		t.Fatal("resolver called for a target that already exists")
+	}
+	if r.liveMounts() != 2 {
+		t.Fatalf("%d live remote mounts, want 2", r.liveMounts())
+	}
+
+	// A container: overlay of both remote layers plus a writable upper.
+	ms, err := sn.Prepare(ctx, "container", "c2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMounted(t, ms, func(d string) {
+		if got := readFile(t, filepath.Join(d, "a")); got != "from l1" {
+			t.Errorf("a = %q", got)
+		}
+		if got := readFile(t, filepath.Join(d, "dir/b")); got != "b2" {
+			t.Errorf("dir/b = %q, want the upper layer's", got)
+		}
+		if err := os.WriteFile(filepath.Join(d, "a"), []byte("changed"), 0o644); err != nil {
+			t.Errorf("copy-up over a remote layer: %v", err)
+		}
+	})
+	if got := readFile(t, filepath.Join(r.layers["sha256:l1"], "a")); got != "from l1" {
+		t.Fatalf("the remote layer was written through: %q", got)
+	}
+
+	// A remote layer cannot go while a snapshot uses it.
+	if err := sn.Remove(ctx, "c2"); err == nil {
+		t.Fatal("removed a parent snapshot")
+	}
+	for _, k := range []string{"container", "c2"} {
+		if err := sn.Remove(ctx, k); err != nil {
+			t.Fatalf("remove %s: %v", k, err)
+		}
+	}
+	if r.liveMounts() != 1 {
+		t.Fatalf("%d live remote mounts after removing c2, want 1", r.liveMounts())
+	}
+	if err := sn.Remove(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 0 || r.liveMounts() != 0 {
+		t.Fatalf("after removing every snapshot: %d mounts below root, %d live", n, r.liveMounts())
+	}
+	ents, err := os.ReadDir(filepath.Join(root, "snapshots"))
+	if err != nil || len(ents) != 0 {
+		t.Fatalf("snapshot dirs left: %v %v", ents, err)
+	}
+}
+
+func TestRemoteFallback(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	r := newBindResolver()
+	sn, err := New(ctx, t.TempDir(), WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+
+	for name, rerr := range map[string]error{
+		"no remote":      nil, // the resolver knows no layer: ErrNoRemote
+		"resolver fails": errors.New("registry down"),
+	} {
+		t.Run(name, func(t *testing.T) {
+			r.err = rerr
+			key, target := "extract "+name, "chain "+name
+			ms, err := sn.Prepare(ctx, key, "", unpackLabels(target, "sha256:unknown"))
+			if err != nil {
+				t.Fatalf("prepare must fall back to a normal snapshot: %v", err)
+			}
+			// containerd unpacks into it, then commits.
+			withMounted(t, ms, func(d string) {
+				if err := os.WriteFile(filepath.Join(d, "f"), []byte("unpacked"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			})
+			if err := sn.Commit(ctx, target, key); err != nil {
+				t.Fatal(err)
+			}
+			info, err := sn.Stat(ctx, target)
+			if err != nil || info.Labels[LabelRemote] != "" {
+				t.Fatalf("stat %s: %+v, %v", target, info, err)
+			}
+			u, err := sn.Usage(ctx, target)
+			if err != nil || u.Size == 0 {
+				t.Fatalf("usage of an unpacked layer: %+v, %v", u, err)
+			}
+		})
+	}
+
+	// Without a layer digest the resolver is not asked at all (plain
+	// "ctr image pull" sends only the snapshot ref).
+	calls := r.calls
+	r.err = nil
+	if _, err := sn.Prepare(ctx, "plain", "", snapshots.WithLabels(map[string]string{LabelSnapshotRef: "x"})); err != nil {
+		t.Fatal(err)
+	}
+	if r.calls != calls {
+		t.Fatal("resolver asked without a layer digest label")
+	}
+}
+
+// A resolver that mounts and then fails must not leave its mount behind.
+type strayResolver struct{}
+
+func (strayResolver) Mount(ctx context.Context, dir string, labels map[string]string) (RemoteMount, error) {
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, ""); err != nil {
+		return nil, err
+	}
+	return nil, errors.New("half-way failure")
+}
+
+func TestRemoteStrayMountRemoved(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	sn, err := New(ctx, root, WithRemoteLayerResolver(strayResolver{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	if _, err := sn.Prepare(ctx, "k", "", unpackLabels("t", "sha256:x")); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 0 {
+		t.Fatalf("%d stray mounts left", n)
+	}
+}
+
+func TestRemoteAsyncRemoveAndRestart(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	r := newBindResolver()
+	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithAsyncRemove())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "k2", "", unpackLabels("c2", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+
+	// Close releases the mounts; a new snapshotter mounts them again.
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 0 || r.liveMounts() != 0 {
+		t.Fatalf("after Close: %d mounts below root, %d live", n, r.liveMounts())
+	}
+	sn, err = New(ctx, root, WithRemoteLayerResolver(r), WithAsyncRemove())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	if r.liveMounts() != 2 {
+		t.Fatalf("after restart: %d live remote mounts, want 2", r.liveMounts())
+	}
+	ms, err := sn.View(ctx, "v", "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMounted(t, ms, func(d string) {
+		if got := readFile(t, filepath.Join(d, "hello")); got != "world" {
+			t.Errorf("hello after restart = %q", got)
+		}
+	})
+
+	// Async: Remove keeps the mount until Cleanup.
+	for _, k := range []string{"v", "c1"} {
+		if err := sn.Remove(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r.liveMounts() != 2 {
+		t.Fatalf("async remove unmounted early: %d live", r.liveMounts())
+	}
+	if err := sn.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r.liveMounts() != 1 || mountsBelow(t, root) != 1 {
+		t.Fatalf("after cleanup: %d live, %d mounted", r.liveMounts(), mountsBelow(t, root))
+	}
+
+	// A restart with a resolver that cannot serve the layer still starts.
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r.err = errors.New("registry gone")
+	sn2, err := New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatalf("restart with a failing resolver: %v", err)
+	}
+	if err := sn2.Remove(ctx, "c2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 0 {
+		t.Fatalf("%d mounts left", n)
+	}
+}
+
+// A dead mount left by a crashed process (here: any mount on the
+// directory) is replaced on restart.
+func TestRemoteRestartReplacesOldMount(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	r := newBindResolver()
+	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	// Simulate a crash: forget the mount without unmounting it.
+	sn.mu.Lock()
+	sn.mounted = map[string]RemoteMount{}
+	sn.mu.Unlock()
+	r.mu.Lock()
+	r.live = map[string]bool{}
+	r.mu.Unlock()
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 1 {
+		t.Fatalf("%d mounts, want the stale one", n)
+	}
+	sn, err = New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 1 || r.liveMounts() != 1 {
+		t.Fatalf("after restart: %d mounts (want 1), %d live", n, r.liveMounts())
+	}
+	if err := sn.Remove(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 0 {
+		t.Fatalf("%d mounts left", n)
+	}
+	if s := strings.TrimSpace(fmt.Sprint(r.liveMounts())); s != "0" {
+		t.Fatalf("live = %s", s)
+	}
+}
