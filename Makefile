@@ -34,6 +34,7 @@ fuzz:
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshal$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshalGzipZinfo$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzBuild$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME)
 
 bench: deps build
 	scripts/bench.sh
