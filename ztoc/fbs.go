@@ -86,7 +86,10 @@ func encode(z *Ztoc) (_ []byte, err error) {
 
 	// The creation order below is SOCI's (SOCI-FORMAT.md §1.2); changing
 	// it changes the bytes and therefore the zTOC digest.
-	b := flatbuffers.NewBuilder(0)
+	// SOCI starts from an empty builder; the initial capacity does not
+	// change the bytes (alignment is relative to the end of the buffer),
+	// so pre-sizing only saves the copies of repeated growth.
+	b := flatbuffers.NewBuilder(encodedSizeHint(z))
 	version := b.CreateString(z.Version)
 	tool := b.CreateString(z.BuildToolIdentifier)
 
@@ -122,6 +125,19 @@ func encode(z *Ztoc) (_ []byte, err error) {
 	b.PrependUOffsetTSlot(fbZtocCompressionInfo, ci, 0)
 	b.Finish(b.EndObject())
 	return b.FinishedBytes(), nil
+}
+
+// encodedSizeHint estimates the flatbuffer size of z, slightly high.
+func encodedSizeHint(z *Ztoc) int {
+	n := 256 + len(z.Version) + len(z.BuildToolIdentifier) + len(z.Checkpoints) + 80*len(z.SpanDigests)
+	for i := range z.Files {
+		f := &z.Files[i]
+		n += 200 + len(f.Name) + len(f.Type) + len(f.Linkname) + len(f.Uname) + len(f.Gname)
+		for k, v := range f.PAXRecords {
+			n += 40 + len(k) + len(v)
+		}
+	}
+	return n
 }
 
 // marshalFile writes one FileMetadata table (and the strings and xattrs it
