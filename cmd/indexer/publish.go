@@ -398,6 +398,9 @@ func (p *publisher) findExisting(ctx context.Context, manifests []ocispec.Descri
 	var indexes []ocispec.Descriptor
 	for _, m := range manifests {
 		refs, err := p.dst.Referrers(ctx, ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: m.Size}, index.V1.ArtifactType())
+		if errors.Is(err, registry.ErrNotFound) {
+			continue // convert to a repository that does not exist yet (404 NAME_UNKNOWN)
+		}
 		if err != nil {
 			return err
 		}
