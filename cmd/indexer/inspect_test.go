@@ -1,0 +1,163 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"sort"
+	"strings"
+	"testing"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// TestIndexInspect runs index ls/info and ztoc info/ls/get-file on
+// REF@sha256:... against both registries, for v1 indexes (create) and v2
+// indexes (convert).
+func TestIndexInspect(t *testing.T) {
+	shared := itGzipLayer(100, 150<<10, itOCIGzip)
+	amd := itTarLayer(101, 200<<10)
+	arm := itGzipLayer(102, 180<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		r := reg.Addr + "/img"
+		a := itPushImage(t, reg.Addr, "img", "", "linux/amd64", false, shared, amd)
+		b := itPushImage(t, reg.Addr, "img", "", "linux/arm64", false, shared, arm)
+		itPushIndex(t, reg.Addr, "img", "multi", false, a, b)
+		itPushImage(t, reg.Addr, "img", "plain", "linux/amd64", false, arm)
+
+		// No index yet: ls lists nothing, info says so.
+		out := itMustRun(t, "index", "ls", "--plain-http", r+":multi")
+		if lines := strings.Split(strings.TrimSpace(out.Stdout), "\n"); len(lines) != 1 || !strings.HasPrefix(lines[0], "DIGEST") {
+			t.Errorf("index ls before create:\n%s", out.Stdout)
+		}
+		if out := itRun(t, "index", "info", "--plain-http", r+":plain"); out.Err == nil || !strings.Contains(out.Err.Error(), "has none") {
+			t.Errorf("index info of an image without index: %v", out.Err)
+		}
+
+		rep := itReport(t, "create", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "1000", "--all-platforms", r+":multi")
+		idxA, idxB := rep.Platforms[0].Index, rep.Platforms[1].Index
+
+		out = itMustRun(t, "index", "ls", "--plain-http", "--json", r+":multi")
+		var entries []indexEntry
+		if err := json.Unmarshal([]byte(out.Stdout), &entries); err != nil {
+			t.Fatalf("index ls --json: %v\n%s", err, out.Stdout)
+		}
+		sort.Slice(entries, func(i, j int) bool { return entries[i].Platform < entries[j].Platform })
+		want := []indexEntry{
+			{Digest: idxA, Version: "v1", Platform: "linux/amd64", Manifest: a.Desc.Digest, Ztocs: 2},
+			{Digest: idxB, Version: "v1", Platform: "linux/arm64", Manifest: b.Desc.Digest, Ztocs: 2},
+		}
+		if len(entries) != 2 {
+			t.Fatalf("index ls: %+v", entries)
+		}
+		for i := range want {
+			want[i].Size = rep.Platforms[i].Layers[0].ZtocSize + rep.Platforms[i].Layers[1].ZtocSize
+			if entries[i] != want[i] {
+				t.Errorf("index ls entry %d: %+v, want %+v", i, entries[i], want[i])
+			}
+		}
+		out = itMustRun(t, "index", "ls", "--plain-http", r+":multi")
+		lines := strings.Split(strings.TrimSpace(out.Stdout), "\n")
+		if len(lines) != 3 || !strings.Contains(out.Stdout, idxA.String()) || !strings.Contains(out.Stdout, idxB.String()) {
+			t.Errorf("index ls table:\n%s", out.Stdout)
+		}
+
+		// index info: ambiguous for the index, exact for a manifest or
+		// the index digest.
+		if out := itRun(t, "index", "info", "--plain-http", r+":multi"); out.Err == nil || !strings.Contains(out.Err.Error(), "2 SOCI indexes") {
+			t.Errorf("index info of a two-index image: %v", out.Err)
+		}
+		idxBytes, _, _ := itManifest(t, reg.Addr, "img", idxA.String())
+		var pretty bytes.Buffer
+		json.Indent(&pretty, idxBytes, "", "  ")
+		pretty.WriteByte('\n')
+		for _, ref := range []string{r + "@" + a.Desc.Digest.String(), r + "@" + idxA.String()} {
+			out := itMustRun(t, "index", "info", "--plain-http", ref)
+			if out.Stdout != pretty.String() {
+				t.Errorf("index info %s:\n%s\nwant:\n%s", ref, out.Stdout, pretty.String())
+			}
+		}
+		if out := itRun(t, "index", "info", "--plain-http", idxA.String()); out.Err == nil {
+			t.Error("index info with a bare digest: no error")
+		}
+		if out := itRun(t, "index", "info", "--plain-http", r+"@sha256:"+strings.Repeat("0", 64)); out.Err == nil || !strings.Contains(out.Err.Error(), "not found") {
+			t.Errorf("index info of a missing manifest: %v", out.Err)
+		}
+
+		// ztoc info / ls / get-file straight from the registry.
+		var m ocispec.Manifest
+		json.Unmarshal(idxBytes, &m)
+		zd := m.Layers[1] // the tar layer of amd64
+		if zd.Annotations[index.AnnotationImageLayerDigest] != amd.Desc.Digest.String() {
+			t.Fatalf("index layer 1 is %v", zd.Annotations)
+		}
+		out = itMustRun(t, "ztoc", "info", "--plain-http", r+"@"+zd.Digest.String())
+		var info ztocInfo
+		if err := json.Unmarshal([]byte(out.Stdout), &info); err != nil {
+			t.Fatalf("ztoc info: %v", err)
+		}
+		z := itFetchZtoc(t, reg.Addr, "img", zd)
+		if info.Version != ztoc.Version || info.Size != zd.Size || info.SpanSize != ztoc.DefaultSpanSize || info.NumFiles != len(z.Files) ||
+			len(info.Files) != len(z.Files) || info.BuildTool != z.BuildToolIdentifier {
+			t.Errorf("ztoc info: %+v (zTOC has %d files)", info, len(z.Files))
+		}
+		out = itMustRun(t, "ztoc", "ls", "--plain-http", r+"@"+zd.Digest.String())
+		if n := strings.Count(out.Stdout, "\n"); n != len(z.Files) {
+			t.Errorf("ztoc ls: %d lines, zTOC has %d entries", n, len(z.Files))
+		}
+		names := make([]string, 0, len(amd.Files))
+		for name := range amd.Files {
+			names = append(names, name)
+			if !strings.Contains(out.Stdout, " "+name+"\n") {
+				t.Errorf("ztoc ls does not list %s", name)
+			}
+		}
+		sort.Strings(names)
+		for _, name := range names[:3] {
+			out := itMustRun(t, "ztoc", "get-file", "--plain-http", r+"@"+zd.Digest.String(), r+"@"+amd.Desc.Digest.String(), name)
+			if out.Stdout != string(amd.Files[name]) {
+				t.Errorf("ztoc get-file %s: %d bytes, want %d", name, len(out.Stdout), len(amd.Files[name]))
+			}
+		}
+		// A layer that is not the zTOC's, a blob that is no zTOC, a
+		// missing blob.
+		if out := itRun(t, "ztoc", "get-file", "--plain-http", r+"@"+zd.Digest.String(), r+"@"+arm.Desc.Digest.String(), names[0]); out.Err == nil {
+			t.Error("get-file with the wrong layer: no error")
+		}
+		if out := itRun(t, "ztoc", "info", "--plain-http", r+"@"+amd.Desc.Digest.String()); out.Err == nil || !strings.Contains(out.Err.Error(), "zTOC") {
+			t.Errorf("ztoc info of a layer blob: %v", out.Err)
+		}
+		if out := itRun(t, "ztoc", "info", "--plain-http", r+"@sha256:"+strings.Repeat("1", 64)); out.Err == nil {
+			t.Error("ztoc info of a missing blob: no error")
+		}
+
+		// v2: convert, then the converted image lists its v2 indexes.
+		crep := itReport(t, "convert", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "1000", "--all-platforms", r+":multi", r+":multi-soci")
+		out = itMustRun(t, "index", "ls", "--plain-http", "--json", r+":multi-soci")
+		entries = nil
+		if err := json.Unmarshal([]byte(out.Stdout), &entries); err != nil {
+			t.Fatal(err)
+		}
+		conv, _, _ := itManifest(t, reg.Addr, "img", "multi-soci")
+		var ci ocispec.Index
+		json.Unmarshal(conv, &ci)
+		if len(entries) != 2 || len(ci.Manifests) != 4 {
+			t.Fatalf("index ls of the converted image: %+v", entries)
+		}
+		for i, e := range entries {
+			if e.Version != "v2" || e.Digest != crep.Platforms[i].Index || e.Manifest != ci.Manifests[i].Digest || e.Ztocs != 2 || e.Platform != crep.Platforms[i].Platform {
+				t.Errorf("v2 entry %d: %+v (image index %+v)", i, e, ci.Manifests)
+			}
+		}
+		if out := itRun(t, "index", "info", "--plain-http", r+"@"+ci.Manifests[0].Digest.String()); out.Err == nil {
+			t.Errorf("index info of a rewritten manifest (no v1 referrer): no error:\n%s", out.Stdout)
+		}
+		out = itMustRun(t, "index", "info", "--plain-http", r+"@"+entries[1].Digest.String())
+		var v2 ocispec.Manifest
+		if err := json.Unmarshal([]byte(out.Stdout), &v2); err != nil || v2.Config.MediaType != index.MediaTypeIndexV2 || v2.Subject != nil {
+			t.Errorf("index info of a v2 index: %v\n%s", err, out.Stdout)
+		}
+	})
+}
