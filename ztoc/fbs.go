@@ -224,7 +224,9 @@ func parseModTime(s string) (time.Time, error) {
 // Unmarshal decodes a SOCI zTOC flatbuffer and checks it with Validate. It
 // treats b as hostile: every offset and length is bounds-checked before
 // use, allocations stay proportional to len(b), and malformed input yields
-// an error, never a panic. The result does not alias b.
+// an error, never a panic. The result does not alias b. Mod times are in
+// UTC (the zero Time for an empty mod_time); Files and PAXRecords are nil
+// when empty, so Unmarshal(Marshal(z)) equals z for any z it returned.
 func Unmarshal(b []byte) (*Ztoc, error) {
 	d := &fbDecoder{buf: b, budget: int64(len(b))}
 	z, err := d.ztoc()
