@@ -29,14 +29,6 @@ func dir(name string, mode int64) entry {
 	return entry{hdr: tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: mode}}
 }
 
-func symlink(name, target string) entry {
-	return entry{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: name, Linkname: target, Mode: 0o777}}
-}
-
-func hardlink(name, target string) entry {
-	return entry{hdr: tar.Header{Typeflag: tar.TypeLink, Name: name, Linkname: target, Mode: 0o644}}
-}
-
 // makeTar writes entries as a tar stream.
 func makeTar(t testing.TB, entries []entry) []byte {
 	t.Helper()

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"io/fs"
@@ -26,10 +27,10 @@ import (
 func layerEntries() []entry {
 	mtime := time.Date(2021, 3, 4, 5, 6, 7, 0, time.UTC)
 	nsTime := time.Date(2022, 1, 2, 3, 4, 5, 987654321, time.UTC)
-	big := make([]byte, 5<<20+123)
+	big := make([]byte, 5<<20+128)
 	rng := rand.New(rand.NewPCG(1, 2))
-	for i := range big {
-		big[i] = byte(rng.Uint32())
+	for i := 0; i < len(big); i += 8 {
+		binary.LittleEndian.PutUint64(big[i:], rng.Uint64())
 	}
 	longDir := "long/" + strings.Repeat("d", 120)
 	es := []entry{
@@ -458,5 +459,38 @@ func TestMountTwiceFails(t *testing.T) {
 	root2, _ := NewRoot(nil, &memSource{}, Options{})
 	if _, err := Mount(ctx, t.TempDir(), root2, MountOptions{}); !errors.Is(err, context.Canceled) {
 		t.Errorf("Mount with a canceled context = %v", err)
+	}
+}
+
+// TestPermissions reads as an unprivileged user: the mount allows other
+// users and the kernel enforces the layer's modes.
+func TestPermissions(t *testing.T) {
+	layer := makeTar(t, []entry{
+		reg("public", 0o644, "public data"),
+		reg("secret", 0o600, "secret data"),
+		dir("closed/", 0o700),
+		reg("closed/f", 0o644, "hidden"),
+	})
+	files := tocFromTar(t, layer)
+	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
+	// let the user reach the mountpoint
+	for p := filepath.Dir(mnt); p != "/" && p != os.TempDir(); p = filepath.Dir(p) {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cat := func(p string) (string, error) {
+		cmd := exec.Command("cat", filepath.Join(mnt, p))
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := cat("public"); err != nil || out != "public data" {
+		t.Errorf("nobody reading public: %q, %v", out, err)
+	}
+	for _, p := range []string{"secret", "closed/f"} {
+		if out, err := cat(p); err == nil || !strings.Contains(out, "Permission denied") {
+			t.Errorf("nobody reading %s: %q, %v; want permission denied", p, out, err)
+		}
 	}
 }

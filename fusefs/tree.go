@@ -161,8 +161,8 @@ func (t *tree) add(f *ztoc.FileMetadata, comps []string) error {
 		return nil
 	}
 	if name, ok := strings.CutPrefix(base, whiteoutPrefix); ok {
-		if name == "" {
-			return errors.New("whiteout names no file")
+		if name == "" || name == "." || name == ".." {
+			return fmt.Errorf("whiteout of %q", name)
 		}
 		// A whiteout hides lower layers only: what this layer already
 		// holds under the name stays, and a directory stops showing the

@@ -76,6 +76,8 @@ func TestNewRootErrors(t *testing.T) {
 		{"parent is a symlink", []ztoc.FileMetadata{link("l", ztoc.TypeSymlink, "/etc"), meta("l/passwd", ztoc.TypeReg)}, "not a directory", "l/passwd"},
 		{"root not dir", []ztoc.FileMetadata{meta("./", ztoc.TypeReg)}, "root", "./"},
 		{"empty whiteout", []ztoc.FileMetadata{meta("a/.wh.", ztoc.TypeReg)}, "whiteout", "a/.wh."},
+		{"dot whiteout", []ztoc.FileMetadata{meta("a/.wh..", ztoc.TypeReg)}, "whiteout", "a/.wh.."},
+		{"dotdot whiteout", []ztoc.FileMetadata{meta(".wh...", ztoc.TypeReg)}, "whiteout", ".wh..."},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := NewRoot(tc.files, &memSource{}, Options{})
