@@ -3,13 +3,32 @@
 package integration
 
 import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/moby/sys/mountinfo"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2/registry/remote/auth"
+
+	"github.com/spanpull/spanpull/fusefs"
 	"github.com/spanpull/spanpull/integration/testenv"
+	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/ztoc"
 )
 
 // TestContainerd16PullRun proves the non-lazy path end to end on Debian's
@@ -106,4 +125,198 @@ func hasLine(out string, fields ...string) bool {
 		}
 	}
 	return false
+}
+
+// ztocResolver is a RemoteLayerResolver for tests: it serves layers whose
+// zTOCs it was given (built at push time, standing in for SOCI index
+// discovery) over FUSE, reading spans from the registry with range
+// requests. It is the lazy path in miniature: FUSE, zTOC, range reads.
+type ztocResolver struct {
+	mu     sync.Mutex
+	layers map[digest.Digest]*ztoc.Ztoc
+	sizes  map[digest.Digest]int64
+	asked  []string
+}
+
+func (r *ztocResolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
+	dgst := digest.Digest(labels[snapshotter.LabelLayerDigest])
+	imageRef := labels["containerd.io/snapshot/cri.image-ref"]
+	r.mu.Lock()
+	z, size := r.layers[dgst], r.sizes[dgst]
+	r.asked = append(r.asked, dgst.String())
+	r.mu.Unlock()
+	if z == nil {
+		return nil, fmt.Errorf("no zTOC for %s: %w", dgst, snapshotter.ErrNoRemote)
+	}
+	repo, err := registry.New(imageRef, registry.Options{
+		PlainHTTP:  true,
+		Credential: func(context.Context, string) (auth.Credential, error) { return auth.EmptyCredential, nil },
+	})
+	if err != nil {
+		return nil, err
+	}
+	// The mount outlives the Prepare call and its ctx.
+	lctx, cancel := context.WithCancel(context.Background())
+	blob, err := repo.ReaderAt(lctx, ocispec.Descriptor{Digest: dgst, Size: size})
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	zr, err := ztoc.NewReader(z, blob)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	root, err := fusefs.NewRoot(z.Files, spanSource{zr}, fusefs.Options{})
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	srv, err := fusefs.Mount(ctx, dir, root, fusefs.MountOptions{FsName: dgst.Encoded()[:12]})
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	return &fuseMount{srv: srv, cancel: cancel}, nil
+}
+
+type spanSource struct{ r *ztoc.Reader }
+
+func (s spanSource) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
+	return s.r.ReadAt(p, off)
+}
+
+type fuseMount struct {
+	srv    *fusefs.Server
+	cancel context.CancelFunc
+}
+
+func (m *fuseMount) Unmount() error {
+	defer m.cancel()
+	return m.srv.Unmount()
+}
+
+// TestContainerd16LazyPullRun is the remote-snapshot protocol end to end on
+// containerd 1.6: a client-side pull with the remote-snapshot labels (as
+// nerdctl and rpull do) makes the snapshotter mount every layer from its
+// zTOC over FUSE and answer AlreadyExists, so containerd never downloads a
+// layer blob; the container then reads its files through overlayfs over
+// FUSE, fetched with range requests. Removing the image unmounts the FUSE
+// layers (GC otherwise fails with "device or resource busy").
+func TestContainerd16LazyPullRun(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := testenv.Dir(t)
+	reg := testenv.StartRegistry(t)
+
+	const msg = "hello from a lazy layer"
+	big := make([]byte, 3<<20)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range big {
+		big[i] = byte(rng.Uint32())
+	}
+	bigSum := sha256.Sum256(big)
+	layers := []testenv.LayerBlob{
+		testenv.HelloLayer(t, msg, testenv.Entry{Name: "etc/motd", Data: []byte("first layer\n")}),
+		layerOf(t, testenv.Entry{Name: "etc/", Dir: true},
+			testenv.Entry{Name: "etc/motd", Data: []byte("second layer wins\n")},
+			testenv.Entry{Name: "data/", Dir: true},
+			testenv.Entry{Name: "data/big", Data: big}),
+	}
+	res := &ztocResolver{layers: map[digest.Digest]*ztoc.Ztoc{}, sizes: map[digest.Digest]int64{}}
+	for _, l := range layers {
+		z, d, err := ztoc.Build(context.Background(), bytes.NewReader(l.Blob), ztoc.BuildOptions{SpanSize: 256 << 10})
+		if err != nil {
+			t.Fatalf("build zTOC: %v", err)
+		}
+		res.layers[d], res.sizes[d] = z, int64(len(l.Blob))
+	}
+	ref, _ := testenv.PushImage(t, reg, "e2e/lazy", "v1", []string{"/hello"}, layers...)
+
+	sn, err := snapshotter.New(context.Background(), filepath.Join(dir, "snap-root"), snapshotter.WithRemoteLayerResolver(res))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := testenv.ServeSnapshotter(t, dir, sn)
+	cd := testenv.StartContainerd16(t, dir, testenv.ContainerdConfig{
+		Snapshotters: map[string]string{"spanpull": sock},
+	})
+
+	// The pull nerdctl and rpull do: unpack with the info labels.
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), cd.Namespace), 2*time.Minute)
+	defer cancel()
+	client, err := containerd.New(cd.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	resolver := docker.NewResolver(docker.ResolverOptions{
+		Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchAllHosts)),
+	})
+	start := time.Now()
+	if _, err := client.Pull(ctx, ref,
+		containerd.WithPullUnpack,
+		containerd.WithPullSnapshotter("spanpull"),
+		containerd.WithResolver(resolver),
+		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(ref)),
+	); err != nil {
+		t.Fatalf("lazy pull: %v", err)
+	}
+	t.Logf("lazy pull took %v", time.Since(start))
+
+	if len(res.asked) != 2 {
+		t.Fatalf("resolver asked for %v, want both layers", res.asked)
+	}
+	content := cd.MustRun(t, "content", "ls", "-q")
+	for _, l := range layers {
+		if d := digest.FromBytes(l.Blob); hasLine(content, d.String()) {
+			t.Fatalf("layer %s was downloaded into containerd's content store:\n%s", d, content)
+		}
+	}
+	if n := fuseMountsBelow(t, dir); n != 2 {
+		t.Fatalf("%d FUSE mounts, want one per layer", n)
+	}
+
+	out := cd.MustRun(t, "run", "--rm", "--snapshotter", "spanpull", ref, "lazy-1", "/hello")
+	if strings.TrimSpace(out) != msg {
+		t.Fatalf("container printed %q, want %q", out, msg)
+	}
+	out = cd.MustRun(t, "run", "--rm", "--snapshotter", "spanpull", ref, "lazy-2", "/hello", "/etc/motd", "/data/big")
+	if !strings.HasPrefix(out, "second layer wins\n") {
+		t.Fatalf("/etc/motd in the container = %q...", out[:min(len(out), 40)])
+	}
+	if got := sha256.Sum256([]byte(out[len("second layer wins\n"):])); got != bigSum {
+		t.Fatalf("/data/big read through FUSE differs (%d bytes read)", len(out)-len("second layer wins\n"))
+	}
+
+	cd.MustRun(t, "image", "rm", "--sync", ref)
+	deadline := time.Now().Add(30 * time.Second)
+	for fuseMountsBelow(t, dir) != 0 {
+		if time.Now().After(deadline) {
+			snaps, _ := cd.Run(context.Background(), "snapshots", "--snapshotter", "spanpull", "ls")
+			t.Fatalf("FUSE layers still mounted after image rm; snapshots:\n%s", snaps)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	ents, err := os.ReadDir(filepath.Join(dir, "snap-root", "snapshots"))
+	if err != nil || len(ents) != 0 {
+		t.Fatalf("snapshot dirs left after image rm: %d (%v)", len(ents), err)
+	}
+	if b, _ := os.ReadFile(cd.Log); bytes.Contains(b, []byte("device or resource busy")) {
+		t.Fatalf("containerd logged a busy device:\n%s", b)
+	}
+}
+
+func fuseMountsBelow(t *testing.T, dir string) int {
+	t.Helper()
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, m := range ms {
+		if strings.HasPrefix(m.FSType, "fuse") {
+			n++
+		}
+	}
+	return n
 }

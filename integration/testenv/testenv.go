@@ -26,8 +26,12 @@ import (
 	"testing"
 	"time"
 
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
 
 	"github.com/spanpull/spanpull/registry/registrytest"
 )
@@ -462,4 +466,33 @@ func execGo(dir string, args ...string) *exec.Cmd {
 	cmd := exec.Command("go", args...)
 	cmd.Dir = dir
 	return cmd
+}
+
+// ServeSnapshotter serves sn's snapshots gRPC API in-process on a unix
+// socket in dir, as "snapshotter serve" does, and returns the socket. Use
+// it to test a snapshotter configured in ways the daemon cannot be yet
+// (for example with a test RemoteLayerResolver). The server stops and sn
+// is closed in Cleanup.
+func ServeSnapshotter(t testing.TB, dir string, sn snapshots.Snapshotter) string {
+	t.Helper()
+	sock := filepath.Join(dir, "snap-inproc.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.Serve(l)
+	}()
+	t.Cleanup(func() {
+		srv.Stop()
+		<-done
+		if err := sn.Close(); err != nil {
+			t.Errorf("close snapshotter: %v", err)
+		}
+	})
+	return sock
 }
