@@ -762,3 +762,29 @@ func BenchmarkMarshal(b *testing.B) {
 		}
 	}
 }
+
+// TestModTimeOtherZone decodes a mod_time written by an indexer outside UTC
+// (SOCI formats in the host's zone): the instant is kept, normalized to UTC.
+// Re-encoding then writes "Z", so such zTOCs do not re-encode byte for byte.
+func TestModTimeOtherZone(t *testing.T) {
+	good, err := Marshal(syntheticTar())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := patch(t, good, "2100-06-01T12:00:00.123456789Z", "2100-06-01T05:00:00.1234-07:00")
+	z, err := Unmarshal(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := time.Date(2100, 6, 1, 12, 0, 0, 123400000, time.UTC)
+	if got := z.Files[1].ModTime; !reflect.DeepEqual(got, want) {
+		t.Fatalf("mod time %v, want %v", got, want)
+	}
+	out, err := Marshal(z)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(out, []byte("2100-06-01T12:00:00.1234Z")) {
+		t.Fatal("re-encoded mod time is not the UTC form")
+	}
+}
