@@ -33,6 +33,12 @@ type RemoteLayerResolver interface {
 	// containerd.io/snapshot/cri.layer-digest, cri.image-ref, ... It
 	// returns an error wrapping ErrNoRemote when the layer cannot be served
 	// remotely; any other error is logged and also leads to a normal pull.
+	// Either way it must leave nothing mounted on dir.
+	//
+	// ctx bounds the Mount call only (it is containerd's Prepare request):
+	// whatever serves the layer afterwards must not depend on it. Mount is
+	// called again with the snapshot's stored labels when the snapshotter
+	// restarts, and may be called concurrently for different directories.
 	Mount(ctx context.Context, dir string, labels map[string]string) (RemoteMount, error)
 }
 

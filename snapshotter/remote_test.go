@@ -442,3 +442,48 @@ func TestRemoteRestartReplacesOldMount(t *testing.T) {
 		t.Fatalf("live = %s", s)
 	}
 }
+
+// Two images sharing a layer, pulled at once: every Prepare of the same
+// target answers AlreadyExists and exactly one mount stays.
+func TestRemoteConcurrentSameTarget(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	r := newBindResolver()
+	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	const n = 8
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := sn.Prepare(ctx, fmt.Sprintf("extract-%d", i), "", unpackLabels("c1", "sha256:l1"))
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; !errdefs.IsAlreadyExists(err) {
+			t.Errorf("concurrent prepare: %v, want AlreadyExists", err)
+		}
+	}
+	if got := mountsBelow(t, root); got != 1 || r.liveMounts() != 1 {
+		t.Fatalf("%d mounts below root, %d live; want 1", got, r.liveMounts())
+	}
+	var keys []string
+	if err := sn.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
+		keys = append(keys, i.Name)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 1 || keys[0] != "c1" {
+		t.Fatalf("snapshots left: %v, want only c1", keys)
+	}
+	ents, err := os.ReadDir(filepath.Join(root, "snapshots"))
+	if err != nil || len(ents) != 1 {
+		t.Fatalf("snapshot dirs: %d (%v), want 1", len(ents), err)
+	}
+}
