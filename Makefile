@@ -35,6 +35,7 @@ fuzz:
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshalGzipZinfo$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzBuild$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./fusefs -run '^$$' -fuzz '^FuzzNewRoot$$' -fuzztime $(FUZZTIME)
 
 bench: deps build
 	scripts/bench.sh
