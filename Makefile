@@ -31,11 +31,11 @@ test: deps lint build
 # Short fuzzing sessions of every parser (seed corpora live in testdata/).
 FUZZTIME ?= 30s
 fuzz:
-	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshal$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshalGzipZinfo$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzBuild$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./fusefs -run '^$$' -fuzz '^FuzzNewRoot$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshal$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzUnmarshalGzipZinfo$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzBuild$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./fusefs -run '^$$' -fuzz '^FuzzNewRoot$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 
 bench: deps build
 	scripts/bench.sh
