@@ -71,7 +71,15 @@ func TestContainerd16PullRun(t *testing.T) {
 		t.Fatalf("container printed %q, want %q", out, msg)
 	}
 
+	// A snapshotter restart under a running containerd: containerd
+	// reconnects, the snapshots are still there.
+	if err := sn.Stop(15 * time.Second); err != nil {
+		t.Fatalf("snapshotter did not stop cleanly: %v", err)
+	}
+	sn = testenv.StartSnapshotter(t, dir, testenv.SnapshotterConfig{Binary: bin})
+
 	// Upper layers win over lower ones.
+	runRetry(t, cd, "snapshots", "--snapshotter", "spanpull", "ls")
 	out = cd.MustRun(t, "run", "--rm", "--snapshotter", "spanpull", ref, "hello-2", "/hello", "/etc/motd")
 	if out != "second layer wins\n" {
 		t.Fatalf("/etc/motd in the container = %q, want the second layer's", out)
@@ -99,6 +107,27 @@ func TestContainerd16PullRun(t *testing.T) {
 	}
 	if _, err := os.Stat(sn.Socket); !os.IsNotExist(err) {
 		t.Fatalf("snapshotter socket left after stop: %v", err)
+	}
+}
+
+// runRetry runs an idempotent ctr command until it succeeds, for up to
+// 20 s: right after a snapshotter restart containerd may still be in its
+// reconnect backoff.
+func runRetry(t *testing.T, cd *testenv.Containerd, args ...string) string {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		out, err := cd.Run(ctx, args...)
+		cancel()
+		if err == nil {
+			return out
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		t.Logf("retrying: %v", err)
+		time.Sleep(500 * time.Millisecond)
 	}
 }
 

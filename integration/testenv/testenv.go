@@ -133,7 +133,14 @@ type Process struct {
 // printed when the test failed.
 func startProcess(t testing.TB, dir, name string, cmd *exec.Cmd, grace time.Duration) *Process {
 	t.Helper()
+	// A restarted daemon gets a log of its own.
 	logPath := filepath.Join(dir, name+".log")
+	for i := 2; ; i++ {
+		if _, err := os.Stat(logPath); os.IsNotExist(err) {
+			break
+		}
+		logPath = filepath.Join(dir, fmt.Sprintf("%s.%d.log", name, i))
+	}
 	f, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
@@ -242,7 +249,8 @@ type SnapshotterConfig struct {
 }
 
 // StartSnapshotter starts "snapshotter serve" with its socket and root in
-// dir and returns once the socket accepts connections.
+// dir and returns once the socket accepts connections. Starting it again on
+// the same dir (after Stop) restarts it on the same socket and state.
 func StartSnapshotter(t testing.TB, dir string, c SnapshotterConfig) *Snapshotter {
 	t.Helper()
 	sock := filepath.Join(dir, "snap.sock")
@@ -253,8 +261,6 @@ func StartSnapshotter(t testing.TB, dir string, c SnapshotterConfig) *Snapshotte
 	}
 	args := append([]string{"serve", "--config", cfg, "--address", sock, "--root", root, "--log-level", "debug"}, c.Args...)
 	p := startProcess(t, dir, "snapshotter", exec.Command(c.Binary, args...), 15*time.Second)
-	// Registered after the process: runs before it is stopped, so it can
-	// report remote mounts the daemon did not clean up.
 	if err := waitFor(p, 30*time.Second, func() error { return dialUnix(sock) }); err != nil {
 		t.Fatal(err)
 	}
