@@ -45,15 +45,16 @@ func InflateSpan(algorithm Compression, s Span, compressed []byte, off int64, ds
 	if off < s.UncompressedStart || end > s.UncompressedEnd {
 		return fmt.Errorf("span %d: range [%d, %d) is outside the span [%d, %d)", s.ID, off, end, s.UncompressedStart, s.UncompressedEnd)
 	}
-	return inflateRange(algorithm, s, compressed, off, end, func(b []byte) error {
+	return InflateRange(algorithm, s, compressed, off, end, func(b []byte) error {
 		dst = dst[copy(dst, b):]
 		return nil
 	})
 }
 
-// inflateRange passes the uncompressed bytes [from, to) of span s to emit,
-// in order, inflating only up to to.
-func inflateRange(algorithm Compression, s Span, compressed []byte, from, to int64, emit func([]byte) error) error {
+// InflateRange passes the uncompressed bytes [from, to) of span s to emit,
+// in order and as they are inflated, stopping at to. compressed must be the
+// span's verified compressed bytes. emit must not keep the slice.
+func InflateRange(algorithm Compression, s Span, compressed []byte, from, to int64, emit func([]byte) error) error {
 	if from >= to {
 		return nil
 	}
@@ -212,7 +213,7 @@ func (r *Reader) writeRange(from, to int64, emit func([]byte) error) error {
 			return err
 		}
 		end := min(to, s.UncompressedEnd)
-		if err := inflateRange(r.z.Algorithm, s, comp, pos, end, emit); err != nil {
+		if err := InflateRange(r.z.Algorithm, s, comp, pos, end, emit); err != nil {
 			return err
 		}
 		pos = end
