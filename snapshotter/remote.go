@@ -88,6 +88,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	if _, err := s.overlay.Stat(ctx, target); err == nil {
 		// Committed before (for another namespace, or by a concurrent
 		// Prepare): containerd's metadata store finds it by its labels.
+		s.metrics.prepares.WithLabelValues(resultExists).Inc()
 		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 	}
 	mounts, err := s.overlay.Prepare(ctx, key, parent, opts...)
@@ -97,14 +98,18 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	err = s.mountRemote(ctx, key, target, base.Labels, opts)
 	switch {
 	case err == nil:
+		s.metrics.prepares.WithLabelValues(resultMounted).Inc()
 		log.G(ctx).WithField("target", target).WithField("layer", base.Labels[LabelLayerDigest]).Debug("spanpull: remote snapshot committed")
 		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 	case errdefs.IsAlreadyExists(err):
 		// Someone committed target meanwhile; our key is gone.
+		s.metrics.prepares.WithLabelValues(resultExists).Inc()
 		return nil, err
 	case errors.Is(err, ErrNoRemote):
+		s.metrics.prepares.WithLabelValues(resultNoRemote).Inc()
 		log.G(ctx).WithError(err).WithField("layer", base.Labels[LabelLayerDigest]).Debug("spanpull: layer is pulled normally")
 	default:
+		s.metrics.prepares.WithLabelValues(resultFailed).Inc()
 		log.G(ctx).WithError(err).WithField("layer", base.Labels[LabelLayerDigest]).Warn("spanpull: remote mount failed, layer is pulled normally")
 	}
 	// The active snapshot prepared above is still empty and unmounted:

@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
 
@@ -144,7 +145,8 @@ func TestRemotePrepare(t *testing.T) {
 	r := newBindResolver()
 	r.layers["sha256:l1"] = layerDir(t, map[string]string{"a": "from l1", "dir/b": "b1"})
 	r.layers["sha256:l2"] = layerDir(t, map[string]string{"dir/b": "b2"})
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
+	reg := prometheus.NewRegistry()
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithMetrics(reg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,6 +192,16 @@ func TestRemotePrepare(t *testing.T) {
 	}
 	if r.liveMounts() != 2 {
 		t.Fatalf("%d live remote mounts, want 2", r.liveMounts())
+	}
+	for name, want := range map[string]float64{
+		`spanpull_snapshotter_remote_prepares_total{result="mounted"}`:   2,
+		`spanpull_snapshotter_remote_prepares_total{result="exists"}`:    1,
+		`spanpull_snapshotter_remote_prepares_total{result="no_remote"}`: 0,
+		`spanpull_snapshotter_remote_mounts`:                             2,
+	} {
+		if got := metricValue(t, reg, name); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
 	}
 
 	// A container: overlay of both remote layers plus a writable upper.
@@ -240,7 +252,8 @@ func TestRemoteFallback(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	r := newBindResolver()
-	sn, err := New(ctx, t.TempDir(), WithRemoteLayerResolver(r))
+	reg := prometheus.NewRegistry()
+	sn, err := New(ctx, t.TempDir(), WithRemoteLayerResolver(r), WithMetrics(reg))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,6 +300,48 @@ func TestRemoteFallback(t *testing.T) {
 	if r.calls != calls {
 		t.Fatal("resolver asked without a layer digest label")
 	}
+	for name, want := range map[string]float64{
+		`spanpull_snapshotter_remote_prepares_total{result="mounted"}`:   0,
+		`spanpull_snapshotter_remote_prepares_total{result="no_remote"}`: 1,
+		`spanpull_snapshotter_remote_prepares_total{result="failed"}`:    1,
+	} {
+		if got := metricValue(t, reg, name); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+}
+
+// metricValue returns the value of a counter or gauge, named as in the
+// text exposition format: name{label="value"}.
+func metricValue(t *testing.T, g prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			id := mf.GetName()
+			if len(m.GetLabel()) > 0 {
+				var ls []string
+				for _, l := range m.GetLabel() {
+					ls = append(ls, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+				}
+				id += "{" + strings.Join(ls, ",") + "}"
+			}
+			if id != name {
+				continue
+			}
+			switch {
+			case m.GetCounter() != nil:
+				return m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	t.Fatalf("metric %s not found", name)
+	return 0
 }
 
 // A resolver that mounts and then fails must not leave its mount behind.

@@ -25,6 +25,7 @@ import (
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Snapshotter implements containerd's snapshots.Snapshotter and
@@ -44,6 +45,8 @@ type Snapshotter struct {
 	// mounted holds the remote mounts this process made, by snapshot ID.
 	mounted map[string]RemoteMount
 	closed  bool
+
+	metrics *metrics
 }
 
 // The Snapshotter must be usable wherever containerd expects a snapshotter
@@ -57,6 +60,7 @@ type config struct {
 	asyncRemove  bool
 	mountOptions []string
 	resolver     RemoteLayerResolver
+	registerer   prometheus.Registerer
 }
 
 // Opt configures a Snapshotter in New.
@@ -89,6 +93,15 @@ func WithRemoteLayerResolver(r RemoteLayerResolver) Opt {
 			return errors.New("nil remote layer resolver")
 		}
 		c.resolver = r
+		return nil
+	}
+}
+
+// WithMetrics registers the snapshotter's metrics (remote layer outcomes,
+// live remote mounts) with reg, so a silent fallback to full pulls shows.
+func WithMetrics(reg prometheus.Registerer) Opt {
+	return func(c *config) error {
+		c.registerer = reg
 		return nil
 	}
 }
@@ -140,6 +153,13 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		asyncRemove: c.asyncRemove,
 		resolver:    c.resolver,
 		mounted:     make(map[string]RemoteMount),
+	}
+	s.metrics = newMetrics(s)
+	if c.registerer != nil {
+		if err := s.metrics.register(c.registerer); err != nil {
+			ms.Close()
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
 	}
 	if err := s.restoreRemote(ctx); err != nil {
 		ms.Close()

@@ -223,6 +223,9 @@ func TestServe(t *testing.T) {
 	if !strings.Contains(string(body), `spanpull_snapshotter_grpc_requests_total{code="AlreadyExists",method="Prepare"} 1`) {
 		t.Fatalf("metrics lack the Prepare AlreadyExists count:\n%s", body)
 	}
+	if !strings.Contains(string(body), `spanpull_snapshotter_remote_prepares_total{result="mounted"} 0`) {
+		t.Fatalf("metrics lack the snapshotter's own:\n%s", body)
+	}
 
 	if err := stop(); err != nil {
 		t.Fatalf("serve returned %v on stop", err)

@@ -33,7 +33,10 @@ func serve(ctx context.Context, cfg config) error {
 	}
 	logger := log.G(ctx)
 
-	var opts []snapshotter.Opt
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg)}
 	if cfg.AsyncRemove {
 		opts = append(opts, snapshotter.WithAsyncRemove())
 	}
@@ -50,8 +53,6 @@ func serve(ctx context.Context, cfg config) error {
 		}
 	}()
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rpcs := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "spanpull",
 		Subsystem: "snapshotter",
