@@ -172,7 +172,13 @@ func (f *fsNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off in
 		return fuse.ReadResultData(nil), 0
 	}
 	want := min(int64(len(dest)), n.size-off)
-	got, err := f.l.src.ReadAt(ctx, dest[:want], n.offset+off)
+	var got int
+	var err error
+	if n.sparse != nil {
+		got, err = ztoc.ReadFileAt(streamAt{ctx, f.l.src}, n.sparse, dest[:want], off)
+	} else {
+		got, err = f.l.src.ReadAt(ctx, dest[:want], n.offset+off)
+	}
 	if int64(got) == want && (err == nil || errors.Is(err, io.EOF)) {
 		return fuse.ReadResultData(dest[:want]), 0
 	}
@@ -183,6 +189,14 @@ func (f *fsNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off in
 		"offset", off, "length", want, "stream_offset", n.offset+off, "error", err)
 	return nil, syscall.EIO
 }
+
+// streamAt binds a read context to a SpanSource, as io.ReaderAt.
+type streamAt struct {
+	ctx context.Context
+	src SpanSource
+}
+
+func (s streamAt) ReadAt(p []byte, off int64) (int, error) { return s.src.ReadAt(s.ctx, p, off) }
 
 // Readlink implements fs.NodeReadlinker.
 func (f *fsNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {

@@ -48,7 +48,10 @@ type node struct {
 	size int64
 	// offset is where a regular file's data starts in the uncompressed
 	// tar stream.
-	offset   int64
+	offset int64
+	// sparse is the regular file itself when it is a GNU sparse file,
+	// whose bytes are not one run of the stream.
+	sparse   *ztoc.FileMetadata
 	target   string   // symlink target
 	xattrs   []xattr  // sorted by name
 	whiteout bool     // presents an OCI whiteout
@@ -203,6 +206,12 @@ func (t *tree) add(f *ztoc.FileMetadata, comps []string) error {
 		n = t.newNode(syscall.S_IFREG)
 		n.offset = f.UncompressedOffset
 		n.size = f.UncompressedSize
+		if _, ok := f.PAXRecords[ztoc.SparseMapRecord]; ok {
+			if _, err := f.Fragments(); err != nil {
+				return err
+			}
+			n.sparse = f
+		}
 	case ztoc.TypeSymlink:
 		if f.Linkname == "" {
 			return errors.New("symlink has no target")
