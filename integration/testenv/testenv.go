@@ -286,12 +286,19 @@ type Containerd struct {
 	Ctr string
 	// Namespace is passed to every Ctr call.
 	Namespace string
+
+	path string // PATH of the daemon and ctr
 }
 
-// ContainerdConfig configures StartContainerd16.
+// ContainerdConfig configures StartContainerd16 and StartContainerd2.
 type ContainerdConfig struct {
 	// Snapshotters maps proxy plugin names to snapshotter sockets.
 	Snapshotters map[string]string
+	// RemoteSnapshotAnnotations (containerd >= 2.1 only) exports
+	// enable_remote_snapshot_annotations for every proxy snapshotter, so
+	// that pulls through the transfer service ("ctr image pull") pass the
+	// remote-snapshot labels (cri.layer-digest, cri.image-ref, ...).
+	RemoteSnapshotAnnotations bool
 }
 
 // Debian's containerd 1.6 and its tools.
@@ -299,6 +306,10 @@ const (
 	Containerd16Binary = "/usr/bin/containerd"
 	Ctr16Binary        = "/usr/bin/ctr"
 )
+
+// systemPath is the PATH containerd and ctr run with: Debian's runc and
+// shim, never a containerd 2 shim some go install put in ~/go/bin.
+const systemPath = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 // StartContainerd16 starts Debian's containerd 1.6 with its root, state
 // and sockets in dir, CRI disabled, and one proxy_plugins entry per
@@ -313,15 +324,34 @@ func StartContainerd16(t testing.TB, dir string, c ContainerdConfig) *Containerd
 			t.Fatalf("containerd 1.6 not installed (%v): run scripts/install-deps.sh", err)
 		}
 	}
+	if c.RemoteSnapshotAnnotations {
+		t.Fatal("containerd 1.6 has no transfer service: RemoteSnapshotAnnotations needs containerd 2")
+	}
+	return startContainerd(t, dir, Containerd16Binary, Ctr16Binary, systemPath, 2, c)
+}
+
+// StartContainerd2 is StartContainerd16 for containerd v2 (config version
+// 3), with the binaries in binDir (see Containerd2Binaries), whose shim
+// comes first in its PATH. Its transfer service unpacks for every proxy
+// snapshotter (unpack_config), so "ctr image pull --snapshotter NAME" works.
+func StartContainerd2(t testing.TB, dir, binDir string, c ContainerdConfig) *Containerd {
+	t.Helper()
+	return startContainerd(t, dir, filepath.Join(binDir, "containerd"), filepath.Join(binDir, "ctr"),
+		binDir+":"+systemPath, 3, c)
+}
+
+func startContainerd(t testing.TB, dir, bin, ctr, path string, version int, c ContainerdConfig) *Containerd {
+	t.Helper()
 	cd := &Containerd{
 		Socket:    filepath.Join(dir, "containerd.sock"),
 		Root:      filepath.Join(dir, "containerd-root"),
 		State:     filepath.Join(dir, "containerd-state"),
-		Ctr:       Ctr16Binary,
+		Ctr:       ctr,
 		Namespace: "default",
+		path:      path,
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, `version = 2
+	fmt.Fprintf(&b, `version = %d
 root = %q
 state = %q
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
@@ -331,22 +361,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = %q
 [debug]
   level = "debug"
-[proxy_plugins]
-`, cd.Root, cd.State, cd.Socket, cd.Socket+".ttrpc")
+`, version, cd.Root, cd.State, cd.Socket, cd.Socket+".ttrpc")
 	names := make([]string, 0, len(c.Snapshotters))
 	for n := range c.Snapshotters {
 		names = append(names, n)
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(&b, "  [proxy_plugins.%s]\n    type = \"snapshot\"\n    address = %q\n", n, c.Snapshotters[n])
+		fmt.Fprintf(&b, "[proxy_plugins.%s]\n  type = \"snapshot\"\n  address = %q\n", n, c.Snapshotters[n])
+		if c.RemoteSnapshotAnnotations {
+			fmt.Fprintf(&b, "[proxy_plugins.%s.exports]\n  enable_remote_snapshot_annotations = \"true\"\n", n)
+		}
+	}
+	if version >= 3 {
+		for _, n := range append([]string{"overlayfs"}, names...) {
+			fmt.Fprintf(&b, "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = %q\n", n)
+		}
 	}
 	cfg := filepath.Join(dir, "containerd.toml")
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(Containerd16Binary, "--config", cfg)
-	cmd.Env = append(filteredEnv("PATH"), "PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+	cmd := exec.Command(bin, "--config", cfg)
+	cmd.Env = append(filteredEnv("PATH"), "PATH="+path)
 	// Cleanups run last-in first-out: shims are stopped after containerd.
 	t.Cleanup(func() { killShims(t, cd.Socket) })
 	cd.Process = startProcess(t, dir, "containerd", cmd, 15*time.Second)
@@ -358,6 +395,51 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 		t.Fatal(err)
 	}
 	return cd
+}
+
+// Containerd2Version is the containerd 2 release tests run against.
+const Containerd2Version = "v2.2.9"
+
+// Containerd2Binaries returns a directory holding containerd, ctr and
+// containerd-shim-runc-v2 of Containerd2Version. $SPANPULL_CONTAINERD2_DIR
+// names one explicitly; otherwise they are built once with go install into
+// the user cache directory (about 2.5 minutes on 2 cores), never into a
+// directory on PATH where Debian's containerd 1.6 would pick up the v2 shim.
+func Containerd2Binaries(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("SPANPULL_CONTAINERD2_DIR")
+	if dir == "" {
+		cache, err := os.UserCacheDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir = filepath.Join(cache, "spanpull", "containerd-"+Containerd2Version, "bin")
+	}
+	names := []string{"containerd", "ctr", "containerd-shim-runc-v2"}
+	missing := false
+	for _, n := range names {
+		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
+			missing = true
+		}
+	}
+	if !missing {
+		return dir
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"install"}
+	for _, n := range names {
+		args = append(args, "github.com/containerd/containerd/v2/cmd/"+n+"@"+Containerd2Version)
+	}
+	t.Logf("building containerd %s into %s (once)", Containerd2Version, dir)
+	cmd := exec.Command("go", args...)
+	cmd.Dir = os.TempDir() // outside any module: go install pkg@version
+	cmd.Env = append(filteredEnv("GOBIN", "GOFLAGS"), "GOBIN="+dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go install containerd %s: %v\n%s", Containerd2Version, err, out)
+	}
+	return dir
 }
 
 func filteredEnv(drop ...string) []string {
@@ -379,7 +461,7 @@ next:
 func (c *Containerd) Run(ctx context.Context, args ...string) (string, error) {
 	full := append([]string{"-a", c.Socket, "-n", c.Namespace}, args...)
 	cmd := exec.CommandContext(ctx, c.Ctr, full...)
-	cmd.Env = append(filteredEnv("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+	cmd.Env = append(filteredEnv("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH="+c.path)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	err := cmd.Run()
@@ -389,7 +471,7 @@ func (c *Containerd) Run(ctx context.Context, args ...string) (string, error) {
 	return out.String(), nil
 }
 
-// Ctr is Run that fails the test on error, with a two-minute timeout.
+// MustRun is Run that fails the test on error, with a two-minute timeout.
 func (c *Containerd) MustRun(t testing.TB, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
