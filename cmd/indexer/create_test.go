@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -373,4 +376,258 @@ func TestCreateReportJSON(t *testing.T) {
 func startReferrers(t *testing.T) string {
 	t.Helper()
 	return registrytest.StartReferrersRegistry(t)
+}
+
+// TestCreateFaults runs create through registrytest's fault proxy in front
+// of docker-registry: transient failures are retried, persistent ones and
+// a registry that stops answering fail in bounded time with a clear
+// error, and a failed create leaves no SOCI index pointing at missing
+// blobs.
+func TestCreateFaults(t *testing.T) {
+	layers := []itLayer{
+		itGzipLayer(110, 300<<10, itOCIGzip),
+		itGzipLayer(111, 350<<10, itOCIGzip),
+		itTarLayer(112, 250<<10),
+	}
+	want := []itWant{{layers[0], ztoc.DefaultSpanSize}, {layers[1], ztoc.DefaultSpanSize}, {layers[2], ztoc.DefaultSpanSize}}
+	upstream := registrytest.StartDistribution(t)
+	proxy := registrytest.StartFaultProxy(t, upstream)
+	reg := itRegistry{Name: "distribution", Addr: upstream}
+	n := 0
+	setup := func(t *testing.T) (itImage, string) {
+		n++
+		repo := fmt.Sprintf("faults%d", n)
+		img := itPushImage(t, upstream, repo, "v1", "linux/amd64", false, layers...)
+		proxy.Set(registrytest.Faults{})
+		return img, repo
+	}
+	layerGET := func(d digest.Digest) func(*http.Request) bool {
+		return func(r *http.Request) bool { return r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+d.String()) }
+	}
+	create := func(ctx context.Context, t *testing.T, repo string) itOutput {
+		return itRunContext(ctx, t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", proxy.Addr+"/"+repo+":v1")
+	}
+	succeeds := func(t *testing.T, img itImage, repo string) {
+		t.Helper()
+		out := create(context.Background(), t, repo)
+		if out.Err != nil {
+			t.Fatalf("create failed: %v\nproxy saw:\n%s", out.Err, strings.Join(proxy.Requests(), "\n"))
+		}
+		m := itIndexLine.FindStringSubmatch(out.Stdout)
+		if m == nil {
+			t.Fatalf("no index line:\n%s", out.Stdout)
+		}
+		subject := img.Desc
+		itCheckIndex(t, upstream, repo, digest.Digest(m[1]), index.V1, &subject, want)
+	}
+	// fails checks a failed create: a non-nil error within bounds that
+	// contains every string of msg, and nothing half-pushed.
+	fails := func(t *testing.T, out itOutput, repo string, msg ...string) {
+		t.Helper()
+		if out.Err == nil {
+			t.Fatalf("create succeeded:\n%s", out.Stdout)
+		}
+		if out.Elapsed > 60*time.Second {
+			t.Errorf("create took %s to fail", out.Elapsed)
+		}
+		for _, s := range msg {
+			if !strings.Contains(out.Err.Error(), s) {
+				t.Errorf("error %q does not mention %q", out.Err, s)
+			}
+		}
+		proxy.Set(registrytest.Faults{})
+		if got := itWalk(t, reg, repo); len(got) != 0 {
+			t.Errorf("failed create left SOCI indexes %v", got)
+		}
+	}
+
+	t.Run("transient 5xx", func(t *testing.T) {
+		img, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Status: http.StatusServiceUnavailable, StatusCount: 3})
+		succeeds(t, img, repo)
+		if c := proxy.CountRequests("503 (injected)"); c != 3 {
+			t.Errorf("%d injected 503s, want 3", c)
+		}
+	})
+	t.Run("transient 5xx on push", func(t *testing.T) {
+		img, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method != http.MethodGet && r.Method != http.MethodHead }, Status: http.StatusBadGateway, StatusCount: 3})
+		succeeds(t, img, repo)
+	})
+	t.Run("reset mid-layer", func(t *testing.T) {
+		img, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: layerGET(layers[1].Desc.Digest), ResetAfter: 100 << 10, ResetCount: 2})
+		succeeds(t, img, repo)
+		if c := proxy.CountRequests("reset after"); c != 2 {
+			t.Errorf("%d resets, want 2", c)
+		}
+		if c := proxy.CountRequests(layers[1].Desc.Digest.String() + " [bytes="); c == 0 {
+			t.Errorf("the broken download was not resumed with a Range request:\n%s", strings.Join(proxy.Requests(), "\n"))
+		}
+	})
+	t.Run("dropped connections", func(t *testing.T) {
+		img, repo := setup(t)
+		proxy.Set(registrytest.Faults{DropCount: 4})
+		succeeds(t, img, repo)
+	})
+	t.Run("persistent 5xx on a layer", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: layerGET(layers[1].Desc.Digest), Status: http.StatusInternalServerError, StatusCount: -1})
+		out := create(context.Background(), t, repo)
+		fails(t, out, repo, layers[1].Desc.Digest.String(), "500")
+	})
+	t.Run("persistent 5xx on uploads", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/blobs/uploads/") }, Status: http.StatusServiceUnavailable, StatusCount: -1})
+		out := create(context.Background(), t, repo)
+		fails(t, out, repo, "503")
+	})
+	t.Run("index manifest push fails", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/") }, Status: http.StatusInternalServerError, StatusCount: -1})
+		out := create(context.Background(), t, repo)
+		fails(t, out, repo, "500")
+	})
+	t.Run("fallback tag update fails", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/sha256-") }, Status: http.StatusInternalServerError, StatusCount: -1})
+		out := create(context.Background(), t, repo)
+		if out.Err == nil {
+			t.Errorf("create succeeded though the index could not be made discoverable:\n%s", out.Stdout)
+		}
+		proxy.Set(registrytest.Faults{})
+		itWalk(t, reg, repo) // no dangling pointers, whatever was pushed
+	})
+	t.Run("registry stops answering", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 64 << 10, ResetCount: -1, StallReset: true})
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		out := create(ctx, t, repo)
+		fails(t, out, repo)
+		if out.Elapsed > 20*time.Second {
+			t.Errorf("create ran %s past its 10s deadline", out.Elapsed)
+		}
+	})
+	t.Run("registry stops answering before headers", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Latency: 5 * time.Minute})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		out := create(ctx, t, repo)
+		fails(t, out, repo)
+		if out.Elapsed > 15*time.Second {
+			t.Errorf("create ran %s past its 5s deadline", out.Elapsed)
+		}
+	})
+	t.Run("corrupt layer body", func(t *testing.T) {
+		_, repo := setup(t)
+		proxy.Set(registrytest.Faults{Match: layerGET(layers[0].Desc.Digest), Corrupt: true})
+		out := create(context.Background(), t, repo)
+		fails(t, out, repo, layers[0].Desc.Digest.String())
+	})
+}
+
+// TestCreateCorruptLayerData flips a byte inside a file's data of an
+// uncompressed tar layer on its way from the registry: the tar still
+// parses, so only the digest check can catch it.
+func TestCreateCorruptLayerData(t *testing.T) {
+	l := itTarLayer(120, 300<<10)
+	g := itGzipLayer(121, 300<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		itPushImage(t, reg.Addr, "corrupt", "v1", "linux/amd64", false, l, g)
+		proxy := itStartProxy(t, reg.Addr)
+		proxy.Corrupt(l.Desc.Digest, l.Desc.Size/2+1000)
+		proxy.Corrupt(g.Desc.Digest, g.Desc.Size/2)
+		out := itRun(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", proxy.Addr+"/corrupt:v1")
+		if out.Err == nil {
+			t.Fatalf("create of corrupted layers succeeded:\n%s", out.Stdout)
+		}
+		for _, d := range []digest.Digest{l.Desc.Digest, g.Desc.Digest} {
+			if !strings.Contains(out.Err.Error(), d.String()) {
+				t.Errorf("error %q does not name layer %s", out.Err, d)
+			}
+		}
+		if got := itWalk(t, reg, "corrupt"); len(got) != 0 {
+			t.Errorf("SOCI indexes %v pushed for corrupted layers", got)
+		}
+	})
+}
+
+// TestCreateBadInput: a manifest that does not parse, an image config
+// that does not parse, a layer that is neither gzip nor tar.
+func TestCreateBadInput(t *testing.T) {
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		create := func(ref string) itOutput {
+			return itRun(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "0", reg.Addr+"/"+ref)
+		}
+		// A layer of random bytes labelled tar+gzip.
+		junk := itZstdLayer(130, 50<<10)
+		junk.Desc.MediaType = itOCIGzip
+		good := itGzipLayer(131, 50<<10, itOCIGzip)
+		itPushImage(t, reg.Addr, "bad", "junk", "linux/amd64", false, good, junk)
+		out := create("bad:junk")
+		if out.Err == nil || !strings.Contains(out.Err.Error(), "layer "+junk.Desc.Digest.String()) {
+			t.Errorf("junk layer: err %v, want one naming layer %s", out.Err, junk.Desc.Digest)
+		}
+		if got := itWalk(t, reg, "bad"); len(got) != 0 {
+			t.Errorf("SOCI indexes %v pushed for an image with a junk layer", got)
+		}
+
+		// An image config that is not JSON.
+		cfg := []byte("this is not an image config")
+		registrytest.PushBlob(t, reg.Addr, "bad", cfg)
+		registrytest.PushBlob(t, reg.Addr, "bad", good.Data)
+		m := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest,
+			Config: ocispec.Descriptor{MediaType: ocispec.MediaTypeImageConfig, Digest: digest.FromBytes(cfg), Size: int64(len(cfg))},
+			Layers: []ocispec.Descriptor{good.Desc}}
+		m.SchemaVersion = 2
+		mb, _ := json.Marshal(m)
+		registrytest.PushManifest(t, reg.Addr, "bad", "config", m.MediaType, mb)
+		// create needs no platform for a single manifest (a v1 index has
+		// none) and indexes it; convert must refuse it, clearly.
+		out = create("bad:config")
+		if out.Err != nil || !strings.Contains(out.Stdout, "for unknown") {
+			t.Errorf("create of an image whose config is not JSON: err %v", out.Err)
+		}
+		out = itRun(t, "convert", "--plain-http", "--no-cache", "--min-layer-size", "0", reg.Addr+"/bad:config", reg.Addr+"/bad:config-soci")
+		if out.Err == nil || !strings.Contains(out.Err.Error(), "config") {
+			t.Errorf("convert of an image whose config is not JSON: err %v", out.Err)
+		}
+		out = itRun(t, "create", "--plain-http", "--no-cache", "--platform", "linux/amd64", reg.Addr+"/bad:config")
+		if out.Err == nil || !strings.Contains(out.Err.Error(), "config") {
+			t.Errorf("create --platform of an image whose config is not JSON: err %v", out.Err)
+		}
+
+		// A manifest with a bad layer digest, which docker-registry
+		// refuses; the in-process registry stores it.
+		if reg.Referrers {
+			bad := strings.Replace(string(mb), good.Desc.Digest.String(), "sha256:nothex", 1)
+			registrytest.PushManifest(t, reg.Addr, "bad", "digest", m.MediaType, []byte(bad))
+			out = create("bad:digest")
+			if out.Err == nil || !strings.Contains(out.Err.Error(), "nothex") {
+				t.Errorf("manifest with a bad layer digest: err %v", out.Err)
+			}
+			registrytest.PushManifest(t, reg.Addr, "bad", "json", m.MediaType, []byte(`{"schemaVersion":2,"layers":[`))
+			out = create("bad:json")
+			if out.Err == nil || !strings.Contains(out.Err.Error(), "manifest") {
+				t.Errorf("manifest that is not JSON: err %v", out.Err)
+			}
+		}
+
+		// An image index whose entry names a manifest of another kind.
+		registrytest.PushManifest(t, reg.Addr, "bad", "notimage", "application/vnd.oci.image.index.v1+json",
+			[]byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}`))
+		out = create("bad:notimage")
+		if out.Err == nil {
+			t.Error("empty image index: no error")
+		}
+		out = create("bad:missing")
+		if out.Err == nil || !strings.Contains(out.Err.Error(), "not found") {
+			t.Errorf("missing tag: %v", out.Err)
+		}
+		if out := itRun(t, "create", "--plain-http", "--span-size", "0", reg.Addr+"/bad:junk"); out.Err == nil {
+			t.Error("--span-size 0: no error")
+		}
+	})
 }

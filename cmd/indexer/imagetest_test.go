@@ -605,16 +605,59 @@ type itProxy struct {
 	Addr string
 	mu   sync.Mutex
 	reqs []string
+	// corrupt maps a blob digest to the offset of the byte flipped in
+	// the body of full (non-range) GETs of that blob.
+	corrupt map[digest.Digest]int64
+}
+
+// Corrupt makes the proxy flip the byte at offset off of every full GET
+// of blob d (headers, including Docker-Content-Digest, stay intact).
+func (p *itProxy) Corrupt(d digest.Digest, off int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.corrupt[d] = off
+}
+
+// itFlipAt flips the byte at offset at of the stream.
+type itFlipAt struct {
+	io.ReadCloser
+	pos, at int64
+}
+
+func (f *itFlipAt) Read(b []byte) (int, error) {
+	n, err := f.ReadCloser.Read(b)
+	if f.at >= f.pos && f.at < f.pos+int64(n) {
+		b[f.at-f.pos] ^= 0xff
+	}
+	f.pos += int64(n)
+	return n, err
 }
 
 func itStartProxy(t testing.TB, upstream string) *itProxy {
 	t.Helper()
-	p := &itProxy{}
+	p := &itProxy{corrupt: map[digest.Digest]int64{}}
 	target, err := url.Parse("http://" + upstream)
 	if err != nil {
 		t.Fatal(err)
 	}
 	rp := httputil.NewSingleHostReverseProxy(target) // keeps the Host header: Location URLs name the proxy
+	rp.ModifyResponse = func(resp *http.Response) error {
+		r := resp.Request
+		if r.Method != http.MethodGet || r.Header.Get("Range") != "" || resp.StatusCode != http.StatusOK {
+			return nil
+		}
+		_, d, ok := strings.Cut(r.URL.Path, "/blobs/")
+		if !ok {
+			return nil
+		}
+		p.mu.Lock()
+		off, ok := p.corrupt[digest.Digest(d)]
+		p.mu.Unlock()
+		if ok {
+			resp.Body = &itFlipAt{ReadCloser: resp.Body, at: off}
+		}
+		return nil
+	}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &itStatusWriter{ResponseWriter: w, status: http.StatusOK}
 		rp.ServeHTTP(rec, r)
