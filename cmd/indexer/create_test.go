@@ -402,7 +402,9 @@ func TestCreateFaults(t *testing.T) {
 		return img, repo
 	}
 	layerGET := func(d digest.Digest) func(*http.Request) bool {
-		return func(r *http.Request) bool { return r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+d.String()) }
+		return func(r *http.Request) bool {
+			return r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+d.String())
+		}
 	}
 	create := func(ctx context.Context, t *testing.T, repo string) itOutput {
 		return itRunContext(ctx, t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", proxy.Addr+"/"+repo+":v1")
@@ -484,13 +486,17 @@ func TestCreateFaults(t *testing.T) {
 	})
 	t.Run("index manifest push fails", func(t *testing.T) {
 		_, repo := setup(t)
-		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/") }, Status: http.StatusInternalServerError, StatusCount: -1})
+		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool {
+			return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/")
+		}, Status: http.StatusInternalServerError, StatusCount: -1})
 		out := create(context.Background(), t, repo)
 		fails(t, out, repo, "500")
 	})
 	t.Run("fallback tag update fails", func(t *testing.T) {
 		_, repo := setup(t)
-		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/sha256-") }, Status: http.StatusInternalServerError, StatusCount: -1})
+		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool {
+			return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/sha256-")
+		}, Status: http.StatusInternalServerError, StatusCount: -1})
 		out := create(context.Background(), t, repo)
 		if out.Err == nil {
 			t.Errorf("create succeeded though the index could not be made discoverable:\n%s", out.Stdout)
