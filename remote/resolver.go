@@ -1,0 +1,531 @@
+// Package remote mounts the layers of SOCI-indexed images lazily: it finds
+// an image's SOCI index, fetches the zTOC of each layer and serves the
+// layer as a read-only FUSE filesystem whose reads fetch only the spans
+// they cover. Layers of an indexed image that have no zTOC are downloaded,
+// verified and unpacked locally, so that containerd never has to fetch
+// anything for the image.
+package remote
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/archive"
+	"github.com/containerd/containerd/v2/pkg/archive/compression"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/fusefs"
+	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/store"
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// Labels containerd's unpacker passes to Prepare (set by
+// snapshotters.AppendInfoHandlerWrapper), and SOCI's explicit index label.
+const (
+	LabelImageRef       = "containerd.io/snapshot/cri.image-ref"
+	LabelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
+	LabelLayerDigest    = "containerd.io/snapshot/cri.layer-digest"
+	LabelIndexDigest    = "containerd.io/snapshot/remote/soci.index.digest"
+)
+
+// Config tunes a Resolver.
+type Config struct {
+	// Root holds the resolver's state: zTOCs and remote layer records
+	// (bbolt) and the span cache.
+	Root string
+	// PlainHTTP lists registry hosts (host or host:port) spoken to over
+	// plain HTTP. Loopback addresses always are.
+	PlainHTTP []string
+	// Insecure skips TLS verification for every registry.
+	Insecure bool
+	// FetchTimeout bounds one span fetch; reads waiting on it then fail
+	// with EIO. Default store.DefaultFetchTimeout.
+	FetchTimeout time.Duration
+	// FillDelay is how long after mounting a layer its background fill
+	// starts; FillRate bounds the fill in compressed bytes per second per
+	// layer. A negative FillRate disables background fill.
+	FillDelay time.Duration
+	FillRate  int64
+	// IndexCacheTTL is how long an image's index (or its absence) is
+	// remembered. Default 5 minutes.
+	IndexCacheTTL time.Duration
+	// Metrics records the read path; nil means none.
+	Metrics *Metrics
+	// Logger receives one line per image and every fallback; nil means
+	// slog.Default().
+	Logger *slog.Logger
+}
+
+// Defaults for Config fields left zero.
+const (
+	DefaultFillDelay     = 5 * time.Second
+	DefaultFillRate      = 8 << 20
+	DefaultIndexCacheTTL = 5 * time.Minute
+	// maxZtocSize bounds a zTOC fetched from a registry.
+	maxZtocSize = 1 << 30
+)
+
+// Resolver implements snapshotter.RemoteLayerResolver for SOCI indexes.
+type Resolver struct {
+	cfg   Config
+	log   *slog.Logger
+	meta  *store.MetaStore
+	spans *store.SpanCache
+
+	mu     sync.Mutex
+	images map[digest.Digest]*imageIndex // by image manifest digest
+	repos  map[string]*registry.Repository
+}
+
+var _ snapshotter.RemoteLayerResolver = (*Resolver)(nil)
+
+// New opens the resolver's state under cfg.Root.
+func New(cfg Config) (*Resolver, error) {
+	if cfg.IndexCacheTTL <= 0 {
+		cfg.IndexCacheTTL = DefaultIndexCacheTTL
+	}
+	if cfg.FillDelay == 0 {
+		cfg.FillDelay = DefaultFillDelay
+	}
+	if cfg.FillRate == 0 {
+		cfg.FillRate = DefaultFillRate
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	meta, err := store.OpenMetaStore(filepath.Join(cfg.Root, "meta"))
+	if err != nil {
+		return nil, err
+	}
+	spans, err := store.NewSpanCache(filepath.Join(cfg.Root, "cache"))
+	if err != nil {
+		meta.Close()
+		return nil, err
+	}
+	return &Resolver{cfg: cfg, log: log, meta: meta, spans: spans,
+		images: make(map[digest.Digest]*imageIndex), repos: make(map[string]*registry.Repository)}, nil
+}
+
+// Close releases the resolver's state. Mounts must be released first.
+func (r *Resolver) Close() error { return r.meta.Close() }
+
+// imageIndex is what the resolver learned about one image: its manifest
+// and its SOCI index, or why it has none.
+type imageIndex struct {
+	once     sync.Once
+	at       time.Time
+	manifest *ocispec.Manifest
+	index    *index.Index
+	indexDig digest.Digest
+	err      error
+}
+
+// Mount implements snapshotter.RemoteLayerResolver.
+func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
+	layerDigest, err := digest.Parse(labels[LabelLayerDigest])
+	if err != nil {
+		return nil, fmt.Errorf("no valid layer digest label: %w", snapshotter.ErrNoRemote)
+	}
+	// A snapshot mounted before (daemon restart): its zTOC is on disk, so
+	// no registry round trip is needed until a span is missing.
+	if rec, err := r.meta.GetLayer(ctx, dir); err == nil && rec.LayerDigest == layerDigest {
+		zb, err := r.meta.Ztoc(ctx, rec.ZtocDigest)
+		if err != nil {
+			return nil, err
+		}
+		z, err := ztoc.Unmarshal(zb)
+		if err != nil {
+			return nil, fmt.Errorf("stored zTOC %s: %w", rec.ZtocDigest, err)
+		}
+		desc := ocispec.Descriptor{Digest: layerDigest, Size: z.CompressedArchiveSize}
+		return r.mountLazy(ctx, dir, rec.ImageRef, desc, z)
+	}
+	if names, err := readDirNames(dir); err == nil && len(names) > 0 {
+		// Unpacked locally before a restart: the files are all there.
+		return localMount{}, nil
+	}
+
+	imageRef := labels[LabelImageRef]
+	if imageRef == "" {
+		return nil, fmt.Errorf("no image reference label: %w", snapshotter.ErrNoRemote)
+	}
+	img := r.image(ctx, imageRef, labels)
+	if img.err != nil {
+		r.cfg.Metrics.fallback("no_index")
+		return nil, fmt.Errorf("%s: %w: %w", imageRef, img.err, snapshotter.ErrNoRemote)
+	}
+	var desc ocispec.Descriptor
+	for _, l := range img.manifest.Layers {
+		if l.Digest == layerDigest {
+			desc = l
+		}
+	}
+	if desc.Digest == "" {
+		r.cfg.Metrics.fallback("layer_not_in_manifest")
+		return nil, fmt.Errorf("layer %s is not in the manifest of %s: %w", layerDigest, imageRef, snapshotter.ErrNoRemote)
+	}
+	zdesc, ok := img.index.Ztoc(layerDigest)
+	if !ok {
+		if err := r.unpack(ctx, dir, imageRef, desc); err != nil {
+			r.cfg.Metrics.fallback("unpack_failed")
+			return nil, err
+		}
+		r.cfg.Metrics.layerMounted("unpacked")
+		return localMount{}, nil
+	}
+	z, zb, err := r.fetchZtoc(ctx, imageRef, zdesc)
+	if err != nil {
+		r.cfg.Metrics.fallback("ztoc_unavailable")
+		return nil, err
+	}
+	if z.CompressedArchiveSize != desc.Size {
+		r.cfg.Metrics.fallback("ztoc_mismatch")
+		return nil, fmt.Errorf("zTOC %s describes a %d-byte layer, layer %s has %d bytes: %w", zdesc.Digest, z.CompressedArchiveSize, layerDigest, desc.Size, snapshotter.ErrNoRemote)
+	}
+	rec := store.RemoteLayer{Key: dir, LayerDigest: layerDigest, ZtocDigest: zdesc.Digest, IndexDigest: img.indexDig, ImageRef: imageRef, Mountpoint: dir}
+	if err := r.meta.PutLayer(ctx, rec, zb); err != nil {
+		return nil, err
+	}
+	m, err := r.mountLazy(ctx, dir, imageRef, desc, z)
+	if err != nil {
+		r.meta.DeleteLayer(context.WithoutCancel(ctx), dir)
+		r.cfg.Metrics.fallback("mount_failed")
+		return nil, err
+	}
+	r.cfg.Metrics.layerMounted("lazy")
+	return m, nil
+}
+
+// image returns what is known of the image, finding its index once per
+// IndexCacheTTL: the explicit index label first, then the v2 annotation
+// on the image manifest, then v1 referrers.
+func (r *Resolver) image(ctx context.Context, ref string, labels map[string]string) *imageIndex {
+	md, err := digest.Parse(labels[LabelManifestDigest])
+	if err != nil {
+		return &imageIndex{err: errors.New("no image manifest digest label")}
+	}
+	r.mu.Lock()
+	img := r.images[md]
+	if img == nil || time.Since(img.at) > r.cfg.IndexCacheTTL && img.at != (time.Time{}) {
+		img = &imageIndex{}
+		r.images[md] = img
+	}
+	r.mu.Unlock()
+	img.once.Do(func() {
+		img.manifest, img.index, img.indexDig, img.err = r.findIndex(ctx, ref, md, labels[LabelIndexDigest])
+		img.at = time.Now()
+		if img.err != nil {
+			r.log.Info("spanpull: image is not lazy: pulled normally", "image", ref, "manifest", md, "reason", img.err)
+			return
+		}
+		n := 0
+		for _, l := range img.manifest.Layers {
+			if _, ok := img.index.Ztoc(l.Digest); ok {
+				n++
+			}
+		}
+		r.log.Info("spanpull: image is lazy", "image", ref, "manifest", md, "index", img.indexDig,
+			"index_version", img.index.Version.String(), "lazy_layers", n, "layers", len(img.manifest.Layers))
+	})
+	return img
+}
+
+func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, explicit string) (*ocispec.Manifest, *index.Index, digest.Digest, error) {
+	repo, err := r.repo(ref)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	mb, mdesc, err := repo.FetchManifest(ctx, md.String())
+	if err != nil {
+		return nil, nil, "", err
+	}
+	m, err := index.ParseImageManifest(mb)
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("image manifest %s: %w", md, err)
+	}
+	var candidates []digest.Digest
+	if d, err := digest.Parse(explicit); err == nil {
+		candidates = append(candidates, d)
+	}
+	if d, ok, err := index.IndexDigestOf(m); err != nil {
+		return nil, nil, "", err
+	} else if ok {
+		candidates = append(candidates, d)
+	}
+	if len(candidates) == 0 {
+		refs, err := repo.Referrers(ctx, ocispec.Descriptor{MediaType: mdesc.MediaType, Digest: md, Size: mdesc.Size}, index.V1.ArtifactType())
+		if err != nil {
+			return nil, nil, "", err
+		}
+		for _, d := range refs {
+			candidates = append(candidates, d.Digest)
+		}
+	}
+	if len(candidates) == 0 {
+		return nil, nil, "", errors.New("no SOCI index (no index label, no v2 annotation, no v1 referrer)")
+	}
+	var errs []error
+	for _, d := range candidates {
+		b, _, err := repo.FetchManifest(ctx, d.String())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		ix, err := index.Parse(b)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("index %s: %w", d, err))
+			continue
+		}
+		if s := ix.Subject(); s != nil && s.Digest != md {
+			errs = append(errs, fmt.Errorf("index %s is for manifest %s, not %s", d, s.Digest, md))
+			continue
+		}
+		return m, ix, d, nil
+	}
+	return nil, nil, "", fmt.Errorf("no usable SOCI index: %w", errors.Join(errs...))
+}
+
+// repo returns the registry repository of an image reference.
+func (r *Resolver) repo(ref string) (*registry.Repository, error) {
+	name, _, _ := strings.Cut(ref, "@")
+	if i := strings.LastIndex(name, ":"); i > strings.LastIndex(name, "/") {
+		name = name[:i]
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if repo := r.repos[name]; repo != nil {
+		return repo, nil
+	}
+	host, _, _ := strings.Cut(name, "/")
+	repo, err := registry.New(name, registry.Options{PlainHTTP: r.plainHTTP(host), Insecure: r.cfg.Insecure})
+	if err != nil {
+		return nil, err
+	}
+	r.repos[name] = repo
+	return repo, nil
+}
+
+func (r *Resolver) plainHTTP(host string) bool {
+	h, _, err := net.SplitHostPort(host)
+	if err != nil {
+		h = host
+	}
+	if h == "localhost" {
+		return true
+	}
+	if ip := net.ParseIP(h); ip != nil && ip.IsLoopback() {
+		return true
+	}
+	for _, p := range r.cfg.PlainHTTP {
+		if p == host || p == h {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Resolver) fetchZtoc(ctx context.Context, ref string, d ocispec.Descriptor) (*ztoc.Ztoc, []byte, error) {
+	if d.Size > maxZtocSize {
+		return nil, nil, fmt.Errorf("zTOC %s: %d bytes is too large", d.Digest, d.Size)
+	}
+	repo, err := r.repo(ref)
+	if err != nil {
+		return nil, nil, err
+	}
+	rc, err := repo.FetchBlob(ctx, d)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	r.cfg.Metrics.fetched("ztoc", int64(len(b)))
+	if err != nil {
+		return nil, nil, fmt.Errorf("fetch zTOC %s: %w", d.Digest, err)
+	}
+	z, err := ztoc.Unmarshal(b)
+	if err != nil {
+		return nil, nil, fmt.Errorf("zTOC %s: %w", d.Digest, err)
+	}
+	return z, b, nil
+}
+
+// blobReader reads ranges of a layer blob from the registry.
+type blobReader struct {
+	repo *registry.Repository
+	desc ocispec.Descriptor
+}
+
+func (b blobReader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	return b.repo.ReadAt(ctx, b.desc, p, off)
+}
+
+// mountLazy serves layer desc from its zTOC on dir and starts its
+// background fill.
+func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, z *ztoc.Ztoc) (*lazyMount, error) {
+	repo, err := r.repo(ref)
+	if err != nil {
+		return nil, err
+	}
+	var lm store.LayerMetrics
+	if r.cfg.Metrics != nil {
+		lm = r.cfg.Metrics
+	}
+	layer, err := store.NewLayer(desc.Digest, z, blobReader{repo, desc}, r.spans, store.LayerOptions{
+		FetchTimeout: r.cfg.FetchTimeout,
+		Metrics:      lm,
+	})
+	if err != nil {
+		return nil, err
+	}
+	root, err := fusefs.NewRoot(z.Files, layer, fusefs.Options{Logger: r.log})
+	if err != nil {
+		layer.Close()
+		return nil, err
+	}
+	srv, err := fusefs.Mount(ctx, dir, root, fusefs.MountOptions{})
+	if err != nil {
+		layer.Close()
+		return nil, err
+	}
+	fillCtx, stopFill := context.WithCancel(context.Background())
+	m := &lazyMount{r: r, dir: dir, layer: desc.Digest, srv: srv, l: layer, stopFill: stopFill, fillDone: make(chan struct{})}
+	go func() {
+		defer close(m.fillDone)
+		if r.cfg.FillRate < 0 {
+			return
+		}
+		t := time.NewTimer(r.cfg.FillDelay)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-fillCtx.Done():
+			return
+		}
+		if err := layer.Fill(fillCtx, r.cfg.FillRate); err != nil && fillCtx.Err() == nil {
+			r.log.Warn("spanpull: background fill stopped", "layer", desc.Digest, "error", err)
+		}
+	}()
+	return m, nil
+}
+
+// lazyMount is a layer served over FUSE from its zTOC.
+type lazyMount struct {
+	r        *Resolver
+	dir      string
+	layer    digest.Digest
+	srv      *fusefs.Server
+	l        *store.Layer
+	stopFill context.CancelFunc
+	fillDone chan struct{}
+	once     sync.Once
+	err      error
+}
+
+// Unmount stops the layer's background fill and unmounts it, keeping its
+// zTOC and cached spans for the next start of the daemon.
+func (m *lazyMount) Unmount() error {
+	m.once.Do(func() {
+		m.stopFill()
+		<-m.fillDone
+		m.err = m.srv.Unmount()
+		m.l.Close()
+	})
+	return m.err
+}
+
+// Remove unmounts the layer and deletes what only it needed: its record,
+// its zTOC (unless shared) and its cached spans (unless another snapshot
+// serves the same layer).
+func (m *lazyMount) Remove() error {
+	err := m.Unmount()
+	ctx := context.Background()
+	if derr := m.r.meta.DeleteLayer(ctx, m.dir); derr != nil && !errors.Is(derr, store.ErrNotFound) {
+		err = errors.Join(err, derr)
+	}
+	layers, lerr := m.r.meta.ListLayers(ctx)
+	if lerr != nil {
+		return errors.Join(err, lerr)
+	}
+	for _, l := range layers {
+		if l.LayerDigest == m.layer {
+			return err
+		}
+	}
+	return errors.Join(err, m.r.spans.RemoveLayer(ctx, m.layer))
+}
+
+// localMount is a layer unpacked into the snapshot directory: nothing is
+// mounted, nothing needs releasing.
+type localMount struct{}
+
+func (localMount) Unmount() error { return nil }
+func (localMount) Remove() error  { return nil }
+
+// unpack downloads a layer that has no zTOC, verifies it against its
+// digest and applies it to dir (overlayfs whiteouts). On failure dir is
+// left empty.
+func (r *Resolver) unpack(ctx context.Context, dir, ref string, desc ocispec.Descriptor) (err error) {
+	repo, err := r.repo(ref)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			emptyDir(dir)
+		}
+	}()
+	rc, err := repo.FetchBlob(ctx, desc)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	// The verifying reader fails at EOF on a digest mismatch; reading it to
+	// the end after the tar stream makes sure that happens.
+	dr, err := compression.DecompressStream(rc)
+	if err != nil {
+		return fmt.Errorf("unpack layer %s: %w", desc.Digest, err)
+	}
+	defer dr.Close()
+	if _, err := archive.Apply(ctx, dir, dr, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout)); err != nil {
+		return fmt.Errorf("unpack layer %s: %w", desc.Digest, err)
+	}
+	if _, err := io.Copy(io.Discard, dr); err != nil {
+		return fmt.Errorf("unpack layer %s: %w", desc.Digest, err)
+	}
+	if _, err := io.Copy(io.Discard, rc); err != nil {
+		return fmt.Errorf("unpack layer %s: %w", desc.Digest, err)
+	}
+	r.cfg.Metrics.fetched("unpack", desc.Size)
+	return nil
+}
+
+func readDirNames(dir string) ([]string, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return f.Readdirnames(0)
+}
+
+// emptyDir deletes everything inside dir, keeping dir.
+func emptyDir(dir string) {
+	names, _ := readDirNames(dir)
+	for _, n := range names {
+		os.RemoveAll(filepath.Join(dir, n))
+	}
+}
