@@ -78,20 +78,30 @@ type cfListEntry struct {
 	line                                 string
 	mode, owner, size, date, clock, name string
 	link                                 string
+	// names is the owner as tar -tv shows it without --numeric-owner:
+	// user and group names where the archive has them.
+	names string
 }
 
 // cfList returns GNU tar's listing of a layer: numeric owners, full times
 // in UTC, names unquoted.
 func cfList(t testing.TB, layer string) []cfListEntry {
 	t.Helper()
-	out := cfRun(t, nil, []string{"TZ=UTC", "LC_ALL=C.UTF-8"}, "tar", "--numeric-owner", "--full-time", "--quoting-style=literal", "-tvf", layer)
+	env := []string{"TZ=UTC", "LC_ALL=C.UTF-8"}
+	out := cfRun(t, nil, env, "tar", "--numeric-owner", "--full-time", "--quoting-style=literal", "-tvf", layer)
+	named := strings.Split(string(cfRun(t, nil, env, "tar", "--full-time", "--quoting-style=literal", "-tvf", layer)), "\n")
 	var list []cfListEntry
-	for _, line := range strings.Split(strings.TrimSuffix(string(out), "\n"), "\n") {
+	for i, line := range strings.Split(strings.TrimSuffix(string(out), "\n"), "\n") {
 		f := strings.Fields(line)
 		if len(f) < 6 {
 			t.Fatalf("cannot parse tar -tv line %q", line)
 		}
 		e := cfListEntry{line: line, mode: f[0], owner: f[1], size: f[2], date: f[3], clock: f[4]}
+		if i < len(named) {
+			if nf := strings.Fields(named[i]); len(nf) > 1 {
+				e.names = nf[1]
+			}
+		}
 		at := strings.Index(line, " "+e.date+" "+e.clock+" ")
 		// Fractional seconds are padded to a fixed width.
 		e.name = strings.TrimLeft(line[at+len(e.date)+len(e.clock)+3:], " ")
@@ -349,6 +359,24 @@ func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing 
 			t.Errorf("entry %d: %q %s -> %q, archive/tar: %q %q -> %q", i, f.Name, f.Type, f.Linkname, h.Name, h.Typeflag, h.Linkname)
 			continue
 		}
+		// Every header field as archive/tar reads it: full-precision
+		// mtime, 32-bit owners, names, and all raw PAX records.
+		pax := map[string]string{}
+		for k, v := range f.PAXRecords {
+			if k != SparseMapRecord {
+				pax[k] = v
+			}
+		}
+		if len(h.PAXRecords) == 0 && len(pax) == 0 {
+			pax = h.PAXRecords
+		}
+		if f.Mode != h.Mode || int64(f.UID) != int64(h.Uid) || int64(f.GID) != int64(h.Gid) || f.Uname != h.Uname || f.Gname != h.Gname ||
+			!f.ModTime.Equal(h.ModTime) || f.ModTime.Location() != time.UTC || f.Devmajor != h.Devmajor || f.Devminor != h.Devminor ||
+			!reflect.DeepEqual(pax, h.PAXRecords) {
+			t.Errorf("entry %d %s: TOC mode %o owner %d:%d (%s:%s) mtime %s dev %d,%d pax %q;\narchive/tar: mode %o owner %d:%d (%s:%s) mtime %s dev %d,%d pax %q",
+				i, f.Name, f.Mode, f.UID, f.GID, f.Uname, f.Gname, f.ModTime, f.Devmajor, f.Devminor, pax,
+				h.Mode, h.Uid, h.Gid, h.Uname, h.Gname, h.ModTime, h.Devmajor, h.Devminor, h.PAXRecords)
+		}
 		// The last entry of each path is read below, against GNU tar.
 		if f.Type == TypeReg && last[CleanPath(f.Name)] != i {
 			var buf bytes.Buffer
@@ -590,7 +618,14 @@ func cfCompareListing(t *testing.T, z *Ztoc, listing []cfListEntry) {
 		if f.Type == TypeChar || f.Type == TypeBlock {
 			size = fmt.Sprintf("%d,%d", f.Devmajor, f.Devminor)
 		}
-		got := cfListEntry{line: l.line, mode: cfModeString(f), owner: fmt.Sprintf("%d/%d", f.UID, f.GID), size: size,
+		uname, gname := f.Uname, f.Gname
+		if uname == "" {
+			uname = fmt.Sprint(f.UID)
+		}
+		if gname == "" {
+			gname = fmt.Sprint(f.GID)
+		}
+		got := cfListEntry{line: l.line, mode: cfModeString(f), owner: fmt.Sprintf("%d/%d", f.UID, f.GID), size: size, names: uname + "/" + gname,
 			date: f.ModTime.Format("2006-01-02"), clock: f.ModTime.Format("15:04:05"), name: f.Name, link: f.Linkname}
 		want := l
 		want.clock = want.clock[:min(len(want.clock), 8)] // drop fractional seconds
