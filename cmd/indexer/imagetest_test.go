@@ -262,8 +262,17 @@ func itRunContext(ctx context.Context, t testing.TB, args ...string) itOutput {
 	start := time.Now()
 	err := cmd.ExecuteContext(ctx)
 	out := itOutput{Stdout: stdout.String(), Stderr: stderr.String(), Err: err, Elapsed: time.Since(start)}
-	t.Logf("indexer %s (%s): err=%v\n%s%s", strings.Join(args, " "), out.Elapsed.Round(time.Millisecond), err, out.Stdout, out.Stderr)
+	t.Logf("indexer %s (%s): err=%v\n%s%s", strings.Join(args, " "), out.Elapsed.Round(time.Millisecond), err, itClip(out.Stdout), itClip(out.Stderr))
 	return out
+}
+
+// itClip shortens output for the test log (get-file prints whole files).
+func itClip(s string) string {
+	const limit = 4 << 10
+	if len(s) <= limit {
+		return s
+	}
+	return fmt.Sprintf("%s... [%d more bytes]\n", strings.ToValidUTF8(s[:limit], "?"), len(s)-limit)
 }
 
 // itMustRun is itRun that fails the test when the command fails.

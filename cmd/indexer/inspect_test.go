@@ -2,14 +2,23 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -160,4 +169,161 @@ func TestIndexInspect(t *testing.T) {
 			t.Errorf("index info of a v2 index: %v\n%s", err, out.Stdout)
 		}
 	})
+}
+
+// itDebianLayer returns the cached real Debian layer, building it with
+// scripts/debian-layer.sh when it is missing.
+func itDebianLayer(t *testing.T) string {
+	t.Helper()
+	const path = "/var/cache/spanpull/debian-python3.tar.gz"
+	if st, err := os.Stat(path); err == nil && st.Size() > 0 {
+		return path
+	}
+	if out, err := exec.Command("../../scripts/debian-layer.sh", path).CombinedOutput(); err != nil {
+		t.Fatalf("build the Debian layer: %v\n%s", err, out)
+	}
+	return path
+}
+
+// TestDebianLayerFromRegistry indexes a real Debian root filesystem layer
+// in docker-registry and checks that the pushed zTOC reproduces every
+// regular file GNU tar extracts from the layer, reading the layer straight
+// from the registry with range requests: all files in bulk through the
+// ztoc and registry packages, and a sample through `ztoc get-file`.
+func TestDebianLayerFromRegistry(t *testing.T) {
+	path := itDebianLayer(t)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// GNU tar's extraction, while the layer is pushed and indexed.
+	dir := t.TempDir()
+	tarDone := make(chan error, 1)
+	go func() {
+		out, err := exec.Command("tar", "-xpf", path, "-C", dir, "--numeric-owner").CombinedOutput()
+		if err != nil {
+			err = fmt.Errorf("%v: %s", err, out)
+		}
+		tarDone <- err
+	}()
+	sum, err := exec.Command("sh", "-c", "gzip -dc <"+path+" | sha256sum").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer := itNewLayer(itOCIGzip, data, digest.Digest("sha256:"+strings.Fields(string(sum))[0]), nil)
+	addr := registrytest.StartDistribution(t)
+	img := itPushImage(t, addr, "debian", "bookworm", "linux/amd64", false, layer)
+	ref := addr + "/debian"
+
+	rep := itReport(t, "create", "--plain-http", "--cache-dir", t.TempDir(), ref+":bookworm")
+	if len(rep.Platforms) != 1 || len(rep.Platforms[0].Layers) != 1 || rep.Platforms[0].Layers[0].Status != "indexed" {
+		t.Fatalf("report %+v", rep)
+	}
+	idxBytes, _, _ := itManifest(t, addr, "debian", rep.Platforms[0].Index.String())
+	var m ocispec.Manifest
+	json.Unmarshal(idxBytes, &m)
+	if len(m.Layers) != 1 || m.Subject == nil || m.Subject.Digest != img.Desc.Digest {
+		t.Fatalf("index %s", idxBytes)
+	}
+	zd := m.Layers[0]
+	z := itFetchZtoc(t, addr, "debian", zd)
+
+	repo, err := registry.New(ref, registry.Options{PlainHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	ra, err := repo.ReaderAt(ctx, layer.Desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zr, err := ztoc.NewReader(z, ra)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The whole tar stream, one range request and one inflate per span.
+	stream := make([]byte, z.UncompressedArchiveSize)
+	for _, s := range zr.Spans() {
+		if n, err := zr.ReadAt(stream[s.UncompressedStart:s.UncompressedEnd], s.UncompressedStart); err != nil && !(err == io.EOF && s.UncompressedStart+int64(n) == s.UncompressedEnd) {
+			t.Fatalf("span %d: %d bytes, %v", s.ID, n, err)
+		}
+	}
+	if err := <-tarDone; err != nil {
+		t.Fatalf("GNU tar: %v", err)
+	}
+	last := map[string]int{}
+	for i := range z.Files {
+		last[ztoc.CleanPath(z.Files[i].Name)] = i
+	}
+	local, err := ztoc.NewReader(z, bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var regs []*ztoc.FileMetadata
+	for name, i := range last {
+		f := &z.Files[i]
+		if f.Type != ztoc.TypeReg {
+			continue
+		}
+		regs = append(regs, f)
+		want, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		var got []byte
+		if _, sparse := f.PAXRecords[ztoc.SparseMapRecord]; sparse {
+			var b bytes.Buffer
+			if _, err := local.WriteFile(&b, f); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+			got = b.Bytes()
+		} else {
+			got = stream[f.UncompressedOffset : f.UncompressedOffset+f.UncompressedSize]
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("%s: the zTOC gives %d bytes that differ from GNU tar's %d", name, len(got), len(want))
+		}
+	}
+	// Every regular file GNU tar made is one the zTOC knows.
+	extracted := 0
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			extracted++
+			rel, _ := filepath.Rel(dir, p)
+			if i, ok := last[rel]; !ok || (z.Files[i].Type != ztoc.TypeReg && z.Files[i].Type != ztoc.TypeHardlink) {
+				t.Errorf("GNU tar extracted %s, which is no regular file in the zTOC", rel)
+			}
+		}
+		return nil
+	})
+	t.Logf("%d regular files compared (GNU tar extracted %d regular files), %d spans, zTOC %d bytes", len(regs), extracted, z.NumSpans(), zd.Size)
+	if len(regs) < 1000 {
+		t.Errorf("only %d regular files in the Debian layer's zTOC", len(regs))
+	}
+
+	// A sample through the CLI: the largest files, files across spans,
+	// and a stride over the rest.
+	sort.Slice(regs, func(i, j int) bool { return regs[i].Name < regs[j].Name })
+	bySize := append([]*ztoc.FileMetadata(nil), regs...)
+	sort.Slice(bySize, func(i, j int) bool { return bySize[i].UncompressedSize > bySize[j].UncompressedSize })
+	sample := bySize[:4]
+	spans := zr.Spans()
+	for _, f := range regs {
+		first, _ := ztoc.SpanForOffset(spans, f.UncompressedOffset)
+		lastSpan, _ := ztoc.SpanForOffset(spans, f.UncompressedOffset+max(f.UncompressedSize-1, 0))
+		if lastSpan != first && len(sample) < 8 {
+			sample = append(sample, f)
+		}
+	}
+	for i := 0; len(sample) < 20; i += len(regs) / 12 {
+		sample = append(sample, regs[i%len(regs)])
+	}
+	for _, f := range sample {
+		out := itRun(t, "ztoc", "get-file", "--plain-http", ref+"@"+zd.Digest.String(), ref+"@"+layer.Desc.Digest.String(), f.Name)
+		want, _ := os.ReadFile(filepath.Join(dir, ztoc.CleanPath(f.Name)))
+		if out.Err != nil || out.Stdout != string(want) {
+			t.Errorf("get-file %s: %v, %d bytes, want %d", f.Name, out.Err, len(out.Stdout), len(want))
+		}
+	}
 }
