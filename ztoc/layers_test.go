@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"fmt"
+	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -456,6 +457,29 @@ var cfCompressions = []cfCompression{
 			Extra: []byte{'S', 'P', 6, 0, 'e', 'x', 't', 'r', 'a', '!'}, ModTime: cfTimeBase, OS: 3})
 	}},
 	{"gzip-multi", cfMultiMember},
+	{"gzip-stored", func(t testing.TB, b []byte) []byte {
+		var buf bytes.Buffer
+		zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := zw.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		if err := zw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return buf.Bytes()
+	}},
+	{"gzip-fhcrc", func(t testing.TB, b []byte) []byte {
+		// compress/gzip never writes FHCRC: add it to a header with a name.
+		gz := cfGoGzip(t, b, gzip.Header{Name: "with-header-crc.tar"})
+		hl := bytes.IndexByte(gz[10:], 0) + 11
+		hdr := bytes.Clone(gz[:hl])
+		hdr[3] |= 0x02
+		crc := crc32.ChecksumIEEE(hdr)
+		return append(append(hdr, byte(crc), byte(crc>>8)), gz[hl:]...)
+	}},
 	{"pigz", func(t testing.TB, b []byte) []byte {
 		// pigz ends each 128 KiB block with an empty stored block.
 		return cfRun(t, b, nil, "pigz", "-n", "-6", "-p", "2", "-c")
