@@ -457,3 +457,44 @@ func TestLookupHardlinkToReplacedFile(t *testing.T) {
 		})
 	}
 }
+
+// TestReaderConcurrent: one Reader serves concurrent reads (as the FUSE
+// file system does); run with -race.
+func TestReaderConcurrent(t *testing.T) {
+	tarball := cfReaderTar(t, 8)
+	blob := cfGzipCLI("-6")(t, tarball)
+	z, r := cfMustReader(t, blob, bytes.NewReader(blob), 16<<10)
+	want := cfFileContents(t, tarball)
+	errs := make(chan error, 8)
+	for g := range 8 {
+		go func() {
+			rng := rand.New(rand.NewPCG(uint64(g), 9))
+			for range 50 {
+				if rng.IntN(2) == 0 {
+					f := &z.Files[rng.IntN(len(z.Files))]
+					if f.Type != TypeReg {
+						continue
+					}
+					var b bytes.Buffer
+					if _, err := r.WriteFile(&b, f); err != nil || !bytes.Equal(b.Bytes(), want[f.Name]) {
+						errs <- fmt.Errorf("concurrent WriteFile(%s): %v", f.Name, err)
+						return
+					}
+					continue
+				}
+				off := rng.Int64N(z.UncompressedArchiveSize - 5000)
+				p := make([]byte, 1+rng.IntN(5000))
+				if n, err := r.ReadAt(p, off); err != nil || !bytes.Equal(p[:n], tarball[off:off+int64(n)]) {
+					errs <- fmt.Errorf("concurrent ReadAt(%d): %d, %v", off, n, err)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}

@@ -86,7 +86,7 @@ func makeTree(t *testing.T, root string) {
 	must(os.WriteFile(p("t/sub/with space"), []byte("space\n"), 0o600))
 	must(os.WriteFile(p("t/setuid"), []byte("#!/bin/true\n"), 0o644))
 	must(os.Chmod(p("t/setuid"), 0o755|os.ModeSetuid))
-	must(os.WriteFile(p("t/nobody-owns"), []byte("uid 3000000\n"), 0o644))
+	must(os.WriteFile(p("t/nobody-owns"), randomBytes(4, 1234567), 0o644)) // widens tar -tv's owner/size column
 	must(os.Lchown(p("t/nobody-owns"), 3000000, 4000000))
 	long := "t/sub/" + strings.Repeat("long-name-", 12)
 	must(os.WriteFile(p(long), randomBytes(2, 40000), 0o644))
@@ -281,6 +281,41 @@ func TestZtocInfo(t *testing.T) {
 	}
 }
 
+// TestZtocInfoTar: info on the zTOC of an uncompressed layer reports the
+// tar span size and fixed spans.
+func TestZtocInfoTar(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	makeTree(t, src)
+	layer := filepath.Join(dir, "layer.tar")
+	run(t, nil, "tar", "--sort=name", "-cf", layer, "-C", src, "t")
+	zt := filepath.Join(dir, "layer.ztoc")
+	mustCLI(t, "ztoc", "build", "--span-size", "100000", "-o", zt, layer)
+	var info struct {
+		SpanSize int64 `json:"span_size"`
+		NumSpans int   `json:"num_spans"`
+		Files    []struct {
+			Filename string `json:"filename"`
+			Offset   int64  `json:"offset"`
+			EndSpan  int    `json:"end_span"`
+		} `json:"files"`
+	}
+	if err := json.Unmarshal([]byte(mustCLI(t, "ztoc", "info", zt)), &info); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.SpanSize != 100000 || int64(info.NumSpans) != (st.Size()+99999)/100000 {
+		t.Errorf("span size %d, %d spans; want 100000 and %d", info.SpanSize, info.NumSpans, (st.Size()+99999)/100000)
+	}
+	want := string(run(t, nil, "tar", "-xOf", layer, "t/big.bin"))
+	if got := mustCLI(t, "ztoc", "get-file", zt, layer, "t/big.bin"); got != want {
+		t.Errorf("get-file from a tar layer: %d bytes, want %d", len(got), len(want))
+	}
+}
+
 func keys[V any](m map[string]V) []string {
 	var k []string
 	for key := range m {
@@ -447,7 +482,7 @@ func TestUnknownSubcommand(t *testing.T) {
 	}{
 		{[]string{"nosuchcommand"}, "nosuchcommand"},
 		{[]string{"ztoc", "nosuchcommand"}, "nosuchcommand"},
-		{[]string{"ztoc", "biuld", "-o", "x.ztoc", "layer.tar.gz"}, "biuld"},
+		{[]string{"ztoc", "biuld", "layer.tar.gz"}, "biuld"},
 	} {
 		out, _, err := runCLI(t, c.args...)
 		if err == nil || !strings.Contains(err.Error(), c.name) {
