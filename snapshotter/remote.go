@@ -44,8 +44,14 @@ type RemoteLayerResolver interface {
 
 // RemoteMount is a mounted remote layer.
 type RemoteMount interface {
-	// Unmount unmounts the layer and releases what serves it.
+	// Unmount unmounts the layer and stops serving it, keeping what a
+	// later Mount of the same snapshot reuses (the daemon is stopping).
 	Unmount() error
+	// Remove unmounts the layer and deletes what only this snapshot
+	// needed, such as cached data (the snapshot was removed).
+	Remove() error
+	// Labels are recorded on the committed snapshot, e.g. LabelMode.
+	Labels() map[string]string
 }
 
 // Labels the snapshotter reads and writes.
@@ -63,6 +69,10 @@ const (
 	// restarts. The prefix makes containerd keep it across namespaces.
 	LabelRemote = "containerd.io/snapshot/remote"
 	remoteValue = "spanpull"
+	// LabelMode says how the snapshotter serves a remote snapshot's layer:
+	// "lazy" (read on demand) or "unpacked" (downloaded and unpacked by
+	// the snapshotter itself).
+	LabelMode = "containerd.io/snapshot/spanpull.mode"
 )
 
 // Prepare creates the active snapshot key on top of parent. When labels
@@ -142,7 +152,11 @@ func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, label
 	s.mounted[id] = rm
 	s.mu.Unlock()
 
-	copts := append(append([]snapshots.Opt(nil), opts...), snapshots.WithLabels(map[string]string{LabelRemote: remoteValue}))
+	own := map[string]string{LabelRemote: remoteValue}
+	for k, v := range rm.Labels() {
+		own[k] = v
+	}
+	copts := append(append([]snapshots.Opt(nil), opts...), snapshots.WithLabels(own))
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		// Not overlay's Commit: it would walk the whole remote tree to
 		// compute disk usage, fetching nothing but stat'ing every file.
@@ -155,7 +169,7 @@ func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, label
 	s.mu.Lock()
 	delete(s.mounted, id)
 	s.mu.Unlock()
-	uerr := rm.Unmount()
+	uerr := rm.Remove()
 	if uerr == nil {
 		uerr = unmountUnder(dir)
 	}

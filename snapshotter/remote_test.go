@@ -68,6 +68,10 @@ type bindMount struct {
 	dir string
 }
 
+func (m *bindMount) Remove() error { return m.Unmount() }
+
+func (m *bindMount) Labels() map[string]string { return map[string]string{LabelMode: "lazy"} }
+
 func (m *bindMount) Unmount() error {
 	m.r.mu.Lock()
 	defer m.r.mu.Unlock()

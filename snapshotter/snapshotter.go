@@ -283,8 +283,8 @@ func (s *Snapshotter) removeDir(ctx context.Context, id string) error {
 	delete(s.mounted, id)
 	s.mu.Unlock()
 	if ok {
-		if err := rm.Unmount(); err != nil {
-			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("spanpull: unmount remote layer")
+		if err := rm.Remove(); err != nil {
+			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("spanpull: remove remote layer")
 		}
 	}
 	if err := unmountUnder(dir); err != nil {

@@ -37,6 +37,28 @@ type config struct {
 	AsyncRemove bool `toml:"async_remove"`
 	// MountOptions are extra overlayfs mount options.
 	MountOptions []string `toml:"mount_options"`
+	// Remote tunes lazy pulling of SOCI-indexed layers.
+	Remote remoteConfig `toml:"remote"`
+}
+
+// remoteConfig is the [remote] table: lazy pulling of indexed layers.
+type remoteConfig struct {
+	// Disable turns lazy pulling off: every layer is pulled normally.
+	Disable bool `toml:"disable"`
+	// PlainHTTP lists registry hosts (host or host:port) reached over
+	// plain HTTP; loopback registries always are.
+	PlainHTTP []string `toml:"plain_http"`
+	// Insecure skips TLS certificate verification for every registry.
+	Insecure bool `toml:"insecure"`
+	// FetchTimeoutSeconds bounds one span fetch; a read waiting on a
+	// registry that is down or slow fails with EIO after it.
+	FetchTimeoutSeconds int `toml:"fetch_timeout_seconds"`
+	// FillDelaySeconds is how long after mounting a layer the rest of it
+	// starts being fetched in the background.
+	FillDelaySeconds int `toml:"fill_delay_seconds"`
+	// FillRateBytes bounds the background fill of one layer, in
+	// compressed bytes per second; negative disables background fill.
+	FillRateBytes int64 `toml:"fill_rate_bytes"`
 }
 
 func defaultConfig() config {
@@ -44,6 +66,11 @@ func defaultConfig() config {
 		Address:  defaultAddress,
 		Root:     defaultRoot,
 		LogLevel: defaultLogLevel,
+		Remote: remoteConfig{
+			FetchTimeoutSeconds: 30,
+			FillDelaySeconds:    5,
+			FillRateBytes:       8 << 20,
+		},
 	}
 }
 
@@ -82,6 +109,12 @@ func (c config) validate() error {
 	}
 	if c.Root == "" {
 		return errors.New("config: root is empty")
+	}
+	if c.Remote.FetchTimeoutSeconds <= 0 {
+		return fmt.Errorf("config: remote.fetch_timeout_seconds must be positive, got %d", c.Remote.FetchTimeoutSeconds)
+	}
+	if c.Remote.FillDelaySeconds < 0 {
+		return fmt.Errorf("config: remote.fill_delay_seconds must not be negative")
 	}
 	if _, err := logrus.ParseLevel(c.LogLevel); err != nil {
 		return fmt.Errorf("config: log_level %q: %w", c.LogLevel, err)

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
+	"github.com/spanpull/spanpull/remote"
 	"github.com/spanpull/spanpull/snapshotter"
 )
 
@@ -42,6 +43,27 @@ func serve(ctx context.Context, cfg config) error {
 	}
 	if len(cfg.MountOptions) > 0 {
 		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
+	}
+	if !cfg.Remote.Disable {
+		rm, err := remote.NewMetrics(reg)
+		if err != nil {
+			return err
+		}
+		res, err := remote.New(remote.Config{
+			Root:         filepath.Join(cfg.Root, "remote"),
+			PlainHTTP:    cfg.Remote.PlainHTTP,
+			Insecure:     cfg.Remote.Insecure,
+			FetchTimeout: time.Duration(cfg.Remote.FetchTimeoutSeconds) * time.Second,
+			FillDelay:    time.Duration(cfg.Remote.FillDelaySeconds) * time.Second,
+			FillRate:     cfg.Remote.FillRateBytes,
+			Metrics:      rm,
+		})
+		if err != nil {
+			return err
+		}
+		// Closed after the snapshotter, which releases the mounts first.
+		defer res.Close()
+		opts = append(opts, snapshotter.WithRemoteLayerResolver(res))
 	}
 	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
 	if err != nil {
