@@ -469,15 +469,19 @@ func (m *lazyMount) Remove() error {
 }
 
 // Labels implements snapshotter.RemoteMount.
-func (m *lazyMount) Labels() map[string]string { return map[string]string{snapshotter.LabelMode: "lazy"} }
+func (m *lazyMount) Labels() map[string]string {
+	return map[string]string{snapshotter.LabelMode: "lazy"}
+}
 
 // localMount is a layer unpacked into the snapshot directory: nothing is
 // mounted, nothing needs releasing.
 type localMount struct{}
 
-func (localMount) Unmount() error            { return nil }
-func (localMount) Remove() error             { return nil }
-func (localMount) Labels() map[string]string { return map[string]string{snapshotter.LabelMode: "unpacked"} }
+func (localMount) Unmount() error { return nil }
+func (localMount) Remove() error  { return nil }
+func (localMount) Labels() map[string]string {
+	return map[string]string{snapshotter.LabelMode: "unpacked"}
+}
 
 // unpack downloads a layer that has no zTOC, verifies it against its
 // digest and applies it to dir (overlayfs whiteouts). On failure dir is
