@@ -11,6 +11,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -159,10 +160,45 @@ func TestConvert(t *testing.T) {
 			!strings.Contains(out.Stdout, "SOCI index v2 for linux/amd64") {
 			t.Errorf("convert re-run output:\n%s", out.Stdout)
 		}
+
+		// Converting the converted image again changes nothing: same
+		// zTOCs (reused), same indexes, same rewritten manifests, and the
+		// old v2 descriptors replaced rather than duplicated.
+		first, _, _ := itManifest(t, reg.Addr, "dst", "list-soci")
+		again := itReport(t, "convert", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "100000", "--all-platforms",
+			host+"/dst:list-soci", host+"/dst:list-soci-again")
+		for d, st := range itStatuses(again) {
+			if st == "indexed" {
+				t.Errorf("converting the converted image rebuilt layer %s", short(d))
+			}
+		}
+		if b, _, _ := itManifest(t, reg.Addr, "dst", "list-soci-again"); string(b) != string(first) {
+			t.Errorf("converting the converted image gave\n%s\nwant\n%s", b, first)
+		}
 		for _, repo := range []string{"src", "dst", "dst2"} {
 			itWalk(t, reg, repo)
 		}
 	})
+}
+
+// TestConvertAcrossRegistries converts an image from docker-registry into
+// the referrers registry: blobs are copied, and the result is complete.
+func TestConvertAcrossRegistries(t *testing.T) {
+	l0 := itGzipLayer(95, 200<<10, itOCIGzip)
+	l1 := itTarLayer(96, 150<<10)
+	src := itRegistry{Name: "distribution", Addr: registrytest.StartDistribution(t)}
+	dst := itRegistry{Name: "referrers", Addr: registrytest.StartReferrersRegistry(t), Referrers: true}
+	img := itPushImage(t, src.Addr, "app", "v1", "linux/arm64", false, l0, l1)
+	itReport(t, "convert", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "1000", src.Addr+"/app:v1", dst.Addr+"/mirror/app:v1-soci")
+	itCheckConverted(t, dst.Addr, "mirror/app", "v1-soci", []itImage{img}, [][]itWant{{{l0, ztoc.DefaultSpanSize}, {l1, ztoc.DefaultSpanSize}}})
+	if got := itWalk(t, dst, "mirror/app"); len(got) != 1 {
+		t.Errorf("SOCI indexes in DST: %v", got)
+	}
+	for _, l := range []itLayer{l0, l1} {
+		if b := itBlob(t, dst.Addr, "mirror/app", l.Desc.Digest); len(b) != len(l.Data) {
+			t.Errorf("layer %s copied as %d bytes", l.Desc.Digest, len(b))
+		}
+	}
 }
 
 // itCheckUploads fails the test if any blob other than the zTOCs of rep

@@ -150,8 +150,21 @@ func TestCreateReuse(t *testing.T) {
 		imgB := itPushImage(t, reg.Addr, "app", "b", "linux/amd64", false, base, b1)
 		cache := t.TempDir()
 		flags := []string{"create", "--plain-http", "--min-layer-size", "1000"}
+		proxy := itStartProxy(t, reg.Addr)
 		create := func(ref string, extra ...string) runReport {
-			return itReport(t, append(append(append([]string{}, flags...), extra...), reg.Addr+"/app:"+ref)...)
+			return itReport(t, append(append(append([]string{}, flags...), extra...), proxy.Addr+"/app:"+ref)...)
+		}
+		// layerGETs counts the layer downloads so far.
+		layerGETs := func() int {
+			n := 0
+			for _, r := range proxy.Requests() {
+				for _, l := range []itLayer{base, a1, b1} {
+					if strings.HasPrefix(r, "GET /v2/app/blobs/"+l.Desc.Digest.String()) {
+						n++
+					}
+				}
+			}
+			return n
 		}
 		want := func(rep runReport, what string, st map[digest.Digest]string) {
 			t.Helper()
@@ -166,6 +179,10 @@ func TestCreateReuse(t *testing.T) {
 		want(first, "first create", map[digest.Digest]string{base.Desc.Digest: "indexed", a1.Desc.Digest: "indexed"})
 		idx := first.Platforms[0].Index
 
+		gets := layerGETs()
+		if gets != 2 {
+			t.Errorf("first create downloaded layers %d times, want 2", gets)
+		}
 		again := create("a", "--cache-dir", cache)
 		want(again, "second create", map[digest.Digest]string{base.Desc.Digest: "reused", a1.Desc.Digest: "reused"})
 		if again.Platforms[0].Index != idx {
@@ -188,6 +205,9 @@ func TestCreateReuse(t *testing.T) {
 		// An empty cache and a fresh cache directory: same.
 		fresh := create("a", "--cache-dir", t.TempDir())
 		want(fresh, "fresh cache", map[digest.Digest]string{base.Desc.Digest: "reused", a1.Desc.Digest: "reused"})
+		if n := layerGETs(); n != gets {
+			t.Errorf("re-runs downloaded layers %d times; a reused layer must not be read", n-gets)
+		}
 
 		forced := create("a", "--cache-dir", cache, "--force")
 		want(forced, "--force", map[digest.Digest]string{base.Desc.Digest: "indexed", a1.Desc.Digest: "indexed"})
