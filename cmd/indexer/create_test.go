@@ -657,3 +657,80 @@ func TestCreateBadInput(t *testing.T) {
 		}
 	})
 }
+
+// TestCreatePartialFailure: when one platform of an index fails, the
+// others still get their index, and the command reports the failure.
+func TestCreatePartialFailure(t *testing.T) {
+	amd := itGzipLayer(140, 150<<10, itOCIGzip)
+	arm := itGzipLayer(141, 150<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		a := itPushImage(t, reg.Addr, "partial", "", "linux/amd64", false, amd)
+		b := itPushImage(t, reg.Addr, "partial", "", "linux/arm64", false, arm)
+		itPushIndex(t, reg.Addr, "partial", "v1", false, a, b)
+		proxy := itStartProxy(t, reg.Addr)
+		proxy.Corrupt(arm.Desc.Digest, 100)
+		out := itRun(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", "--all-platforms", proxy.Addr+"/partial:v1")
+		if out.Err == nil || !strings.Contains(out.Err.Error(), "1 of 2 platforms failed") || !strings.Contains(out.Err.Error(), "linux/arm64") {
+			t.Errorf("err %v, want one naming the failed platform", out.Err)
+		}
+		if m := itIndexLine.FindAllStringSubmatch(out.Stdout, -1); len(m) != 1 || m[0][3] != "linux/amd64" {
+			t.Errorf("index lines %q, want linux/amd64 only", m)
+		}
+		if n := len(itSociReferrers(t, reg, "partial", a.Desc.Digest)); n != 1 {
+			t.Errorf("amd64 has %d SOCI indexes, want 1", n)
+		}
+		if n := len(itSociReferrers(t, reg, "partial", b.Desc.Digest)); n != 0 {
+			t.Errorf("arm64 has %d SOCI indexes, want 0", n)
+		}
+		itWalk(t, reg, "partial")
+	})
+}
+
+// TestCreateSkipsNonImages: attestation manifests (platform
+// unknown/unknown) and SOCI v2 entries of an image index are not indexed.
+func TestCreateSkipsNonImages(t *testing.T) {
+	l := itGzipLayer(150, 100<<10, itOCIGzip)
+	att := itGzipLayer(151, 100<<10, itOCIGzip)
+	addr := startReferrers(t)
+	reg := itRegistry{Addr: addr, Referrers: true}
+	img := itPushImage(t, addr, "att", "", "linux/amd64", false, l)
+	a := itPushImage(t, addr, "att", "", "linux/amd64", false, att)
+	a.Platform = ocispec.Platform{OS: "unknown", Architecture: "unknown"}
+	itPushIndex(t, addr, "att", "v1", false, img, a)
+	rep := itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", "--all-platforms", addr+"/att:v1")
+	if len(rep.Platforms) != 1 || rep.Platforms[0].Manifest != img.Desc.Digest {
+		t.Errorf("platforms %+v, want the image only", rep.Platforms)
+	}
+	if n := len(itSociReferrers(t, reg, "att", a.Desc.Digest)); n != 0 {
+		t.Errorf("the attestation got %d SOCI indexes", n)
+	}
+}
+
+// TestCreateSpanSizeChange: zTOCs built with another span size are not
+// reused; the image then has one index per span size. The image is named
+// by digest.
+func TestCreateSpanSizeChange(t *testing.T) {
+	l := itGzipLayer(160, 600<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		img := itPushImage(t, reg.Addr, "spans", "", "linux/amd64", false, l)
+		ref := reg.Addr + "/spans@" + img.Desc.Digest.String()
+		cache := t.TempDir()
+		first := itReport(t, "create", "--plain-http", "--cache-dir", cache, "--min-layer-size", "1000", ref)
+		second := itReport(t, "create", "--plain-http", "--cache-dir", cache, "--min-layer-size", "1000", "--span-size", "65536", ref)
+		if st := itStatuses(second)[l.Desc.Digest]; st != "indexed" {
+			t.Errorf("layer with a new span size is %q, want indexed", st)
+		}
+		if first.Platforms[0].Index == second.Platforms[0].Index {
+			t.Fatal("same index for two span sizes")
+		}
+		subject := img.Desc
+		itCheckIndex(t, reg.Addr, "spans", second.Platforms[0].Index, index.V1, &subject, []itWant{{l, 65536}})
+		if n := len(itSociReferrers(t, reg, "spans", img.Desc.Digest)); n != 2 {
+			t.Errorf("image has %d SOCI indexes, want 2", n)
+		}
+		third := itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", "--span-size", "65536", ref)
+		if st := itStatuses(third)[l.Desc.Digest]; st != "reused" {
+			t.Errorf("third run: layer %q, want reused from the registry", st)
+		}
+	})
+}
