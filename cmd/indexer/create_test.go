@@ -734,3 +734,29 @@ func TestCreateSpanSizeChange(t *testing.T) {
 		}
 	})
 }
+
+// TestCreateManyLayers: sixteen layers, one of them twice in the
+// manifest, with --concurrency 1 and 3: every position of the manifest
+// gets its zTOC, in order, and the repeated layer is built once.
+func TestCreateManyLayers(t *testing.T) {
+	var layers []itLayer
+	for i := range 16 {
+		layers = append(layers, itGzipLayer(uint64(200+i), int64(20+i)<<10, itOCIGzip))
+	}
+	layers = append(layers, layers[3])
+	var want []itWant
+	for _, l := range layers {
+		want = append(want, itWant{l, 64 << 10})
+	}
+	addr := startReferrers(t)
+	img := itPushImage(t, addr, "many", "v1", "linux/amd64", false, layers...)
+	for _, c := range []string{"1", "3"} {
+		rep := itReport(t, "create", "--plain-http", "--no-cache", "--force", "--min-layer-size", "0", "--span-size", "65536", "--concurrency", c, addr+"/many:v1")
+		ls := rep.Platforms[0].Layers
+		if len(ls) != 17 || ls[16].Ztoc != ls[3].Ztoc {
+			t.Fatalf("--concurrency %s: layers %+v", c, ls)
+		}
+		subject := img.Desc
+		itCheckIndex(t, addr, "many", rep.Platforms[0].Index, index.V1, &subject, want)
+	}
+}
