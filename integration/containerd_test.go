@@ -37,6 +37,23 @@ import (
 // Removing the image must let containerd's garbage collector remove every
 // snapshot through the snapshotter, leaving its snapshot directory empty.
 func TestContainerd16PullRun(t *testing.T) {
+	testPullRun(t, testenv.StartContainerd16)
+}
+
+// TestContainerd2PullRun is TestContainerd16PullRun on containerd 2.2,
+// whose "ctr image pull" goes through the transfer service.
+func TestContainerd2PullRun(t *testing.T) {
+	testenv.RequireRoot(t)
+	bins := testenv.Containerd2Binaries(t)
+	testPullRun(t, func(t testing.TB, dir string, c testenv.ContainerdConfig) *testenv.Containerd {
+		return testenv.StartContainerd2(t, dir, bins, c)
+	})
+}
+
+// startContainerdFunc starts one containerd version.
+type startContainerdFunc func(t testing.TB, dir string, c testenv.ContainerdConfig) *testenv.Containerd
+
+func testPullRun(t *testing.T, startContainerd startContainerdFunc) {
 	testenv.RequireRoot(t)
 	dir := testenv.Dir(t)
 
@@ -48,7 +65,7 @@ func TestContainerd16PullRun(t *testing.T) {
 		layerOf(t, testenv.Entry{Name: "etc/motd", Data: []byte("second layer wins\n")}))
 
 	sn := testenv.StartSnapshotter(t, dir, testenv.SnapshotterConfig{Binary: bin})
-	cd := testenv.StartContainerd16(t, dir, testenv.ContainerdConfig{
+	cd := startContainerd(t, dir, testenv.ContainerdConfig{
 		Snapshotters: map[string]string{"spanpull": sn.Socket},
 	})
 
@@ -209,6 +226,36 @@ func (r *ztocResolver) Mount(ctx context.Context, dir string, labels map[string]
 	return &fuseMount{srv: srv, cancel: cancel}, nil
 }
 
+func (r *ztocResolver) askedFor() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.asked...)
+}
+
+// clientPull pulls ref into the spanpull snapshotter the way nerdctl and
+// rpull do: client-side, unpacking with the remote-snapshot info labels.
+func clientPull(t *testing.T, cd *testenv.Containerd, ref string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), cd.Namespace), 2*time.Minute)
+	defer cancel()
+	client, err := containerd.New(cd.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	resolver := docker.NewResolver(docker.ResolverOptions{
+		Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchAllHosts)),
+	})
+	if _, err := client.Pull(ctx, ref,
+		containerd.WithPullUnpack,
+		containerd.WithPullSnapshotter("spanpull"),
+		containerd.WithResolver(resolver),
+		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(ref)),
+	); err != nil {
+		t.Fatalf("lazy pull: %v", err)
+	}
+}
+
 type spanSource struct{ r *ztoc.Reader }
 
 func (s spanSource) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
@@ -225,6 +272,13 @@ func (m *fuseMount) Unmount() error {
 	return m.srv.Unmount()
 }
 
+// Remove is Unmount: this resolver caches nothing.
+func (m *fuseMount) Remove() error { return m.Unmount() }
+
+func (m *fuseMount) Labels() map[string]string {
+	return map[string]string{snapshotter.LabelMode: "lazy"}
+}
+
 // TestContainerd16LazyPullRun is the remote-snapshot protocol end to end on
 // containerd 1.6: a client-side pull with the remote-snapshot labels (as
 // nerdctl and rpull do) makes the snapshotter mount every layer from its
@@ -233,6 +287,22 @@ func (m *fuseMount) Unmount() error {
 // FUSE, fetched with range requests. Removing the image unmounts the FUSE
 // layers (GC otherwise fails with "device or resource busy").
 func TestContainerd16LazyPullRun(t *testing.T) {
+	testLazyPullRun(t, testenv.StartContainerd16, false)
+}
+
+// TestContainerd2LazyPullRun is the same on containerd 2.2 with a plain
+// "ctr image pull": its transfer service passes the remote-snapshot labels
+// when the proxy plugin exports enable_remote_snapshot_annotations.
+func TestContainerd2LazyPullRun(t *testing.T) {
+	testenv.RequireRoot(t)
+	bins := testenv.Containerd2Binaries(t)
+	testLazyPullRun(t, func(t testing.TB, dir string, c testenv.ContainerdConfig) *testenv.Containerd {
+		c.RemoteSnapshotAnnotations = true
+		return testenv.StartContainerd2(t, dir, bins, c)
+	}, true)
+}
+
+func testLazyPullRun(t *testing.T, startContainerd startContainerdFunc, ctrPull bool) {
 	testenv.RequireRoot(t)
 	dir := testenv.Dir(t)
 	reg := testenv.StartRegistry(t)
@@ -266,34 +336,20 @@ func TestContainerd16LazyPullRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := testenv.ServeSnapshotter(t, dir, sn)
-	cd := testenv.StartContainerd16(t, dir, testenv.ContainerdConfig{
+	cd := startContainerd(t, dir, testenv.ContainerdConfig{
 		Snapshotters: map[string]string{"spanpull": sock},
 	})
 
-	// The pull nerdctl and rpull do: unpack with the info labels.
-	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), cd.Namespace), 2*time.Minute)
-	defer cancel()
-	client, err := containerd.New(cd.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	resolver := docker.NewResolver(docker.ResolverOptions{
-		Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchAllHosts)),
-	})
 	start := time.Now()
-	if _, err := client.Pull(ctx, ref,
-		containerd.WithPullUnpack,
-		containerd.WithPullSnapshotter("spanpull"),
-		containerd.WithResolver(resolver),
-		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(ref)),
-	); err != nil {
-		t.Fatalf("lazy pull: %v", err)
+	if ctrPull {
+		cd.MustRun(t, "image", "pull", "--plain-http", "--snapshotter", "spanpull", ref)
+	} else {
+		clientPull(t, cd, ref)
 	}
 	t.Logf("lazy pull took %v", time.Since(start))
 
-	if len(res.asked) != 2 {
-		t.Fatalf("resolver asked for %v, want both layers", res.asked)
+	if asked := res.askedFor(); len(asked) != 2 {
+		t.Fatalf("resolver asked for %v, want both layers", asked)
 	}
 	content := cd.MustRun(t, "content", "ls", "-q")
 	for _, l := range layers {

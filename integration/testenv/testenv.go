@@ -456,17 +456,17 @@ next:
 	return env
 }
 
-// Run runs ctr against the daemon and returns its combined output; the
-// error includes that output.
+// Run runs ctr against the daemon and returns its standard output. The
+// error includes its standard error (containerd 2 on cgroup v1 writes a
+// deprecation warning there on every call, so it is kept apart).
 func (c *Containerd) Run(ctx context.Context, args ...string) (string, error) {
 	full := append([]string{"-a", c.Socket, "-n", c.Namespace}, args...)
 	cmd := exec.CommandContext(ctx, c.Ctr, full...)
 	cmd.Env = append(filteredEnv("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH="+c.path)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
-	if err != nil {
-		return out.String(), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, out.String())
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("ctr %s: %w\n%s%s", strings.Join(args, " "), err, out.String(), errOut.String())
 	}
 	return out.String(), nil
 }
