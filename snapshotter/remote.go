@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -230,26 +231,46 @@ func (s *Snapshotter) restoreRemote(ctx context.Context) error {
 	if err != nil && !errdefs.IsNotFound(err) { // NotFound: a new, empty store
 		return fmt.Errorf("list remote snapshots: %w", err)
 	}
+	// Layers are independent: mount them a few at a time, so a restart
+	// with many remote layers does not wait for each in turn.
+	sem := make(chan struct{}, restoreConcurrency)
+	var wg sync.WaitGroup
 	for _, r := range remotes {
-		dir := s.upperPath(r.id)
-		l := log.G(ctx).WithField("snapshot", r.info.Name).WithField("layer", r.info.Labels[LabelLayerDigest])
-		if err := unmountUnder(dir); err != nil {
-			l.WithError(err).Error("spanpull: remote layer: remove old mount")
-			continue
-		}
-		if s.resolver == nil {
-			l.Error("spanpull: remote layer cannot be mounted: no remote layer resolver configured")
-			continue
-		}
-		rm, err := s.resolver.Mount(ctx, dir, r.info.Labels)
-		if err == nil && rm == nil {
-			err = ErrNoRemote
-		}
-		if err != nil {
-			l.WithError(err).Error("spanpull: remote layer cannot be mounted again; its files are unreadable")
-			continue
-		}
-		s.mounted[r.id] = rm
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			s.restoreOne(ctx, r.id, r.info)
+		}()
 	}
+	wg.Wait()
 	return nil
+}
+
+// restoreConcurrency bounds the remote layers mounted at once on restart.
+const restoreConcurrency = 4
+
+// restoreOne mounts the remote layer of committed snapshot id again.
+func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.Info) {
+	dir := s.upperPath(id)
+	l := log.G(ctx).WithField("snapshot", info.Name).WithField("layer", info.Labels[LabelLayerDigest])
+	if err := unmountUnder(dir); err != nil {
+		l.WithError(err).Error("spanpull: remote layer: remove old mount")
+		return
+	}
+	if s.resolver == nil {
+		l.Error("spanpull: remote layer cannot be mounted: no remote layer resolver configured")
+		return
+	}
+	rm, err := s.resolver.Mount(ctx, dir, info.Labels)
+	if err == nil && rm == nil {
+		err = ErrNoRemote
+	}
+	if err != nil {
+		l.WithError(err).Error("spanpull: remote layer cannot be mounted again; its files are unreadable")
+		return
+	}
+	s.mu.Lock()
+	s.mounted[id] = rm
+	s.mu.Unlock()
 }

@@ -546,3 +546,49 @@ func TestRemoteConcurrentSameTarget(t *testing.T) {
 		t.Fatalf("snapshot dirs: %d (%v), want 1", len(ents), err)
 	}
 }
+
+// Many remote layers are all mounted again on restart (a few at a time).
+func TestRemoteRestartMany(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	r := newBindResolver()
+	const n = 10
+	for i := range n {
+		r.layers[fmt.Sprintf("sha256:l%d", i)] = layerDir(t, map[string]string{"id": fmt.Sprint(i)})
+	}
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := ""
+	for i := range n {
+		target := fmt.Sprintf("c%d", i)
+		if _, err := sn.Prepare(ctx, "k"+target, parent, unpackLabels(target, fmt.Sprintf("sha256:l%d", i))); !errdefs.IsAlreadyExists(err) {
+			t.Fatalf("prepare %s: %v", target, err)
+		}
+		parent = target
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sn, err = New(ctx, root, WithRemoteLayerResolver(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	if got := r.liveMounts(); got != n {
+		t.Fatalf("%d layers mounted after restart, want %d", got, n)
+	}
+	for i := range n {
+		ms, err := sn.View(ctx, fmt.Sprintf("v%d", i), fmt.Sprintf("c%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		withMounted(t, ms, func(d string) {
+			if got := readFile(t, filepath.Join(d, "id")); got != fmt.Sprint(i) {
+				t.Errorf("layer %d reads id %q", i, got)
+			}
+		})
+	}
+}
