@@ -1,0 +1,142 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// workload is an image and the command whose first output line the
+// benchmark waits for.
+type workload struct {
+	Name string
+	// Layer is the cached gzip layer (scripts/debian-layer.sh builds it
+	// with Packages when it is missing).
+	Layer    string
+	Packages []string
+	Cmd      []string
+	// Expect is the first line the command prints.
+	Expect string
+}
+
+// workloads are the ones the benchmark knows, by name.
+func workloads(cache string) map[string]workload {
+	return map[string]workload{
+		"python": {
+			Name:     "python",
+			Layer:    filepath.Join(cache, "debian-python3.tar.gz"),
+			Packages: []string{"python3"},
+			Cmd:      []string{"python3", "-c", `print("hello")`},
+			Expect:   "hello",
+		},
+		"large": {
+			Name:  "large",
+			Layer: filepath.Join(cache, "debian-scipy.tar.gz"),
+			// The list scripts/bench-indexer.sh and bench-ztoc.sh use.
+			Packages: []string{"python3", "python3-numpy", "python3-scipy", "python3-pandas", "python3-sklearn",
+				"python3-matplotlib", "python3-sympy", "gcc", "g++", "gfortran"},
+			Cmd:    []string{"python3", "-c", `import numpy, scipy, pandas; print("ok")`},
+			Expect: "ok",
+		},
+	}
+}
+
+// image is a workload's image in the benchmark registry.
+type image struct {
+	// Full is the plain image (pulled whole by containerd), Lazy its
+	// SOCI-enabled copy from "indexer convert"; both through the proxy.
+	Full, Lazy string
+	// Bytes is the compressed image: layers, config and manifest.
+	Bytes      int64
+	LayerBytes int64
+}
+
+// ensureLayer builds the workload's layer with scripts/debian-layer.sh
+// when the cache lacks it.
+func ensureLayer(ctx context.Context, repo string, w workload) error {
+	if st, err := os.Stat(w.Layer); err == nil && st.Size() > 0 {
+		return nil
+	}
+	args := append([]string{w.Layer}, w.Packages...)
+	cmd := exec.CommandContext(ctx, filepath.Join(repo, "scripts", "debian-layer.sh"), args...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build layer %s: %w\n%s", w.Layer, err, out)
+	}
+	return nil
+}
+
+// pushImage pushes the workload's layer as a linux/amd64 OCI image to the
+// registry (directly, before any shaping) and indexes it with
+// "indexer convert" into a -soci tag.
+func (e *env) pushImage(ctx context.Context, w workload) (image, error) {
+	var img image
+	layer, err := tarball.LayerFromFile(w.Layer, tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		return img, fmt.Errorf("layer %s: %w", w.Layer, err)
+	}
+	base := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
+	im, err := mutate.AppendLayers(base, layer)
+	if err != nil {
+		return img, fmt.Errorf("image of %s: %w", w.Layer, err)
+	}
+	cf, err := im.ConfigFile()
+	if err != nil {
+		return img, err
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", "amd64"
+	cf.Config.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	cf.Config.Cmd = []string{"/usr/bin/python3"}
+	if im, err = mutate.ConfigFile(im, cf); err != nil {
+		return img, err
+	}
+	repo := "bench/" + w.Name
+	src := e.registryAddr + "/" + repo + ":image"
+	tag, err := name.NewTag(src, name.Insecure)
+	if err != nil {
+		return img, err
+	}
+	if err := remote.Write(tag, im, remote.WithContext(ctx)); err != nil {
+		return img, fmt.Errorf("push %s: %w", src, err)
+	}
+	if img.Bytes, img.LayerBytes, err = imageSize(im); err != nil {
+		return img, err
+	}
+	out, err := run(ctx, e.indexerBin, "convert", "--plain-http", "--cache-dir", filepath.Join(e.dir, "indexer-cache"),
+		src, src+"-soci")
+	if err != nil {
+		return img, fmt.Errorf("index %s: %w", src, err)
+	}
+	e.logf("indexed %s:\n%s", src, strings.TrimSpace(out))
+	img.Full = e.proxyAddr + "/" + repo + ":image"
+	img.Lazy = img.Full + "-soci"
+	return img, nil
+}
+
+func imageSize(im v1.Image) (total, layers int64, err error) {
+	m, err := im.Manifest()
+	if err != nil {
+		return 0, 0, err
+	}
+	raw, err := im.RawManifest()
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, l := range m.Layers {
+		layers += l.Size
+	}
+	return layers + m.Config.Size + int64(len(raw)), layers, nil
+}

@@ -1,0 +1,319 @@
+//go:build linux
+
+// Command bench measures lazy pulling against full pulling on a shaped
+// link: time from the start of the pull to a container's first output line
+// and bytes fetched from the registry, for spanpull's snapshotter (lazy)
+// and containerd's own pull into overlayfs (full), on the same registry in
+// the same run. It needs root: it creates a network namespace, starts
+// containerd 1.6 and mounts file systems.
+//
+// Set-up, all below one temporary directory and undone on exit by PID
+// (also on failure or SIGINT): docker-registry inside a network namespace
+// behind a veth pair (198.18.0.0/30) with tbf on both ends for the link
+// rate; a delay proxy in the namespace in front of it for the round-trip
+// time (the kernel has no netem), which also counts the bytes every pull
+// fetches; spanpull's snapshotter; containerd 1.6 with it as a proxy
+// plugin. Every run is cold: images, content and snapshots removed, the
+// snapshotter restarted on an empty root, the page cache dropped.
+//
+//	go run ./integration/bench -out docs/bench
+//	go run ./integration/bench -workloads python -links unshaped,100mbit -runs 3
+//	go run ./integration/bench -smoke -out /tmp/smoke
+//
+// Outputs in -out: results.json (every run, medians, machine), bench-lazy.md
+// (tables for BENCHMARKS.md, also printed) and PNG charts.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// options are the harness's flags.
+type options struct {
+	Workloads      []string      `json:"workloads"`
+	Links          []string      `json:"links"`
+	RTT            time.Duration `json:"-"`
+	RTTms          float64       `json:"rtt_ms"`
+	Runs           int           `json:"runs"`
+	SlowRuns       int           `json:"slow_runs"`
+	BackgroundFill bool          `json:"background_fill"`
+	Smoke          bool          `json:"smoke"`
+
+	out, cache, tmp     string
+	snapshotter, indexr string
+	keep                bool
+}
+
+func main() {
+	log.SetFlags(log.Ltime)
+	log.SetPrefix("bench: ")
+	if len(os.Args) > 1 && os.Args[1] == "proxy" {
+		if err := proxyMain(os.Args[2:]); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	o, err := parseFlags(os.Args[1:])
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		log.Fatal(err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := benchmark(ctx, o); err != nil {
+		log.Print(err)
+		stop()
+		os.Exit(1)
+	}
+}
+
+func parseFlags(args []string) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	workloadsFlag := fs.String("workloads", "python,large", "comma-separated workloads: python, large")
+	linksFlag := fs.String("links", "unshaped,1gbit,100mbit,20mbit", "comma-separated link rates (tc units, e.g. 100mbit) or unshaped")
+	fs.DurationVar(&o.RTT, "rtt", 20*time.Millisecond, "round-trip time added on shaped links (unshaped: none)")
+	fs.IntVar(&o.Runs, "runs", 3, "cold runs per workload, link and mode (the median is reported)")
+	fs.IntVar(&o.SlowRuns, "slow-runs", 0, "runs of the large workload on links slower than 100mbit (0: -runs)")
+	fs.BoolVar(&o.BackgroundFill, "background-fill", false, "let the snapshotter fetch whole layers in the background (default config); off measures what the workload needs")
+	fs.BoolVar(&o.Smoke, "smoke", false, "tiny configuration for tests: python workload, unshaped, 1 run")
+	fs.StringVar(&o.out, "out", "bench-out", "directory for results.json, bench-lazy.md and the PNG charts")
+	cache := os.Getenv("SPANPULL_CACHE")
+	if cache == "" {
+		cache = "/var/cache/spanpull"
+	}
+	fs.StringVar(&o.cache, "cache", cache, "directory of the cached Debian layers (scripts/debian-layer.sh)")
+	fs.StringVar(&o.tmp, "tmp", "", "parent of the temporary directory (default: $TMPDIR or /tmp)")
+	fs.StringVar(&o.snapshotter, "snapshotter", "", "snapshotter binary (default: go build ./cmd/snapshotter)")
+	fs.StringVar(&o.indexr, "indexer", "", "indexer binary (default: go build ./cmd/indexer)")
+	fs.BoolVar(&o.keep, "keep", false, "keep the temporary directory (logs, registry data)")
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	o.Workloads, o.Links = splitList(*workloadsFlag), splitList(*linksFlag)
+	if o.Smoke {
+		o.Workloads, o.Links, o.Runs, o.SlowRuns = []string{"python"}, []string{"unshaped"}, 1, 1
+	}
+	if o.Runs < 1 || o.SlowRuns < 0 {
+		return o, errors.New("-runs must be at least 1 and -slow-runs not negative")
+	}
+	if o.SlowRuns == 0 {
+		o.SlowRuns = o.Runs
+	}
+	if o.RTT < 0 {
+		return o, errors.New("-rtt must not be negative")
+	}
+	o.RTTms = float64(o.RTT) / float64(time.Millisecond)
+	known := workloads(o.cache)
+	for _, w := range o.Workloads {
+		if _, ok := known[w]; !ok {
+			return o, fmt.Errorf("unknown workload %q (want python or large)", w)
+		}
+	}
+	for _, l := range o.Links {
+		if l == "unshaped" {
+			continue
+		}
+		if _, err := parseRate(l); err != nil {
+			return o, err
+		}
+	}
+	if len(o.Workloads) == 0 || len(o.Links) == 0 {
+		return o, errors.New("-workloads and -links must not be empty")
+	}
+	return o, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// runsFor is the number of runs of a cell: -slow-runs for the large image
+// on links slower than 100 Mbit/s, where one full pull takes minutes.
+func (o options) runsFor(w, link string) int {
+	if w == "large" && link != "unshaped" {
+		if bits, err := parseRate(link); err == nil && bits < 100e6 {
+			return o.SlowRuns
+		}
+	}
+	return o.Runs
+}
+
+// moduleRoot finds the spanpull module's directory from the working
+// directory.
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("run the benchmark inside the spanpull module")
+	}
+	return filepath.Dir(mod), nil
+}
+
+func benchmark(ctx context.Context, o options) (err error) {
+	if os.Geteuid() != 0 {
+		return errors.New("the benchmark creates a network namespace, runs containerd and mounts file systems: run it as root")
+	}
+	begin := time.Now()
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	repo, err := moduleRoot(ctx)
+	if err != nil {
+		return err
+	}
+	all := workloads(o.cache)
+	var ws []workload
+	for _, n := range o.Workloads {
+		w := all[n]
+		if err := ensureLayer(ctx, repo, w); err != nil {
+			return err
+		}
+		ws = append(ws, w)
+	}
+
+	e, err := newEnv(ctx, o.tmp, o.keep, log.Printf)
+	defer func() {
+		if e == nil {
+			return
+		}
+		if cerr := e.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("clean up: %w", cerr))
+		}
+	}()
+	if err != nil {
+		return err
+	}
+	for _, b := range []struct {
+		dst  *string
+		flag string
+		pkg  string
+	}{{&e.snapshotterBin, o.snapshotter, "snapshotter"}, {&e.indexerBin, o.indexr, "indexer"}} {
+		if b.flag != "" {
+			*b.dst = b.flag
+			continue
+		}
+		*b.dst = filepath.Join(e.dir, "bin", b.pkg)
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", *b.dst, "./cmd/"+b.pkg)
+		cmd.Dir = repo
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go build ./cmd/%s: %w\n%s", b.pkg, err, out)
+		}
+	}
+	if err := e.startRegistry(ctx); err != nil {
+		return err
+	}
+	if err := e.startSnapshotter(ctx, o.BackgroundFill); err != nil {
+		return err
+	}
+	if err := e.startContainerd(ctx); err != nil {
+		return err
+	}
+
+	rep := &report{Started: begin, Command: strings.Join(os.Args, " "), Options: o, Images: map[string]imageInfo{}}
+	rep.Machine = machineInfo(ctx, repo, e.snapshotterBin)
+	imgs := map[string]image{}
+	for _, w := range ws {
+		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
+		img, err := e.pushImage(ctx, w)
+		if err != nil {
+			return err
+		}
+		imgs[w.Name] = img
+		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd}
+	}
+
+	for _, link := range o.Links {
+		rate, rtt := link, o.RTT
+		if link == "unshaped" {
+			rate, rtt = "", 0
+		}
+		if err := e.shape(ctx, rate, rtt); err != nil {
+			return fmt.Errorf("shape %s: %w", link, err)
+		}
+		for _, w := range ws {
+			for n := 1; n <= o.runsFor(w.Name, link); n++ {
+				modes := []string{modeFull, modeLazy}
+				if n%2 == 0 {
+					modes = []string{modeLazy, modeFull}
+				}
+				for _, m := range modes {
+					if err := ctx.Err(); err != nil {
+						return err
+					}
+					r := e.measure(ctx, w, imgs[w.Name], link, m, n)
+					logRun(r)
+					rep.Runs = append(rep.Runs, r)
+					if err := rep.writeJSON(o.out); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	rep.summarize(o)
+	rep.Seconds = time.Since(begin).Seconds()
+	if err := rep.writeJSON(o.out); err != nil {
+		return err
+	}
+	md := rep.markdown()
+	if err := os.WriteFile(filepath.Join(o.out, "bench-lazy.md"), []byte(md), 0o644); err != nil {
+		return err
+	}
+	fmt.Print(md)
+	if err := rep.charts(o.out); err != nil {
+		return err
+	}
+	if n := rep.failedRuns(); n > 0 {
+		return fmt.Errorf("%d runs failed (see results.json)", n)
+	}
+	return nil
+}
+
+func logRun(r runResult) {
+	if r.Error != "" {
+		log.Printf("%s %s %s run %d FAILED: %s", r.Workload, r.Link, r.Mode, r.Run, r.Error)
+		return
+	}
+	log.Printf("%s %s %s run %d: first line %.2f s (pull %.2f s), %.1f MB fetched, daemon RSS %.0f MiB CPU %.2f s",
+		r.Workload, r.Link, r.Mode, r.Run, r.FirstLineSeconds, r.PullSeconds, float64(r.BytesFetched)/1e6,
+		float64(r.DaemonPeakRSS)/(1<<20), r.DaemonCPUSeconds)
+}
+
+func (rep *report) writeJSON(dir string) error {
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, "results.json.tmp")
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, "results.json"))
+}

@@ -1,0 +1,218 @@
+//go:build linux
+
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"io"
+	"net"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// startUpstream serves blob to every connection after reading one byte
+// (a request), then closes the connection.
+func startUpstream(t *testing.T, blob []byte) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				var b [1]byte
+				if _, err := io.ReadFull(c, b[:]); err != nil {
+					return
+				}
+				_, _ = c.Write(blob)
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+func startProxy(t *testing.T, upstream string, oneWay time.Duration) (*delayProxy, string) {
+	t.Helper()
+	p := newDelayProxy(upstream, oneWay)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.serve(l) }()
+	t.Cleanup(func() {
+		l.Close()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+		p.reset()
+	})
+	return p, l.Addr().String()
+}
+
+// fetch sends one byte and reads the whole answer, timing the first byte.
+func fetch(t *testing.T, addr string) (data []byte, ttfb, total time.Duration) {
+	t.Helper()
+	start := time.Now()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, 1)
+	if _, err := io.ReadFull(c, first); err != nil {
+		t.Fatal(err)
+	}
+	ttfb = time.Since(start)
+	rest, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(first, rest...), ttfb, time.Since(start)
+}
+
+// TestDelayProxy checks the proxy delays each direction by the one-way
+// delay (a request-response takes one RTT more), does not cap throughput
+// at one chunk per delay, forwards the bytes unchanged and counts them.
+func TestDelayProxy(t *testing.T) {
+	blob := make([]byte, 32<<20)
+	if _, err := rand.Read(blob); err != nil {
+		t.Fatal(err)
+	}
+	up := startUpstream(t, blob)
+	const oneWay = 40 * time.Millisecond
+	p, addr := startProxy(t, up, oneWay)
+
+	got, ttfb, total := fetch(t, addr)
+	if !bytes.Equal(got, blob) {
+		t.Fatalf("proxy changed the bytes: got %d bytes, want %d", len(got), len(blob))
+	}
+	if ttfb < 2*oneWay {
+		t.Errorf("first byte after %v, want at least one RTT (%v)", ttfb, 2*oneWay)
+	}
+	// 32 MiB arrives in 64 KiB chunks or fewer: were every chunk to wait
+	// out the delay after the previous one, this would take 20 s or more.
+	if total > 2*oneWay+3*time.Second {
+		t.Errorf("32 MiB took %v through a %v one-way delay: the delay limits throughput", total, oneWay)
+	}
+	s := p.stats()
+	if s.Down != int64(len(blob)) || s.Up != 1 || s.Conns != 1 {
+		t.Errorf("stats %+v, want down %d, up 1, 1 connection", s, len(blob))
+	}
+
+	// No delay: the first byte comes right away.
+	p.delay.Store(0)
+	p.reset()
+	if _, ttfb, _ := fetch(t, addr); ttfb > oneWay {
+		t.Errorf("first byte after %v with no delay", ttfb)
+	}
+	if s := p.stats(); s.Down != int64(len(blob)) || s.Conns != 1 {
+		t.Errorf("stats after reset %+v, want the one new fetch only", s)
+	}
+}
+
+// TestProxyControl drives the control API over its unix socket, as the
+// harness does with the proxy in the registry's network namespace.
+func TestProxyControl(t *testing.T) {
+	up := startUpstream(t, []byte("hello"))
+	p, addr := startProxy(t, up, 0)
+	sock := filepath.Join(t.TempDir(), "ctl.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvDone := make(chan struct{})
+	go func() {
+		defer close(srvDone)
+		_ = serveHTTP(l, p.controlHandler())
+	}()
+	t.Cleanup(func() { l.Close(); <-srvDone })
+	c := newProxyClient(sock)
+	ctx := context.Background()
+	if err := c.SetDelay(ctx, 15*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if got := time.Duration(p.delay.Load()); got != 15*time.Millisecond {
+		t.Errorf("delay %v after SetDelay(15ms)", got)
+	}
+	if _, err := c.call(ctx, "POST", "/delay?oneway=-1s"); err == nil {
+		t.Error("a negative delay was accepted")
+	}
+	fetch(t, addr)
+	s, err := c.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Down != 5 || s.Up != 1 || s.DelayMS != 15 {
+		t.Errorf("stats %+v, want down 5, up 1, 15 ms", s)
+	}
+	if err := c.Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := c.Stats(ctx); s.Down != 0 || s.Conns != 0 {
+		t.Errorf("stats after reset %+v", s)
+	}
+}
+
+// TestParseMetrics keeps counters and gauges by series and drops
+// histogram series.
+func TestParseMetrics(t *testing.T) {
+	m := parseMetrics(`# HELP spanpull_registry_bytes_fetched_total x
+spanpull_registry_bytes_fetched_total{kind="span"} 1.2345e+06
+spanpull_registry_bytes_fetched_total{kind="ztoc"} 4096
+spanpull_spans_fetched_total 3
+spanpull_read_seconds_bucket{le="0.1"} 7
+spanpull_read_seconds_sum 0.5
+spanpull_read_seconds_count 7
+go_goroutines 12
+`)
+	want := map[string]float64{
+		`spanpull_registry_bytes_fetched_total{kind="span"}`: 1234500,
+		`spanpull_registry_bytes_fetched_total{kind="ztoc"}`: 4096,
+		"spanpull_spans_fetched_total":                       3,
+	}
+	if len(m) != len(want) {
+		t.Errorf("got %v, want %v", m, want)
+	}
+	for k, v := range want {
+		if m[k] != v {
+			t.Errorf("%s = %v, want %v", k, m[k], v)
+		}
+	}
+}
+
+// TestParseFlags checks the smoke configuration and bad flags.
+func TestParseFlags(t *testing.T) {
+	o, err := parseFlags([]string{"-smoke"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(o.Workloads) != 1 || o.Workloads[0] != "python" || len(o.Links) != 1 || o.Links[0] != "unshaped" || o.Runs != 1 {
+		t.Errorf("smoke options %+v", o)
+	}
+	o, err = parseFlags([]string{"-runs", "3", "-slow-runs", "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.runsFor("large", "20mbit") != 1 || o.runsFor("large", "100mbit") != 3 || o.runsFor("python", "20mbit") != 3 {
+		t.Errorf("runsFor with -slow-runs 1: %d %d %d", o.runsFor("large", "20mbit"), o.runsFor("large", "100mbit"), o.runsFor("python", "20mbit"))
+	}
+	for _, bad := range [][]string{{"-links", "fast"}, {"-workloads", "nope"}, {"-runs", "0"}, {"extra"}} {
+		if _, err := parseFlags(bad); err == nil {
+			t.Errorf("parseFlags(%q) accepted", bad)
+		}
+	}
+}
