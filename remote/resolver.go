@@ -85,8 +85,11 @@ type Resolver struct {
 	meta  *store.MetaStore
 	spans *store.SpanCache
 
-	mu     sync.Mutex
-	images map[digest.Digest]*imageIndex // by image manifest digest
+	mu sync.Mutex
+	// images is keyed by repository and image manifest digest: the same
+	// manifest pushed to two repositories may be indexed in only one of
+	// them, and an index's blobs are fetched from the image's repository.
+	images map[string]*imageIndex
 	repos  map[string]*registry.Repository
 }
 
@@ -117,7 +120,7 @@ func New(cfg Config) (*Resolver, error) {
 		return nil, err
 	}
 	return &Resolver{cfg: cfg, log: log, meta: meta, spans: spans,
-		images: make(map[digest.Digest]*imageIndex), repos: make(map[string]*registry.Repository)}, nil
+		images: make(map[string]*imageIndex), repos: make(map[string]*registry.Repository)}, nil
 }
 
 // Close releases the resolver's state. Mounts must be released first.
@@ -218,11 +221,12 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 	if err != nil {
 		return &imageIndex{err: errors.New("no image manifest digest label")}
 	}
+	key := repoName(ref) + "@" + md.String()
 	r.mu.Lock()
-	img := r.images[md]
+	img := r.images[key]
 	if img == nil || time.Since(img.at) > r.cfg.IndexCacheTTL && img.at != (time.Time{}) {
 		img = &imageIndex{}
-		r.images[md] = img
+		r.images[key] = img
 	}
 	r.mu.Unlock()
 	img.once.Do(func() {
@@ -299,12 +303,18 @@ func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, 
 	return nil, nil, "", fmt.Errorf("no usable SOCI index: %w", errors.Join(errs...))
 }
 
-// repo returns the registry repository of an image reference.
-func (r *Resolver) repo(ref string) (*registry.Repository, error) {
+// repoName returns the repository part (host/path) of an image reference.
+func repoName(ref string) string {
 	name, _, _ := strings.Cut(ref, "@")
 	if i := strings.LastIndex(name, ":"); i > strings.LastIndex(name, "/") {
 		name = name[:i]
 	}
+	return name
+}
+
+// repo returns the registry repository of an image reference.
+func (r *Resolver) repo(ref string) (*registry.Repository, error) {
+	name := repoName(ref)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if repo := r.repos[name]; repo != nil {

@@ -1,0 +1,522 @@
+//go:build linux
+
+package integration
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// TestLazyPython is the lazy path end to end on real parts: a real Debian
+// + python3 image in docker-registry, indexed by the indexer CLI, pulled
+// by "snapshotter pull" through containerd 1.6 into the snapshotter
+// daemon, and run with ctr. The layer must be mounted lazily (never in
+// containerd's content store) and python must start having fetched well
+// under the layer's size. The same runs for a SOCI v2 index (convert), a
+// v1 index (create, found through referrers) and no index at all (a
+// normal pull by containerd). Between images the image is removed, which
+// must unmount the layer and delete its zTOC and cached spans.
+func TestLazyPython(t *testing.T) {
+	// Background fill off, so that the bytes fetched are those python's
+	// start needed.
+	e := newLazyEnv(t, "[remote]\nfill_rate_bytes = -1\n")
+	layerSize := float64(e.layerDesc.Size)
+
+	lazy := func(t *testing.T, ref string) {
+		before := e.metrics(t)
+		out := e.pull(t, ref)
+		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+			t.Fatalf("pull report does not say the layer is lazy:\n%s", out)
+		}
+		content := e.cd.MustRun(t, "content", "ls", "-q")
+		if strings.Contains(content, e.layerDesc.Digest.String()) {
+			t.Fatalf("layer blob %s is in containerd's content store:\n%s", e.layerDesc.Digest, content)
+		}
+		e.lazyMount(t)
+		e.runPython(t, ref)
+		after := e.metrics(t)
+		spanBytes := after[mSpanBytes] - before[mSpanBytes]
+		ztocBytes := after[mZtocBytes] - before[mZtocBytes]
+		frac := (spanBytes + ztocBytes) / layerSize
+		t.Logf("%s: python printed its first output after fetching %.0f span + %.0f zTOC bytes = %.1f%% of the %.0f-byte layer (%.0f spans)",
+			ref, spanBytes, ztocBytes, 100*frac, layerSize, after[mSpansFetched]-before[mSpansFetched])
+		if spanBytes <= 0 {
+			t.Fatalf("no span bytes fetched: the container did not read through the lazy layer")
+		}
+		if frac >= 0.6 {
+			t.Fatalf("fetched %.1f%% of the layer to start python, want < 60%%", 100*frac)
+		}
+		if got := after[mMountedLazy] - before[mMountedLazy]; got != 1 {
+			t.Fatalf("layers mounted lazily: %v, want 1", got)
+		}
+	}
+
+	t.Run("v2", func(t *testing.T) {
+		src, _ := e.pushPython(t, "py/v2", "src")
+		dst := e.reg.Addr + "/py/v2:soci"
+		e.indexer(t, "convert", src, dst)
+		lazy(t, dst)
+		e.removeImage(t, dst)
+	})
+	t.Run("v1", func(t *testing.T) {
+		ref, _ := e.pushPython(t, "py/v1", "1")
+		e.indexer(t, "create", ref)
+		lazy(t, ref)
+		e.removeImage(t, ref)
+	})
+	t.Run("no-index", func(t *testing.T) {
+		ref, _ := e.pushPython(t, "py/plain", "1")
+		before := e.metrics(t)
+		out := e.pull(t, ref)
+		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
+			t.Fatalf("pull report does not say containerd pulled the layer:\n%s", out)
+		}
+		if ms := e.fuseMounts(t); len(ms) != 0 {
+			t.Fatalf("FUSE mounts for an image without index: %v", ms)
+		}
+		e.runPython(t, ref)
+		after := e.metrics(t)
+		if after[mFallbackNoIdx]-before[mFallbackNoIdx] != 1 || after[mSpanBytes] != before[mSpanBytes] {
+			t.Fatalf("metrics: no_index fallbacks %v -> %v, span bytes %v -> %v", before[mFallbackNoIdx], after[mFallbackNoIdx], before[mSpanBytes], after[mSpanBytes])
+		}
+		if !strings.Contains(e.daemonLog(t), "not lazy") {
+			t.Fatal("the daemon did not log why the image is not lazy")
+		}
+		e.removeImage(t, ref)
+	})
+}
+
+// TestLazyFileByFile compares the lazily mounted Debian layer, file by
+// file, with GNU tar's extraction of the same layer: every path, type,
+// mode, owner, mtime, size, link count of regular files, symlink target
+// and device number, and the bytes of every regular file read through
+// FUSE.
+func TestLazyFileByFile(t *testing.T) {
+	e := newLazyEnv(t, "[remote]\nfill_rate_bytes = -1\n")
+	want := filepath.Join(e.dir, "tar")
+	if err := os.Mkdir(want, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tarDone := make(chan error, 1)
+	go func() {
+		out, err := exec.Command("tar", "-xpzf", debianLayerPath, "-C", want, "--numeric-owner").CombinedOutput()
+		if err != nil {
+			err = fmt.Errorf("GNU tar: %v\n%s", err, out)
+		}
+		tarDone <- err
+	}()
+	src, _ := e.pushPython(t, "py/files", "src")
+	dst := e.reg.Addr + "/py/files:soci"
+	e.indexer(t, "convert", src, dst)
+	if out := e.pull(t, dst); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+		t.Fatalf("layer not lazy:\n%s", out)
+	}
+	mnt := e.lazyMount(t)
+	if err := <-tarDone; err != nil {
+		t.Fatal(err)
+	}
+
+	start := time.Now()
+	var files, dirs, links, devs, hardlinked int
+	var bytesRead int64
+	seen := map[string]bool{}
+	err := filepath.WalkDir(want, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(want, p)
+		seen[rel] = true
+		got := filepath.Join(mnt, rel)
+		var ws, gs syscall.Stat_t
+		if err := syscall.Lstat(p, &ws); err != nil {
+			return err
+		}
+		if err := syscall.Lstat(got, &gs); err != nil {
+			return fmt.Errorf("%s: %w", rel, err)
+		}
+		var diffs []string
+		check := func(field string, w, g any) {
+			if w != g {
+				diffs = append(diffs, fmt.Sprintf("%s %v, GNU tar %v", field, g, w))
+			}
+		}
+		check("mode", fs.FileMode(ws.Mode), fs.FileMode(gs.Mode))
+		check("mode bits", ws.Mode, gs.Mode)
+		check("uid", ws.Uid, gs.Uid)
+		check("gid", ws.Gid, gs.Gid)
+		check("mtime", ws.Mtim.Sec, gs.Mtim.Sec)
+		switch ws.Mode & syscall.S_IFMT {
+		case syscall.S_IFREG:
+			files++
+			check("size", ws.Size, gs.Size)
+			check("nlink", ws.Nlink, gs.Nlink)
+			if ws.Nlink > 1 {
+				hardlinked++
+			}
+			wb, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			gb, err := os.ReadFile(got)
+			if err != nil {
+				return fmt.Errorf("read %s through FUSE: %w", rel, err)
+			}
+			bytesRead += int64(len(gb))
+			if !bytes.Equal(wb, gb) {
+				diffs = append(diffs, fmt.Sprintf("content differs (%d bytes read, %d in tar)", len(gb), len(wb)))
+			}
+		case syscall.S_IFDIR:
+			dirs++
+			names, err := os.ReadDir(got)
+			if err != nil {
+				return fmt.Errorf("readdir %s through FUSE: %w", rel, err)
+			}
+			for _, n := range names {
+				if _, err := os.Lstat(filepath.Join(p, n.Name())); err != nil {
+					diffs = append(diffs, fmt.Sprintf("FUSE lists %s, which GNU tar did not extract", n.Name()))
+				}
+			}
+		case syscall.S_IFLNK:
+			links++
+			wl, err := os.Readlink(p)
+			if err != nil {
+				return err
+			}
+			gl, err := os.Readlink(got)
+			if err != nil {
+				return fmt.Errorf("readlink %s through FUSE: %w", rel, err)
+			}
+			check("symlink target", wl, gl)
+		case syscall.S_IFCHR, syscall.S_IFBLK:
+			devs++
+			check("rdev", ws.Rdev, gs.Rdev)
+		}
+		if len(diffs) > 0 {
+			t.Errorf("%s: %s", rel, strings.Join(diffs, "; "))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("compared %d regular files (%d hardlinked, %d bytes read through FUSE in %v), %d dirs, %d symlinks, %d devices",
+		files, hardlinked, bytesRead, time.Since(start).Round(time.Millisecond), dirs, links, devs)
+	if files < 1000 || hardlinked == 0 || links == 0 {
+		t.Fatalf("the Debian layer should have thousands of files, hardlinks and symlinks")
+	}
+}
+
+// spanFiles maps each span to the regular files lying wholly inside it
+// (non-empty, not hardlinks), by cleaned path.
+func spanFiles(z *ztoc.Ztoc, spans []ztoc.Span) map[ztoc.SpanID][]ztoc.FileMetadata {
+	last := map[string]int{}
+	for i, f := range z.Files {
+		last[ztoc.CleanPath(f.Name)] = i
+	}
+	out := map[ztoc.SpanID][]ztoc.FileMetadata{}
+	for i, f := range z.Files {
+		if f.Type != ztoc.TypeReg || f.UncompressedSize < 512 || last[ztoc.CleanPath(f.Name)] != i {
+			continue
+		}
+		id, ok := ztoc.SpanForOffset(spans, f.UncompressedOffset)
+		if !ok || f.UncompressedOffset+f.UncompressedSize > spans[id].UncompressedEnd {
+			continue
+		}
+		out[id] = append(out[id], f)
+	}
+	return out
+}
+
+// fileBytes returns a file's bytes from the pristine layer.
+func fileBytes(t *testing.T, z *ztoc.Ztoc, blob []byte, f ztoc.FileMetadata) []byte {
+	t.Helper()
+	r, err := ztoc.NewReader(z, bytes.NewReader(blob))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, f.UncompressedSize)
+	if _, err := r.ReadAt(b, f.UncompressedOffset); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestLazyFaults injects faults under a lazily mounted layer (background
+// fill off, 2 s fetch timeout): a corrupted span in the registry's
+// storage and a registry that goes away. Reads needing missing or bad
+// spans must fail with EIO, in bounded time, never with wrong bytes,
+// while cached spans keep serving.
+func TestLazyFaults(t *testing.T) {
+	e := newLazyEnv(t, "[remote]\nfill_rate_bytes = -1\nfetch_timeout_seconds = 2\n")
+	src, _ := e.pushPython(t, "py/faults", "src")
+	ref := e.reg.Addr + "/py/faults:soci"
+	e.indexer(t, "convert", src, ref)
+	if out := e.pull(t, ref); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+		t.Fatalf("layer not lazy:\n%s", out)
+	}
+	mnt := e.lazyMount(t)
+	z, spans := e.storedZtoc(t)
+	byspan := spanFiles(z, spans)
+	if cached := e.cachedSpans(t); len(cached) != 0 {
+		t.Fatalf("spans cached before any read: %v", cached)
+	}
+	// Files in spans far from each other (a span's first compressed byte
+	// may be shared with the previous one).
+	pick := func(from int, n int) (ztoc.Span, []ztoc.FileMetadata) {
+		for i := from; i < len(spans)-1; i++ {
+			if fs := byspan[spans[i].ID]; len(fs) >= n {
+				return spans[i], fs
+			}
+		}
+		t.Fatalf("no span from %d on holds %d whole files", from, n)
+		return ztoc.Span{}, nil
+	}
+	badSpan, badFiles := pick(len(spans)/2, 1)
+	goodSpan, goodFiles := pick(len(spans)/8+1, 2)
+	if goodSpan.ID+1 >= badSpan.ID {
+		t.Fatalf("spans %d and %d too close", goodSpan.ID, badSpan.ID)
+	}
+	read := func(f ztoc.FileMetadata) ([]byte, error) {
+		return os.ReadFile(filepath.Join(mnt, ztoc.CleanPath(f.Name)))
+	}
+
+	t.Run("corrupt-span", func(t *testing.T) {
+		blobPath := e.reg.BlobPath(e.layerDesc.Digest)
+		f, err := os.OpenFile(blobPath, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		off := badSpan.CompressedStart + badSpan.Size()/2
+		orig := make([]byte, 16)
+		if _, err := f.ReadAt(orig, off); err != nil {
+			t.Fatal(err)
+		}
+		flipped := make([]byte, len(orig))
+		for i := range orig {
+			flipped[i] = ^orig[i]
+		}
+		if _, err := f.WriteAt(flipped, off); err != nil {
+			t.Fatal(err)
+		}
+		before := e.metrics(t)
+		bad := badFiles[0]
+		b, err := read(bad)
+		if err == nil {
+			same := bytes.Equal(b, fileBytes(t, z, e.layer.Blob, bad))
+			t.Fatalf("read %s from corrupted span %d succeeded (bytes correct: %v), want EIO", bad.Name, badSpan.ID, same)
+		}
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("read %s from corrupted span: %v, want EIO", bad.Name, err)
+		}
+		after := e.metrics(t)
+		failures := after[mVerifyFailed] - before[mVerifyFailed]
+		t.Logf("read of %s (span %d, compressed bytes %d-%d, flipped at %d): %v; span verify failures +%v, read errors +%v",
+			bad.Name, badSpan.ID, badSpan.CompressedStart, badSpan.CompressedEnd, off, err, failures, after[mReadErrors]-before[mReadErrors])
+		if failures < 2 {
+			t.Fatalf("span verify failures grew by %v, want >= 2 (the fetch and one re-fetch)", failures)
+		}
+		if e.cachedSpans(t)[badSpan.ID] {
+			t.Fatalf("corrupted span %d was cached", badSpan.ID)
+		}
+		// Other files read fine.
+		g := goodFiles[0]
+		gb, err := read(g)
+		if err != nil {
+			t.Fatalf("read %s (span %d): %v", g.Name, goodSpan.ID, err)
+		}
+		if !bytes.Equal(gb, fileBytes(t, z, e.layer.Blob, g)) {
+			t.Fatalf("%s read wrong bytes", g.Name)
+		}
+		// Once the registry serves the right bytes again, so do reads.
+		if _, err := f.WriteAt(orig, off); err != nil {
+			t.Fatal(err)
+		}
+		b, err = read(bad)
+		if err != nil || !bytes.Equal(b, fileBytes(t, z, e.layer.Blob, bad)) {
+			t.Fatalf("read %s after the registry was repaired: %v (bytes correct: %v)", bad.Name, err, err == nil && bytes.Equal(b, fileBytes(t, z, e.layer.Blob, bad)))
+		}
+	})
+
+	t.Run("registry-down", func(t *testing.T) {
+		// python's start is cached; then the registry goes away.
+		e.runPython(t, ref)
+		cached := e.cachedSpans(t)
+		var uncached ztoc.FileMetadata
+		for i := len(spans) - 2; i > 0 && uncached.Name == ""; i-- {
+			if fs := byspan[spans[i].ID]; len(fs) > 0 && !cached[spans[i].ID] && !cached[spans[i].ID-1] && !cached[spans[i].ID+1] {
+				uncached = fs[0]
+			}
+		}
+		if uncached.Name == "" {
+			t.Fatalf("every span is cached (%d of %d) with fill disabled", len(cached), len(spans))
+		}
+		e.reg.Stop(t)
+
+		start := time.Now()
+		_, err := read(uncached)
+		elapsed := time.Since(start)
+		t.Logf("read of uncached %s with the registry down: %v after %v", uncached.Name, err, elapsed.Round(time.Millisecond))
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("read of uncached %s with the registry down: %v, want EIO", uncached.Name, err)
+		}
+		if elapsed > 30*time.Second {
+			t.Fatalf("read failed only after %v, want < 30 s", elapsed)
+		}
+		// A file never read before, in a cached span, still reads.
+		g := goodFiles[1]
+		gb, err := read(g)
+		if err != nil || !bytes.Equal(gb, fileBytes(t, z, e.layer.Blob, g)) {
+			t.Fatalf("read cached %s with the registry down: %v", g.Name, err)
+		}
+		// A container reading the uncached file fails, it does not hang.
+		start = time.Now()
+		out, err := e.run(ref, 2*time.Minute, "python3", "-c", fmt.Sprintf("open(%q, 'rb').read()", "/"+ztoc.CleanPath(uncached.Name)))
+		elapsed = time.Since(start)
+		t.Logf("container reading %s with the registry down: %v after %v", uncached.Name, err, elapsed.Round(time.Millisecond))
+		if err == nil || !strings.Contains(out, "Input/output error") {
+			t.Fatalf("container read of an uncached file with the registry down: err %v, output:\n%s", err, out)
+		}
+		if elapsed > 30*time.Second {
+			t.Fatalf("container took %v to fail, want < 30 s", elapsed)
+		}
+		// And the registry coming back heals the read.
+		e.reg.Restart(t)
+		b, err := read(uncached)
+		if err != nil || !bytes.Equal(b, fileBytes(t, z, e.layer.Blob, uncached)) {
+			t.Fatalf("read %s after the registry came back: %v", uncached.Name, err)
+		}
+	})
+}
+
+// TestLazyRestart restarts the daemon while a container runs on the lazy
+// layer, after background fill cached every span, with the registry
+// stopped: the layer must be mounted again from the stored zTOC and a new
+// container must run without the registry. Removing the containers and
+// the image then unmounts the layer and deletes its zTOC and span cache.
+func TestLazyRestart(t *testing.T) {
+	e := newLazyEnv(t, "[remote]\nfill_delay_seconds = 0\nfill_rate_bytes = 1073741824\n")
+	src, _ := e.pushPython(t, "py/restart", "src")
+	ref := e.reg.Addr + "/py/restart:soci"
+	e.indexer(t, "convert", src, ref)
+	if out := e.pull(t, ref); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+		t.Fatalf("layer not lazy:\n%s", out)
+	}
+	e.cd.MustRun(t, "run", "-d", "--snapshotter", "spanpull", ref, "sleeper", "python3", "-c", "import time; time.sleep(600)")
+	_, spans := e.storedZtoc(t)
+	deadline := time.Now().Add(2 * time.Minute)
+	for len(e.cachedSpans(t)) < len(spans) {
+		if time.Now().After(deadline) {
+			t.Fatalf("background fill cached %d of %d spans in 2 minutes", len(e.cachedSpans(t)), len(spans))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if m := e.metrics(t); m[mSpansFetched] < float64(len(spans)) {
+		t.Fatalf("%v spans fetched, %d cached", m[mSpansFetched], len(spans))
+	}
+
+	if err := e.sn.Stop(15 * time.Second); err != nil {
+		t.Fatalf("snapshotter did not stop cleanly with a container running: %v", err)
+	}
+	e.reg.Stop(t)
+	e.startSnapshotter(t)
+	runRetry(t, e.cd, "snapshots", "--snapshotter", "spanpull", "ls")
+	e.lazyMount(t)
+	e.runPython(t, ref)
+	m := e.metrics(t)
+	if m[mSpansFetched] != 0 || m[mZtocBytes] != 0 || m[mSpanBytes] != 0 {
+		t.Fatalf("the restarted daemon fetched from the (stopped) registry: %v spans, %v zTOC bytes", m[mSpansFetched], m[mZtocBytes])
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	e.cd.Run(ctx, "tasks", "kill", "-s", "SIGKILL", "sleeper")
+	for i := 0; ; i++ {
+		if _, err := e.cd.Run(ctx, "tasks", "rm", "-f", "sleeper"); err == nil || i == 50 {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	e.cd.MustRun(t, "containers", "rm", "sleeper")
+	e.removeImage(t, ref)
+}
+
+// TestLazyFallback checks that images whose SOCI index is missing or
+// unusable are pulled normally by containerd, with a log line saying why,
+// and run.
+func TestLazyFallback(t *testing.T) {
+	e := newLazyEnv(t, "")
+	e.pushPython(t, "py/fb", "src")
+
+	normal := func(t *testing.T, ref, logWord string) {
+		t.Helper()
+		out := e.pull(t, ref)
+		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
+			t.Fatalf("pull report does not say containerd pulled the layer:\n%s", out)
+		}
+		if ms := e.fuseMounts(t); len(ms) != 0 {
+			t.Fatalf("FUSE mounts after a fallback: %v", ms)
+		}
+		var why string
+		for _, l := range strings.Split(e.daemonLog(t), "\n") {
+			if strings.Contains(l, logWord) {
+				why = l
+			}
+		}
+		if why == "" {
+			t.Fatalf("the daemon logged no %q line", logWord)
+		}
+		t.Logf("daemon: %s", why)
+		e.runPython(t, ref)
+		e.removeImage(t, ref)
+	}
+
+	t.Run("missing-index", func(t *testing.T) {
+		// The manifest names a SOCI index that the registry does not have.
+		m := e.fetchManifest(t, "py/fb", "src")
+		m.Annotations = map[string]string{index.AnnotationIndexDigest: digest.FromString("no such index").String()}
+		ref := e.pushManifest(t, "py/fb", "missing-index", m)
+		normal(t, ref, "not lazy")
+	})
+	t.Run("invalid-ztoc", func(t *testing.T) {
+		// A converted image whose zTOC blob is garbage in the registry.
+		ref := e.reg.Addr + "/py/fb:soci"
+		e.indexer(t, "convert", e.reg.Addr+"/py/fb:src", ref)
+		m := e.fetchManifest(t, "py/fb", "soci")
+		id, ok, err := index.IndexDigestOf(&m)
+		if err != nil || !ok {
+			t.Fatalf("converted manifest names no index: %v", err)
+		}
+		ix := e.fetchManifest(t, "py/fb", id.String())
+		var zd ocispec.Descriptor
+		for _, l := range ix.Layers {
+			if l.MediaType == index.MediaTypeZtoc {
+				zd = l
+			}
+		}
+		if zd.Digest == "" {
+			t.Fatalf("index %s has no zTOC layer: %+v", id, ix.Layers)
+		}
+		garbage := bytes.Repeat([]byte("not a ztoc "), int(zd.Size)/11+1)[:zd.Size]
+		if err := os.WriteFile(e.reg.BlobPath(zd.Digest), garbage, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		normal(t, ref, "pulled normally")
+	})
+}
