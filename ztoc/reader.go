@@ -277,25 +277,31 @@ func CleanPath(name string) string {
 
 // Lookup returns the last entry named name (tar semantics: a later entry
 // replaces an earlier one), comparing cleaned paths. For a hardlink it
-// returns the entry holding the data. It returns an error naming the path
-// when there is no such entry.
+// returns the entry holding the data: the target as it stood before the
+// link in archive order, as tar extracts it. It returns an error naming the
+// path when there is no such entry.
 func (z *Ztoc) Lookup(name string) (*FileMetadata, error) {
-	want := CleanPath(name)
-	for hops := 0; hops < 64; hops++ {
-		var found *FileMetadata
-		for i := len(z.Files) - 1; i >= 0; i-- {
-			if CleanPath(z.Files[i].Name) == want {
-				found = &z.Files[i]
-				break
-			}
-		}
-		if found == nil {
-			return nil, fmt.Errorf("%s: no such entry in the layer", name)
-		}
-		if found.Type != TypeHardlink {
-			return found, nil
-		}
-		want = CleanPath(found.Linkname)
+	i := z.lastBefore(len(z.Files), CleanPath(name))
+	if i < 0 {
+		return nil, fmt.Errorf("%s: no such entry in the layer", name)
 	}
-	return nil, fmt.Errorf("%s: too many hardlink hops", name)
+	for z.Files[i].Type == TypeHardlink {
+		j := z.lastBefore(i, CleanPath(z.Files[i].Linkname))
+		if j < 0 {
+			return nil, fmt.Errorf("%s: hardlink to %s, which no earlier entry has", name, z.Files[i].Linkname)
+		}
+		i = j
+	}
+	return &z.Files[i], nil
+}
+
+// lastBefore returns the index of the last entry before end whose cleaned
+// name is want, or -1.
+func (z *Ztoc) lastBefore(end int, want string) int {
+	for i := end - 1; i >= 0; i-- {
+		if CleanPath(z.Files[i].Name) == want {
+			return i
+		}
+	}
+	return -1
 }
