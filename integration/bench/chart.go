@@ -5,11 +5,14 @@ package main
 import (
 	"fmt"
 	"image/color"
+	"os"
 	"path/filepath"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
 )
 
 var (
@@ -47,18 +50,21 @@ func (rep *report) charts(dir string) error {
 	}
 	for _, w := range order {
 		cells := byWorkload[w]
-		var labels []string
+		var labels, fullText, lazyText []string
 		var full, lazy plotter.Values
 		for _, c := range cells {
 			labels = append(labels, linkLabel(c.Link, o))
 			full, lazy = append(full, c.FullSeconds), append(lazy, c.LazySeconds)
+			fullText = append(fullText, fmt.Sprintf("%.1f s", c.FullSeconds))
+			lazyText = append(lazyText, fmt.Sprintf("%.1f s (%.2fx)", c.LazySeconds, c.TimeRatio))
 		}
-		title := fmt.Sprintf("%s image (%.0f MB): time from pull to first output line", w, float64(rep.Images[w].Bytes)/1e6)
-		if err := barChart(filepath.Join(dir, "time-"+w+".png"), title, "seconds (median)", labels, full, lazy, "%.1f s"); err != nil {
+		title := fmt.Sprintf("%s image (%.0f MB): time from pull start to first output line", w, float64(rep.Images[w].Bytes)/1e6)
+		if err := barChart(filepath.Join(dir, "time-"+w+".png"), title, "seconds (median)", labels,
+			[2]plotter.Values{full, lazy}, [2][]string{fullText, lazyText}); err != nil {
 			return err
 		}
 	}
-	var labels []string
+	var labels, fullText, lazyText []string
 	var full, lazy plotter.Values
 	for _, w := range order {
 		for _, c := range byWorkload[w] {
@@ -68,17 +74,20 @@ func (rep *report) charts(dir string) error {
 			}
 			labels = append(labels, w+"\n"+l)
 			full, lazy = append(full, float64(c.FullBytes)/1e6), append(lazy, float64(c.LazyBytes)/1e6)
+			fullText = append(fullText, fmt.Sprintf("%.0f MB", float64(c.FullBytes)/1e6))
+			lazyText = append(lazyText, fmt.Sprintf("%.0f MB (%.0f%%)", float64(c.LazyBytes)/1e6, c.LazyPercent))
 		}
 	}
 	if len(labels) == 0 {
 		return nil
 	}
-	return barChart(filepath.Join(dir, "bytes.png"), "Bytes fetched from the registry", "MB (median)", labels, full, lazy, "%.0f MB")
+	return barChart(filepath.Join(dir, "bytes.png"), "Bytes fetched from the registry (lazy: % of the compressed image)", "MB (median)",
+		labels, [2]plotter.Values{full, lazy}, [2][]string{fullText, lazyText})
 }
 
-// barChart draws full and lazy side by side per label, each bar labelled
-// with its value.
-func barChart(path, title, ylabel string, labels []string, full, lazy plotter.Values, format string) error {
+// barChart draws full and lazy (vals[0], vals[1]) side by side per label,
+// each bar labelled with its text.
+func barChart(path, title, ylabel string, labels []string, vals [2]plotter.Values, text [2][]string) error {
 	p := plot.New()
 	p.Title.Text = title
 	p.Y.Label.Text = ylabel
@@ -88,7 +97,7 @@ func barChart(path, title, ylabel string, labels []string, full, lazy plotter.Va
 		w = vg.Points(14)
 	}
 	var top float64
-	for i, vals := range []plotter.Values{full, lazy} {
+	for i, vals := range vals {
 		bars, err := plotter.NewBarChart(vals, w)
 		if err != nil {
 			return fmt.Errorf("chart %s: %w", path, err)
@@ -103,13 +112,11 @@ func barChart(path, title, ylabel string, labels []string, full, lazy plotter.Va
 		p.Add(bars)
 		p.Legend.Add(name, bars)
 		var xys plotter.XYs
-		var text []string
 		for j, v := range vals {
 			xys = append(xys, plotter.XY{X: float64(j), Y: v})
-			text = append(text, fmt.Sprintf(format, v))
 			top = max(top, v)
 		}
-		lbl, err := plotter.NewLabels(plotter.XYLabels{XYs: xys, Labels: text})
+		lbl, err := plotter.NewLabels(plotter.XYLabels{XYs: xys, Labels: text[i]})
 		if err != nil {
 			return fmt.Errorf("chart %s: %w", path, err)
 		}
@@ -120,12 +127,33 @@ func barChart(path, title, ylabel string, labels []string, full, lazy plotter.Va
 		lbl.Offset = vg.Point{X: bars.Offset, Y: vg.Points(2)}
 		p.Add(lbl)
 	}
-	p.Y.Max = top * 1.15
+	p.Y.Max = top * 1.3 // room for the labels and the legend
 	p.Legend.Top = true
 	p.NominalX(labels...)
-	width := vg.Length(max(6, 1.6*float64(len(labels)))) * vg.Inch
-	if err := p.Save(width, 4*vg.Inch, path); err != nil {
+	p.Y.Tick.Marker = plainTicks{}
+	width := vg.Length(max(6, 1.3*float64(len(labels)))) * vg.Inch
+	c := vgimg.PngCanvas{Canvas: vgimg.NewWith(vgimg.UseWH(width, 4*vg.Inch), vgimg.UseDPI(144))}
+	p.Draw(draw.New(c))
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := c.WriteTo(f); err != nil {
+		f.Close()
 		return fmt.Errorf("chart %s: %w", path, err)
 	}
-	return nil
+	return f.Close()
+}
+
+// plainTicks are the default ticks labelled without trailing zeros.
+type plainTicks struct{}
+
+func (plainTicks) Ticks(lo, hi float64) []plot.Tick {
+	ticks := plot.DefaultTicks{}.Ticks(lo, hi)
+	for i := range ticks {
+		if ticks[i].Label != "" {
+			ticks[i].Label = fmt.Sprintf("%g", ticks[i].Value)
+		}
+	}
+	return ticks
 }

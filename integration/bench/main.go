@@ -236,7 +236,7 @@ func benchmark(ctx context.Context, o options) (err error) {
 		return err
 	}
 
-	rep := &report{Started: begin, Command: strings.Join(os.Args, " "), Options: o, Images: map[string]imageInfo{}}
+	rep := &report{Started: begin, Command: strings.Join(append([]string{"go run ./integration/bench"}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
 	rep.Machine = machineInfo(ctx, repo, e.snapshotterBin)
 	imgs := map[string]image{}
 	for _, w := range ws {
