@@ -9,7 +9,7 @@ set -euo pipefail
 need_apt=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in zlib1g-dev time bc docker-registry containerd runc fuse3 mmdebstrap iproute2 pigz curl jq ca-certificates tar gzip; do
+for p in zlib1g-dev time bc python3 docker-registry containerd runc fuse3 mmdebstrap iproute2 pigz curl jq ca-certificates tar gzip; do
   have_pkg "$p" || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
