@@ -212,6 +212,21 @@ func cfReadTar(t testing.TB, tarball []byte) ([]cfGoEntry, int64, error) {
 	}
 }
 
+// cfTarEnd returns the offset just past a tar stream's end-of-archive
+// marker, as archive/tar finds it.
+func cfTarEnd(t testing.TB, tarball []byte) int64 {
+	t.Helper()
+	cr := &cfCountingReader{r: bytes.NewReader(tarball)}
+	tr := tar.NewReader(cr)
+	for {
+		if _, err := tr.Next(); err == io.EOF {
+			return cr.n
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // cfGzipHeaderLen returns the length of the gzip member header at the
 // start of b.
 func cfGzipHeaderLen(t testing.TB, b []byte) int64 {
@@ -689,7 +704,7 @@ func TestConformance(t *testing.T) {
 // cfCheckSparse runs the conformance checks on GNU tar --sparse layers.
 func cfCheckSparse(t *testing.T, tarball []byte) {
 	t.Helper()
-	for _, c := range cfCompressionsNamed(t, "tar", "gzip-6", "gzip-multi", "pigz") {
+	for _, c := range cfCompressionsNamed(t, "tar", "gzip-6", "gzip-multi") {
 		t.Run(c.name, func(t *testing.T) {
 			blob := c.compress(t, tarball)
 			layer := cfWriteLayer(t, blob)
@@ -1052,10 +1067,7 @@ func TestDebianLayer(t *testing.T) {
 	tarball := cfUncompressed(t, blob)
 	extracted := cfExtract(t, layer)
 	listing := cfList(t, layer)
-	_, end, err := cfReadTar(t, tarball)
-	if err != nil {
-		t.Fatal(err)
-	}
+	end := cfTarEnd(t, tarball)
 	for _, s := range []int64{DefaultSpanSize, 256 << 10} {
 		t.Run(fmt.Sprint(s), func(t *testing.T) {
 			z, layerDigest, err := cfBuild(t, blob, BuildOptions{SpanSize: s})
