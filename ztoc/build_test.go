@@ -148,7 +148,7 @@ func cfModeString(f *FileMetadata) string {
 // entries that the TOC leaves out).
 func cfTocType(flag byte) string {
 	switch flag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeCont, tar.TypeGNUSparse:
+	case tar.TypeReg, '\x00', tar.TypeCont, tar.TypeGNUSparse: // '\x00': pre-POSIX regular file
 		return TypeReg
 	case tar.TypeDir:
 		return TypeDir
