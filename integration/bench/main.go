@@ -237,7 +237,8 @@ func benchmark(ctx context.Context, o options) (err error) {
 	}
 
 	rep := &report{Started: begin, Command: strings.Join(append([]string{"go run ./integration/bench"}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
-	rep.Machine = machineInfo(ctx, repo, e.snapshotterBin)
+	rep.Machine = machineInfo(ctx, repo)
+	rep.Registry = e.proxyAddr
 	imgs := map[string]image{}
 	for _, w := range ws {
 		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)

@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // delayProxy is a TCP proxy that adds a fixed one-way delay to each
@@ -129,15 +131,21 @@ type chunk struct {
 // was read. A reader goroutine timestamps chunks into a queue; this
 // goroutine writes each when it is due, so reads go on while earlier data
 // waits: the delay adds latency, not a throughput limit (up to the queue's
-// capacity in flight). The count is taken when a chunk is written.
+// budget in flight). The count is taken when a chunk is written.
 func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64) {
 	q := make(chan chunk, 4096)
+	// At most inFlight bytes wait in the queue: enough for 10 Gbit/s at a
+	// 10 ms one-way delay, while a slow (shaped) receiver still pushes
+	// back on the sender instead of the proxy buffering a whole image.
+	const inFlight = 16 << 20
+	budget := semaphore.NewWeighted(inFlight)
 	go func() {
 		defer close(q)
 		for {
 			buf := make([]byte, 64<<10)
 			n, err := src.Read(buf)
 			if n > 0 {
+				_ = budget.Acquire(context.Background(), int64(n))
 				q <- chunk{data: buf[:n], due: time.Now().Add(time.Duration(p.delay.Load()))}
 			}
 			if err != nil {
@@ -149,6 +157,7 @@ func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64) {
 	failed := false
 	for c := range q {
 		if failed {
+			budget.Release(int64(len(c.data)))
 			continue // drain so the reader never blocks forever
 		}
 		if d := time.Until(c.due); d > 0 {
@@ -163,6 +172,7 @@ func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64) {
 			continue
 		}
 		n, err := dst.Write(c.data)
+		budget.Release(int64(len(c.data)))
 		count.Add(int64(n))
 		if err != nil {
 			failed = true

@@ -23,9 +23,11 @@ type report struct {
 	Options options              `json:"options"`
 	Machine machine              `json:"machine"`
 	Images  map[string]imageInfo `json:"images"`
-	Runs    []runResult          `json:"runs"`
-	Cells   []cell               `json:"cells"`
-	Targets []target             `json:"targets"`
+	// Registry is the address pulls go to (the delay proxy).
+	Registry string      `json:"registry"`
+	Runs     []runResult `json:"runs"`
+	Cells    []cell      `json:"cells"`
+	Targets  []target    `json:"targets"`
 }
 
 // imageInfo describes a workload's image.
@@ -104,7 +106,7 @@ func output(ctx context.Context, dir, name string, args ...string) string {
 	return firstLine(string(b))
 }
 
-func machineInfo(ctx context.Context, repo, snapshotterBin string) machine {
+func machineInfo(ctx context.Context, repo string) machine {
 	m := machine{
 		Kernel:        output(ctx, "", "uname", "-r"),
 		Cores:         runtime.NumCPU(),
@@ -319,6 +321,7 @@ func (rep *report) markdown() string {
 
 	b.WriteString("\n### Commands\n\n```\n")
 	fmt.Fprintf(&b, "# harness\n%s\n", rep.Command)
+	fmt.Fprintf(&b, "# REG=%s (the delay proxy in the registry's namespace), SOCK=containerd 1.6's socket, W=workload\n", rep.Registry)
 	b.WriteString("# full, timed from before the pull to ctr run's first stdout line\n")
 	b.WriteString("ctr -a $SOCK -n bench images pull --plain-http $REG/bench/$W:image\n")
 	b.WriteString("ctr -a $SOCK -n bench run --rm $REG/bench/$W:image $ID $CMD\n")
