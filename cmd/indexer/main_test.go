@@ -490,3 +490,34 @@ func TestUnknownSubcommand(t *testing.T) {
 		}
 	}
 }
+
+// TestZtocLsQuoting: names with backslashes and control characters are
+// listed as tar -tv lists them (its default "escape" quoting: \\, \n, \t,
+// \ooo), so that every entry stays on one line.
+func TestZtocLsQuoting(t *testing.T) {
+	t.Setenv("TZ", "UTC")
+	saved := time.Local
+	time.Local = time.UTC
+	defer func() { time.Local = saved }()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src", "q")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{`back\slash`, "new\nline", "tab\there", "ctl\x01x", "plain"} {
+		if err := os.WriteFile(filepath.Join(src, name), []byte(name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("tar\\get\nx", filepath.Join(src, "link")); err != nil {
+		t.Fatal(err)
+	}
+	layer := filepath.Join(dir, "layer.tar")
+	run(t, nil, "tar", "--format=posix", "--sort=name", "-cf", layer, "-C", filepath.Dir(src), "q")
+	zt := filepath.Join(dir, "layer.ztoc")
+	mustCLI(t, "ztoc", "build", "-o", zt, layer)
+	want := string(run(t, []string{"TZ=UTC", "LC_ALL=C.UTF-8"}, "tar", "-tvf", layer))
+	if got := mustCLI(t, "ztoc", "ls", zt); got != want {
+		t.Errorf("ztoc ls differs from tar -tvf:\n--- ztoc ls\n%s--- tar -tvf\n%s", got, want)
+	}
+}
