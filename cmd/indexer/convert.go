@@ -46,14 +46,11 @@ indexer.`,
 				return err
 			}
 			defer done()
-			rootBytes, root, err := src.FetchManifest(ctx, referenceOrLatest(src))
+			img, err := p.resolveSource(ctx)
 			if err != nil {
 				return err
 			}
-			targets, imageIndex, err := p.selectTargets(ctx, root, rootBytes)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
-			}
+			root, rootBytes, targets, imageIndex := img.root, img.raw, img.targets, img.index
 			if imageIndex == nil && targets[0].platform.OS == "" {
 				return fmt.Errorf("%s: the image config names no platform (os/architecture), which a SOCI v2 index entry needs", args[0])
 			}

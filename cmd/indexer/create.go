@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -124,18 +125,14 @@ it. Layers already indexed (in the registry or the local cache) are reused.`,
 				return err
 			}
 			defer done()
-			rootBytes, root, err := src.FetchManifest(ctx, referenceOrLatest(src))
+			img, err := p.resolveSource(ctx)
 			if err != nil {
 				return err
 			}
-			targets, imageIndex, err := p.selectTargets(ctx, root, rootBytes)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
-			}
-			if err := p.findExisting(ctx, targetDescs(targets), imageIndex); err != nil {
+			if err := p.findExisting(ctx, targetDescs(img.targets), img.index); err != nil {
 				return err
 			}
-			results := p.indexPlatforms(ctx, targets)
+			results := p.indexPlatforms(ctx, img.targets)
 			for _, r := range results {
 				if r.Error != "" {
 					continue
@@ -196,6 +193,28 @@ func finish(cmd *cobra.Command, o indexOptions, rep runReport, version string) e
 		return fmt.Errorf("%d of %d platforms failed:\n  %s", len(failed), len(rep.Platforms), strings.Join(failed, "\n  "))
 	}
 	return nil
+}
+
+// source is the image being indexed: its root manifest (an image index or
+// a single manifest) and the platform manifests selected from it.
+type source struct {
+	root    ocispec.Descriptor
+	raw     []byte
+	targets []target
+	index   *ocispec.Index // nil for a single manifest
+}
+
+// resolveSource fetches the source image and selects its platforms.
+func (p *publisher) resolveSource(ctx context.Context) (*source, error) {
+	raw, root, err := p.src.FetchManifest(ctx, referenceOrLatest(p.src))
+	if err != nil {
+		return nil, err
+	}
+	targets, idx, err := p.selectTargets(ctx, root, raw)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", p.src.Name(), err)
+	}
+	return &source{root: root, raw: raw, targets: targets, index: idx}, nil
 }
 
 func referenceOrLatest(r *registry.Repository) string {

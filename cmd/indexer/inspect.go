@@ -109,12 +109,8 @@ func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (io.ReaderAt
 }
 
 func newIndexCommand() *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "index",
-		Short: "Inspect the SOCI indexes of images in a registry",
-	}
-	cmd.AddCommand(newIndexListCommand(), newIndexInfoCommand())
-	return cmd
+	return newGroupCommand("index", "Inspect the SOCI indexes of images in a registry",
+		newIndexListCommand(), newIndexInfoCommand())
 }
 
 // indexEntry is one SOCI index of an image.

@@ -36,3 +36,22 @@ containers after fetching only the bytes they read.`,
 	root.AddCommand(newZtocCommand(), newCreateCommand(), newConvertCommand(), newIndexCommand())
 	return root
 }
+
+// newGroupCommand returns a command that only holds subcommands: without
+// one it prints its help, and an unknown one is an error (cobra would
+// print the help and succeed).
+func newGroupCommand(use, short string, subs ...*cobra.Command) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("unknown command %q for %q (see %s --help)", args[0], cmd.CommandPath(), cmd.CommandPath())
+			}
+			return cmd.Help()
+		},
+	}
+	cmd.AddCommand(subs...)
+	return cmd
+}

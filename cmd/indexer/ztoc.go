@@ -15,12 +15,8 @@ import (
 )
 
 func newZtocCommand() *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "ztoc",
-		Short: "Build and inspect zTOCs",
-	}
-	cmd.AddCommand(newZtocBuildCommand(), newZtocInfoCommand(), newZtocListCommand(), newZtocGetFileCommand())
-	return cmd
+	return newGroupCommand("ztoc", "Build and inspect zTOCs",
+		newZtocBuildCommand(), newZtocInfoCommand(), newZtocListCommand(), newZtocGetFileCommand())
 }
 
 func newZtocBuildCommand() *cobra.Command {
