@@ -5,6 +5,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -390,7 +391,7 @@ func TestLazyFaults(t *testing.T) {
 		out, err := e.run(ref, 2*time.Minute, "python3", "-c", fmt.Sprintf("open(%q, 'rb').read()", "/"+ztoc.CleanPath(uncached.Name)))
 		elapsed = time.Since(start)
 		t.Logf("container reading %s with the registry down: %v after %v", uncached.Name, err, elapsed.Round(time.Millisecond))
-		if err == nil || !strings.Contains(out, "Input/output error") {
+		if err == nil || !strings.Contains(out+err.Error(), "Input/output error") {
 			t.Fatalf("container read of an uncached file with the registry down: err %v, output:\n%s", err, out)
 		}
 		if elapsed > 30*time.Second {
@@ -464,8 +465,9 @@ func TestLazyFallback(t *testing.T) {
 	e := newLazyEnv(t, "")
 	e.pushPython(t, "py/fb", "src")
 
-	normal := func(t *testing.T, ref, logWord string) {
+	normal := func(t *testing.T, ref, reason, logWord string) {
 		t.Helper()
+		before := e.metrics(t)
 		out := e.pull(t, ref)
 		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
 			t.Fatalf("pull report does not say containerd pulled the layer:\n%s", out)
@@ -483,6 +485,10 @@ func TestLazyFallback(t *testing.T) {
 			t.Fatalf("the daemon logged no %q line", logWord)
 		}
 		t.Logf("daemon: %s", why)
+		series := `spanpull_fallbacks_total{reason="` + reason + `"}`
+		if after := e.metrics(t); after[series]-before[series] != 1 {
+			t.Fatalf("%s went from %v to %v, want +1", series, before[series], after[series])
+		}
 		e.runPython(t, ref)
 		e.removeImage(t, ref)
 	}
@@ -492,31 +498,33 @@ func TestLazyFallback(t *testing.T) {
 		m := e.fetchManifest(t, "py/fb", "src")
 		m.Annotations = map[string]string{index.AnnotationIndexDigest: digest.FromString("no such index").String()}
 		ref := e.pushManifest(t, "py/fb", "missing-index", m)
-		normal(t, ref, "not lazy")
+		normal(t, ref, "no_index", "not lazy")
 	})
 	t.Run("invalid-ztoc", func(t *testing.T) {
 		// A converted image whose zTOC blob is garbage in the registry.
 		ref := e.reg.Addr + "/py/fb:soci"
 		e.indexer(t, "convert", e.reg.Addr+"/py/fb:src", ref)
-		m := e.fetchManifest(t, "py/fb", "soci")
-		id, ok, err := index.IndexDigestOf(&m)
-		if err != nil || !ok {
-			t.Fatalf("converted manifest names no index: %v", err)
+		// The converted image index lists the image manifests and their
+		// SOCI indexes; the zTOC is a layer of the SOCI index.
+		var root ocispec.Index
+		if err := json.Unmarshal(e.fetchRaw(t, "py/fb", "soci"), &root); err != nil {
+			t.Fatal(err)
 		}
-		ix := e.fetchManifest(t, "py/fb", id.String())
 		var zd ocispec.Descriptor
-		for _, l := range ix.Layers {
-			if l.MediaType == index.MediaTypeZtoc {
-				zd = l
+		for _, d := range root.Manifests {
+			for _, l := range e.fetchManifest(t, "py/fb", d.Digest.String()).Layers {
+				if l.MediaType == index.MediaTypeZtoc {
+					zd = l
+				}
 			}
 		}
 		if zd.Digest == "" {
-			t.Fatalf("index %s has no zTOC layer: %+v", id, ix.Layers)
+			t.Fatalf("converted image %s has no zTOC: %+v", ref, root)
 		}
 		garbage := bytes.Repeat([]byte("not a ztoc "), int(zd.Size)/11+1)[:zd.Size]
 		if err := os.WriteFile(e.reg.BlobPath(zd.Digest), garbage, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		normal(t, ref, "pulled normally")
+		normal(t, ref, "ztoc_unavailable", "pulled normally")
 	})
 }

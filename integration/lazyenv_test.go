@@ -368,14 +368,25 @@ func (e *lazyEnv) pushManifest(t *testing.T, repo, tag string, m any) string {
 	return e.reg.Addr + "/" + repo + ":" + tag
 }
 
-// fetchManifest fetches repo's manifest reference from the registry.
+// fetchManifest fetches repo's image manifest reference from the
+// registry.
 func (e *lazyEnv) fetchManifest(t *testing.T, repo, reference string) ocispec.Manifest {
+	t.Helper()
+	var m ocispec.Manifest
+	if err := json.Unmarshal(e.fetchRaw(t, repo, reference), &m); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// fetchRaw fetches repo's manifest or image index reference.
+func (e *lazyEnv) fetchRaw(t *testing.T, repo, reference string) []byte {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, "http://"+e.reg.Addr+"/v2/"+repo+"/manifests/"+reference, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	req.Header.Set("Accept", ocispec.MediaTypeImageManifest)
+	req.Header.Set("Accept", ocispec.MediaTypeImageManifest+", "+ocispec.MediaTypeImageIndex)
 	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -385,9 +396,5 @@ func (e *lazyEnv) fetchManifest(t *testing.T, repo, reference string) ocispec.Ma
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET manifest %s:%s: %s %s", repo, reference, resp.Status, b)
 	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		t.Fatal(err)
-	}
-	return m
+	return b
 }
