@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -411,27 +412,33 @@ func TestCreateFaults(t *testing.T) {
 	}
 	want := []itWant{{layers[0], ztoc.DefaultSpanSize}, {layers[1], ztoc.DefaultSpanSize}, {layers[2], ztoc.DefaultSpanSize}}
 	upstream := registrytest.StartDistribution(t)
-	proxy := registrytest.StartFaultProxy(t, upstream)
 	reg := itRegistry{Name: "distribution", Addr: upstream}
+	var mu sync.Mutex
 	n := 0
-	setup := func(t *testing.T) (itImage, string) {
+	// setup pushes the image to a repository of its own and starts a
+	// fault proxy for the subtest, which runs in parallel with the others
+	// (most of them wait on retry backoff).
+	setup := func(t *testing.T) (itImage, string, *registrytest.FaultProxy) {
+		mu.Lock()
 		n++
 		repo := fmt.Sprintf("faults%d", n)
+		mu.Unlock()
 		img := itPushImage(t, upstream, repo, "v1", "linux/amd64", false, layers...)
-		proxy.Set(registrytest.Faults{})
-		return img, repo
+		proxy := registrytest.StartFaultProxy(t, upstream)
+		t.Parallel()
+		return img, repo, proxy
 	}
 	layerGET := func(d digest.Digest) func(*http.Request) bool {
 		return func(r *http.Request) bool {
 			return r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+d.String())
 		}
 	}
-	create := func(ctx context.Context, t *testing.T, repo string) itOutput {
+	create := func(ctx context.Context, t *testing.T, proxy *registrytest.FaultProxy, repo string) itOutput {
 		return itRunContext(ctx, t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", proxy.Addr+"/"+repo+":v1")
 	}
-	succeeds := func(t *testing.T, img itImage, repo string) {
+	succeeds := func(t *testing.T, proxy *registrytest.FaultProxy, img itImage, repo string) {
 		t.Helper()
-		out := create(context.Background(), t, repo)
+		out := create(context.Background(), t, proxy, repo)
 		if out.Err != nil {
 			t.Fatalf("create failed: %v\nproxy saw:\n%s", out.Err, strings.Join(proxy.Requests(), "\n"))
 		}
@@ -444,7 +451,7 @@ func TestCreateFaults(t *testing.T) {
 	}
 	// fails checks a failed create: a non-nil error within bounds that
 	// contains every string of msg, and nothing half-pushed.
-	fails := func(t *testing.T, out itOutput, repo string, msg ...string) {
+	fails := func(t *testing.T, proxy *registrytest.FaultProxy, out itOutput, repo string, msg ...string) {
 		t.Helper()
 		if out.Err == nil {
 			t.Fatalf("create succeeded:\n%s", out.Stdout)
@@ -464,22 +471,22 @@ func TestCreateFaults(t *testing.T) {
 	}
 
 	t.Run("transient 5xx", func(t *testing.T) {
-		img, repo := setup(t)
+		img, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Status: http.StatusServiceUnavailable, StatusCount: 3})
-		succeeds(t, img, repo)
+		succeeds(t, proxy, img, repo)
 		if c := proxy.CountRequests("503 (injected)"); c != 3 {
 			t.Errorf("%d injected 503s, want 3", c)
 		}
 	})
 	t.Run("transient 5xx on push", func(t *testing.T) {
-		img, repo := setup(t)
+		img, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return r.Method != http.MethodGet && r.Method != http.MethodHead }, Status: http.StatusBadGateway, StatusCount: 3})
-		succeeds(t, img, repo)
+		succeeds(t, proxy, img, repo)
 	})
 	t.Run("reset mid-layer", func(t *testing.T) {
-		img, repo := setup(t)
+		img, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: layerGET(layers[1].Desc.Digest), ResetAfter: 100 << 10, ResetCount: 2})
-		succeeds(t, img, repo)
+		succeeds(t, proxy, img, repo)
 		if c := proxy.CountRequests("reset after"); c != 2 {
 			t.Errorf("%d resets, want 2", c)
 		}
@@ -488,36 +495,36 @@ func TestCreateFaults(t *testing.T) {
 		}
 	})
 	t.Run("dropped connections", func(t *testing.T) {
-		img, repo := setup(t)
+		img, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{DropCount: 4})
-		succeeds(t, img, repo)
+		succeeds(t, proxy, img, repo)
 	})
 	t.Run("persistent 5xx on a layer", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: layerGET(layers[1].Desc.Digest), Status: http.StatusInternalServerError, StatusCount: -1})
-		out := create(context.Background(), t, repo)
-		fails(t, out, repo, layers[1].Desc.Digest.String(), "500")
+		out := create(context.Background(), t, proxy, repo)
+		fails(t, proxy, out, repo, layers[1].Desc.Digest.String(), "500")
 	})
 	t.Run("persistent 5xx on uploads", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool { return strings.Contains(r.URL.Path, "/blobs/uploads/") }, Status: http.StatusServiceUnavailable, StatusCount: -1})
-		out := create(context.Background(), t, repo)
-		fails(t, out, repo, "503")
+		out := create(context.Background(), t, proxy, repo)
+		fails(t, proxy, out, repo, "503")
 	})
 	t.Run("index manifest push fails", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool {
 			return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/")
 		}, Status: http.StatusInternalServerError, StatusCount: -1})
-		out := create(context.Background(), t, repo)
-		fails(t, out, repo, "500")
+		out := create(context.Background(), t, proxy, repo)
+		fails(t, proxy, out, repo, "500")
 	})
 	t.Run("fallback tag update fails", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: func(r *http.Request) bool {
 			return r.Method == http.MethodPut && strings.Contains(r.URL.Path, "/manifests/sha256-")
 		}, Status: http.StatusInternalServerError, StatusCount: -1})
-		out := create(context.Background(), t, repo)
+		out := create(context.Background(), t, proxy, repo)
 		if out.Err == nil {
 			t.Errorf("create succeeded though the index could not be made discoverable:\n%s", out.Stdout)
 		}
@@ -525,32 +532,32 @@ func TestCreateFaults(t *testing.T) {
 		itWalk(t, reg, repo) // no dangling pointers, whatever was pushed
 	})
 	t.Run("registry stops answering", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 64 << 10, ResetCount: -1, StallReset: true})
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		out := create(ctx, t, repo)
-		fails(t, out, repo)
+		out := create(ctx, t, proxy, repo)
+		fails(t, proxy, out, repo)
 		if out.Elapsed > 20*time.Second {
 			t.Errorf("create ran %s past its 10s deadline", out.Elapsed)
 		}
 	})
 	t.Run("registry stops answering before headers", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Latency: 5 * time.Minute})
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		out := create(ctx, t, repo)
-		fails(t, out, repo)
+		out := create(ctx, t, proxy, repo)
+		fails(t, proxy, out, repo)
 		if out.Elapsed > 15*time.Second {
 			t.Errorf("create ran %s past its 5s deadline", out.Elapsed)
 		}
 	})
 	t.Run("corrupt layer body", func(t *testing.T) {
-		_, repo := setup(t)
+		_, repo, proxy := setup(t)
 		proxy.Set(registrytest.Faults{Match: layerGET(layers[0].Desc.Digest), Corrupt: true})
-		out := create(context.Background(), t, repo)
-		fails(t, out, repo, layers[0].Desc.Digest.String())
+		out := create(context.Background(), t, proxy, repo)
+		fails(t, proxy, out, repo, layers[0].Desc.Digest.String())
 	})
 }
 
