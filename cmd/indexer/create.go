@@ -66,6 +66,7 @@ func (o indexOptions) validate() error {
 
 // newPublisher wires a publisher for src -> dst; close releases it.
 func newPublisher(o indexOptions, src, dst *registry.Repository, stdout, stderr io.Writer) (p *publisher, closeFn func(), err error) {
+	limitMemory(o.Concurrency)
 	p = &publisher{opts: o, src: src, dst: dst, log: stdout, builds: make(map[digest.Digest]*layerBuild)}
 	if !o.NoCache && o.CacheDir != "" {
 		if p.cache, err = store.OpenZtocCache(o.CacheDir); err != nil {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -54,4 +55,18 @@ func newGroupCommand(use, short string, subs ...*cobra.Command) *cobra.Command {
 	}
 	cmd.AddCommand(subs...)
 	return cmd
+}
+
+// memoryPerLayer is the soft memory limit per layer being indexed: the
+// zTOC under construction plus the pipeline buffers fit well within it,
+// and without a limit Go's GC lets the heap grow to twice the live set.
+const memoryPerLayer = 48 << 20
+
+// limitMemory sets Go's soft memory limit for indexing layers at once,
+// unless the user set GOMEMLIMIT. A soft limit never fails an allocation:
+// past it the GC just works harder.
+func limitMemory(layers int) {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(int64(max(layers, 1)) * memoryPerLayer)
+	}
 }

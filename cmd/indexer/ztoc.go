@@ -42,6 +42,7 @@ fixed-size spans.`,
 				return err
 			}
 			defer f.Close()
+			limitMemory(1)
 			start := time.Now()
 			z, layerDigest, err := ztoc.Build(cmd.Context(), f, ztoc.BuildOptions{SpanSize: spanSize, BuildToolIdentifier: tool})
 			if err != nil {
