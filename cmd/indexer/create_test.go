@@ -767,3 +767,44 @@ func TestCreateManyLayers(t *testing.T) {
 		itCheckIndex(t, addr, "many", rep.Platforms[0].Index, index.V1, &subject, want)
 	}
 }
+
+// TestCreateCacheAcrossRegistries: a zTOC from the local cache is pushed
+// to a registry that does not have it yet.
+func TestCreateCacheAcrossRegistries(t *testing.T) {
+	l := itGzipLayer(170, 300<<10, itOCIGzip)
+	one := registrytest.StartDistribution(t)
+	two := registrytest.StartReferrersRegistry(t)
+	cache := t.TempDir()
+	itPushImage(t, one, "app", "v1", "linux/amd64", false, l)
+	img := itPushImage(t, two, "app", "v1", "linux/amd64", false, l)
+	itReport(t, "create", "--plain-http", "--cache-dir", cache, "--min-layer-size", "1000", one+"/app:v1")
+	rep := itReport(t, "create", "--plain-http", "--cache-dir", cache, "--min-layer-size", "1000", two+"/app:v1")
+	if ls := rep.Platforms[0].Layers; ls[0].Status != "reused" || !strings.Contains(ls[0].Reason, "cache") {
+		t.Errorf("second registry: layer %+v, want reused from the local cache", ls[0])
+	}
+	subject := img.Desc
+	itCheckIndex(t, two, "app", rep.Platforms[0].Index, index.V1, &subject, []itWant{{l, ztoc.DefaultSpanSize}})
+}
+
+// TestCreateDockerManifestList indexes both platforms of a Docker
+// manifest list.
+func TestCreateDockerManifestList(t *testing.T) {
+	amd := itGzipLayer(180, 120<<10, itDockerGzip)
+	arm := itGzipLayer(181, 130<<10, itDockerGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		a := itPushImage(t, reg.Addr, "dlist", "", "linux/amd64", true, amd)
+		b := itPushImage(t, reg.Addr, "dlist", "", "linux/arm64", true, arm)
+		itPushIndex(t, reg.Addr, "dlist", "v1", true, a, b)
+		rep := itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", "--all-platforms", reg.Addr+"/dlist:v1")
+		if len(rep.Platforms) != 2 {
+			t.Fatalf("platforms %+v", rep.Platforms)
+		}
+		for i, im := range []itImage{a, b} {
+			subject := im.Desc
+			itCheckIndex(t, reg.Addr, "dlist", rep.Platforms[i].Index, index.V1, &subject, []itWant{{im.Layers[0], ztoc.DefaultSpanSize}})
+			if refs := itSociReferrers(t, reg, "dlist", im.Desc.Digest); len(refs) != 1 || refs[0].Digest != rep.Platforms[i].Index {
+				t.Errorf("%s: referrers %+v", rep.Platforms[i].Platform, refs)
+			}
+		}
+	})
+}
