@@ -175,6 +175,14 @@ func TestConvert(t *testing.T) {
 		if b, _, _ := itManifest(t, reg.Addr, "dst", "list-soci-again"); string(b) != string(first) {
 			t.Errorf("converting the converted image gave\n%s\nwant\n%s", b, first)
 		}
+		// -q prints digests only, one per line.
+		out = itMustRun(t, "convert", "--plain-http", "--cache-dir", t.TempDir(), "--min-layer-size", "100000", "-q",
+			host+"/src:single", host+"/dst2:single-soci")
+		for _, line := range strings.Split(strings.TrimSuffix(out.Stdout, "\n"), "\n") {
+			if _, err := digest.Parse(line); err != nil {
+				t.Errorf("convert -q printed %q", line)
+			}
+		}
 		for _, repo := range []string{"src", "dst", "dst2"} {
 			itWalk(t, reg, repo)
 		}
