@@ -745,6 +745,7 @@ func cfCompressionsNamed(t testing.TB, names ...string) []cfCompression {
 // TestSparseOldGNU: old-GNU sparse entries (type 'S', tar --format=gnu
 // --sparse) extract with their holes, equal to GNU tar.
 func TestSparseOldGNU(t *testing.T) {
+	t.Parallel()
 	tarball := cfSparseTar(t, "--format=gnu")
 	entries, _, err := cfReadTar(t, tarball)
 	if err != nil {
@@ -765,6 +766,7 @@ func TestSparseOldGNU(t *testing.T) {
 // TestSparsePAX: PAX sparse entries (tar --format=posix --sparse, GNU
 // sparse versions 0.0, 0.1 and 1.0) extract with their holes.
 func TestSparsePAX(t *testing.T) {
+	t.Parallel()
 	for _, v := range []string{"1.0", "0.1", "0.0"} {
 		t.Run(v, func(t *testing.T) {
 			tarball := cfSparseTar(t, "--format=posix", "--sparse-version="+v)
@@ -857,6 +859,7 @@ func TestBuildGolden(t *testing.T) {
 // TestReadGolden extracts every regular file through SOCI's own zTOCs and
 // compares it with GNU tar's extraction.
 func TestReadGolden(t *testing.T) {
+	t.Parallel()
 	dir := cfGoldenDir(t)
 	tgzPath := filepath.Join(dir, "small.tar.gz")
 	tgz, err := os.ReadFile(tgzPath)
@@ -1059,6 +1062,7 @@ func cfDebianLayer(t testing.TB) string {
 // TestDebianLayer compares a real Debian root filesystem layer with GNU
 // tar: every regular file through the zTOC, and all metadata.
 func TestDebianLayer(t *testing.T) {
+	t.Parallel()
 	layer := cfDebianLayer(t)
 	blob, err := os.ReadFile(layer)
 	if err != nil {
