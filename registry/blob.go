@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"errors"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -13,3 +14,22 @@ func (r *Repository) ResolveBlob(ctx context.Context, d digest.Digest) (ocispec.
 	desc, err := r.repo.Blobs().Resolve(ctx, d.String())
 	return desc, r.wrap("resolve blob", d.String(), err)
 }
+
+// Tags lists the repository's tags, at most max of them (max <= 0: all).
+func (r *Repository) Tags(ctx context.Context, max int) ([]string, error) {
+	var out []string
+	err := r.repo.Tags(ctx, "", func(tags []string) error {
+		out = append(out, tags...)
+		if max > 0 && len(out) >= max {
+			out = out[:max]
+			return errStopListing
+		}
+		return nil
+	})
+	if errors.Is(err, errStopListing) {
+		err = nil
+	}
+	return out, r.wrap("list tags of", "", err)
+}
+
+var errStopListing = errors.New("enough tags")

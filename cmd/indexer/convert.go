@@ -184,28 +184,21 @@ func (p *publisher) copyBlob(ctx context.Context, d ocispec.Descriptor) error {
 }
 
 // findExistingConverted looks for zTOCs to reuse in DST's current image (a
-// re-run of convert) as well as SRC's own indexes.
+// re-run of convert) as well as SRC's own indexes and DST's repository.
 func (p *publisher) findExistingConverted(ctx context.Context, targets []target, srcIndex *ocispec.Index) error {
 	if err := p.findExisting(ctx, targetDescs(targets), srcIndex); err != nil {
 		return err
 	}
 	b, d, err := p.dst.FetchManifest(ctx, p.dst.Reference())
-	if err != nil {
-		return nil // DST does not exist yet (or cannot be read): nothing to reuse
-	}
-	if d.MediaType != ocispec.MediaTypeImageIndex {
-		return nil
+	if err != nil || d.MediaType != ocispec.MediaTypeImageIndex {
+		return nil // DST does not exist yet (or is no index): nothing more to reuse
 	}
 	dstIndex, err := index.ParseImageIndex(b)
 	if err != nil {
 		return nil
 	}
-	existing := p.existing
-	if err := p.findExisting(ctx, nil, dstIndex); err != nil {
-		return err
-	}
-	for k, v := range existing {
-		p.existing[k] = v
+	for _, e := range v2Entries(dstIndex) {
+		p.addExisting(ctx, e)
 	}
 	return nil
 }

@@ -391,52 +391,98 @@ func (p *publisher) buildIndex(ctx context.Context, r *platformResult, v index.V
 	return built, nil
 }
 
-// findExisting collects the zTOCs that SOCI indexes in dst already hold for
-// the given image manifests: v1 referrers and v2 index entries.
+// maxScannedTags bounds how many tags of the repository are looked at for
+// existing SOCI indexes.
+const maxScannedTags = 256
+
+// findExisting collects the zTOCs that SOCI indexes in dst already hold:
+// v1 referrers of the given image manifests, v2 entries of imageIndex, and
+// the indexes of other images in the repository (their v2 image indexes
+// and sha256-<hex> referrers fallback tags), so that a base layer shared
+// by many images is indexed once.
 func (p *publisher) findExisting(ctx context.Context, manifests []ocispec.Descriptor, imageIndex *ocispec.Index) error {
-	p.existing = make(map[ztocKey]ocispec.Descriptor)
+	if p.existing == nil {
+		p.existing = make(map[ztocKey]ocispec.Descriptor)
+	}
 	var indexes []ocispec.Descriptor
 	for _, m := range manifests {
 		refs, err := p.dst.Referrers(ctx, ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: m.Size}, index.V1.ArtifactType())
-		if errors.Is(err, registry.ErrNotFound) {
-			continue // convert to a repository that does not exist yet (404 NAME_UNKNOWN)
-		}
 		if err != nil {
 			return err
 		}
 		indexes = append(indexes, refs...)
 	}
-	if imageIndex != nil {
-		for _, d := range imageIndex.Manifests {
-			if d.ArtifactType == index.V2.ArtifactType() {
-				indexes = append(indexes, d)
-			}
-		}
+	indexes = append(indexes, v2Entries(imageIndex)...)
+	tags, err := p.dst.Tags(ctx, maxScannedTags)
+	if err != nil && !errors.Is(err, registry.ErrNotFound) {
+		return err
 	}
-	for _, d := range indexes {
-		b, err := p.dst.FetchManifestDescriptor(ctx, ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: d.Digest, Size: d.Size})
-		if err != nil {
-			continue // a dangling referrer is not ours to fix
+	for _, tag := range tags {
+		b, d, err := p.dst.FetchManifest(ctx, tag)
+		if err != nil || (d.MediaType != ocispec.MediaTypeImageIndex && d.MediaType != mediaTypeDockerManifestList) {
+			continue
 		}
-		ix, err := index.Parse(b)
+		idx, err := index.ParseImageIndex(b)
 		if err != nil {
 			continue
 		}
-		for _, l := range ix.Manifest.Layers {
-			ld, err := digest.Parse(l.Annotations[index.AnnotationImageLayerDigest])
-			if err != nil || l.MediaType != index.MediaTypeZtoc {
-				continue
+		if strings.HasPrefix(tag, "sha256-") {
+			// A referrers fallback tag: its manifests are referrers.
+			for _, r := range idx.Manifests {
+				if r.ArtifactType == index.V1.ArtifactType() {
+					indexes = append(indexes, r)
+				}
 			}
-			ss, err := strconv.ParseInt(l.Annotations[index.AnnotationSpanSize], 10, 64)
-			if err != nil {
-				continue // no recorded span size: cannot tell if it matches
-			}
-			if ok, err := p.dst.Exists(ctx, l); err == nil && ok {
-				p.existing[ztocKey{ld, ss}] = l
-			}
+			continue
 		}
+		indexes = append(indexes, v2Entries(idx)...)
+	}
+	for _, d := range indexes {
+		p.addExisting(ctx, d)
 	}
 	return nil
+}
+
+// v2Entries returns the SOCI index v2 descriptors of an image index.
+func v2Entries(idx *ocispec.Index) []ocispec.Descriptor {
+	if idx == nil {
+		return nil
+	}
+	var out []ocispec.Descriptor
+	for _, d := range idx.Manifests {
+		if d.ArtifactType == index.V2.ArtifactType() {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// addExisting records the zTOCs of SOCI index d whose blobs are in dst.
+func (p *publisher) addExisting(ctx context.Context, d ocispec.Descriptor) {
+	b, err := p.dst.FetchManifestDescriptor(ctx, ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: d.Digest, Size: d.Size})
+	if err != nil {
+		return // a dangling referrer is not ours to fix
+	}
+	ix, err := index.Parse(b)
+	if err != nil {
+		return
+	}
+	for _, l := range ix.Manifest.Layers {
+		ld, err := digest.Parse(l.Annotations[index.AnnotationImageLayerDigest])
+		if err != nil || l.MediaType != index.MediaTypeZtoc {
+			continue
+		}
+		ss, err := strconv.ParseInt(l.Annotations[index.AnnotationSpanSize], 10, 64)
+		if err != nil {
+			continue // no recorded span size: cannot tell if it matches
+		}
+		if _, seen := p.existing[ztocKey{ld, ss}]; seen {
+			continue
+		}
+		if ok, err := p.dst.Exists(ctx, l); err == nil && ok {
+			p.existing[ztocKey{ld, ss}] = l
+		}
+	}
 }
 
 func (p *publisher) report(r *layerResult) {
