@@ -184,6 +184,44 @@ func cfMakeTree(t testing.TB, root string) {
 	must(os.Chtimes(p("d/text.txt"), cfTimeBase, cfTimeBase.Add(123456789*time.Nanosecond)))
 }
 
+// cfMakeSimpleTree creates, under root, the directory "u" with what the
+// old ustar, oldgnu and v7 formats can hold: short names (a 150-byte path
+// that ustar splits into prefix and name), files, links and devices.
+func cfMakeSimpleTree(t testing.TB, root string) {
+	t.Helper()
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := func(name string) string { return filepath.Join(root, "u", name) }
+	deep := "sub/" + strings.Repeat("d", 50) + "/" + strings.Repeat("f", 90)
+	must(os.MkdirAll(filepath.Dir(p(deep)), 0o755))
+	must(os.WriteFile(p("file"), cfRandom(60, 150000), 0o644))
+	must(os.WriteFile(p("text"), cfText(61, 50000), 0o600))
+	must(os.WriteFile(p("empty"), nil, 0o644))
+	must(os.WriteFile(p(deep), cfText(62, 3000), 0o644))
+	must(os.Chmod(p("empty"), 0o4755))
+	must(os.Symlink("file", p("link")))
+	must(os.Link(p("text"), p("hard")))
+	must(syscall.Mknod(p("null"), syscall.S_IFCHR|0o666, int(cfMkdev(1, 3))))
+	must(syscall.Mkfifo(p("fifo"), 0o600))
+	must(filepath.Walk(filepath.Join(root, "u"), func(path string, info os.FileInfo, err error) error {
+		if err != nil || info.Mode()&os.ModeSymlink != 0 {
+			return err
+		}
+		return os.Chtimes(path, cfTimeBase, cfTimeBase)
+	}))
+}
+
+// cfGNUTarOf archives root/dir with GNU tar.
+func cfGNUTarOf(t testing.TB, root, dir string, args ...string) []byte {
+	t.Helper()
+	all := append([]string{"--sort=name", "-cf", "-", "-C", root}, args...)
+	return cfRun(t, nil, nil, "tar", append(all, dir)...)
+}
+
 // cfMkdev encodes a Linux device number.
 func cfMkdev(major, minor uint64) uint64 {
 	return (minor & 0xff) | (major&0xfff)<<8 | (minor&^0xff)<<12 | (major&^0xfff)<<32
@@ -238,10 +276,14 @@ func cfMakeTars() (tars []cfTar, err error) {
 	}
 	defer os.RemoveAll(root)
 	cfMakeTree(rt, root)
+	cfMakeSimpleTree(rt, root)
 	tars = append(tars,
 		cfTar{"gnu", cfGNUTar(rt, root, "--format=gnu")},
 		cfTar{"posix", cfGNUTar(rt, root, "--format=posix", "--xattrs", "--xattrs-include=*",
 			"--pax-option=globexthdr.name=pax_global_header,comment=spanpull-conformance")},
+		cfTar{"ustar", cfGNUTarOf(rt, root, "u", "--format=ustar")},
+		cfTar{"oldgnu", cfGNUTarOf(rt, root, "u", "--format=oldgnu")},
+		cfTar{"v7", cfGNUTarOf(rt, root, "u", "--format=v7", "--exclude=u/null", "--exclude=u/fifo", "--exclude=u/sub")},
 		cfTar{"gotar", cfGoTar(rt)},
 		cfTar{"edge16k", cfEdgeTar(rt, 16<<10)},
 		cfTar{"edge64k", cfEdgeTar(rt, 64<<10)},
