@@ -161,7 +161,7 @@ func TestLazyFileByFile(t *testing.T) {
 		check("mode bits", ws.Mode, gs.Mode)
 		check("uid", ws.Uid, gs.Uid)
 		check("gid", ws.Gid, gs.Gid)
-		check("mtime", ws.Mtim.Sec, gs.Mtim.Sec)
+		check("mtime", ws.Mtim, gs.Mtim)
 		switch ws.Mode & syscall.S_IFMT {
 		case syscall.S_IFREG:
 			files++
@@ -443,6 +443,12 @@ func TestLazyRestart(t *testing.T) {
 	m := e.metrics(t)
 	if m[mSpansFetched] != 0 || m[mZtocBytes] != 0 || m[mSpanBytes] != 0 {
 		t.Fatalf("the restarted daemon fetched from the (stopped) registry: %v spans, %v zTOC bytes", m[mSpansFetched], m[mZtocBytes])
+	}
+	if m[mCacheHits] == 0 || m[mReadErrors] != 0 {
+		t.Fatalf("the restarted daemon served %v reads from the span cache with %v read errors", m[mCacheHits], m[mReadErrors])
+	}
+	if b, err := os.ReadFile(e.sn.Log); err != nil || bytes.Contains(b, []byte("cannot be mounted again")) {
+		t.Fatalf("restarted daemon log (%v):\n%s", err, b)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

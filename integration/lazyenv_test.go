@@ -234,6 +234,7 @@ const (
 	mZtocBytes     = `spanpull_registry_bytes_fetched_total{kind="ztoc"}`
 	mSpansFetched  = `spanpull_spans_fetched_total`
 	mVerifyFailed  = `spanpull_span_verify_failures_total`
+	mCacheHits     = `spanpull_span_cache_hits_total`
 	mReadErrors    = `spanpull_read_errors_total`
 	mMountedLazy   = `spanpull_layers_mounted_total{mode="lazy"}`
 	mFallbackNoIdx = `spanpull_fallbacks_total{reason="no_index"}`
