@@ -407,6 +407,9 @@ func (p *publisher) findExisting(ctx context.Context, manifests []ocispec.Descri
 	var indexes []ocispec.Descriptor
 	for _, m := range manifests {
 		refs, err := p.dst.Referrers(ctx, ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: m.Size}, index.V1.ArtifactType())
+		if errors.Is(err, registry.ErrNotFound) {
+			continue // dst does not exist yet: nothing to reuse
+		}
 		if err != nil {
 			return err
 		}
