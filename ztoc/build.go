@@ -305,19 +305,25 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 		lastOut       int64
 		lastByte      byte
 		memberDone    bool // the previous member's trailer was read
+		padded        bool // zero padding followed the last member
 	)
 	c, ok := first, true
 	for ok {
 		data := c.data
 		for len(data) > 0 {
 			if memberDone {
-				// Between members: skip zero padding; anything else must be
-				// the next member's header.
+				// After a member: the next member's header, or zero padding
+				// up to the end of the blob (nothing may follow padding:
+				// gzip readers stop there).
 				if data[0] == 0 {
 					n := len(data) - len(bytes.TrimLeft(data, "\x00"))
 					s.write(data[:n])
-					lastByte, data, totIn = 0, data[n:], totIn+int64(n)
+					lastByte, data, totIn, padded = 0, data[n:], totIn+int64(n), true
 					continue
+				}
+				if padded {
+					c.release()
+					return fmt.Errorf("gzip stream has data after zero padding at compressed offset %d", totIn)
 				}
 				if err := inf.reset(windowBitsGzip); err != nil {
 					return err

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -173,12 +174,12 @@ func newZtocListCommand() *cobra.Command {
 				if f.Type == ztoc.TypeChar || f.Type == ztoc.TypeBlock {
 					size = fmt.Sprintf("%d,%d", f.Devmajor, f.Devminor)
 				}
-				name := f.Name
+				name := tarQuote(f.Name)
 				switch f.Type {
 				case ztoc.TypeSymlink:
-					name += " -> " + f.Linkname
+					name += " -> " + tarQuote(f.Linkname)
 				case ztoc.TypeHardlink:
-					name += " link to " + f.Linkname
+					name += " link to " + tarQuote(f.Linkname)
 				}
 				owner += "/" + group
 				width = max(width, len(owner)+1+len(size))
@@ -189,6 +190,39 @@ func newZtocListCommand() *cobra.Command {
 	}
 	rf.add(cmd)
 	return cmd
+}
+
+// tarQuote escapes a name the way GNU tar's default "escape" quoting
+// style does in listings, so that every entry stays on one line.
+func tarQuote(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; c {
+		case '\\':
+			b.WriteString(`\\`)
+		case '\a':
+			b.WriteString(`\a`)
+		case '\b':
+			b.WriteString(`\b`)
+		case '\f':
+			b.WriteString(`\f`)
+		case '\n':
+			b.WriteString(`\n`)
+		case '\r':
+			b.WriteString(`\r`)
+		case '\t':
+			b.WriteString(`\t`)
+		case '\v':
+			b.WriteString(`\v`)
+		default:
+			if c < 0x20 || c == 0x7f {
+				fmt.Fprintf(&b, "\\%03o", c)
+			} else {
+				b.WriteByte(c)
+			}
+		}
+	}
+	return b.String()
 }
 
 // modeString renders a tar mode the way tar -tv does, e.g. "-rwsr-xr-x".
