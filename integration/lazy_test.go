@@ -474,6 +474,7 @@ func TestLazyFallback(t *testing.T) {
 	normal := func(t *testing.T, ref, reason, logWord string) {
 		t.Helper()
 		before := e.metrics(t)
+		loggedBefore := strings.Count(e.daemonLog(t), "\n")
 		out := e.pull(t, ref)
 		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
 			t.Fatalf("pull report does not say containerd pulled the layer:\n%s", out)
@@ -481,14 +482,15 @@ func TestLazyFallback(t *testing.T) {
 		if ms := e.fuseMounts(t); len(ms) != 0 {
 			t.Fatalf("FUSE mounts after a fallback: %v", ms)
 		}
+		logged := strings.Split(e.daemonLog(t), "\n")[loggedBefore:]
 		var why string
-		for _, l := range strings.Split(e.daemonLog(t), "\n") {
+		for _, l := range logged {
 			if strings.Contains(l, logWord) {
 				why = l
 			}
 		}
 		if why == "" {
-			t.Fatalf("the daemon logged no %q line", logWord)
+			t.Fatalf("the daemon logged no %q line for this pull:\n%s", logWord, strings.Join(logged, "\n"))
 		}
 		t.Logf("daemon: %s", why)
 		series := `spanpull_fallbacks_total{reason="` + reason + `"}`
@@ -504,6 +506,14 @@ func TestLazyFallback(t *testing.T) {
 		m := e.fetchManifest(t, "py/fb", "src")
 		m.Annotations = map[string]string{index.AnnotationIndexDigest: digest.FromString("no such index").String()}
 		ref := e.pushManifest(t, "py/fb", "missing-index", m)
+		normal(t, ref, "no_index", "not lazy")
+	})
+	t.Run("invalid-index", func(t *testing.T) {
+		// The manifest names as its SOCI index a manifest that is not one
+		// (the image's own manifest).
+		m := e.fetchManifest(t, "py/fb", "src")
+		m.Annotations = map[string]string{index.AnnotationIndexDigest: digest.FromBytes(e.fetchRaw(t, "py/fb", "src")).String()}
+		ref := e.pushManifest(t, "py/fb", "invalid-index", m)
 		normal(t, ref, "no_index", "not lazy")
 	})
 	t.Run("invalid-ztoc", func(t *testing.T) {
