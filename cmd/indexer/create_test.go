@@ -238,9 +238,9 @@ func TestCreateReuse(t *testing.T) {
 }
 
 // TestCreateSharedLayerNoCache: with --no-cache, a layer indexed for one
-// image is found in the registry for another image of the repository only
-// if create looks beyond the image's own referrers. It records what
-// happens (reused or rebuilt) and that both images get correct indexes.
+// image of a repository is reused from the registry for another image,
+// found through the other image's SOCI index (a referrer: fallback tag or
+// referrers API).
 func TestCreateSharedLayerNoCache(t *testing.T) {
 	base := itGzipLayer(30, 300<<10, itOCIGzip)
 	a1 := itGzipLayer(31, 100<<10, itOCIGzip)
@@ -250,7 +250,21 @@ func TestCreateSharedLayerNoCache(t *testing.T) {
 		imgB := itPushImage(t, reg.Addr, "shared", "b", "linux/amd64", false, base, b1)
 		itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", reg.Addr+"/shared:a")
 		rep := itReport(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", reg.Addr+"/shared:b")
-		t.Logf("base layer of the second image without cache: %s", itStatuses(rep)[base.Desc.Digest])
+		st := itStatuses(rep)
+		if st[b1.Desc.Digest] != "indexed" {
+			t.Errorf("second image: own layer %s, want indexed", st[b1.Desc.Digest])
+		}
+		switch {
+		case st[base.Desc.Digest] == "reused":
+		case reg.Referrers:
+			// KNOWN GAP (reported): the repository scan of findExisting
+			// reads v2 image indexes and sha256-<hex> fallback tags, but
+			// not the referrers API, so on a registry that has it the v1
+			// index of image a is not found. Make this an error once fixed.
+			t.Logf("KNOWN GAP: base layer rebuilt for the second image on a referrers-API registry (%s)", st[base.Desc.Digest])
+		default:
+			t.Errorf("second image without cache: base layer %s, want reused (from image a's index)", st[base.Desc.Digest])
+		}
 		subject := imgB.Desc
 		itCheckIndex(t, reg.Addr, "shared", rep.Platforms[0].Index, index.V1, &subject, []itWant{{base, ztoc.DefaultSpanSize}, {b1, ztoc.DefaultSpanSize}})
 	})
