@@ -273,3 +273,24 @@ func TestConvertErrors(t *testing.T) {
 		t.Error("convert pushed an image though nothing was indexed")
 	}
 }
+
+// TestConvertReusesAcrossImages: converting a second image that shares a
+// base layer with an image already converted into DST reuses the base
+// layer's zTOC from DST, without a local cache.
+func TestConvertReusesAcrossImages(t *testing.T) {
+	base := itGzipLayer(190, 200<<10, itOCIGzip)
+	a1 := itGzipLayer(191, 100<<10, itOCIGzip)
+	b1 := itGzipLayer(192, 100<<10, itOCIGzip)
+	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+		a := itPushImage(t, reg.Addr, "src", "a", "linux/amd64", false, base, a1)
+		b := itPushImage(t, reg.Addr, "src", "b", "linux/amd64", false, base, b1)
+		flags := []string{"convert", "--plain-http", "--no-cache", "--min-layer-size", "1000"}
+		itReport(t, append(flags, reg.Addr+"/src:a", reg.Addr+"/dst:a-soci")...)
+		rep := itReport(t, append(flags, reg.Addr+"/src:b", reg.Addr+"/dst:b-soci")...)
+		if st := itStatuses(rep); st[base.Desc.Digest] != "reused" || st[b1.Desc.Digest] != "indexed" {
+			t.Errorf("second conversion: base %s, own layer %s; want reused and indexed", st[base.Desc.Digest], st[b1.Desc.Digest])
+		}
+		itCheckConverted(t, reg.Addr, "dst", "b-soci", []itImage{b}, [][]itWant{{{base, ztoc.DefaultSpanSize}, {b1, ztoc.DefaultSpanSize}}})
+		itCheckConverted(t, reg.Addr, "dst", "a-soci", []itImage{a}, [][]itWant{{{base, ztoc.DefaultSpanSize}, {a1, ztoc.DefaultSpanSize}}})
+	})
+}
