@@ -33,17 +33,40 @@ import (
 // v1 index (create, found through referrers) and no index at all (a
 // normal pull by containerd). Between images the image is removed, which
 // must unmount the layer and delete its zTOC and cached spans.
+// TestLazyPythonContainerd2 runs the same on containerd 2.2.
 func TestLazyPython(t *testing.T) {
-	// Background fill off, so that the bytes fetched are those python's
-	// start needed.
-	e := newLazyEnv(t, "[remote]\nfill_rate_bytes = -1\n")
+	testLazyPython(t, newLazyEnv(t, lazyPythonConfig), snapshotterPull)
+}
+
+// lazyPythonConfig turns background fill off, so that the bytes fetched
+// are those python's start needed.
+const lazyPythonConfig = "[remote]\nfill_rate_bytes = -1\n"
+
+// lazyPuller is one way of pulling an image into the spanpull
+// snapshotter.
+type lazyPuller struct {
+	name string
+	// pull pulls ref and returns its report ("" if it prints none).
+	pull func(e *lazyEnv, t *testing.T, ref string) string
+}
+
+// snapshotterPull is "snapshotter pull": a client-side pull passing the
+// remote-snapshot labels, which reports how each layer is served.
+var snapshotterPull = lazyPuller{"snapshotter-pull", (*lazyEnv).pull}
+
+// testLazyPython is TestLazyPython on env e: each image (v2 index, v1
+// index, no index) is pulled by each puller in turn, run, and removed.
+func testLazyPython(t *testing.T, e *lazyEnv, pullers ...lazyPuller) {
 	layerSize := float64(e.layerDesc.Size)
 
-	lazy := func(t *testing.T, ref string) {
+	lazy := func(t *testing.T, p lazyPuller, ref string) {
 		before := e.metrics(t)
-		out := e.pull(t, ref)
-		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+		out := p.pull(e, t, ref)
+		if out != "" && !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
 			t.Fatalf("pull report does not say the layer is lazy:\n%s", out)
+		}
+		if mode := e.snapshotMode(t); mode != "lazy" {
+			t.Fatalf("the layer's snapshot has mode label %q, want lazy", mode)
 		}
 		content := e.cd.MustRun(t, "content", "ls", "-q")
 		if strings.Contains(content, e.layerDesc.Digest.String()) {
@@ -66,40 +89,52 @@ func TestLazyPython(t *testing.T) {
 		if got := after[mMountedLazy] - before[mMountedLazy]; got != 1 {
 			t.Fatalf("layers mounted lazily: %v, want 1", got)
 		}
+		e.removeImage(t, ref)
+	}
+	each := func(t *testing.T, ref string, check func(*testing.T, lazyPuller, string)) {
+		for _, p := range pullers {
+			t.Run(p.name, func(t *testing.T) { check(t, p, ref) })
+		}
 	}
 
 	t.Run("v2", func(t *testing.T) {
 		src, _ := e.pushPython(t, "py/v2", "src")
 		dst := e.reg.Addr + "/py/v2:soci"
 		e.indexer(t, "convert", src, dst)
-		lazy(t, dst)
-		e.removeImage(t, dst)
+		each(t, dst, lazy)
 	})
 	t.Run("v1", func(t *testing.T) {
 		ref, _ := e.pushPython(t, "py/v1", "1")
 		e.indexer(t, "create", ref)
-		lazy(t, ref)
-		e.removeImage(t, ref)
+		each(t, ref, lazy)
 	})
 	t.Run("no-index", func(t *testing.T) {
 		ref, _ := e.pushPython(t, "py/plain", "1")
-		before := e.metrics(t)
-		out := e.pull(t, ref)
-		if !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
-			t.Fatalf("pull report does not say containerd pulled the layer:\n%s", out)
-		}
-		if ms := e.fuseMounts(t); len(ms) != 0 {
-			t.Fatalf("FUSE mounts for an image without index: %v", ms)
-		}
-		e.runPython(t, ref)
-		after := e.metrics(t)
-		if after[mFallbackNoIdx]-before[mFallbackNoIdx] != 1 || after[mSpanBytes] != before[mSpanBytes] {
-			t.Fatalf("metrics: no_index fallbacks %v -> %v, span bytes %v -> %v", before[mFallbackNoIdx], after[mFallbackNoIdx], before[mSpanBytes], after[mSpanBytes])
-		}
-		if !strings.Contains(e.daemonLog(t), "not lazy") {
-			t.Fatal("the daemon did not log why the image is not lazy")
-		}
-		e.removeImage(t, ref)
+		each(t, ref, func(t *testing.T, p lazyPuller, ref string) {
+			before := e.metrics(t)
+			out := p.pull(e, t, ref)
+			if out != "" && !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
+				t.Fatalf("pull report does not say containerd pulled the layer:\n%s", out)
+			}
+			if mode := e.snapshotMode(t); mode != "" {
+				t.Fatalf("the layer's snapshot has mode label %q, want none (pulled by containerd)", mode)
+			}
+			if content := e.cd.MustRun(t, "content", "ls", "-q"); !strings.Contains(content, e.layerDesc.Digest.String()) {
+				t.Fatalf("layer blob %s is not in containerd's content store:\n%s", e.layerDesc.Digest, content)
+			}
+			if ms := e.fuseMounts(t); len(ms) != 0 {
+				t.Fatalf("FUSE mounts for an image without index: %v", ms)
+			}
+			e.runPython(t, ref)
+			after := e.metrics(t)
+			if after[mFallbackNoIdx]-before[mFallbackNoIdx] != 1 || after[mSpanBytes] != before[mSpanBytes] {
+				t.Fatalf("metrics: no_index fallbacks %v -> %v, span bytes %v -> %v", before[mFallbackNoIdx], after[mFallbackNoIdx], before[mSpanBytes], after[mSpanBytes])
+			}
+			if !strings.Contains(e.daemonLog(t), "not lazy") {
+				t.Fatal("the daemon did not log why the image is not lazy")
+			}
+			e.removeImage(t, ref)
+		})
 	})
 }
 

@@ -29,6 +29,7 @@ import (
 
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/snapshotter"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -78,8 +79,8 @@ func lazyDebianLayer(t testing.TB) testenv.LayerBlob {
 
 // lazyEnv is the whole lazy path on real parts: docker-registry holding
 // the Debian + python3 image, spanpull's snapshotter daemon (started
-// first) and Debian's containerd 1.6 using it as the proxy plugin
-// "spanpull".
+// first) and a containerd (Debian's 1.6 unless newLazyEnvOn says
+// otherwise) using it as the proxy plugin "spanpull".
 type lazyEnv struct {
 	dir        string
 	reg        *testenv.Registry
@@ -94,9 +95,16 @@ type lazyEnv struct {
 	runs       int
 }
 
-// newLazyEnv starts everything with the daemon's config file content
-// config (TOML).
+// newLazyEnv starts everything, with Debian's containerd 1.6 and the
+// daemon's config file content config (TOML).
 func newLazyEnv(t *testing.T, config string) *lazyEnv {
+	t.Helper()
+	return newLazyEnvOn(t, config, testenv.StartContainerd16)
+}
+
+// newLazyEnvOn is newLazyEnv with the containerd that startContainerd
+// starts (see TestLazyPythonContainerd2).
+func newLazyEnvOn(t *testing.T, config string, startContainerd startContainerdFunc) *lazyEnv {
 	t.Helper()
 	testenv.RequireRoot(t)
 	e := &lazyEnv{dir: testenv.Dir(t), config: config}
@@ -107,7 +115,7 @@ func newLazyEnv(t *testing.T, config string) *lazyEnv {
 	e.snapBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
 	e.indexerBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
 	e.startSnapshotter(t)
-	e.cd = testenv.StartContainerd16(t, e.dir, testenv.ContainerdConfig{
+	e.cd = startContainerd(t, e.dir, testenv.ContainerdConfig{
 		Snapshotters: map[string]string{"spanpull": e.sn.Socket},
 	})
 	return e
@@ -196,6 +204,20 @@ func (e *lazyEnv) runPython(t *testing.T, ref string) {
 	if strings.TrimSpace(out) != pythonJSONOut {
 		t.Fatalf("container printed %q, want %q", out, pythonJSONOut)
 	}
+}
+
+// snapshotMode returns the spanpull mode label ("lazy", "unpacked", or ""
+// when containerd unpacked the layer) of the Debian layer's committed
+// snapshot, whose name is its chain ID: the layer's diff ID, as it is the
+// image's only layer.
+func (e *lazyEnv) snapshotMode(t *testing.T) string {
+	t.Helper()
+	out := e.cd.MustRun(t, "snapshots", "--snapshotter", "spanpull", "info", e.layer.DiffID.String())
+	var info struct{ Labels map[string]string }
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		t.Fatalf("ctr snapshots info %s: %v\n%s", e.layer.DiffID, err, out)
+	}
+	return info.Labels[snapshotter.LabelMode]
 }
 
 // metrics scrapes the daemon's Prometheus metrics: series (name with
