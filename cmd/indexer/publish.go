@@ -420,9 +420,32 @@ func (p *publisher) findExisting(ctx context.Context, manifests []ocispec.Descri
 	if err != nil && !errors.Is(err, registry.ErrNotFound) {
 		return err
 	}
+	// Without fallback tags (registries with the referrers API), other
+	// images' v1 indexes are found by asking for their referrers.
+	api, err := p.dst.ReferrersAPI(ctx)
+	if err != nil {
+		api = false
+	}
+	referrersOf := func(ms ...ocispec.Descriptor) {
+		for _, m := range ms {
+			if m.ArtifactType != "" || (m.MediaType != ocispec.MediaTypeImageManifest && m.MediaType != mediaTypeDockerManifest) {
+				continue
+			}
+			refs, err := p.dst.Referrers(ctx, ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: m.Size}, index.V1.ArtifactType())
+			if err == nil {
+				indexes = append(indexes, refs...)
+			}
+		}
+	}
 	for _, tag := range tags {
 		b, d, err := p.dst.FetchManifest(ctx, tag)
-		if err != nil || (d.MediaType != ocispec.MediaTypeImageIndex && d.MediaType != mediaTypeDockerManifestList) {
+		if err != nil {
+			continue
+		}
+		if d.MediaType != ocispec.MediaTypeImageIndex && d.MediaType != mediaTypeDockerManifestList {
+			if api {
+				referrersOf(d)
+			}
 			continue
 		}
 		idx, err := index.ParseImageIndex(b)
@@ -439,6 +462,9 @@ func (p *publisher) findExisting(ctx context.Context, manifests []ocispec.Descri
 			continue
 		}
 		indexes = append(indexes, v2Entries(idx)...)
+		if api {
+			referrersOf(idx.Manifests...)
+		}
 	}
 	for _, d := range indexes {
 		p.addExisting(ctx, d)
