@@ -99,6 +99,7 @@ indexer.`,
 			if err := dst.PushManifest(ctx, outDesc, out, dst.Reference()); err != nil {
 				return err
 			}
+			rep.TargetDigest = outDesc.Digest
 			if err := finish(cmd, o, rep, "v2"); err != nil {
 				return err
 			}

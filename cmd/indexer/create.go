@@ -32,6 +32,7 @@ func addIndexFlags(cmd *cobra.Command, o *indexOptions) {
 	f.BoolVar(&o.AllPlatforms, "all-platforms", false, "index every platform of an image index")
 	f.BoolVar(&o.PlainHTTP, "plain-http", false, "talk plain HTTP to the registry")
 	f.BoolVar(&o.Insecure, "insecure", false, "skip TLS certificate verification")
+	f.DurationVar(&o.Timeout, "timeout", registry.DefaultTimeout, "give up on a registry request that makes no progress for this long (it is retried a few times)")
 	f.IntVar(&o.Concurrency, "concurrency", runtime.NumCPU(), "layers indexed at once")
 	f.BoolVar(&o.Force, "force", false, "rebuild zTOCs even when the registry or the local cache has them")
 	f.BoolVarP(&o.Quiet, "quiet", "q", false, "print only the resulting digest")
@@ -48,7 +49,7 @@ func defaultCacheDir() string {
 }
 
 func (o indexOptions) registryOptions() registry.Options {
-	return registry.Options{PlainHTTP: o.PlainHTTP, Insecure: o.Insecure}
+	return registry.Options{PlainHTTP: o.PlainHTTP, Insecure: o.Insecure, Timeout: o.Timeout}
 }
 
 func (o indexOptions) validate() error {
@@ -93,9 +94,11 @@ func isTerminal(w io.Writer) bool {
 
 // runReport is the --json output of create and convert.
 type runReport struct {
-	Image     string            `json:"image"`
-	Target    string            `json:"target,omitempty"`
-	Platforms []*platformResult `json:"platforms"`
+	Image  string `json:"image"`
+	Target string `json:"target,omitempty"`
+	// TargetDigest is the digest of the SOCI-enabled image convert pushed.
+	TargetDigest digest.Digest     `json:"targetDigest,omitempty"`
+	Platforms    []*platformResult `json:"platforms"`
 }
 
 func newCreateCommand() *cobra.Command {
@@ -171,6 +174,8 @@ func finish(cmd *cobra.Command, o indexOptions, rep runReport, version string) e
 		if err := enc.Encode(rep); err != nil {
 			return err
 		}
+	case o.Quiet && rep.TargetDigest != "":
+		fmt.Fprintln(out, rep.TargetDigest)
 	case o.Quiet:
 		for _, r := range rep.Platforms {
 			if r.Index != "" {

@@ -53,6 +53,7 @@ type indexOptions struct {
 	AllPlatforms bool
 	PlainHTTP    bool
 	Insecure     bool
+	Timeout      time.Duration
 	Concurrency  int
 	Force        bool
 	Quiet        bool
