@@ -48,18 +48,28 @@ type lazyPuller struct {
 	name string
 	// pull pulls ref and returns its report ("" if it prints none).
 	pull func(e *lazyEnv, t *testing.T, ref string) string
+	// fetchesIndexManifests is set for pullers that fetch every manifest
+	// of an image index matching the platform, so also the SOCI v2 index
+	// manifest that "indexer convert" lists there, and its zTOCs (its
+	// layers) into containerd's content store. The snapshotter still
+	// fetches the zTOC from the registry: containerd does not hand it over.
+	fetchesIndexManifests bool
 }
 
 // snapshotterPull is "snapshotter pull": a client-side pull passing the
 // remote-snapshot labels, which reports how each layer is served.
-var snapshotterPull = lazyPuller{"snapshotter-pull", (*lazyEnv).pull}
+// containerd's client library pulls one manifest per platform, the
+// image's, so no zTOC reaches containerd's content store.
+var snapshotterPull = lazyPuller{name: "snapshotter-pull", pull: (*lazyEnv).pull}
 
 // testLazyPython is TestLazyPython on env e: each image (v2 index, v1
 // index, no index) is pulled by each puller in turn, run, and removed.
 func testLazyPython(t *testing.T, e *lazyEnv, pullers ...lazyPuller) {
 	layerSize := float64(e.layerDesc.Size)
 
-	lazy := func(t *testing.T, p lazyPuller, ref string) {
+	// lazy checks a pull of ref, whose image index lists its SOCI index
+	// when v2.
+	lazy := func(t *testing.T, p lazyPuller, ref string, v2 bool) {
 		before := e.metrics(t)
 		out := p.pull(e, t, ref)
 		if out != "" && !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
@@ -73,6 +83,17 @@ func testLazyPython(t *testing.T, e *lazyEnv, pullers ...lazyPuller) {
 			t.Fatalf("layer blob %s is in containerd's content store:\n%s", e.layerDesc.Digest, content)
 		}
 		e.lazyMount(t)
+		ztocs, err := os.ReadDir(e.ztocsDir())
+		if err != nil || len(ztocs) != 1 {
+			t.Fatalf("zTOCs stored by the daemon: %v (%v), want 1", ztocs, err)
+		}
+		inContent := strings.Contains(content, ztocs[0].Name())
+		if want := p.fetchesIndexManifests && v2; inContent != want {
+			t.Fatalf("zTOC sha256:%s in containerd's content store: %v, want %v:\n%s", ztocs[0].Name(), inContent, want, content)
+		}
+		if inContent {
+			t.Logf("%s also fetched the SOCI index and its zTOC into containerd's content store", p.name)
+		}
 		e.runPython(t, ref)
 		after := e.metrics(t)
 		spanBytes := after[mSpanBytes] - before[mSpanBytes]
@@ -91,9 +112,9 @@ func testLazyPython(t *testing.T, e *lazyEnv, pullers ...lazyPuller) {
 		}
 		e.removeImage(t, ref)
 	}
-	each := func(t *testing.T, ref string, check func(*testing.T, lazyPuller, string)) {
+	each := func(t *testing.T, check func(*testing.T, lazyPuller)) {
 		for _, p := range pullers {
-			t.Run(p.name, func(t *testing.T) { check(t, p, ref) })
+			t.Run(p.name, func(t *testing.T) { check(t, p) })
 		}
 	}
 
@@ -101,16 +122,16 @@ func testLazyPython(t *testing.T, e *lazyEnv, pullers ...lazyPuller) {
 		src, _ := e.pushPython(t, "py/v2", "src")
 		dst := e.reg.Addr + "/py/v2:soci"
 		e.indexer(t, "convert", src, dst)
-		each(t, dst, lazy)
+		each(t, func(t *testing.T, p lazyPuller) { lazy(t, p, dst, true) })
 	})
 	t.Run("v1", func(t *testing.T) {
 		ref, _ := e.pushPython(t, "py/v1", "1")
 		e.indexer(t, "create", ref)
-		each(t, ref, lazy)
+		each(t, func(t *testing.T, p lazyPuller) { lazy(t, p, ref, false) })
 	})
 	t.Run("no-index", func(t *testing.T) {
 		ref, _ := e.pushPython(t, "py/plain", "1")
-		each(t, ref, func(t *testing.T, p lazyPuller, ref string) {
+		each(t, func(t *testing.T, p lazyPuller) {
 			before := e.metrics(t)
 			out := p.pull(e, t, ref)
 			if out != "" && !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "pulled", "by", "containerd") {
