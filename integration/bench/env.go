@@ -86,8 +86,10 @@ func (e *env) start(name string, cmd *exec.Cmd) (*process, error) {
 		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = f, f
-	// Die with the harness, whatever happens to it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Die with the harness, whatever happens to it, but not with a
+	// terminal's ^C to its process group: the harness stops daemons in
+	// order (containers, containerd, snapshotter) when it is interrupted.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)

@@ -291,6 +291,9 @@ func benchmark(ctx context.Context, o options) (err error) {
 	if err := rep.charts(o.out); err != nil {
 		return err
 	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("interrupted: %w", err)
+	}
 	if n := rep.failedRuns(); n > 0 {
 		return fmt.Errorf("%d runs failed (see results.json)", n)
 	}
