@@ -34,7 +34,7 @@ type BuildOptions struct {
 // chunks and 4 output chunks are alive at once, whatever the layer size.
 const (
 	inputChunkSize  = 256 << 10
-	inputChunks     = 4
+	inputChunks     = 8
 	outputChunkSize = 1 << 20
 	outputChunks    = 4
 )
@@ -101,8 +101,10 @@ func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.D
 	// Stage 2: decompress (gzip) or pass through (tar), recording spans.
 	// Stage 3: parse the tar stream into the TOC.
 	tarStream := make(chan chunk, outputChunks-1)
+	hashed := make(chan hashChunk, inputChunks-2)
 	var spans spanRecorder
 	var toc tocBuilder
+	g.Go(func() error { return hashSpans(ctx, hashed, &spans) })
 	g.Go(func() error {
 		first, ok, err := recv(ctx, inputs)
 		if err != nil {
@@ -114,7 +116,7 @@ func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.D
 		switch {
 		case bytes.HasPrefix(first.data, gzipMagic):
 			spans.algorithm = Gzip
-			err = inflateStream(ctx, first, inputs, tarStream, opts.SpanSize, &spans)
+			err = inflateStream(ctx, first, inputs, tarStream, hashed, opts.SpanSize, &spans)
 		case bytes.HasPrefix(first.data, zstdMagic):
 			first.release()
 			return fmt.Errorf("%w: zstd", ErrUnsupportedCompression)
@@ -126,6 +128,7 @@ func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.D
 			return err
 		}
 		close(tarStream)
+		close(hashed)
 		return nil
 	})
 	g.Go(func() error {
@@ -271,7 +274,11 @@ func passTar(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk
 // a checkpoint the way SOCI's zinfo builder does: right after the first
 // gzip header, then at the first deflate block boundary (outside a final
 // block) once more than spanSize bytes were produced since the last one.
-func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, spanSize int64, s *spanRecorder) error {
+//
+// Hashing the spans' compressed bytes is left to hashSpans: each input
+// chunk goes to hashed, with the places where spans start in it, once
+// inflate is done with it.
+func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, hashed chan<- hashChunk, spanSize int64, s *spanRecorder) error {
 	inf, err := newInflater(windowBitsGzip)
 	if err != nil {
 		return err
@@ -303,13 +310,13 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 	var (
 		totIn, totOut int64
 		lastOut       int64
-		lastByte      byte
 		memberDone    bool // the previous member's trailer was read
 		padded        bool // zero padding followed the last member
 	)
 	c, ok := first, true
 	for ok {
 		data := c.data
+		hc := hashChunk{c: c, start: totIn}
 		for len(data) > 0 {
 			if memberDone {
 				// After a member: the next member's header, or zero padding
@@ -317,8 +324,7 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 				// gzip readers stop there).
 				if data[0] == 0 {
 					n := len(data) - len(bytes.TrimLeft(data, "\x00"))
-					s.write(data[:n])
-					lastByte, data, totIn, padded = 0, data[n:], totIn+int64(n), true
+					data, totIn, padded = data[n:], totIn+int64(n), true
 					continue
 				}
 				if padded {
@@ -330,11 +336,17 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 				}
 				memberDone = false
 			}
-			consumed, produced, ret, dt := inf.inflate(data, cur[pos:], zBlock)
-			s.write(data[:consumed])
-			if consumed > 0 {
-				lastByte = data[consumed-1]
+			// A block boundary can only become a checkpoint once more than
+			// spanSize bytes came out since the last one. Up to that point
+			// inflate runs freely (Z_BLOCK would return, and zlib copy its
+			// window, at every block); past it, it stops at each boundary.
+			out, flush := cur[pos:], zBlock
+			if len(s.checkpoints) > 0 {
+				if room := lastOut + spanSize - totOut; room > 0 {
+					out, flush = out[:min(int64(len(out)), room)], zNoFlush
+				}
 			}
+			consumed, produced, ret, dt := inf.inflate(data, out, flush)
 			data = data[consumed:]
 			totIn += int64(consumed)
 			totOut += int64(produced)
@@ -349,11 +361,7 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 			}
 			if !memberDone && dt&128 != 0 && dt&64 == 0 && (totOut == 0 && len(s.checkpoints) == 0 || totOut-lastOut > spanSize) {
 				bits := uint8(dt & 7)
-				var shared []byte
-				if bits > 0 {
-					shared = []byte{lastByte}
-				}
-				s.startSpan(shared)
+				hc.cuts = append(hc.cuts, spanCut{in: totIn, bits: bits})
 				s.checkpoints = append(s.checkpoints, Checkpoint{
 					In: totIn, Out: totOut, Bits: bits,
 					Window: bytes.Clone(cur[pos-WindowSize : pos]),
@@ -371,7 +379,12 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 				return fmt.Errorf("gzip data at compressed offset %d: inflate made no progress", totIn)
 			}
 		}
-		c.release()
+		select {
+		case hashed <- hc:
+		case <-ctx.Done():
+			c.release()
+			return ctx.Err()
+		}
 		if c, ok, err = recv(ctx, in); err != nil {
 			return err
 		}
@@ -382,13 +395,68 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 	if len(s.checkpoints) == 0 {
 		return errors.New("gzip stream has no deflate data")
 	}
-	s.finishSpan()
 	if pos > WindowSize {
 		done := cur
 		return send(ctx, out, chunk{data: done[WindowSize:pos], release: func() { outPool.put(done) }})
 	}
 	outPool.put(cur)
 	return nil
+}
+
+// spanCut is where a span starts in the compressed stream: at byte in, or
+// at the low bits of byte in-1 when bits > 0.
+type spanCut struct {
+	in   int64
+	bits uint8
+}
+
+// hashChunk is an input chunk inflate is done with, and the spans that
+// start in it.
+type hashChunk struct {
+	c     chunk
+	start int64 // compressed offset of c.data[0]
+	cuts  []spanCut
+}
+
+// hashSpans computes the SHA-256 of every span's compressed bytes from the
+// chunks inflateStream hands over, then releases them. Bytes before the
+// first span (the gzip header) belong to no span; a byte whose bits are
+// split between two spans counts in both.
+func hashSpans(ctx context.Context, in <-chan hashChunk, s *spanRecorder) error {
+	var lastByte byte
+	for {
+		var hc hashChunk
+		var ok bool
+		select {
+		case hc, ok = <-in:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if !ok {
+			s.finishSpan()
+			return nil
+		}
+		data, pos := hc.c.data, 0
+		for _, cut := range hc.cuts {
+			off := int(cut.in - hc.start)
+			s.write(data[pos:off])
+			var shared []byte
+			switch {
+			case cut.bits == 0:
+			case off > 0:
+				shared = data[off-1 : off]
+			default:
+				shared = []byte{lastByte}
+			}
+			s.startSpan(shared)
+			pos = off
+		}
+		s.write(data[pos:])
+		if len(data) > 0 {
+			lastByte = data[len(data)-1]
+		}
+		hc.c.release()
+	}
 }
 
 // tocBuilder parses the uncompressed tar stream into FileMetadata entries.
