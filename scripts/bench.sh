@@ -7,3 +7,6 @@ scripts/bench-ztoc.sh
 echo
 echo "## Indexing an image from a registry (scripts/bench-indexer.sh)"
 scripts/bench-indexer.sh
+echo
+echo "## Lazy pull against full pull (scripts/bench-lazy.sh)"
+scripts/bench-lazy.sh

@@ -51,6 +51,7 @@ type env struct {
 	proxy          *proxyClient
 	snapshotterBin string
 	indexerBin     string
+	spanSize       int64 // --span-size for indexer convert; 0: the indexer's default
 	snapConfig     string
 	snapSock       string
 	snapRoot       string

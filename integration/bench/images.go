@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -115,8 +116,11 @@ func (e *env) pushImage(ctx context.Context, w workload) (image, error) {
 	if img.Bytes, img.LayerBytes, err = imageSize(im); err != nil {
 		return img, err
 	}
-	out, err := run(ctx, e.indexerBin, "convert", "--plain-http", "--cache-dir", filepath.Join(e.dir, "indexer-cache"),
-		src, src+"-soci")
+	args := []string{"convert", "--plain-http", "--cache-dir", filepath.Join(e.dir, "indexer-cache")}
+	if e.spanSize > 0 {
+		args = append(args, "--span-size", strconv.FormatInt(e.spanSize, 10))
+	}
+	out, err := run(ctx, e.indexerBin, append(args, src, src+"-soci")...)
 	if err != nil {
 		return img, fmt.Errorf("index %s: %w", src, err)
 	}

@@ -49,6 +49,7 @@ type options struct {
 	Runs           int           `json:"runs"`
 	SlowRuns       int           `json:"slow_runs"`
 	BackgroundFill bool          `json:"background_fill"`
+	SpanSize       int64         `json:"span_size,omitempty"`
 	Smoke          bool          `json:"smoke"`
 
 	out, cache, tmp     string
@@ -90,6 +91,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.Runs, "runs", 3, "cold runs per workload, link and mode (the median is reported)")
 	fs.IntVar(&o.SlowRuns, "slow-runs", 0, "runs of the large workload on links slower than 100mbit (0: -runs)")
 	fs.BoolVar(&o.BackgroundFill, "background-fill", false, "let the snapshotter fetch whole layers in the background (default config); off measures what the workload needs")
+	fs.Int64Var(&o.SpanSize, "span-size", 0, "span size the images are indexed with (0: the indexer's default, 4 MiB)")
 	fs.BoolVar(&o.Smoke, "smoke", false, "tiny configuration for tests: python workload, unshaped, 1 run")
 	fs.StringVar(&o.out, "out", "bench-out", "directory for results.json, bench-lazy.md and the PNG charts")
 	cache := os.Getenv("SPANPULL_CACHE")
@@ -226,6 +228,7 @@ func benchmark(ctx context.Context, o options) (err error) {
 			return fmt.Errorf("go build ./cmd/%s: %w\n%s", b.pkg, err, out)
 		}
 	}
+	e.spanSize = o.SpanSize
 	if err := e.startRegistry(ctx); err != nil {
 		return err
 	}

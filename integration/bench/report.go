@@ -269,7 +269,8 @@ func (rep *report) markdown() string {
 		"Same registry, same run, modes alternating. Links: tbf on both ends of a veth pair to a network namespace "+
 		"holding docker-registry, plus %g ms RTT from a delay proxy (unshaped: no tbf, no delay). "+
 		"Bytes are counted in that proxy for both modes (HTTP responses, headers included). "+
-		"Background fill: %s.\n\n", o.RTTms, map[bool]string{true: "on (daemon defaults)", false: "off (fill_rate_bytes = -1), so lazy bytes are what the workload needs"}[o.BackgroundFill])
+		"Background fill: %s. Span size: %s.\n\n", o.RTTms, map[bool]string{true: "on (daemon defaults)", false: "off (fill_rate_bytes = -1), so lazy bytes are what the workload needs"}[o.BackgroundFill],
+		map[bool]string{true: fmt.Sprintf("%d bytes (`indexer convert --span-size %d`)", o.SpanSize, o.SpanSize), false: "the indexer's default, 4 MiB"}[o.SpanSize > 0])
 	fmt.Fprintf(&b, "| workload | link | runs | full (s) | lazy (s) | lazy/full | bytes full | bytes lazy | lazy %% of image |\n")
 	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|\n")
 	for _, c := range rep.Cells {
