@@ -497,7 +497,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 		return err
 	}
 	cmd := exec.Command("/usr/bin/containerd", "--config", cfg)
-	cmd.Env = append(envWithout("PATH"), "PATH="+systemPath)
+	cmd.Env = append(testenv.EnvWithout("PATH"), "PATH="+systemPath)
 	// Cleanups run last-in first-out: shims after containerd, containerd
 	// after its containers.
 	e.onClose(func() error { killShims(e.ctrSock); return nil })
@@ -524,7 +524,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 // ctrCmd prepares a ctr command against the harness's containerd.
 func (e *env) ctrCmd(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "/usr/bin/ctr", append([]string{"-a", e.ctrSock, "-n", ctrNamespace}, args...)...)
-	cmd.Env = append(envWithout("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH="+systemPath)
+	cmd.Env = append(testenv.EnvWithout("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH="+systemPath)
 	return cmd
 }
 
@@ -590,20 +590,6 @@ func (e *env) leftovers(ctx context.Context) (string, error) {
 		}
 	}
 	return b.String(), nil
-}
-
-func envWithout(drop ...string) []string {
-	var env []string
-next:
-	for _, kv := range os.Environ() {
-		for _, d := range drop {
-			if strings.HasPrefix(kv, d+"=") {
-				continue next
-			}
-		}
-		env = append(env, kv)
-	}
-	return env
 }
 
 // killShims kills the runc shims of the containerd listening on socket

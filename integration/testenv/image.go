@@ -170,7 +170,7 @@ func main() {
 		t.Fatal(err)
 	}
 	cmd := execGo(dir, "build", "-trimpath", "-ldflags=-s -w", "-o", "hello", ".")
-	cmd.Env = append(filteredEnv("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	cmd.Env = append(EnvWithout("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build hello program: %v\n%s", err, out)
 	}

@@ -53,20 +53,7 @@ func StartRegistryDaemon(t testing.TB, dir string) *Registry {
 		}
 		r.Addr = l.Addr().String()
 		l.Close()
-		cfg := fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
-    enabled: true
-http:
-  addr: %s
-  secret: spanpull-test-not-secret
-`, r.Storage, r.Addr)
+		cfg := registrytest.DistributionConfig(r.Storage, r.Addr)
 		if err := os.WriteFile(r.cfg, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}

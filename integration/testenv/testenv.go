@@ -383,7 +383,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, "--config", cfg)
-	cmd.Env = append(filteredEnv("PATH"), "PATH="+path)
+	cmd.Env = append(EnvWithout("PATH"), "PATH="+path)
 	// Cleanups run last-in first-out: shims are stopped after containerd.
 	t.Cleanup(func() { killShims(t, cd.Socket) })
 	cd.Process = startProcess(t, dir, "containerd", cmd, 15*time.Second)
@@ -435,14 +435,16 @@ func Containerd2Binaries(t testing.TB) string {
 	t.Logf("building containerd %s into %s (once)", Containerd2Version, dir)
 	cmd := exec.Command("go", args...)
 	cmd.Dir = os.TempDir() // outside any module: go install pkg@version
-	cmd.Env = append(filteredEnv("GOBIN", "GOFLAGS"), "GOBIN="+dir)
+	cmd.Env = append(EnvWithout("GOBIN", "GOFLAGS"), "GOBIN="+dir)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go install containerd %s: %v\n%s", Containerd2Version, err, out)
 	}
 	return dir
 }
 
-func filteredEnv(drop ...string) []string {
+// EnvWithout returns this process's environment without the named
+// variables, for children that get their own values for them.
+func EnvWithout(drop ...string) []string {
 	var env []string
 next:
 	for _, kv := range os.Environ() {
@@ -462,7 +464,7 @@ next:
 func (c *Containerd) Run(ctx context.Context, args ...string) (string, error) {
 	full := append([]string{"-a", c.Socket, "-n", c.Namespace}, args...)
 	cmd := exec.CommandContext(ctx, c.Ctr, full...)
-	cmd.Env = append(filteredEnv("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH="+c.path)
+	cmd.Env = append(EnvWithout("PATH", "CONTAINERD_NAMESPACE", "CONTAINERD_ADDRESS"), "PATH="+c.path)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	if err := cmd.Run(); err != nil {

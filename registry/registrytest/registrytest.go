@@ -69,13 +69,11 @@ func StartDistribution(t testing.TB) string {
 	return ""
 }
 
-func startDistribution(t testing.TB, bin string) (string, error) {
-	dir := t.TempDir()
-	addr, err := freeAddr()
-	if err != nil {
-		return "", err
-	}
-	cfg := fmt.Sprintf(`version: 0.1
+// DistributionConfig is the docker-registry configuration the tests use:
+// filesystem storage in storageDir, listening on addr, deletes allowed,
+// quiet logs.
+func DistributionConfig(storageDir, addr string) string {
+	return fmt.Sprintf(`version: 0.1
 log:
   level: warn
   accesslog:
@@ -88,7 +86,16 @@ storage:
 http:
   addr: %s
   secret: spanpull-test-not-secret
-`, filepath.Join(dir, "data"), addr)
+`, storageDir, addr)
+}
+
+func startDistribution(t testing.TB, bin string) (string, error) {
+	dir := t.TempDir()
+	addr, err := freeAddr()
+	if err != nil {
+		return "", err
+	}
+	cfg := DistributionConfig(filepath.Join(dir, "data"), addr)
 	cfgPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return "", err
