@@ -126,11 +126,16 @@ func New(cfg Config) (*Resolver, error) {
 // Close releases the resolver's state. Mounts must be released first.
 func (r *Resolver) Close() error { return r.meta.Close() }
 
+// errNoIndex says that an image has no SOCI index at all.
+var errNoIndex = errors.New("no SOCI index (no index label, no v2 annotation, no v1 referrer)")
+
 // imageIndex is what the resolver learned about one image: its manifest
 // and its SOCI index, or why it has none.
 type imageIndex struct {
-	once     sync.Once
-	at       time.Time
+	once sync.Once
+	// expires is when the entry must be looked up again (zero while the
+	// lookup runs); guarded by Resolver.mu.
+	expires  time.Time
 	manifest *ocispec.Manifest
 	index    *index.Index
 	indexDig digest.Digest
@@ -224,14 +229,23 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 	key := repoName(ref) + "@" + md.String()
 	r.mu.Lock()
 	img := r.images[key]
-	if img == nil || time.Since(img.at) > r.cfg.IndexCacheTTL && img.at != (time.Time{}) {
+	if img == nil || !img.expires.IsZero() && time.Now().After(img.expires) {
 		img = &imageIndex{}
 		r.images[key] = img
 	}
 	r.mu.Unlock()
 	img.once.Do(func() {
 		img.manifest, img.index, img.indexDig, img.err = r.findIndex(ctx, ref, md, labels[LabelIndexDigest])
-		img.at = time.Now()
+		// An index, or the certainty that there is none, is kept for the
+		// TTL; a failure to find out (registry down, canceled request) is
+		// not: the next layer asks again.
+		ttl := r.cfg.IndexCacheTTL
+		if img.err != nil && !errors.Is(img.err, errNoIndex) {
+			ttl = 0
+		}
+		r.mu.Lock()
+		img.expires = time.Now().Add(ttl)
+		r.mu.Unlock()
 		if img.err != nil {
 			r.log.Info("spanpull: image is not lazy: pulled normally", "image", ref, "manifest", md, "reason", img.err)
 			return
@@ -280,7 +294,7 @@ func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, 
 		}
 	}
 	if len(candidates) == 0 {
-		return nil, nil, "", errors.New("no SOCI index (no index label, no v2 annotation, no v1 referrer)")
+		return nil, nil, "", errNoIndex
 	}
 	var errs []error
 	for _, d := range candidates {
