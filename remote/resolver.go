@@ -55,8 +55,9 @@ type Config struct {
 	// with EIO. Default store.DefaultFetchTimeout.
 	FetchTimeout time.Duration
 	// FillDelay is how long after mounting a layer its background fill
-	// starts; FillRate bounds the fill in compressed bytes per second per
-	// layer. A negative FillRate disables background fill.
+	// starts (zero: at once); FillRate bounds the fill in compressed bytes
+	// per second per layer (zero: DefaultFillRate). A negative FillRate
+	// disables background fill.
 	FillDelay time.Duration
 	FillRate  int64
 	// IndexCacheTTL is how long an image's index (or its absence) is
@@ -71,7 +72,6 @@ type Config struct {
 
 // Defaults for Config fields left zero.
 const (
-	DefaultFillDelay     = 5 * time.Second
 	DefaultFillRate      = 8 << 20
 	DefaultIndexCacheTTL = 5 * time.Minute
 	// maxZtocSize bounds a zTOC fetched from a registry.
@@ -99,9 +99,6 @@ var _ snapshotter.RemoteLayerResolver = (*Resolver)(nil)
 func New(cfg Config) (*Resolver, error) {
 	if cfg.IndexCacheTTL <= 0 {
 		cfg.IndexCacheTTL = DefaultIndexCacheTTL
-	}
-	if cfg.FillDelay == 0 {
-		cfg.FillDelay = DefaultFillDelay
 	}
 	if cfg.FillRate == 0 {
 		cfg.FillRate = DefaultFillRate
