@@ -3,6 +3,8 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -33,3 +35,18 @@ func (r *Repository) Tags(ctx context.Context, max int) ([]string, error) {
 }
 
 var errStopListing = errors.New("enough tags")
+
+// FetchBlobBytes reads a whole blob into memory, verified against desc,
+// refusing blobs larger than max bytes (a bound on what a descriptor from
+// the network can make us allocate).
+func (r *Repository) FetchBlobBytes(ctx context.Context, desc ocispec.Descriptor, max int64) ([]byte, error) {
+	if desc.Size > max {
+		return nil, fmt.Errorf("blob %s: %d bytes is more than the %d allowed", r.at(desc.Digest.String()), desc.Size, max)
+	}
+	rc, err := r.FetchBlob(ctx, desc)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	return io.ReadAll(rc)
+}

@@ -360,19 +360,11 @@ func (r *Resolver) plainHTTP(host string) bool {
 }
 
 func (r *Resolver) fetchZtoc(ctx context.Context, ref string, d ocispec.Descriptor) (*ztoc.Ztoc, []byte, error) {
-	if d.Size > maxZtocSize {
-		return nil, nil, fmt.Errorf("zTOC %s: %d bytes is too large", d.Digest, d.Size)
-	}
 	repo, err := r.repo(ref)
 	if err != nil {
 		return nil, nil, err
 	}
-	rc, err := repo.FetchBlob(ctx, d)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer rc.Close()
-	b, err := io.ReadAll(rc)
+	b, err := repo.FetchBlobBytes(ctx, d, maxZtocSize)
 	r.cfg.Metrics.fetched("ztoc", int64(len(b)))
 	if err != nil {
 		return nil, nil, fmt.Errorf("fetch zTOC %s: %w", d.Digest, err)

@@ -26,7 +26,11 @@ var ztocBucket = []byte("ztocs")
 // OpenZtocCache opens (creating) the cache in dir. It waits at most a few
 // seconds for another process that holds the cache open.
 func OpenZtocCache(dir string) (*ZtocCache, error) {
-	if err := os.MkdirAll(filepath.Join(dir, "blobs"), 0o755); err != nil {
+	blobs := filepath.Join(dir, "blobs")
+	if err := os.MkdirAll(blobs, 0o755); err != nil {
+		return nil, fmt.Errorf("open zTOC cache: %w", err)
+	}
+	if err := removeTemp(blobs); err != nil {
 		return nil, fmt.Errorf("open zTOC cache: %w", err)
 	}
 	db, err := bolt.Open(filepath.Join(dir, "ztocs.db"), 0o644, &bolt.Options{Timeout: 5 * time.Second})
@@ -82,21 +86,8 @@ func (c *ZtocCache) Get(layer digest.Digest, spanSize int64) (b []byte, d digest
 // Put records zTOC bytes b as the zTOC of layer at spanSize.
 func (c *ZtocCache) Put(layer digest.Digest, spanSize int64, b []byte) error {
 	d := digest.FromBytes(b)
-	name := filepath.Join(c.dir, "blobs", d.Encoded())
-	tmp, err := os.CreateTemp(filepath.Dir(name), ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("cache zTOC: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fmt.Errorf("cache zTOC: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("cache zTOC: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), name); err != nil {
-		return fmt.Errorf("cache zTOC: %w", err)
+	if err := writeFileAtomic(filepath.Join(c.dir, "blobs"), d.Encoded(), b); err != nil {
+		return fmt.Errorf("cache zTOC %s: %w", d, err)
 	}
 	return c.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(ztocBucket).Put(ztocKey(layer, spanSize), []byte(d))

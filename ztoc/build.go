@@ -10,7 +10,6 @@ import (
 	"hash"
 	"io"
 	"maps"
-	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -540,12 +539,14 @@ func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error)
 	default:
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: unsupported type %q", hdr.Name, dataOffset, hdr.Typeflag)
 	}
-	if err := CheckPath(hdr.Name); err != nil {
-		return FileMetadata{}, false, fmt.Errorf("tar entry at uncompressed offset %d: %w", dataOffset, err)
+	// The same rule as the zTOC decoder's: a layer that could not be read
+	// back is not built.
+	if err := checkPath(hdr.Name); err != nil {
+		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: %w", hdr.Name, dataOffset, err)
 	}
 	if typ == TypeHardlink {
-		if err := CheckPath(hdr.Linkname); err != nil {
-			return FileMetadata{}, false, fmt.Errorf("hardlink %q at uncompressed offset %d: target: %w", hdr.Name, dataOffset, err)
+		if err := checkPath(hdr.Linkname); err != nil {
+			return FileMetadata{}, false, fmt.Errorf("hardlink %q at uncompressed offset %d: target %q: %w", hdr.Name, dataOffset, hdr.Linkname, err)
 		}
 	}
 	fm := FileMetadata{
@@ -577,23 +578,6 @@ func tocTime(t time.Time) time.Time {
 		return time.Time{}
 	}
 	return t
-}
-
-// CheckPath rejects tar entry names that could escape the layer root: an
-// absolute path or any ".." component.
-func CheckPath(name string) error {
-	if strings.HasPrefix(name, "/") {
-		return fmt.Errorf("path %q is absolute", name)
-	}
-	if name == "" {
-		return errors.New("path is empty")
-	}
-	for _, part := range strings.Split(name, "/") {
-		if part == ".." {
-			return fmt.Errorf("path %q has a \"..\" component", name)
-		}
-	}
-	return nil
 }
 
 // streamReader presents the chunks of the uncompressed stream as an

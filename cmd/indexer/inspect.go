@@ -54,15 +54,7 @@ func loadZtocArg(ctx context.Context, arg string, rf *remoteFlags) (*ztoc.Ztoc, 
 	if err != nil {
 		return nil, 0, err
 	}
-	if desc.Size > maxZtocSize {
-		return nil, 0, fmt.Errorf("%s: %d bytes is too large for a zTOC", arg, desc.Size)
-	}
-	rc, err := repo.FetchBlob(ctx, desc)
-	if err != nil {
-		return nil, 0, err
-	}
-	defer rc.Close()
-	b, err := io.ReadAll(rc)
+	b, err := repo.FetchBlobBytes(ctx, desc, maxZtocSize)
 	if err != nil {
 		return nil, 0, err
 	}

@@ -1,0 +1,41 @@
+package store
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
+
+func TestZtocCache(t *testing.T) {
+	dir := t.TempDir()
+	c, err := OpenZtocCache(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	layer := digest.FromString("layer")
+	blob := []byte("a zTOC")
+	if _, _, ok, err := c.Get(layer, 4<<20); ok || err != nil {
+		t.Fatalf("empty cache: ok=%v err=%v", ok, err)
+	}
+	if err := c.Put(layer, 4<<20, blob); err != nil {
+		t.Fatal(err)
+	}
+	b, d, ok, err := c.Get(layer, 4<<20)
+	if err != nil || !ok || !bytes.Equal(b, blob) || d != digest.FromBytes(blob) {
+		t.Fatalf("Get = %q, %s, %v, %v; want the stored zTOC", b, d, ok, err)
+	}
+	if _, _, ok, _ := c.Get(layer, 1<<20); ok {
+		t.Fatal("a zTOC built at another span size was returned")
+	}
+	// A damaged blob is a miss, never returned.
+	if err := os.WriteFile(filepath.Join(dir, "blobs", digest.FromBytes(blob).Encoded()), []byte("damaged"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok, err := c.Get(layer, 4<<20); ok || err != nil {
+		t.Fatalf("damaged blob: ok=%v err=%v, want a miss", ok, err)
+	}
+}
