@@ -365,12 +365,11 @@ func testLazyPullRun(t *testing.T, startContainerd startContainerdFunc, ctrPull 
 	if strings.TrimSpace(out) != msg {
 		t.Fatalf("container printed %q, want %q", out, msg)
 	}
-	out = cd.MustRun(t, "run", "--rm", "--snapshotter", "spanpull", ref, "lazy-2", "/hello", "/etc/motd", "/data/big")
-	if !strings.HasPrefix(out, "second layer wins\n") {
-		t.Fatalf("/etc/motd in the container = %q...", out[:min(len(out), 40)])
-	}
-	if got := sha256.Sum256([]byte(out[len("second layer wins\n"):])); got != bigSum {
-		t.Fatalf("/data/big read through FUSE differs (%d bytes read)", len(out)-len("second layer wins\n"))
+	// The container hashes /data/big itself: 3 MiB through ctr's stdout
+	// can lose its tail when the task exits under load.
+	out = cd.MustRun(t, "run", "--rm", "--snapshotter", "spanpull", ref, "lazy-2", "/hello", "/etc/motd", "sha256:/data/big")
+	if want := fmt.Sprintf("second layer wins\n%x %d\n", bigSum, len(big)); out != want {
+		t.Fatalf("container read /etc/motd and /data/big as %q, want %q", out, want)
 	}
 
 	cd.MustRun(t, "image", "rm", "--sync", ref)

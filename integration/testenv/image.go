@@ -131,7 +131,9 @@ func PushImage(t testing.TB, addr, repo, tag string, cmd []string, layers ...Lay
 
 // HelloBinary builds a static linux/amd64 program that prints message and
 // a newline when run without arguments, and otherwise copies the files named
-// by its arguments to stdout (a tiny cat, to read files in a container).
+// by its arguments to stdout (a tiny cat, to read files in a container); an
+// argument sha256:PATH prints the file's SHA-256 and size instead, so big
+// files are checked inside the container.
 // busybox is not available here, so test images get their one executable
 // this way.
 func HelloBinary(t testing.TB, message string) []byte {
@@ -140,8 +142,12 @@ func HelloBinary(t testing.TB, message string) []byte {
 	src := `package main
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"io"
 	"os"
+	"strconv"
+	"strings"
 )
 
 func main() {
@@ -149,15 +155,25 @@ func main() {
 		os.Stdout.WriteString(` + strconv.Quote(message+"\n") + `)
 		return
 	}
-	for _, name := range os.Args[1:] {
+	for _, arg := range os.Args[1:] {
+		name, hash := strings.CutPrefix(arg, "sha256:")
 		f, err := os.Open(name)
 		if err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
 			os.Exit(1)
 		}
-		if _, err := io.Copy(os.Stdout, f); err != nil {
+		var w io.Writer = os.Stdout
+		h := sha256.New()
+		if hash {
+			w = h
+		}
+		n, err := io.Copy(w, f)
+		if err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
 			os.Exit(1)
+		}
+		if hash {
+			os.Stdout.WriteString(hex.EncodeToString(h.Sum(nil)) + " " + strconv.FormatInt(n, 10) + "\n")
 		}
 		f.Close()
 	}
