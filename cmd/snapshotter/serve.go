@@ -20,7 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
-	"github.com/spanpull/spanpull/remote"
+	"github.com/spanpull/spanpull/resolver"
 	"github.com/spanpull/spanpull/snapshotter"
 )
 
@@ -45,11 +45,11 @@ func serve(ctx context.Context, cfg config) error {
 		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
 	}
 	if !cfg.Remote.Disable {
-		rm, err := remote.NewMetrics(reg)
+		rm, err := resolver.NewMetrics(reg)
 		if err != nil {
 			return err
 		}
-		res, err := remote.New(remote.Config{
+		res, err := resolver.New(resolver.Config{
 			Root:         filepath.Join(cfg.Root, "remote"),
 			PlainHTTP:    cfg.Remote.PlainHTTP,
 			Insecure:     cfg.Remote.Insecure,

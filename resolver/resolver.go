@@ -1,10 +1,10 @@
-// Package remote mounts the layers of SOCI-indexed images lazily: it finds
-// an image's SOCI index, fetches the zTOC of each layer and serves the
-// layer as a read-only FUSE filesystem whose reads fetch only the spans
-// they cover. Layers of an indexed image that have no zTOC are downloaded,
-// verified and unpacked locally, so that containerd never has to fetch
-// anything for the image.
-package remote
+// Package resolver is the snapshotter's SOCI resolver: it mounts the layers
+// of SOCI-indexed images lazily. It finds an image's SOCI index, fetches the
+// zTOC of each layer and serves the layer as a read-only FUSE filesystem
+// whose reads fetch only the spans they cover. Layers of an indexed image
+// that have no zTOC are downloaded, verified and unpacked locally, so that
+// containerd never has to fetch anything for the image.
+package resolver
 
 import (
 	"context"
