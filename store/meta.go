@@ -13,6 +13,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/spanpull/spanpull/internal/atomicfile"
 )
 
 // RemoteLayer is a snapshot served lazily from a remote layer: what is
@@ -67,7 +69,7 @@ func OpenMetaStore(root string) (*MetaStore, error) {
 	if err := os.MkdirAll(ztocs, 0o700); err != nil {
 		return nil, fmt.Errorf("create metadata store: %w", err)
 	}
-	if err := removeTemp(ztocs); err != nil {
+	if err := atomicfile.RemoveTemp(ztocs); err != nil {
 		return nil, fmt.Errorf("open metadata store: %w", err)
 	}
 	dbPath := filepath.Join(root, "meta.db")
@@ -112,7 +114,7 @@ func (m *MetaStore) PutLayer(ctx context.Context, l RemoteLayer, ztocBlob []byte
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	// Written every time (atomically), so that a damaged copy heals.
-	if err := writeFileAtomic(m.ztocsDir, l.ZtocDigest.Encoded(), ztocBlob); err != nil {
+	if err := atomicfile.WriteFile(m.ztocsDir, l.ZtocDigest.Encoded(), ztocBlob); err != nil {
 		return fmt.Errorf("record remote layer %q: store zTOC %s: %w", l.Key, l.ZtocDigest, err)
 	}
 	var old *RemoteLayer

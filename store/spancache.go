@@ -12,6 +12,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/atomicfile"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -42,7 +43,7 @@ func NewSpanCache(root string) (*SpanCache, error) {
 		return nil, err
 	}
 	for _, l := range layers {
-		if err := removeTemp(c.layerDir(l)); err != nil {
+		if err := atomicfile.RemoveTemp(c.layerDir(l)); err != nil {
 			return nil, fmt.Errorf("open span cache of layer %s: %w", l, err)
 		}
 	}
@@ -82,7 +83,7 @@ func (c *SpanCache) Put(ctx context.Context, layer digest.Digest, id ztoc.SpanID
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("cache span %d of %s: %w", id, layer, err)
 	}
-	if err := writeFileAtomic(dir, strconv.Itoa(int(id)), data); err != nil {
+	if err := atomicfile.WriteFile(dir, strconv.Itoa(int(id)), data); err != nil {
 		return fmt.Errorf("cache span %d of %s: %w", id, layer, err)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/atomicfile"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -172,7 +173,7 @@ func TestSpanCacheRemovesLeftovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(root, "spans", layerA.Encoded())
-	if err := os.WriteFile(filepath.Join(dir, tempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, atomicfile.TempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := NewSpanCache(root); err != nil {
@@ -224,7 +225,7 @@ func TestSpanCacheConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 	for _, f := range files(t, root) {
-		if strings.Contains(f, tempPrefix) {
+		if strings.Contains(f, atomicfile.TempPrefix) {
 			t.Errorf("temporary file left: %s", f)
 		}
 	}

@@ -10,6 +10,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/spanpull/spanpull/internal/atomicfile"
 )
 
 // ZtocCache remembers the zTOCs this machine built, keyed by (layer digest,
@@ -30,7 +32,7 @@ func OpenZtocCache(dir string) (*ZtocCache, error) {
 	if err := os.MkdirAll(blobs, 0o755); err != nil {
 		return nil, fmt.Errorf("open zTOC cache: %w", err)
 	}
-	if err := removeTemp(blobs); err != nil {
+	if err := atomicfile.RemoveTemp(blobs); err != nil {
 		return nil, fmt.Errorf("open zTOC cache: %w", err)
 	}
 	db, err := bolt.Open(filepath.Join(dir, "ztocs.db"), 0o644, &bolt.Options{Timeout: 5 * time.Second})
@@ -86,7 +88,7 @@ func (c *ZtocCache) Get(layer digest.Digest, spanSize int64) (b []byte, d digest
 // Put records zTOC bytes b as the zTOC of layer at spanSize.
 func (c *ZtocCache) Put(layer digest.Digest, spanSize int64, b []byte) error {
 	d := digest.FromBytes(b)
-	if err := writeFileAtomic(filepath.Join(c.dir, "blobs"), d.Encoded(), b); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(c.dir, "blobs"), d.Encoded(), b); err != nil {
 		return fmt.Errorf("cache zTOC %s: %w", d, err)
 	}
 	return c.db.Update(func(tx *bolt.Tx) error {
