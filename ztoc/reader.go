@@ -62,67 +62,39 @@ func InflateRange(algorithm Compression, s Span, compressed []byte, from, to int
 	case Uncompressed:
 		return emit(compressed[from-s.UncompressedStart : to-s.UncompressedStart])
 	case Gzip:
-	default:
-		return fmt.Errorf("span %d: unknown compression %d", s.ID, algorithm)
+		return inflateGzipRange(s, compressed, from, to, emit)
 	}
+	return fmt.Errorf("span %d: unknown compression %d", s.ID, algorithm)
+}
 
-	inf, err := newInflater(windowBitsRaw)
+// inflateGzipRange is InflateRange for a gzip layer: it inflates span s
+// from its checkpoint, member after member, and passes on the bytes from
+// from on.
+func inflateGzipRange(s Span, compressed []byte, from, to int64, emit func([]byte) error) error {
+	g, err := openGzipSpan(s, compressed)
 	if err != nil {
 		return err
 	}
-	defer inf.close()
-	in := compressed
-	if s.Bits > 0 {
-		if len(in) == 0 {
-			return fmt.Errorf("span %d: empty compressed bytes", s.ID)
-		}
-		if err := inf.prime(int(s.Bits), in[0]); err != nil {
-			return err
-		}
-		in = in[1:]
-	}
-	if err := inf.setDictionary(s.Window); err != nil {
-		return fmt.Errorf("span %d: %w", s.ID, err)
-	}
-
+	defer g.inf.close()
 	var buf [64 << 10]byte
-	pos := s.UncompressedStart // uncompressed offset of the next byte out
-	raw := true                // false once past the first member: zlib parses headers
-	memberDone := false
-	for pos < to {
-		if memberDone {
-			// Skip the raw member's trailer, then any zero padding; the
-			// next member's header is zlib's to parse.
-			if raw {
-				if len(in) < gzipTrailerSize {
-					return fmt.Errorf("span %d: gzip trailer truncated", s.ID)
-				}
-				in, raw = in[gzipTrailerSize:], false
-			}
-			for len(in) > 0 && in[0] == 0 {
-				in = in[1:]
-			}
-			if len(in) == 0 {
-				break
-			}
-			if err := inf.reset(windowBitsGzip); err != nil {
+	for g.pos < to {
+		if g.memberDone {
+			more, err := g.nextMember()
+			if err != nil {
 				return err
 			}
-			memberDone = false
+			if !more {
+				break
+			}
 		}
-		out := buf[:min(int64(len(buf)), to-pos)]
-		consumed, produced, ret, _ := inf.inflate(in, out, zNoFlush)
-		in = in[consumed:]
-		switch ret {
-		case zOK, zBufError:
-		case zStreamEnd:
-			memberDone = true
-		default:
-			return fmt.Errorf("span %d: inflate at uncompressed offset %d: %w", s.ID, pos, inf.errInflate(ret))
+		out := buf[:min(int64(len(buf)), to-g.pos)]
+		produced, progress, err := g.inflate(out)
+		if err != nil {
+			return err
 		}
 		if produced > 0 {
 			chunk := out[:produced]
-			if skip := from - pos; skip > 0 {
+			if skip := from - g.pos; skip > 0 {
 				chunk = chunk[min(skip, int64(len(chunk))):]
 			}
 			if len(chunk) > 0 {
@@ -130,16 +102,97 @@ func InflateRange(algorithm Compression, s Span, compressed []byte, from, to int
 					return err
 				}
 			}
-			pos += int64(produced)
+			g.pos += int64(produced)
 		}
-		if consumed == 0 && produced == 0 && !memberDone {
+		if !progress {
 			break
 		}
 	}
-	if pos < to {
-		return fmt.Errorf("span %d: compressed bytes ended at uncompressed offset %d, before %d: %w", s.ID, pos, to, io.ErrUnexpectedEOF)
+	if g.pos < to {
+		return fmt.Errorf("span %d: compressed bytes ended at uncompressed offset %d, before %d: %w", s.ID, g.pos, to, io.ErrUnexpectedEOF)
 	}
 	return nil
+}
+
+// gzipSpan inflates one span of a gzip layer. A layer can be several gzip
+// members back to back (with zero padding between them), and a span can
+// run from one member into the next. The checkpoint's member is inflated
+// as raw deflate, so gzipSpan skips its trailer itself; the members after
+// it are left to zlib's gzip mode, headers and trailers included.
+type gzipSpan struct {
+	s          Span
+	inf        *inflater
+	in         []byte // compressed bytes not consumed yet
+	pos        int64  // uncompressed offset of the next byte out
+	raw        bool   // still in the checkpoint's member
+	memberDone bool   // the current member's deflate stream has ended
+}
+
+// openGzipSpan returns an inflater resumed at span s's checkpoint: the
+// bits of the first byte that belong to the span, then the window. The
+// caller must close g.inf.
+func openGzipSpan(s Span, compressed []byte) (*gzipSpan, error) {
+	inf, err := newInflater(windowBitsRaw)
+	if err != nil {
+		return nil, err
+	}
+	g := &gzipSpan{s: s, inf: inf, in: compressed, pos: s.UncompressedStart, raw: true}
+	if s.Bits > 0 {
+		if len(g.in) == 0 {
+			inf.close()
+			return nil, fmt.Errorf("span %d: empty compressed bytes", s.ID)
+		}
+		if err := inf.prime(int(s.Bits), g.in[0]); err != nil {
+			inf.close()
+			return nil, err
+		}
+		g.in = g.in[1:]
+	}
+	if err := inf.setDictionary(s.Window); err != nil {
+		inf.close()
+		return nil, fmt.Errorf("span %d: %w", s.ID, err)
+	}
+	return g, nil
+}
+
+// nextMember moves from the end of a member to the start of the next one:
+// past the raw member's trailer, then past any zero padding; the next
+// member's header is zlib's to parse. more is false when the compressed
+// bytes end first.
+func (g *gzipSpan) nextMember() (more bool, err error) {
+	if g.raw {
+		if len(g.in) < gzipTrailerSize {
+			return false, fmt.Errorf("span %d: gzip trailer truncated", g.s.ID)
+		}
+		g.in, g.raw = g.in[gzipTrailerSize:], false
+	}
+	for len(g.in) > 0 && g.in[0] == 0 {
+		g.in = g.in[1:]
+	}
+	if len(g.in) == 0 {
+		return false, nil
+	}
+	if err := g.inf.reset(windowBitsGzip); err != nil {
+		return false, err
+	}
+	g.memberDone = false
+	return true, nil
+}
+
+// inflate runs the inflater once into out. It returns how many bytes it
+// produced and whether it made any progress (consumed or produced bytes,
+// or reached the end of the member).
+func (g *gzipSpan) inflate(out []byte) (produced int, progress bool, err error) {
+	consumed, produced, ret, _ := g.inf.inflate(g.in, out, zNoFlush)
+	g.in = g.in[consumed:]
+	switch ret {
+	case zOK, zBufError:
+	case zStreamEnd:
+		g.memberDone = true
+	default:
+		return 0, false, fmt.Errorf("span %d: inflate at uncompressed offset %d: %w", g.s.ID, g.pos, g.inf.errInflate(ret))
+	}
+	return produced, consumed > 0 || produced > 0 || g.memberDone, nil
 }
 
 // Reader reads a layer's uncompressed tar stream through its zTOC. Each
