@@ -8,7 +8,7 @@
 // understands, so the mount can serve as an overlayfs lowerdir.
 //
 // The package knows nothing about registries or spans: file data comes
-// from a SpanSource that returns bytes of the layer's uncompressed tar
+// from a StreamReader that returns bytes of the layer's uncompressed tar
 // stream.
 package fusefs
 
@@ -27,10 +27,10 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// SpanSource returns the verified, uncompressed bytes of the layer. The
-// span cache and fetcher implement it; fusefs only asks for the bytes a
-// read needs.
-type SpanSource interface {
+// StreamReader returns the verified bytes of the layer's uncompressed tar
+// stream. span.Layer implements it; fusefs only asks for the bytes a read
+// needs.
+type StreamReader interface {
 	// ReadAt fills p with uncompressed bytes at offset off of the layer's
 	// tar stream. It returns as soon as these bytes are available, and
 	// an error if it returns fewer than len(p) bytes.
@@ -53,7 +53,7 @@ type Root struct {
 
 // layer is what every node of a mount shares.
 type layer struct {
-	src  SpanSource
+	src  StreamReader
 	log  *slog.Logger
 	tree *tree
 }
@@ -62,9 +62,9 @@ type layer struct {
 // in archive order). Entries that would escape the layer (absolute names,
 // ".." components), hardlinks to missing files and other malformed
 // entries make it fail with an error that names the entry.
-func NewRoot(files []ztoc.FileMetadata, src SpanSource, opts Options) (*Root, error) {
+func NewRoot(files []ztoc.FileMetadata, src StreamReader, opts Options) (*Root, error) {
 	if src == nil {
-		return nil, errors.New("fusefs: nil SpanSource")
+		return nil, errors.New("fusefs: nil StreamReader")
 	}
 	t, err := buildTree(files)
 	if err != nil {
@@ -190,10 +190,10 @@ func (f *fsNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off in
 	return nil, syscall.EIO
 }
 
-// streamAt binds a read context to a SpanSource, as io.ReaderAt.
+// streamAt binds a read context to a StreamReader, as io.ReaderAt.
 type streamAt struct {
 	ctx context.Context
-	src SpanSource
+	src StreamReader
 }
 
 func (s streamAt) ReadAt(p []byte, off int64) (int, error) { return s.src.ReadAt(s.ctx, p, off) }

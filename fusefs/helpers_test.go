@@ -153,7 +153,7 @@ func (s *memSource) check(t *testing.T) {
 
 // mountTOC mounts files served by src on a new directory, unmounted when
 // the test ends.
-func mountTOC(t *testing.T, files []ztoc.FileMetadata, src SpanSource, opts Options) string {
+func mountTOC(t *testing.T, files []ztoc.FileMetadata, src StreamReader, opts Options) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("FUSE tests must run as root")

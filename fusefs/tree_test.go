@@ -90,7 +90,7 @@ func TestNewRootErrors(t *testing.T) {
 		})
 	}
 	if _, err := NewRoot(nil, nil, Options{}); err == nil {
-		t.Error("NewRoot accepted a nil SpanSource")
+		t.Error("NewRoot accepted a nil StreamReader")
 	}
 }
 

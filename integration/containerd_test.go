@@ -28,6 +28,7 @@ import (
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -201,29 +202,26 @@ func (r *ztocResolver) Mount(ctx context.Context, dir string, labels map[string]
 	if err != nil {
 		return nil, err
 	}
-	// The mount outlives the Prepare call and its ctx.
-	lctx, cancel := context.WithCancel(context.Background())
-	blob, err := repo.ReaderAt(lctx, ocispec.Descriptor{Digest: dgst, Size: size})
+	blob, err := repo.BlobReader(ocispec.Descriptor{Digest: dgst, Size: size})
 	if err != nil {
-		cancel()
 		return nil, err
 	}
-	zr, err := ztoc.NewReader(z, blob)
+	// No span cache: every read fetches the spans it covers.
+	layer, err := span.NewLayer(dgst, z, blob, span.Options{})
 	if err != nil {
-		cancel()
 		return nil, err
 	}
-	root, err := fusefs.NewRoot(z.Files, spanSource{zr}, fusefs.Options{})
+	root, err := fusefs.NewRoot(z.Files, layer, fusefs.Options{})
 	if err != nil {
-		cancel()
+		layer.Close()
 		return nil, err
 	}
 	srv, err := fusefs.Mount(ctx, dir, root, fusefs.MountOptions{FsName: dgst.Encoded()[:12]})
 	if err != nil {
-		cancel()
+		layer.Close()
 		return nil, err
 	}
-	return &fuseMount{srv: srv, cancel: cancel}, nil
+	return &fuseMount{srv: srv, layer: layer}, nil
 }
 
 func (r *ztocResolver) askedFor() []string {
@@ -256,19 +254,13 @@ func clientPull(t *testing.T, cd *testenv.Containerd, ref string) {
 	}
 }
 
-type spanSource struct{ r *ztoc.Reader }
-
-func (s spanSource) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
-	return s.r.ReadAt(p, off)
-}
-
 type fuseMount struct {
-	srv    *fusefs.Server
-	cancel context.CancelFunc
+	srv   *fusefs.Server
+	layer *span.Layer
 }
 
 func (m *fuseMount) Unmount() error {
-	defer m.cancel()
+	defer m.layer.Close()
 	return m.srv.Unmount()
 }
 

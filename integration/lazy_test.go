@@ -21,6 +21,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -303,12 +304,13 @@ func spanFiles(z *ztoc.Ztoc, spans []ztoc.Span) map[ztoc.SpanID][]ztoc.FileMetad
 // fileBytes returns a file's bytes from the pristine layer.
 func fileBytes(t *testing.T, z *ztoc.Ztoc, blob []byte, f ztoc.FileMetadata) []byte {
 	t.Helper()
-	r, err := ztoc.NewReader(z, bytes.NewReader(blob))
+	r, err := span.NewLayer(digest.FromBytes(blob), z, span.LocalBlob(bytes.NewReader(blob)), span.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer r.Close()
 	b := make([]byte, f.UncompressedSize)
-	if _, err := r.ReadAt(b, f.UncompressedOffset); err != nil {
+	if _, err := r.ReadAt(context.Background(), b, f.UncompressedOffset); err != nil {
 		t.Fatal(err)
 	}
 	return b

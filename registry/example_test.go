@@ -61,12 +61,12 @@ func Example() {
 	if err != nil || len(refs) == 0 {
 		panic(fmt.Sprint("no index: ", err))
 	}
-	ra, err := repo.ReaderAt(ctx, layer)
+	blob, err := repo.BlobReader(layer)
 	if err != nil {
 		panic(err)
 	}
 	span := make([]byte, 64<<10)
-	if _, err := ra.ReadAt(span, 1<<20); err != nil && err != io.EOF {
+	if _, err := blob.ReadAt(ctx, span, 1<<20); err != nil && err != io.EOF {
 		panic(err)
 	}
 }

@@ -13,13 +13,6 @@ import (
 	"oras.land/oras-go/v2/registry/remote/errcode"
 )
 
-// BlobReaderAt reads byte ranges of one blob.
-type BlobReaderAt interface {
-	io.ReaderAt
-	// Size is the blob size from its descriptor.
-	Size() int64
-}
-
 // ReadAt reads len(p) bytes of a blob at offset off with one HTTP GET
 // carrying an exact Range header (bytes=off-(off+len(p)-1)). It follows
 // io.ReaderAt: fewer bytes only at the end of the blob, with io.EOF. A
@@ -94,27 +87,30 @@ func errResponse(resp *http.Response) error {
 	return &errcode.ErrorResponse{Method: resp.Request.Method, URL: resp.Request.URL, StatusCode: resp.StatusCode, Errors: body.Errors}
 }
 
-// ReaderAt returns an io.ReaderAt over a blob for lazy reads: every ReadAt
-// is one Range GET (see Repository.ReadAt), issued under ctx, so ctx should
-// live as long as the reader is used.
-func (r *Repository) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (BlobReaderAt, error) {
+// BlobReader reads byte ranges of one blob, each ReadAt one HTTP range
+// request (see Repository.ReadAt). It is the compressed-blob reader that
+// span.Layer fetches spans with (it implements span.BlobReader).
+type BlobReader struct {
+	r    *Repository
+	desc ocispec.Descriptor
+}
+
+// BlobReader returns a BlobReader over blob desc, whose size it trusts.
+func (r *Repository) BlobReader(desc ocispec.Descriptor) (*BlobReader, error) {
 	if err := desc.Digest.Validate(); err != nil {
 		return nil, fmt.Errorf("blob reader %s: bad digest %q: %w", r.name, desc.Digest, err)
 	}
 	if desc.Size < 0 {
 		return nil, fmt.Errorf("blob reader %s: negative size %d", r.at(desc.Digest.String()), desc.Size)
 	}
-	return &blobReaderAt{ctx: ctx, r: r, desc: desc}, nil
+	return &BlobReader{r: r, desc: desc}, nil
 }
 
-type blobReaderAt struct {
-	ctx  context.Context
-	r    *Repository
-	desc ocispec.Descriptor
+// ReadAt reads len(p) bytes of the blob at off under ctx, following
+// io.ReaderAt's rules for short reads.
+func (b *BlobReader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	return b.r.ReadAt(ctx, b.desc, p, off)
 }
 
-func (b *blobReaderAt) ReadAt(p []byte, off int64) (int, error) {
-	return b.r.ReadAt(b.ctx, b.desc, p, off)
-}
-
-func (b *blobReaderAt) Size() int64 { return b.desc.Size }
+// Size is the blob size from its descriptor.
+func (b *BlobReader) Size() int64 { return b.desc.Size }

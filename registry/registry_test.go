@@ -150,7 +150,7 @@ func TestPushFetchRangeRead(t *testing.T) {
 			t.Fatal(err)
 		}
 
-		ra, err := r.ReaderAt(ctx, img.layerDesc)
+		ra, err := r.BlobReader(img.layerDesc)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,7 +175,7 @@ func TestPushFetchRangeRead(t *testing.T) {
 			{0, int(size), int(size), false},
 		} {
 			p := make([]byte, c.n)
-			n, err := ra.ReadAt(p, c.off)
+			n, err := ra.ReadAt(ctx, p, c.off)
 			if n != c.want || (err == io.EOF) != c.eof || (err != nil && err != io.EOF) {
 				t.Fatalf("ReadAt(%d, off %d) = %d, %v; want %d (eof %v)", c.n, c.off, n, err, c.want, c.eof)
 			}
@@ -183,16 +183,25 @@ func TestPushFetchRangeRead(t *testing.T) {
 				t.Fatalf("ReadAt(%d, off %d): wrong bytes", c.n, c.off)
 			}
 		}
-		if _, err := ra.ReadAt(make([]byte, 1), -1); err == nil {
+		if _, err := ra.ReadAt(ctx, make([]byte, 1), -1); err == nil {
 			t.Fatal("negative offset accepted")
 		}
-		// io.SectionReader over the ReaderAt reads exactly the section.
-		sec, err := io.ReadAll(io.NewSectionReader(ra, 1000, 5000))
+		// ReadAt follows io.ReaderAt: an io.SectionReader over it reads
+		// exactly the section.
+		sec, err := io.ReadAll(io.NewSectionReader(readerAt{ctx, ra}, 1000, 5000))
 		if err != nil || !bytes.Equal(sec, img.layer[1000:6000]) {
 			t.Fatalf("section read: %v", err)
 		}
 	})
 }
+
+// readerAt binds a context to a BlobReader, as io.ReaderAt.
+type readerAt struct {
+	ctx context.Context
+	b   *registry.BlobReader
+}
+
+func (r readerAt) ReadAt(p []byte, off int64) (int, error) { return r.b.ReadAt(r.ctx, p, off) }
 
 func TestNotFoundErrorsNameReference(t *testing.T) {
 	registries(t, func(t *testing.T, addr string, _ bool) {

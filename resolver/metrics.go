@@ -65,7 +65,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	return m, nil
 }
 
-// SpanFetched implements store.LayerMetrics.
+// SpanFetched implements span.Metrics.
 func (m *Metrics) SpanFetched(compressedBytes int64, d time.Duration) {
 	if m == nil {
 		return
@@ -74,21 +74,21 @@ func (m *Metrics) SpanFetched(compressedBytes int64, d time.Duration) {
 	m.spansFetched.Inc()
 }
 
-// SpanVerifyFailed implements store.LayerMetrics.
+// SpanVerifyFailed implements span.Metrics.
 func (m *Metrics) SpanVerifyFailed() {
 	if m != nil {
 		m.verifyFailed.Inc()
 	}
 }
 
-// SpanCacheHit implements store.LayerMetrics.
+// SpanCacheHit implements span.Metrics.
 func (m *Metrics) SpanCacheHit() {
 	if m != nil {
 		m.cacheHits.Inc()
 	}
 }
 
-// Read implements store.LayerMetrics.
+// Read implements span.Metrics.
 func (m *Metrics) Read(n int, d time.Duration, err error) {
 	if m == nil {
 		return

@@ -28,6 +28,7 @@ import (
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/store"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -52,7 +53,7 @@ type Config struct {
 	// Insecure skips TLS verification for every registry.
 	Insecure bool
 	// FetchTimeout bounds one span fetch; reads waiting on it then fail
-	// with EIO. Default store.DefaultFetchTimeout.
+	// with EIO. Default span.DefaultFetchTimeout.
 	FetchTimeout time.Duration
 	// FillDelay is how long after mounting a layer its background fill
 	// starts (zero: at once); FillRate bounds the fill in compressed bytes
@@ -83,7 +84,7 @@ type Resolver struct {
 	cfg   Config
 	log   *slog.Logger
 	meta  *store.MetaStore
-	spans *store.SpanCache
+	spans *span.Cache
 
 	mu sync.Mutex
 	// images is keyed by repository and image manifest digest: the same
@@ -111,7 +112,7 @@ func New(cfg Config) (*Resolver, error) {
 	if err != nil {
 		return nil, err
 	}
-	spans, err := store.NewSpanCache(filepath.Join(cfg.Root, "cache"))
+	spans, err := span.OpenCache(filepath.Join(cfg.Root, "cache"))
 	if err != nil {
 		meta.Close()
 		return nil, err
@@ -376,16 +377,6 @@ func (r *Resolver) fetchZtoc(ctx context.Context, ref string, d ocispec.Descript
 	return z, b, nil
 }
 
-// blobReader reads ranges of a layer blob from the registry.
-type blobReader struct {
-	repo *registry.Repository
-	desc ocispec.Descriptor
-}
-
-func (b blobReader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	return b.repo.ReadAt(ctx, b.desc, p, off)
-}
-
 // mountLazy serves layer desc from its zTOC on dir and starts its
 // background fill.
 func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, z *ztoc.Ztoc) (*lazyMount, error) {
@@ -393,11 +384,16 @@ func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.
 	if err != nil {
 		return nil, err
 	}
-	var lm store.LayerMetrics
+	blob, err := repo.BlobReader(desc)
+	if err != nil {
+		return nil, err
+	}
+	var lm span.Metrics
 	if r.cfg.Metrics != nil {
 		lm = r.cfg.Metrics
 	}
-	layer, err := store.NewLayer(desc.Digest, z, blobReader{repo, desc}, r.spans, store.LayerOptions{
+	layer, err := span.NewLayer(desc.Digest, z, blob, span.Options{
+		Cache:        r.spans,
 		FetchTimeout: r.cfg.FetchTimeout,
 		Metrics:      lm,
 	})
@@ -441,7 +437,7 @@ type lazyMount struct {
 	dir      string
 	layer    digest.Digest
 	srv      *fusefs.Server
-	l        *store.Layer
+	l        *span.Layer
 	stopFill context.CancelFunc
 	fillDone chan struct{}
 	once     sync.Once

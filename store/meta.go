@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -239,4 +240,12 @@ func (m *MetaStore) Ztoc(ctx context.Context, d digest.Digest) ([]byte, error) {
 		return nil, fmt.Errorf("read zTOC %s: stored blob has digest %s", d, got)
 	}
 	return b, nil
+}
+
+// notFound wraps ErrNotFound around a missing file's error.
+func notFound(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %w", ErrNotFound, err)
+	}
+	return err
 }

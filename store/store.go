@@ -1,10 +1,18 @@
-// Package store keeps the snapshotter's state on local disk: which
-// snapshots are remote layers and the zTOCs needed to mount them again
-// after a restart (MetaStore), and the uncompressed spans already fetched
-// (SpanCache).
+// Package store keeps spanpull's state on local disk, in bbolt databases
+// with the blobs they index as files:
+//
+//   - MetaStore is the snapshotter daemon's state: which snapshots are
+//     remote layers, and the zTOCs needed to mount them again after a
+//     restart.
+//   - ZtocCache is the indexer's cache of the zTOCs it built, keyed by
+//     layer digest and span size.
+//
+// The inflated spans of lazily pulled layers are not state but a cache of
+// the layers' contents; they live in package span, with the engine that
+// fetches them.
 package store
 
 import "errors"
 
-// ErrNotFound is returned (wrapped) for a missing record, zTOC or span.
+// ErrNotFound is returned (wrapped) for a missing record or zTOC.
 var ErrNotFound = errors.New("not found")

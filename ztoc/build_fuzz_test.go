@@ -54,7 +54,7 @@ func FuzzBuild(f *testing.F) {
 		if len(z.Files) != len(entries) {
 			t.Fatalf("TOC has %d entries, archive/tar reads %d", len(z.Files), len(entries))
 		}
-		r, err := NewReader(z, bytes.NewReader(data))
+		r, err := cfNewReader(z, data)
 		if err != nil {
 			t.Fatalf("NewReader on the built zTOC: %v", err)
 		}

@@ -348,7 +348,7 @@ func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing 
 	cfCheckSpans(t, z, blob, spanSize)
 
 	// The whole uncompressed archive reads back through the zTOC.
-	r, err := NewReader(z, bytes.NewReader(blob))
+	r, err := cfNewReader(z, blob)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -501,8 +501,8 @@ func cfTOCUserXattrs(f *FileMetadata) map[string]string {
 
 // cfCompareExtraction checks (a) and (b): the last TOC entry for each path
 // (tar semantics) against os.Lstat of GNU tar's extraction, and every
-// regular file's bytes through Reader.WriteFile.
-func cfCompareExtraction(t *testing.T, z *Ztoc, r *Reader, dir string) {
+// regular file's bytes through cfReader.WriteFile.
+func cfCompareExtraction(t *testing.T, z *Ztoc, r *cfReader, dir string) {
 	t.Helper()
 	cfCompareExtractionWith(t, z, dir, func(f *FileMetadata) ([]byte, error) {
 		var b bytes.Buffer
@@ -884,7 +884,7 @@ func TestReadGolden(t *testing.T) {
 				blob = tgz
 			}
 			cfCheckSpans(t, z, blob, g.spanSize)
-			r, err := NewReader(z, bytes.NewReader(blob))
+			r, err := cfNewReader(z, blob)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -1085,7 +1085,7 @@ func TestDebianLayer(t *testing.T) {
 				t.Errorf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(blob), end)
 			}
 			cfCheckSpans(t, z, blob, s)
-			r, err := NewReader(z, bytes.NewReader(blob))
+			r, err := cfNewReader(z, blob)
 			if err != nil {
 				t.Fatal(err)
 			}

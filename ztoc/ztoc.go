@@ -6,9 +6,11 @@
 // gzip checkpoint blob v1/v2, TarZinfo for tar layers), so indexes built by
 // either tool work with the other's runtime.
 //
-// The package is pure data and algorithms: it does no network I/O and owns
-// no files. Callers hand it an io.Reader (to build) or an io.ReaderAt over
-// the layer blob (to read).
+// The package is pure data and algorithms: it does no network I/O, owns no
+// files and imports nothing else of spanpull. Callers hand it an io.Reader
+// to build a zTOC; to read, they fetch a span's compressed bytes
+// themselves (package span does) and hand them to VerifySpan and
+// InflateRange.
 package ztoc
 
 import (

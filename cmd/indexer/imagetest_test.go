@@ -31,6 +31,7 @@ import (
 
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -511,10 +512,11 @@ func itCheckZtoc(t testing.TB, z *ztoc.Ztoc, w itWant) {
 	if ss, err := z.SpanSize(); err != nil || ss != w.SpanSize {
 		t.Errorf("zTOC of %s: span size %d (%v), want %d", l.Desc.Digest, ss, err, w.SpanSize)
 	}
-	r, err := ztoc.NewReader(z, bytes.NewReader(l.Data))
+	r, err := span.NewLayer(l.Desc.Digest, z, span.LocalBlob(bytes.NewReader(l.Data)), span.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer r.Close()
 	seen := 0
 	for i := range z.Files {
 		f := &z.Files[i]
@@ -528,7 +530,7 @@ func itCheckZtoc(t testing.TB, z *ztoc.Ztoc, w itWant) {
 		}
 		seen++
 		var got bytes.Buffer
-		if _, err := r.WriteFile(&got, f); err != nil || !bytes.Equal(got.Bytes(), want) {
+		if _, err := r.WriteFile(context.Background(), &got, f); err != nil || !bytes.Equal(got.Bytes(), want) {
 			t.Errorf("zTOC of %s: %s reads back %d bytes (%v), want %d bytes", l.Desc.Digest, f.Name, got.Len(), err, len(want))
 		}
 	}

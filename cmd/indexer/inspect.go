@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -65,10 +65,10 @@ func loadZtocArg(ctx context.Context, arg string, rf *remoteFlags) (*ztoc.Ztoc, 
 	return z, int64(len(b)), nil
 }
 
-// openLayerArg opens a layer for random reads: a local file or, for
+// openLayerArg opens a layer for span reads: a local file or, for
 // REF@sha256:<layer digest> (when no such file exists), HTTP range reads
 // from the registry. It returns the layer's size.
-func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (io.ReaderAt, int64, func(), error) {
+func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (span.BlobReader, int64, func(), error) {
 	if _, err := os.Stat(arg); err == nil || !strings.Contains(arg, "@") {
 		f, err := os.Open(arg)
 		if err != nil {
@@ -79,7 +79,7 @@ func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (io.ReaderAt
 			f.Close()
 			return nil, 0, nil, err
 		}
-		return f, st.Size(), func() { f.Close() }, nil
+		return span.LocalBlob(f), st.Size(), func() { f.Close() }, nil
 	}
 	repo, err := rf.repo(arg)
 	if err != nil {
@@ -93,11 +93,11 @@ func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (io.ReaderAt
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	ra, err := repo.ReaderAt(ctx, desc)
+	blob, err := repo.BlobReader(desc)
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	return ra, desc.Size, func() {}, nil
+	return blob, desc.Size, func() {}, nil
 }
 
 func newIndexCommand() *cobra.Command {

@@ -19,6 +19,7 @@ import (
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -233,18 +234,19 @@ func TestDebianLayerFromRegistry(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	ra, err := repo.ReaderAt(ctx, layer.Desc)
+	blob, err := repo.BlobReader(layer.Desc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	zr, err := ztoc.NewReader(z, ra)
+	zr, err := span.NewLayer(layer.Desc.Digest, z, blob, span.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer zr.Close()
 	// The whole tar stream, one range request and one inflate per span.
 	stream := make([]byte, z.UncompressedArchiveSize)
 	for _, s := range zr.Spans() {
-		if n, err := zr.ReadAt(stream[s.UncompressedStart:s.UncompressedEnd], s.UncompressedStart); err != nil && !(err == io.EOF && s.UncompressedStart+int64(n) == s.UncompressedEnd) {
+		if n, err := zr.ReadAt(ctx, stream[s.UncompressedStart:s.UncompressedEnd], s.UncompressedStart); err != nil && !(err == io.EOF && s.UncompressedStart+int64(n) == s.UncompressedEnd) {
 			t.Fatalf("span %d: %d bytes, %v", s.ID, n, err)
 		}
 	}
@@ -255,10 +257,11 @@ func TestDebianLayerFromRegistry(t *testing.T) {
 	for i := range z.Files {
 		last[ztoc.CleanPath(z.Files[i].Name)] = i
 	}
-	local, err := ztoc.NewReader(z, bytes.NewReader(data))
+	local, err := span.NewLayer(layer.Desc.Digest, z, span.LocalBlob(bytes.NewReader(data)), span.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer local.Close()
 	var regs []*ztoc.FileMetadata
 	for name, i := range last {
 		f := &z.Files[i]
@@ -274,7 +277,7 @@ func TestDebianLayerFromRegistry(t *testing.T) {
 		var got []byte
 		if _, sparse := f.PAXRecords[ztoc.SparseMapRecord]; sparse {
 			var b bytes.Buffer
-			if _, err := local.WriteFile(&b, f); err != nil {
+			if _, err := local.WriteFile(ctx, &b, f); err != nil {
 				t.Errorf("%s: %v", name, err)
 			}
 			got = b.Bytes()

@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
+	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -274,11 +275,11 @@ REF@sha256:<digest> blobs in a registry (read with HTTP range requests).`,
 			if err != nil {
 				return err
 			}
-			layer, size, closeLayer, err := openLayerArg(ctx, args[1], &rf)
+			blob, size, closeBlob, err := openLayerArg(ctx, args[1], &rf)
 			if err != nil {
 				return err
 			}
-			defer closeLayer()
+			defer closeBlob()
 			if size != z.CompressedArchiveSize {
 				return fmt.Errorf("zTOC %s does not match layer %s: it describes a %d-byte layer, the layer has %d bytes", args[0], args[1], z.CompressedArchiveSize, size)
 			}
@@ -286,12 +287,15 @@ REF@sha256:<digest> blobs in a registry (read with HTTP range requests).`,
 			if err != nil {
 				return err
 			}
-			r, err := ztoc.NewReader(z, layer)
+			// No span cache (and so no need for the layer's digest): each
+			// span the file covers is fetched once.
+			layer, err := span.NewLayer("", z, blob, span.Options{})
 			if err != nil {
 				return err
 			}
+			defer layer.Close()
 			if out == "" || out == "-" {
-				if _, err := r.WriteFile(cmd.OutOrStdout(), f); err != nil {
+				if _, err := layer.WriteFile(ctx, cmd.OutOrStdout(), f); err != nil {
 					return fmt.Errorf("extract %s: %w", args[2], err)
 				}
 				return nil
@@ -301,7 +305,7 @@ REF@sha256:<digest> blobs in a registry (read with HTTP range requests).`,
 				return err
 			}
 			defer os.Remove(tmp.Name())
-			if _, err := r.WriteFile(tmp, f); err != nil {
+			if _, err := layer.WriteFile(ctx, tmp, f); err != nil {
 				tmp.Close()
 				return fmt.Errorf("extract %s: %w", args[2], err)
 			}

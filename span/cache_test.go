@@ -1,4 +1,4 @@
-package store
+package span
 
 import (
 	"bytes"
@@ -56,18 +56,18 @@ func openFDs(t *testing.T) int {
 	return len(des)
 }
 
-func TestSpanCache(t *testing.T) {
+func TestCache(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := NewSpanCache(root)
+	c, err := OpenCache(root)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Get(ctx, layerA, 0); !errors.Is(err, ErrNotFound) {
-		t.Errorf("Get of an empty cache = %v, want ErrNotFound", err)
+	if _, err := c.Get(ctx, layerA, 0); !errors.Is(err, ErrNotCached) {
+		t.Errorf("Get of an empty cache = %v, want ErrNotCached", err)
 	}
-	if _, err := c.Open(ctx, layerA, 0); !errors.Is(err, ErrNotFound) {
-		t.Errorf("Open of an empty cache = %v, want ErrNotFound", err)
+	if _, err := c.Open(ctx, layerA, 0); !errors.Is(err, ErrNotCached) {
+		t.Errorf("Open of an empty cache = %v, want ErrNotCached", err)
 	}
 	for _, l := range []digest.Digest{layerA, layerB} {
 		for id := range ztoc.SpanID(5) {
@@ -136,9 +136,9 @@ func TestSpanCache(t *testing.T) {
 	}
 }
 
-func TestSpanCacheBadInput(t *testing.T) {
+func TestCacheBadInput(t *testing.T) {
 	ctx := context.Background()
-	c, err := NewSpanCache(t.TempDir())
+	c, err := OpenCache(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestSpanCacheBadInput(t *testing.T) {
 		if err := c.Put(ctx, d, 0, []byte("x")); err == nil {
 			t.Errorf("Put accepted layer %q", d)
 		}
-		if _, err := c.Get(ctx, d, 0); err == nil || errors.Is(err, ErrNotFound) {
+		if _, err := c.Get(ctx, d, 0); err == nil || errors.Is(err, ErrNotCached) {
 			t.Errorf("Get of layer %q = %v", d, err)
 		}
 		if err := c.RemoveLayer(ctx, d); err == nil {
@@ -163,9 +163,9 @@ func TestSpanCacheBadInput(t *testing.T) {
 	}
 }
 
-func TestSpanCacheRemovesLeftovers(t *testing.T) {
+func TestCacheRemovesLeftovers(t *testing.T) {
 	root := t.TempDir()
-	c, err := NewSpanCache(root)
+	c, err := OpenCache(root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +176,7 @@ func TestSpanCacheRemovesLeftovers(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, atomicfile.TempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := NewSpanCache(root); err != nil {
+	if _, err := OpenCache(root); err != nil {
 		t.Fatal(err)
 	}
 	if got := files(t, dir); strings.Join(got, ",") != "0" {
@@ -184,12 +184,12 @@ func TestSpanCacheRemovesLeftovers(t *testing.T) {
 	}
 }
 
-// TestSpanCacheConcurrent races Puts, Gets and RemoveLayers (run with
+// TestCacheConcurrent races Puts, Gets and RemoveLayers (run with
 // -race): a reader sees a whole span or none.
-func TestSpanCacheConcurrent(t *testing.T) {
+func TestCacheConcurrent(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := NewSpanCache(root)
+	c, err := OpenCache(root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +210,7 @@ func TestSpanCacheConcurrent(t *testing.T) {
 					b, err := c.Get(ctx, l, id)
 					if err == nil && !bytes.Equal(b, spanData(l, id)) {
 						t.Errorf("span %d of %s: torn read of %d bytes", id, l, len(b))
-					} else if err != nil && !errors.Is(err, ErrNotFound) {
+					} else if err != nil && !errors.Is(err, ErrNotCached) {
 						t.Error(err)
 					}
 				case 2:

@@ -1,4 +1,4 @@
-package store
+package span
 
 import (
 	"bytes"
@@ -73,13 +73,14 @@ func testLayer(t *testing.T) (*ztoc.Ztoc, []byte, []byte) {
 	return z, data, plain
 }
 
-func newTestLayer(t *testing.T, blob BlobReader, z *ztoc.Ztoc, opts LayerOptions) *Layer {
+func newTestLayer(t *testing.T, blob BlobReader, z *ztoc.Ztoc, opts Options) *Layer {
 	t.Helper()
-	cache, err := NewSpanCache(t.TempDir())
+	cache, err := OpenCache(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := NewLayer(digest.FromString("layer"), z, blob, cache, opts)
+	opts.Cache = cache
+	l, err := NewLayer(digest.FromString("layer"), z, blob, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +91,7 @@ func newTestLayer(t *testing.T, blob BlobReader, z *ztoc.Ztoc, opts LayerOptions
 func TestLayerReadsEqualStream(t *testing.T) {
 	z, data, plain := testLayer(t)
 	blob := &memBlob{data: data}
-	l := newTestLayer(t, blob, z, LayerOptions{})
+	l := newTestLayer(t, blob, z, Options{})
 	rng := rand.New(rand.NewPCG(1, 2))
 	ctx := context.Background()
 	for range 300 {
@@ -115,7 +116,7 @@ func TestLayerReadsEqualStream(t *testing.T) {
 func TestLayerConcurrentReadsShareOneFetch(t *testing.T) {
 	z, data, plain := testLayer(t)
 	blob := &memBlob{data: data}
-	l := newTestLayer(t, blob, z, LayerOptions{})
+	l := newTestLayer(t, blob, z, Options{})
 	s := l.Spans()[3]
 	var wg sync.WaitGroup
 	errs := make(chan error, 32)
@@ -148,7 +149,7 @@ func TestLayerRefetchesCorruptSpanOnce(t *testing.T) {
 	z, data, plain := testLayer(t)
 	blob := &memBlob{data: data}
 	blob.corrupt.Store(1)
-	l := newTestLayer(t, blob, z, LayerOptions{})
+	l := newTestLayer(t, blob, z, Options{})
 	p := make([]byte, 1000)
 	if _, err := l.ReadAt(context.Background(), p, 5000); err != nil {
 		t.Fatalf("read after one corrupt response: %v", err)
@@ -165,7 +166,7 @@ func TestLayerCorruptSpanFailsWithoutBytes(t *testing.T) {
 	z, data, _ := testLayer(t)
 	blob := &memBlob{data: data}
 	blob.corrupt.Store(1 << 30)
-	l := newTestLayer(t, blob, z, LayerOptions{})
+	l := newTestLayer(t, blob, z, Options{})
 	p := make([]byte, 1000)
 	n, err := l.ReadAt(context.Background(), p, 5000)
 	if !errors.Is(err, ztoc.ErrSpanDigest) {
@@ -183,7 +184,7 @@ func TestLayerStalledRegistryFailsAfterTimeout(t *testing.T) {
 	z, data, _ := testLayer(t)
 	blob := &memBlob{data: data}
 	blob.stall.Store(true)
-	l := newTestLayer(t, blob, z, LayerOptions{FetchTimeout: 300 * time.Millisecond})
+	l := newTestLayer(t, blob, z, Options{FetchTimeout: 300 * time.Millisecond})
 	start := time.Now()
 	_, err := l.ReadAt(context.Background(), make([]byte, 10), 0)
 	if err == nil {
@@ -203,7 +204,7 @@ func TestLayerStalledRegistryFailsAfterTimeout(t *testing.T) {
 func TestLayerFillCachesEverySpan(t *testing.T) {
 	z, data, plain := testLayer(t)
 	blob := &memBlob{data: data}
-	l := newTestLayer(t, blob, z, LayerOptions{})
+	l := newTestLayer(t, blob, z, Options{})
 	if err := l.Fill(context.Background(), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +228,7 @@ func TestLayerFillCachesEverySpan(t *testing.T) {
 
 func TestLayerFillRespectsRate(t *testing.T) {
 	z, data, _ := testLayer(t)
-	l := newTestLayer(t, &memBlob{data: data}, z, LayerOptions{})
+	l := newTestLayer(t, &memBlob{data: data}, z, Options{})
 	// At len(data)/2 bytes per second, fetching all spans must take at
 	// least about a second; without a limit it takes milliseconds.
 	start := time.Now()

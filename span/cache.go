@@ -1,4 +1,4 @@
-package store
+package span
 
 import (
 	"context"
@@ -16,28 +16,32 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// SpanCache is the on-disk cache of uncompressed spans, one file per span
-// at <root>/spans/<layer digest hex>/<span id>. A span file, once there,
-// is complete (written atomically) and never changes: spans are
-// addressed by the layer's content digest.
+// ErrNotCached is returned (wrapped) for a span that is not in the cache.
+var ErrNotCached = errors.New("span not cached")
+
+// Cache is the on-disk cache of inflated spans, one file per span at
+// <root>/spans/<layer digest hex>/<span id>. A span file, once there, is
+// complete (written atomically) and never changes: spans are addressed by
+// the layer's content digest. The cache is unbounded: spans leave it when
+// their layer is removed.
 //
-// SpanCache is safe for concurrent use. RemoveLayer waits for the Puts in
+// Cache is safe for concurrent use. RemoveLayer waits for the Puts in
 // progress.
-type SpanCache struct {
+type Cache struct {
 	dir string
 	// mu is held shared by Put and exclusively by RemoveLayer, so that a
 	// Put cannot recreate a layer directory being removed.
 	mu sync.RWMutex
 }
 
-// NewSpanCache opens (creating it if needed) the span cache under root,
+// OpenCache opens (creating it if needed) the span cache under root,
 // deleting the temporary files an earlier crash left behind.
-func NewSpanCache(root string) (*SpanCache, error) {
+func OpenCache(root string) (*Cache, error) {
 	dir := filepath.Join(root, "spans")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create span cache: %w", err)
 	}
-	c := &SpanCache{dir: dir}
+	c := &Cache{dir: dir}
 	layers, err := c.Layers()
 	if err != nil {
 		return nil, err
@@ -50,11 +54,11 @@ func NewSpanCache(root string) (*SpanCache, error) {
 	return c, nil
 }
 
-func (c *SpanCache) layerDir(layer digest.Digest) string {
+func (c *Cache) layerDir(layer digest.Digest) string {
 	return filepath.Join(c.dir, layer.Encoded())
 }
 
-func (c *SpanCache) spanPath(layer digest.Digest, id ztoc.SpanID) string {
+func (c *Cache) spanPath(layer digest.Digest, id ztoc.SpanID) string {
 	return filepath.Join(c.layerDir(layer), strconv.Itoa(int(id)))
 }
 
@@ -70,7 +74,7 @@ func checkSpan(layer digest.Digest, id ztoc.SpanID) error {
 
 // Put stores the uncompressed bytes of a span. Storing a span again
 // replaces it atomically.
-func (c *SpanCache) Put(ctx context.Context, layer digest.Digest, id ztoc.SpanID, data []byte) error {
+func (c *Cache) Put(ctx context.Context, layer digest.Digest, id ztoc.SpanID, data []byte) error {
 	if err := checkSpan(layer, id); err != nil {
 		return fmt.Errorf("cache span %d of %s: %w", id, layer, err)
 	}
@@ -89,8 +93,8 @@ func (c *SpanCache) Put(ctx context.Context, layer digest.Digest, id ztoc.SpanID
 	return nil
 }
 
-// Get returns the bytes of a cached span, or an error wrapping ErrNotFound.
-func (c *SpanCache) Get(ctx context.Context, layer digest.Digest, id ztoc.SpanID) ([]byte, error) {
+// Get returns the bytes of a cached span, or an error wrapping ErrNotCached.
+func (c *Cache) Get(ctx context.Context, layer digest.Digest, id ztoc.SpanID) ([]byte, error) {
 	if err := checkSpan(layer, id); err != nil {
 		return nil, fmt.Errorf("read cached span %d of %s: %w", id, layer, err)
 	}
@@ -101,24 +105,25 @@ func (c *SpanCache) Get(ctx context.Context, layer digest.Digest, id ztoc.SpanID
 	return b, nil
 }
 
-// SpanReader reads a cached span. It stays readable after RemoveLayer.
-type SpanReader struct {
+// CachedSpan reads one cached span. It stays readable after its span
+// leaves the cache (RemoveLayer, or eviction in a bounded cache).
+type CachedSpan struct {
 	f    *os.File
 	size int64
 }
 
 // ReadAt implements io.ReaderAt.
-func (r *SpanReader) ReadAt(p []byte, off int64) (int, error) { return r.f.ReadAt(p, off) }
+func (r *CachedSpan) ReadAt(p []byte, off int64) (int, error) { return r.f.ReadAt(p, off) }
 
 // Size returns the length of the span.
-func (r *SpanReader) Size() int64 { return r.size }
+func (r *CachedSpan) Size() int64 { return r.size }
 
 // Close releases the file.
-func (r *SpanReader) Close() error { return r.f.Close() }
+func (r *CachedSpan) Close() error { return r.f.Close() }
 
 // Open returns a reader of a cached span, or an error wrapping
-// ErrNotFound. The caller must close it.
-func (c *SpanCache) Open(ctx context.Context, layer digest.Digest, id ztoc.SpanID) (*SpanReader, error) {
+// ErrNotCached. The caller must close it.
+func (c *Cache) Open(ctx context.Context, layer digest.Digest, id ztoc.SpanID) (*CachedSpan, error) {
 	if err := checkSpan(layer, id); err != nil {
 		return nil, fmt.Errorf("open cached span %d of %s: %w", id, layer, err)
 	}
@@ -131,11 +136,11 @@ func (c *SpanCache) Open(ctx context.Context, layer digest.Digest, id ztoc.SpanI
 		f.Close()
 		return nil, fmt.Errorf("open cached span %d of %s: %w", id, layer, err)
 	}
-	return &SpanReader{f: f, size: fi.Size()}, nil
+	return &CachedSpan{f: f, size: fi.Size()}, nil
 }
 
 // Has reports whether a span is cached.
-func (c *SpanCache) Has(layer digest.Digest, id ztoc.SpanID) bool {
+func (c *Cache) Has(layer digest.Digest, id ztoc.SpanID) bool {
 	if checkSpan(layer, id) != nil {
 		return false
 	}
@@ -145,7 +150,7 @@ func (c *SpanCache) Has(layer digest.Digest, id ztoc.SpanID) bool {
 
 // RemoveLayer deletes every cached span of a layer. Removing a layer with
 // nothing cached is not an error.
-func (c *SpanCache) RemoveLayer(ctx context.Context, layer digest.Digest) error {
+func (c *Cache) RemoveLayer(ctx context.Context, layer digest.Digest) error {
 	if err := layer.Validate(); err != nil {
 		return fmt.Errorf("remove cached spans of %q: %w", layer, err)
 	}
@@ -159,7 +164,7 @@ func (c *SpanCache) RemoveLayer(ctx context.Context, layer digest.Digest) error 
 
 // Layers lists the layers with a cache directory, for cleaning up the
 // layers no snapshot uses any more. Digests are returned as sha256.
-func (c *SpanCache) Layers() ([]digest.Digest, error) {
+func (c *Cache) Layers() ([]digest.Digest, error) {
 	des, err := os.ReadDir(c.dir)
 	if err != nil {
 		return nil, fmt.Errorf("list span cache: %w", err)
@@ -176,7 +181,7 @@ func (c *SpanCache) Layers() ([]digest.Digest, error) {
 
 func notFound(err error) error {
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %w", ErrNotFound, err)
+		return fmt.Errorf("%w: %w", ErrNotCached, err)
 	}
 	return err
 }

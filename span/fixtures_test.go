@@ -1,0 +1,193 @@
+package span
+
+// Layers for the read tests: small tars of pseudo-random files, stored as
+// plain tar, as gzip without compression and as gzip -6.
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// randomBytes returns n deterministic pseudo-random (incompressible) bytes.
+func randomBytes(seed uint64, n int) []byte {
+	var s [32]byte
+	for i := range 8 {
+		s[i] = byte(seed >> (8 * i))
+	}
+	b := make([]byte, n)
+	_, _ = rand.NewChaCha8(s).Read(b)
+	return b
+}
+
+// readerTar is a tar whose files all differ with seed but whose layout
+// does not: two seeds give tars of the same size.
+func readerTar(t testing.TB, seed uint64) []byte {
+	t.Helper()
+	mtime := time.Date(2021, 2, 3, 4, 5, 6, 0, time.UTC)
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	write := func(h tar.Header, data []byte) {
+		h.ModTime, h.Format, h.Size = mtime, tar.FormatUSTAR, int64(len(data))
+		if err := tw.WriteHeader(&h); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755}, nil)
+	for _, f := range []struct {
+		name string
+		seed uint64 // 0: empty file
+		size int
+	}{{"r/a", 1, 100000}, {"r/b", 2, 300000}, {"r/empty", 0, 0}, {"r/c", 3, 50000}, {"r/d", 4, 200000}, {"r/tiny", 5, 10}} {
+		var data []byte
+		if f.seed > 0 {
+			data = randomBytes(seed*10+f.seed, f.size)
+		}
+		write(tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: 0o644}, data)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// storedGzip gzips without compression: the blob's size depends only on
+// the tar's size.
+func storedGzip(t testing.TB, b []byte) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := zw.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// gzipCLI compresses with the gzip command (-n leaves out FNAME), whose
+// deflate stream is not Go's.
+func gzipCLI(level string) func(testing.TB, []byte) []byte {
+	return func(t testing.TB, b []byte) []byte {
+		t.Helper()
+		cmd := exec.Command("gzip", "-n", level, "-c")
+		cmd.Stdin = bytes.NewReader(b)
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("gzip %s: %v", level, err)
+		}
+		return out
+	}
+}
+
+// readerLayers are the layer flavours of the read tests.
+var readerLayers = []struct {
+	name     string
+	compress func(testing.TB, []byte) []byte
+}{
+	{"tar", func(_ testing.TB, b []byte) []byte { return b }},
+	{"gzip-stored", storedGzip},
+	{"gzip-6", gzipCLI("-6")},
+}
+
+// fileContents reads every regular file of tarball with archive/tar.
+func fileContents(t testing.TB, tarball []byte) map[string][]byte {
+	t.Helper()
+	m := map[string][]byte{}
+	tr := tar.NewReader(bytes.NewReader(tarball))
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return m
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Typeflag == tar.TypeReg {
+			if m[h.Name], err = io.ReadAll(tr); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// build builds blob's zTOC with a deadline, so a hang fails the test.
+func build(t testing.TB, blob []byte, spanSize int64) *ztoc.Ztoc {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	z, _, err := ztoc.Build(ctx, bytes.NewReader(blob), ztoc.BuildOptions{SpanSize: spanSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return z
+}
+
+// mustLayer builds blob's zTOC and a Layer with no cache over other, as
+// "indexer ztoc get-file" reads.
+func mustLayer(t testing.TB, blob []byte, other io.ReaderAt, spanSize int64) (*ztoc.Ztoc, *Layer) {
+	t.Helper()
+	z := build(t, blob, spanSize)
+	return z, mustOpen(t, z, other, Options{})
+}
+
+// mustOpen returns a Layer described by z over blob, closed when the test
+// ends.
+func mustOpen(t testing.TB, z *ztoc.Ztoc, blob io.ReaderAt, opts Options) *Layer {
+	t.Helper()
+	l, err := NewLayer(digest.FromString("layer"), z, LocalBlob(blob), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	return l
+}
+
+// fileSpans returns the first and last span of a regular file's data.
+func fileSpans(spans []ztoc.Span, f *ztoc.FileMetadata) (ztoc.SpanID, ztoc.SpanID) {
+	first, _ := ztoc.SpanForOffset(spans, f.UncompressedOffset)
+	last, _ := ztoc.SpanForOffset(spans, f.UncompressedOffset+max(f.UncompressedSize-1, 0))
+	return first, last
+}
+
+// firstDiff returns the first offset where a and b differ.
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// debianLayer returns the path of the real Debian layer, building it with
+// scripts/debian-layer.sh when it is missing.
+func debianLayer(t testing.TB) string {
+	t.Helper()
+	const path = "/var/cache/spanpull/debian-python3.tar.gz"
+	if st, err := os.Stat(path); err == nil && st.Size() > 0 {
+		return path
+	}
+	if out, err := exec.Command("../scripts/debian-layer.sh", path).CombinedOutput(); err != nil {
+		t.Fatalf("build the Debian layer: %v\n%s", err, out)
+	}
+	return path
+}

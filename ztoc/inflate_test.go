@@ -1,0 +1,115 @@
+package ztoc
+
+// Tests of the read primitives: VerifySpan accepts exactly a span's
+// compressed bytes and InflateSpan inflates each span from its checkpoint
+// alone. Reads through a whole layer (fetching, corrupt and truncated
+// blobs) are package span's tests.
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"errors"
+	"testing"
+)
+
+// cfReaderTar is a tar whose files all differ with seed but whose layout
+// does not: two seeds give tars of the same size.
+func cfReaderTar(t testing.TB, seed uint64) []byte {
+	t.Helper()
+	reg := func(name string, data []byte) cfEntry {
+		return cfEntry{tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, ModTime: cfTimeBase, Format: tar.FormatUSTAR}, data}
+	}
+	return cfWriteTar(t, []cfEntry{
+		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755, ModTime: cfTimeBase, Format: tar.FormatUSTAR}},
+		reg("r/a", cfRandom(seed*10+1, 100000)),
+		reg("r/b", cfRandom(seed*10+2, 300000)),
+		reg("r/empty", []byte{}),
+		reg("r/c", cfRandom(seed*10+3, 50000)),
+		reg("r/d", cfRandom(seed*10+4, 200000)),
+		reg("r/tiny", cfRandom(seed*10+5, 10)),
+	})
+}
+
+// cfStoredGzip gzips without compression: the blob's size depends only on
+// the tar's size.
+func cfStoredGzip(t testing.TB, b []byte) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := zw.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// cfReaderLayers are the layer flavours of the reader tests.
+var cfReaderLayers = []struct {
+	name     string
+	compress func(testing.TB, []byte) []byte
+}{
+	{"tar", func(_ testing.TB, b []byte) []byte { return b }},
+	{"gzip-stored", cfStoredGzip},
+	{"gzip-6", func(t testing.TB, b []byte) []byte { return cfGzipCLI("-6")(t, b) }},
+}
+
+// TestSpanPrimitives exercises VerifySpan and InflateSpan: each span's
+// compressed bytes verify, and inflate to its part of the stream from its
+// checkpoint alone.
+func TestSpanPrimitives(t *testing.T) {
+	tarball := cfReaderTar(t, 6)
+	for _, l := range cfReaderLayers {
+		t.Run(l.name, func(t *testing.T) {
+			blob := l.compress(t, tarball)
+			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: 16 << 10})
+			if err != nil {
+				t.Fatal(err)
+			}
+			spans, err := z.Spans()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, s := range spans {
+				comp := blob[s.CompressedStart:s.CompressedEnd]
+				if err := z.VerifySpan(s, comp); err != nil {
+					t.Errorf("VerifySpan(%d): %v", s.ID, err)
+				}
+				if len(comp) > 0 {
+					bad := bytes.Clone(comp)
+					bad[len(bad)/2] ^= 1
+					if err := z.VerifySpan(s, bad); !errors.Is(err, ErrSpanDigest) {
+						t.Errorf("VerifySpan(%d, flipped byte) = %v", s.ID, err)
+					}
+					if err := z.VerifySpan(s, comp[:len(comp)-1]); !errors.Is(err, ErrSpanDigest) {
+						t.Errorf("VerifySpan(%d, short) = %v", s.ID, err)
+					}
+				}
+				end := min(s.UncompressedEnd, z.UncompressedArchiveSize)
+				if end <= s.UncompressedStart {
+					continue
+				}
+				whole := make([]byte, end-s.UncompressedStart)
+				if err := InflateSpan(z.Algorithm, s, comp, s.UncompressedStart, whole); err != nil {
+					t.Fatalf("InflateSpan(%d): %v", s.ID, err)
+				}
+				if !bytes.Equal(whole, tarball[s.UncompressedStart:end]) {
+					t.Errorf("span %d inflates to other bytes", s.ID)
+				}
+				mid := s.UncompressedStart + (end-s.UncompressedStart)/2
+				part := make([]byte, min(100, end-mid))
+				if err := InflateSpan(z.Algorithm, s, comp, mid, part); err != nil || !bytes.Equal(part, tarball[mid:mid+int64(len(part))]) {
+					t.Errorf("InflateSpan(%d, middle) = %v", s.ID, err)
+				}
+				if err := InflateSpan(z.Algorithm, s, comp, end-1, make([]byte, 2)); err == nil && end == s.UncompressedEnd {
+					t.Errorf("InflateSpan(%d) past the span's end succeeded", s.ID)
+				}
+			}
+		})
+	}
+}
