@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/continuity"
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
@@ -53,7 +54,7 @@ fixed-size spans.`,
 			if err != nil {
 				return err
 			}
-			if err := writeFileAtomic(out, b); err != nil {
+			if err := continuity.AtomicWriteFile(out, b, 0o644); err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
@@ -327,22 +328,4 @@ func loadZtoc(name string) (*ztoc.Ztoc, int64, error) {
 		return nil, 0, fmt.Errorf("read zTOC %s: %w", name, err)
 	}
 	return z, int64(len(b)), nil
-}
-
-// writeFileAtomic writes b to name through a temp file and a rename, so a
-// failed write never leaves a truncated file behind.
-func writeFileAtomic(name string, b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), name)
 }
