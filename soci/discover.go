@@ -52,7 +52,8 @@ type Found struct {
 	Manifest digest.Digest
 	// Platform is that manifest's platform when an image index names it.
 	Platform *ocispec.Platform
-	Source   Source
+	// Source says where the index was found.
+	Source Source
 }
 
 // DiscoverOptions tune Discover.

@@ -59,6 +59,7 @@ type AmbiguousError struct {
 	Indexes int
 }
 
+// Error says how many indexes the image has.
 func (e *AmbiguousError) Error() string {
 	return fmt.Sprintf("the image has %d SOCI indexes", e.Indexes)
 }

@@ -37,6 +37,7 @@ type UnsupportedLayerError struct {
 	MediaType string
 }
 
+// Error says why the layer cannot be indexed, as the indexer prints it.
 func (e *UnsupportedLayerError) Error() string {
 	if strings.HasSuffix(e.MediaType, "+zstd") || strings.HasSuffix(e.MediaType, ".zstd") {
 		return "zstd layers cannot be indexed (the zTOC format has no zstd checkpoints)"
