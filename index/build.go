@@ -74,26 +74,13 @@ var ErrEmptyIndex = errors.New("soci index has no zTOCs")
 // ocispec.Manifest with no top-level artifactType, which is what SOCI's
 // runtime reproduces when it re-marshals a fetched index.
 func Build(opts BuildOptions) (*Built, error) {
-	switch opts.Version {
-	case V1:
-		if opts.Subject == nil {
-			return nil, errors.New("build soci index v1: subject (image manifest descriptor) is required")
-		}
-	case V2:
-		if opts.Subject != nil {
-			return nil, errors.New("build soci index v2: a v2 index has no subject")
-		}
-	default:
-		return nil, fmt.Errorf("build soci index: unknown version %d", opts.Version)
-	}
-	if len(opts.Layers) == 0 {
-		return nil, fmt.Errorf("build soci index %s: %w", opts.Version, ErrEmptyIndex)
+	if err := opts.check(); err != nil {
+		return nil, err
 	}
 	tool := opts.BuildTool
 	if tool == "" {
 		tool = ztoc.DefaultBuildToolIdentifier
 	}
-
 	m := ocispec.Manifest{
 		MediaType:   ocispec.MediaTypeImageManifest,
 		Config:      ConfigDescriptor(opts.Version),
@@ -101,61 +88,23 @@ func Build(opts BuildOptions) (*Built, error) {
 		Annotations: map[string]string{AnnotationBuildToolIdentifier: tool},
 	}
 	m.SchemaVersion = 2
-	if opts.Subject != nil {
-		s := opts.Subject
-		if err := checkDescriptor(*s); err != nil {
-			return nil, fmt.Errorf("build soci index: subject: %w", err)
-		}
-		if s.MediaType == "" {
-			return nil, errors.New("build soci index: subject has no media type")
-		}
+	if s := opts.Subject; s != nil {
 		m.Subject = &ocispec.Descriptor{MediaType: s.MediaType, Digest: s.Digest, Size: s.Size}
 	}
 	for i, l := range opts.Layers {
-		if err := l.LayerDigest.Validate(); err != nil {
-			return nil, fmt.Errorf("build soci index: layer %d: layer digest %q: %w", i, l.LayerDigest, err)
+		d, err := l.descriptor()
+		if err != nil {
+			return nil, fmt.Errorf("build soci index: layer %d (%s): %w", i, l.LayerDigest, err)
 		}
-		if l.LayerMediaType == "" {
-			return nil, fmt.Errorf("build soci index: layer %d (%s): no layer media type", i, l.LayerDigest)
-		}
-		if l.SpanSize < 0 {
-			return nil, fmt.Errorf("build soci index: layer %d (%s): negative span size %d", i, l.LayerDigest, l.SpanSize)
-		}
-		if err := checkDescriptor(l.Ztoc); err != nil {
-			return nil, fmt.Errorf("build soci index: layer %d (%s): ztoc: %w", i, l.LayerDigest, err)
-		}
-		ann := map[string]string{
-			AnnotationImageLayerDigest:    l.LayerDigest.String(),
-			AnnotationImageLayerMediaType: l.LayerMediaType,
-		}
-		if l.SpanSize > 0 {
-			ann[AnnotationSpanSize] = strconv.FormatInt(l.SpanSize, 10)
-		}
-		if l.DisableXattrs {
-			ann[AnnotationDisableXattrs] = "true"
-		}
-		m.Layers = append(m.Layers, ocispec.Descriptor{
-			MediaType:   MediaTypeZtoc,
-			Digest:      l.Ztoc.Digest,
-			Size:        l.Ztoc.Size,
-			Annotations: ann,
-		})
+		m.Layers = append(m.Layers, d)
 	}
 	for i, p := range opts.Prefetches {
-		if err := p.LayerDigest.Validate(); err != nil {
-			return nil, fmt.Errorf("build soci index: prefetch %d: layer digest %q: %w", i, p.LayerDigest, err)
-		}
-		if err := checkDescriptor(p.Blob); err != nil {
+		d, err := p.descriptor()
+		if err != nil {
 			return nil, fmt.Errorf("build soci index: prefetch %d (%s): %w", i, p.LayerDigest, err)
 		}
-		m.Layers = append(m.Layers, ocispec.Descriptor{
-			MediaType:   MediaTypePrefetch,
-			Digest:      p.Blob.Digest,
-			Size:        p.Blob.Size,
-			Annotations: map[string]string{AnnotationImageLayerDigest: p.LayerDigest.String()},
-		})
+		m.Layers = append(m.Layers, d)
 	}
-
 	b, err := json.Marshal(m)
 	if err != nil {
 		return nil, fmt.Errorf("build soci index: marshal: %w", err)
@@ -169,6 +118,78 @@ func Build(opts BuildOptions) (*Built, error) {
 			Digest:       digest.FromBytes(b),
 			Size:         int64(len(b)),
 		},
+	}, nil
+}
+
+// check validates the version, the subject it needs (v1) or forbids (v2),
+// and that there is something to index.
+func (opts BuildOptions) check() error {
+	switch opts.Version {
+	case V1:
+		if opts.Subject == nil {
+			return errors.New("build soci index v1: subject (image manifest descriptor) is required")
+		}
+	case V2:
+		if opts.Subject != nil {
+			return errors.New("build soci index v2: a v2 index has no subject")
+		}
+	default:
+		return fmt.Errorf("build soci index: unknown version %d", opts.Version)
+	}
+	if len(opts.Layers) == 0 {
+		return fmt.Errorf("build soci index %s: %w", opts.Version, ErrEmptyIndex)
+	}
+	if s := opts.Subject; s != nil {
+		if err := checkDescriptor(*s); err != nil {
+			return fmt.Errorf("build soci index: subject: %w", err)
+		}
+		if s.MediaType == "" {
+			return errors.New("build soci index: subject has no media type")
+		}
+	}
+	return nil
+}
+
+// descriptor returns the index's descriptor of the zTOC of l.
+func (l Layer) descriptor() (ocispec.Descriptor, error) {
+	if err := l.LayerDigest.Validate(); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("layer digest %q: %w", l.LayerDigest, err)
+	}
+	if l.LayerMediaType == "" {
+		return ocispec.Descriptor{}, errors.New("no layer media type")
+	}
+	if l.SpanSize < 0 {
+		return ocispec.Descriptor{}, fmt.Errorf("negative span size %d", l.SpanSize)
+	}
+	if err := checkDescriptor(l.Ztoc); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("ztoc: %w", err)
+	}
+	ann := map[string]string{
+		AnnotationImageLayerDigest:    l.LayerDigest.String(),
+		AnnotationImageLayerMediaType: l.LayerMediaType,
+	}
+	if l.SpanSize > 0 {
+		ann[AnnotationSpanSize] = strconv.FormatInt(l.SpanSize, 10)
+	}
+	if l.DisableXattrs {
+		ann[AnnotationDisableXattrs] = "true"
+	}
+	return ocispec.Descriptor{MediaType: MediaTypeZtoc, Digest: l.Ztoc.Digest, Size: l.Ztoc.Size, Annotations: ann}, nil
+}
+
+// descriptor returns the index's descriptor of prefetch artifact p.
+func (p Prefetch) descriptor() (ocispec.Descriptor, error) {
+	if err := p.LayerDigest.Validate(); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("layer digest %q: %w", p.LayerDigest, err)
+	}
+	if err := checkDescriptor(p.Blob); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	return ocispec.Descriptor{
+		MediaType:   MediaTypePrefetch,
+		Digest:      p.Blob.Digest,
+		Size:        p.Blob.Size,
+		Annotations: map[string]string{AnnotationImageLayerDigest: p.LayerDigest.String()},
 	}, nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -34,7 +35,7 @@ func ParseImageIndex(b []byte) (*ocispec.Index, error) {
 		return nil, fmt.Errorf("parse image index: schemaVersion %d, want 2", idx.SchemaVersion)
 	}
 	switch idx.MediaType {
-	case "", ocispec.MediaTypeImageIndex, MediaTypeDockerManifestList:
+	case "", ocispec.MediaTypeImageIndex, images.MediaTypeDockerSchema2ManifestList:
 	default:
 		return nil, fmt.Errorf("parse image index: media type %q is not an OCI image index or Docker manifest list", idx.MediaType)
 	}
@@ -56,7 +57,7 @@ func ParseImageManifest(b []byte) (*ocispec.Manifest, error) {
 		return nil, fmt.Errorf("parse image manifest: schemaVersion %d, want 2", m.SchemaVersion)
 	}
 	switch m.MediaType {
-	case "", ocispec.MediaTypeImageManifest, MediaTypeDockerManifest:
+	case "", ocispec.MediaTypeImageManifest, images.MediaTypeDockerSchema2Manifest:
 	default:
 		return nil, fmt.Errorf("parse image manifest: media type %q is not an OCI or Docker schema2 image manifest", m.MediaType)
 	}

@@ -33,13 +33,10 @@ const (
 	// MediaTypePrefetch is the media type of a prefetch artifact blob
 	// (SOCI-FORMAT.md §1.10), listed after the zTOCs in an index.
 	MediaTypePrefetch = "application/vnd.amazon.soci.prefetch.v1+json"
-
-	// Image media types the v2 conversion reads and writes, named here so
-	// callers do not mix Docker and OCI spellings.
-	MediaTypeDockerManifest     = "application/vnd.docker.distribution.manifest.v2+json"
-	MediaTypeDockerManifestList = "application/vnd.docker.distribution.manifest.list.v2+json"
-	MediaTypeDockerConfig       = "application/vnd.docker.container.image.v1+json"
 )
+
+// Docker schema 2 media types are containerd's (core/images), not
+// redefined here.
 
 // Annotation keys, with SOCI's exact strings.
 const (

@@ -6,6 +6,7 @@ import (
 	"io"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -33,24 +34,24 @@ func TestSOCIv2ConvertAndPush(t *testing.T) {
 				t.Fatal(err)
 			}
 			layers[arch] = layer
-			config, err := r.PushBlobBytes(ctx, index.MediaTypeDockerConfig, []byte(`{"architecture":"`+arch+`","os":"linux"}`))
+			config, err := r.PushBlobBytes(ctx, images.MediaTypeDockerSchema2Config, []byte(`{"architecture":"`+arch+`","os":"linux"}`))
 			if err != nil {
 				t.Fatal(err)
 			}
-			m := ocispec.Manifest{MediaType: index.MediaTypeDockerManifest, Config: config, Layers: []ocispec.Descriptor{layer}}
+			m := ocispec.Manifest{MediaType: images.MediaTypeDockerSchema2Manifest, Config: config, Layers: []ocispec.Descriptor{layer}}
 			m.SchemaVersion = 2
 			b, _ := json.Marshal(m)
-			d := ocispec.Descriptor{MediaType: index.MediaTypeDockerManifest, Digest: digest.FromBytes(b), Size: int64(len(b))}
+			d := ocispec.Descriptor{MediaType: images.MediaTypeDockerSchema2Manifest, Digest: digest.FromBytes(b), Size: int64(len(b))}
 			if err := r.PushManifest(ctx, d, b, ""); err != nil {
 				t.Fatal(err)
 			}
 			d.Platform = &ocispec.Platform{OS: "linux", Architecture: arch}
 			listEntries = append(listEntries, d)
 		}
-		list := ocispec.Index{MediaType: index.MediaTypeDockerManifestList, Manifests: listEntries}
+		list := ocispec.Index{MediaType: images.MediaTypeDockerSchema2ManifestList, Manifests: listEntries}
 		list.SchemaVersion = 2
 		lb, _ := json.Marshal(list)
-		if err := r.PushManifest(ctx, ocispec.Descriptor{MediaType: index.MediaTypeDockerManifestList, Digest: digest.FromBytes(lb), Size: int64(len(lb))}, lb, "multi"); err != nil {
+		if err := r.PushManifest(ctx, ocispec.Descriptor{MediaType: images.MediaTypeDockerSchema2ManifestList, Digest: digest.FromBytes(lb), Size: int64(len(lb))}, lb, "multi"); err != nil {
 			t.Fatal(err)
 		}
 

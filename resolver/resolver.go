@@ -28,6 +28,7 @@ import (
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/store"
 	"github.com/spanpull/spanpull/ztoc"
@@ -260,6 +261,9 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 	return img
 }
 
+// findIndex finds the SOCI index of image manifest md through soci's
+// discovery: the explicit index label, then the v2 annotation, then the v1
+// referrers; the first usable index whose subject matches wins.
 func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, explicit string) (*ocispec.Manifest, *index.Index, digest.Digest, error) {
 	repo, err := r.repo(ref)
 	if err != nil {
@@ -273,46 +277,18 @@ func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, 
 	if err != nil {
 		return nil, nil, "", fmt.Errorf("image manifest %s: %w", md, err)
 	}
-	var candidates []digest.Digest
+	var opts soci.DiscoverOptions
 	if d, err := digest.Parse(explicit); err == nil {
-		candidates = append(candidates, d)
+		opts.Explicit = d
 	}
-	if d, ok, err := index.IndexDigestOf(m); err != nil {
-		return nil, nil, "", err
-	} else if ok {
-		candidates = append(candidates, d)
-	}
-	if len(candidates) == 0 {
-		refs, err := repo.Referrers(ctx, ocispec.Descriptor{MediaType: mdesc.MediaType, Digest: md, Size: mdesc.Size}, index.V1.ArtifactType())
-		if err != nil {
-			return nil, nil, "", err
-		}
-		for _, d := range refs {
-			candidates = append(candidates, d.Digest)
-		}
-	}
-	if len(candidates) == 0 {
+	found, ix, err := soci.FindIndex(ctx, repo, soci.Image{Descriptor: mdesc, Bytes: mb}, opts)
+	if errors.Is(err, soci.ErrNoIndex) {
 		return nil, nil, "", errNoIndex
 	}
-	var errs []error
-	for _, d := range candidates {
-		b, _, err := repo.FetchManifest(ctx, d.String())
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		ix, err := index.Parse(b)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("index %s: %w", d, err))
-			continue
-		}
-		if s := ix.Subject(); s != nil && s.Digest != md {
-			errs = append(errs, fmt.Errorf("index %s is for manifest %s, not %s", d, s.Digest, md))
-			continue
-		}
-		return m, ix, d, nil
+	if err != nil {
+		return nil, nil, "", err
 	}
-	return nil, nil, "", fmt.Errorf("no usable SOCI index: %w", errors.Join(errs...))
+	return m, ix, found.Index.Digest, nil
 }
 
 // repoName returns the repository part (host/path) of an image reference.

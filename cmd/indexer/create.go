@@ -2,38 +2,48 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
-	"runtime"
-	"strings"
+	"time"
 
-	"github.com/opencontainers/go-digest"
+	"github.com/containerd/platforms"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
-	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/store"
-	"github.com/spanpull/spanpull/ztoc"
 )
 
-// defaultMinLayerSize is SOCI's: smaller layers are pulled whole, cheaply.
-const defaultMinLayerSize = 10 << 20
+// indexFlags are the flags shared by create and convert.
+type indexFlags struct {
+	SpanSize     int64
+	MinLayerSize int64
+	Platforms    []string
+	AllPlatforms bool
+	PlainHTTP    bool
+	Insecure     bool
+	Timeout      time.Duration
+	Concurrency  int
+	Force        bool
+	Quiet        bool
+	JSON         bool
+	CacheDir     string
+	NoCache      bool
+}
 
-func addIndexFlags(cmd *cobra.Command, o *indexOptions) {
+func addIndexFlags(cmd *cobra.Command, o *indexFlags) {
 	f := cmd.Flags()
-	f.Int64Var(&o.SpanSize, "span-size", ztoc.DefaultSpanSize, "uncompressed bytes between checkpoints")
-	f.Int64Var(&o.MinLayerSize, "min-layer-size", defaultMinLayerSize, "skip layers whose compressed size is below this many bytes")
+	f.Int64Var(&o.SpanSize, "span-size", soci.DefaultSpanSize, "uncompressed bytes between checkpoints")
+	f.Int64Var(&o.MinLayerSize, "min-layer-size", soci.DefaultMinLayerSize, "skip layers whose compressed size is below this many bytes")
 	f.StringArrayVar(&o.Platforms, "platform", nil, "platform to index, os/arch[/variant] (repeatable; default: this machine's)")
 	f.BoolVar(&o.AllPlatforms, "all-platforms", false, "index every platform of an image index")
 	f.BoolVar(&o.PlainHTTP, "plain-http", false, "talk plain HTTP to the registry")
 	f.BoolVar(&o.Insecure, "insecure", false, "skip TLS certificate verification")
 	f.DurationVar(&o.Timeout, "timeout", registry.DefaultTimeout, "give up on a registry request that makes no progress for this long (it is retried a few times)")
-	f.IntVar(&o.Concurrency, "concurrency", runtime.NumCPU(), "layers indexed at once")
+	f.IntVar(&o.Concurrency, "concurrency", soci.DefaultConcurrency(), "layers indexed at once")
 	f.BoolVar(&o.Force, "force", false, "rebuild zTOCs even when the registry or the local cache has them")
 	f.BoolVarP(&o.Quiet, "quiet", "q", false, "print only the resulting digest")
 	f.BoolVar(&o.JSON, "json", false, "print a JSON report")
@@ -48,11 +58,11 @@ func defaultCacheDir() string {
 	return ""
 }
 
-func (o indexOptions) registryOptions() registry.Options {
+func (o indexFlags) registryOptions() registry.Options {
 	return registry.Options{PlainHTTP: o.PlainHTTP, Insecure: o.Insecure, Timeout: o.Timeout}
 }
 
-func (o indexOptions) validate() error {
+func (o indexFlags) validate() error {
 	if o.SpanSize <= 0 {
 		return fmt.Errorf("--span-size must be positive, got %d", o.SpanSize)
 	}
@@ -65,44 +75,55 @@ func (o indexOptions) validate() error {
 	return nil
 }
 
-// newPublisher wires a publisher for src -> dst; close releases it.
-func newPublisher(o indexOptions, src, dst *registry.Repository, stdout, stderr io.Writer) (p *publisher, closeFn func(), err error) {
-	limitMemory(o.Concurrency)
-	p = &publisher{opts: o, src: src, dst: dst, log: stdout, builds: make(map[digest.Digest]*layerBuild)}
+// platforms parses the --platform flags.
+func (o indexFlags) platforms() ([]ocispec.Platform, error) {
+	var out []ocispec.Platform
+	for _, s := range o.Platforms {
+		p, err := platforms.Parse(s)
+		if err != nil {
+			return nil, fmt.Errorf("--platform %q: %w", s, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// indexRun is what create and convert do between parsing their flags and
+// printing: it takes the engine's options and returns its result.
+type indexRun func(ctx context.Context, opts soci.Options) (*soci.Result, error)
+
+// run runs an indexing command: it bounds memory for the layers in flight,
+// opens the local zTOC cache, shows layers as they finish (and a progress
+// line on a terminal), and prints the result as text, digests or JSON.
+func (o indexFlags) run(cmd *cobra.Command, rep runReport, do indexRun) error {
+	pls, err := o.platforms()
+	if err != nil {
+		return err
+	}
+	concurrency := max(o.Concurrency, 1)
+	limitMemory(concurrency)
+	opts := soci.Options{SpanSize: o.SpanSize, MinLayerSize: o.MinLayerSize, Platforms: pls, AllPlatforms: o.AllPlatforms,
+		Concurrency: concurrency, Force: o.Force}
 	if !o.NoCache && o.CacheDir != "" {
-		if p.cache, err = store.OpenZtocCache(o.CacheDir); err != nil {
-			return nil, nil, err
+		cache, err := store.OpenZtocCache(o.CacheDir)
+		if err != nil {
+			return err
 		}
+		defer cache.Close()
+		opts.Cache = cache
 	}
-	p.progress = newProgress(stderr, !o.Quiet && !o.JSON && isTerminal(stderr))
-	return p, func() {
-		p.progress.close()
-		if p.cache != nil {
-			p.cache.Close()
-		}
-	}, nil
-}
-
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
+	printer := newLayerPrinter(cmd.OutOrStdout(), cmd.ErrOrStderr(), o)
+	defer printer.close()
+	opts.Observer = printer
+	res, err := do(cmd.Context(), opts)
+	if err != nil {
+		return err
 	}
-	st, err := f.Stat()
-	return err == nil && st.Mode()&os.ModeCharDevice != 0
-}
-
-// runReport is the --json output of create and convert.
-type runReport struct {
-	Image  string `json:"image"`
-	Target string `json:"target,omitempty"`
-	// TargetDigest is the digest of the SOCI-enabled image convert pushed.
-	TargetDigest digest.Digest     `json:"targetDigest,omitempty"`
-	Platforms    []*platformResult `json:"platforms"`
+	return finish(cmd, o, rep.fill(res, o.MinLayerSize))
 }
 
 func newCreateCommand() *cobra.Command {
-	var o indexOptions
+	var o indexFlags
 	cmd := &cobra.Command{
 		Use:   "create [flags] REF",
 		Short: "Index an image in its registry and attach a SOCI index v1 (OCI referrer)",
@@ -119,121 +140,15 @@ it. Layers already indexed (in the registry or the local cache) are reused.`,
 			if err := o.validate(); err != nil {
 				return err
 			}
-			ctx := cmd.Context()
-			src, err := registry.New(args[0], o.registryOptions())
+			repo, err := registry.New(args[0], o.registryOptions())
 			if err != nil {
 				return err
 			}
-			p, done, err := newPublisher(o, src, src, cmd.OutOrStdout(), cmd.ErrOrStderr())
-			if err != nil {
-				return err
-			}
-			defer done()
-			img, err := p.resolveSource(ctx)
-			if err != nil {
-				return err
-			}
-			if err := p.findExisting(ctx, targetDescs(img.targets), img.index); err != nil {
-				return err
-			}
-			results := p.indexPlatforms(ctx, img.targets)
-			for _, r := range results {
-				if r.Error != "" {
-					continue
-				}
-				built, err := p.buildIndex(ctx, r, index.V1)
-				if err == nil {
-					err = src.PushManifest(ctx, built.Descriptor, built.Bytes, "")
-				}
-				if err != nil {
-					r.Error = err.Error()
-					continue
-				}
-				r.Index = built.Descriptor.Digest
-			}
-			return finish(cmd, o, runReport{Image: args[0], Platforms: results}, "v1")
+			return o.run(cmd, runReport{Image: args[0], version: "v1"}, func(ctx context.Context, opts soci.Options) (*soci.Result, error) {
+				return soci.Create(ctx, repo, opts)
+			})
 		},
 	}
 	addIndexFlags(cmd, &o)
 	return cmd
-}
-
-// finish prints the per-platform summary and fails when any platform did.
-func finish(cmd *cobra.Command, o indexOptions, rep runReport, version string) error {
-	out := cmd.OutOrStdout()
-	var failed []string
-	for _, r := range rep.Platforms {
-		if r.Error != "" {
-			failed = append(failed, fmt.Sprintf("%s: %s", r.Platform, r.Error))
-		}
-	}
-	switch {
-	case o.JSON:
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
-			return err
-		}
-	case o.Quiet && rep.TargetDigest != "":
-		fmt.Fprintln(out, rep.TargetDigest)
-	case o.Quiet:
-		for _, r := range rep.Platforms {
-			if r.Index != "" {
-				fmt.Fprintln(out, r.Index)
-			}
-		}
-	default:
-		for _, r := range rep.Platforms {
-			if r.Index != "" {
-				n := 0
-				for _, l := range r.Layers {
-					if l != nil && l.Ztoc != "" {
-						n++
-					}
-				}
-				fmt.Fprintf(out, "index    %s  SOCI index %s for %s (manifest %s, %d of %d layers)\n", r.Index, version, r.Platform, short(r.Manifest), n, len(r.Layers))
-			}
-		}
-	}
-	if len(failed) > 0 {
-		return fmt.Errorf("%d of %d platforms failed:\n  %s", len(failed), len(rep.Platforms), strings.Join(failed, "\n  "))
-	}
-	return nil
-}
-
-// source is the image being indexed: its root manifest (an image index or
-// a single manifest) and the platform manifests selected from it.
-type source struct {
-	root    ocispec.Descriptor
-	raw     []byte
-	targets []target
-	index   *ocispec.Index // nil for a single manifest
-}
-
-// resolveSource fetches the source image and selects its platforms.
-func (p *publisher) resolveSource(ctx context.Context) (*source, error) {
-	raw, root, err := p.src.FetchManifest(ctx, referenceOrLatest(p.src))
-	if err != nil {
-		return nil, err
-	}
-	targets, idx, err := p.selectTargets(ctx, root, raw)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", p.src.Name(), err)
-	}
-	return &source{root: root, raw: raw, targets: targets, index: idx}, nil
-}
-
-func referenceOrLatest(r *registry.Repository) string {
-	if r.Reference() == "" {
-		return "latest"
-	}
-	return r.Reference()
-}
-
-func targetDescs(ts []target) []ocispec.Descriptor {
-	out := make([]ocispec.Descriptor, len(ts))
-	for i, t := range ts {
-		out[i] = t.desc
-	}
-	return out
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -11,11 +12,10 @@ import (
 
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
-	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -105,7 +105,7 @@ func newIndexCommand() *cobra.Command {
 		newIndexListCommand(), newIndexInfoCommand())
 }
 
-// indexEntry is one SOCI index of an image.
+// indexEntry is one SOCI index of an image, as "index ls --json" prints it.
 type indexEntry struct {
 	Digest   digest.Digest `json:"digest"`
 	Version  string        `json:"version"`
@@ -115,67 +115,12 @@ type indexEntry struct {
 	Size     int64         `json:"size"`
 }
 
-// listIndexes finds the SOCI indexes of the image REF: v1 referrers of each
-// image manifest and v2 entries of an image index.
-func listIndexes(ctx context.Context, repo *registry.Repository) ([]indexEntry, error) {
-	b, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
-	if err != nil {
-		return nil, err
+func newIndexEntry(s soci.IndexSummary) indexEntry {
+	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors, Size: s.Size}
+	if s.Platform != nil {
+		e.Platform = platforms.Format(*s.Platform)
 	}
-	type image struct {
-		desc     ocispec.Descriptor
-		platform string
-	}
-	var images []image
-	var out []indexEntry
-	switch root.MediaType {
-	case ocispec.MediaTypeImageIndex, mediaTypeDockerManifestList:
-		idx, err := index.ParseImageIndex(b)
-		if err != nil {
-			return nil, err
-		}
-		for _, d := range idx.Manifests {
-			pl := ""
-			if d.Platform != nil {
-				pl = platforms.Format(*d.Platform)
-			}
-			if d.ArtifactType == index.V2.ArtifactType() {
-				out = append(out, indexEntry{Digest: d.Digest, Version: "v2", Platform: pl,
-					Manifest: digest.Digest(d.Annotations[index.AnnotationImageManifestDigest])})
-				continue
-			}
-			if d.ArtifactType == "" && (d.MediaType == ocispec.MediaTypeImageManifest || d.MediaType == mediaTypeDockerManifest) {
-				images = append(images, image{d, pl})
-			}
-		}
-	default:
-		images = append(images, image{root, ""})
-	}
-	for _, im := range images {
-		subject := ocispec.Descriptor{MediaType: im.desc.MediaType, Digest: im.desc.Digest, Size: im.desc.Size}
-		refs, err := repo.Referrers(ctx, subject, index.V1.ArtifactType())
-		if err != nil {
-			return nil, err
-		}
-		for _, r := range refs {
-			out = append(out, indexEntry{Digest: r.Digest, Version: "v1", Platform: im.platform, Manifest: im.desc.Digest})
-		}
-	}
-	for i := range out {
-		mb, _, err := repo.FetchManifest(ctx, out[i].Digest.String())
-		if err != nil {
-			return nil, err
-		}
-		ix, err := index.Parse(mb)
-		if err != nil {
-			return nil, fmt.Errorf("index %s: %w", out[i].Digest, err)
-		}
-		out[i].Ztocs = len(ix.Manifest.Layers)
-		for _, l := range ix.Manifest.Layers {
-			out[i].Size += l.Size
-		}
-	}
-	return out, nil
+	return e
 }
 
 func newIndexListCommand() *cobra.Command {
@@ -191,9 +136,13 @@ func newIndexListCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			entries, err := listIndexes(cmd.Context(), repo)
+			found, err := soci.List(cmd.Context(), repo)
 			if err != nil {
 				return err
+			}
+			entries := make([]indexEntry, len(found))
+			for i, f := range found {
+				entries[i] = newIndexEntry(f)
 			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
@@ -222,7 +171,6 @@ func newIndexInfoCommand() *cobra.Command {
 image REF prints the image's index when it has exactly one (see "index ls").`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
 			if _, err := digest.Parse(args[0]); err == nil {
 				return fmt.Errorf("%s: a digest alone names no repository: use REPO@%s", args[0], args[0])
 			}
@@ -230,26 +178,15 @@ image REF prints the image's index when it has exactly one (see "index ls").`,
 			if err != nil {
 				return err
 			}
-			b, _, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
-			if err != nil {
+			b, err := soci.Info(cmd.Context(), repo)
+			var ambiguous *soci.AmbiguousError
+			switch {
+			case errors.Is(err, soci.ErrNoIndex):
+				return fmt.Errorf("%s is not a SOCI index and has none", args[0])
+			case errors.As(err, &ambiguous):
+				return fmt.Errorf("%s has %d SOCI indexes: name one with REPO@DIGEST (see indexer index ls)", args[0], ambiguous.Indexes)
+			case err != nil:
 				return err
-			}
-			if _, perr := index.Parse(b); perr != nil {
-				// Not an index: treat REF as an image.
-				entries, err := listIndexes(ctx, repo)
-				if err != nil {
-					return err
-				}
-				switch len(entries) {
-				case 0:
-					return fmt.Errorf("%s is not a SOCI index and has none", args[0])
-				case 1:
-				default:
-					return fmt.Errorf("%s has %d SOCI indexes: name one with REPO@DIGEST (see indexer index ls)", args[0], len(entries))
-				}
-				if b, _, err = repo.FetchManifest(ctx, entries[0].Digest.String()); err != nil {
-					return err
-				}
 			}
 			var out bytes.Buffer
 			if err := json.Indent(&out, b, "", "  "); err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/soci/socitest"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -27,15 +28,15 @@ import (
 // REF@sha256:... against both registries, for v1 indexes (create) and v2
 // indexes (convert).
 func TestIndexInspect(t *testing.T) {
-	shared := itGzipLayer(100, 150<<10, itOCIGzip)
-	amd := itTarLayer(101, 200<<10)
-	arm := itGzipLayer(102, 180<<10, itOCIGzip)
-	itEachRegistry(t, func(t *testing.T, reg itRegistry) {
+	shared := socitest.GzipLayer(100, 150<<10, socitest.OCIGzip)
+	amd := socitest.TarLayer(101, 200<<10)
+	arm := socitest.GzipLayer(102, 180<<10, socitest.OCIGzip)
+	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
 		r := reg.Addr + "/img"
-		a := itPushImage(t, reg.Addr, "img", "", "linux/amd64", false, shared, amd)
-		b := itPushImage(t, reg.Addr, "img", "", "linux/arm64", false, shared, arm)
-		itPushIndex(t, reg.Addr, "img", "multi", false, a, b)
-		itPushImage(t, reg.Addr, "img", "plain", "linux/amd64", false, arm)
+		a := socitest.PushImage(t, reg.Addr, "img", "", "linux/amd64", false, shared, amd)
+		b := socitest.PushImage(t, reg.Addr, "img", "", "linux/arm64", false, shared, arm)
+		socitest.PushIndex(t, reg.Addr, "img", "multi", false, a, b)
+		socitest.PushImage(t, reg.Addr, "img", "plain", "linux/amd64", false, arm)
 
 		// No index yet: ls lists nothing, info says so.
 		out := itMustRun(t, "index", "ls", "--plain-http", r+":multi")
@@ -79,7 +80,7 @@ func TestIndexInspect(t *testing.T) {
 		if out := itRun(t, "index", "info", "--plain-http", r+":multi"); out.Err == nil || !strings.Contains(out.Err.Error(), "2 SOCI indexes") {
 			t.Errorf("index info of a two-index image: %v", out.Err)
 		}
-		idxBytes, _, _ := itManifest(t, reg.Addr, "img", idxA.String())
+		idxBytes, _, _ := socitest.Manifest(t, reg.Addr, "img", idxA.String())
 		var pretty bytes.Buffer
 		json.Indent(&pretty, idxBytes, "", "  ")
 		pretty.WriteByte('\n')
@@ -108,7 +109,7 @@ func TestIndexInspect(t *testing.T) {
 		if err := json.Unmarshal([]byte(out.Stdout), &info); err != nil {
 			t.Fatalf("ztoc info: %v", err)
 		}
-		z := itFetchZtoc(t, reg.Addr, "img", zd)
+		z := socitest.FetchZtoc(t, reg.Addr, "img", zd)
 		if info.Version != ztoc.Version || info.Size != zd.Size || info.SpanSize != ztoc.DefaultSpanSize || info.NumFiles != len(z.Files) ||
 			len(info.Files) != len(z.Files) || info.BuildTool != z.BuildToolIdentifier {
 			t.Errorf("ztoc info: %+v (zTOC has %d files)", info, len(z.Files))
@@ -150,7 +151,7 @@ func TestIndexInspect(t *testing.T) {
 		if err := json.Unmarshal([]byte(out.Stdout), &entries); err != nil {
 			t.Fatal(err)
 		}
-		conv, _, _ := itManifest(t, reg.Addr, "img", "multi-soci")
+		conv, _, _ := socitest.Manifest(t, reg.Addr, "img", "multi-soci")
 		var ci ocispec.Index
 		json.Unmarshal(conv, &ci)
 		if len(entries) != 2 || len(ci.Manifests) != 4 {
@@ -211,23 +212,23 @@ func TestDebianLayerFromRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	layer := itNewLayer(itOCIGzip, data, digest.Digest("sha256:"+strings.Fields(string(sum))[0]), nil)
+	layer := socitest.NewLayer(socitest.OCIGzip, data, digest.Digest("sha256:"+strings.Fields(string(sum))[0]), nil)
 	addr := registrytest.StartDistribution(t)
-	img := itPushImage(t, addr, "debian", "bookworm", "linux/amd64", false, layer)
+	img := socitest.PushImage(t, addr, "debian", "bookworm", "linux/amd64", false, layer)
 	ref := addr + "/debian"
 
 	rep := itReport(t, "create", "--plain-http", "--cache-dir", t.TempDir(), ref+":bookworm")
 	if len(rep.Platforms) != 1 || len(rep.Platforms[0].Layers) != 1 || rep.Platforms[0].Layers[0].Status != "indexed" {
 		t.Fatalf("report %+v", rep)
 	}
-	idxBytes, _, _ := itManifest(t, addr, "debian", rep.Platforms[0].Index.String())
+	idxBytes, _, _ := socitest.Manifest(t, addr, "debian", rep.Platforms[0].Index.String())
 	var m ocispec.Manifest
 	json.Unmarshal(idxBytes, &m)
 	if len(m.Layers) != 1 || m.Subject == nil || m.Subject.Digest != img.Desc.Digest {
 		t.Fatalf("index %s", idxBytes)
 	}
 	zd := m.Layers[0]
-	z := itFetchZtoc(t, addr, "debian", zd)
+	z := socitest.FetchZtoc(t, addr, "debian", zd)
 
 	repo, err := registry.New(ref, registry.Options{PlainHTTP: true})
 	if err != nil {

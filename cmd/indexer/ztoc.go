@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
+	"github.com/spanpull/spanpull/internal/atomicfile"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -54,7 +55,7 @@ fixed-size spans.`,
 			if err != nil {
 				return err
 			}
-			if err := writeFileAtomic(out, b); err != nil {
+			if err := atomicfile.WriteFile(filepath.Dir(out), filepath.Base(out), b); err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
@@ -331,22 +332,4 @@ func loadZtoc(name string) (*ztoc.Ztoc, int64, error) {
 		return nil, 0, fmt.Errorf("read zTOC %s: %w", name, err)
 	}
 	return z, int64(len(b)), nil
-}
-
-// writeFileAtomic writes b to name through a temp file and a rename, so a
-// failed write never leaves a truncated file behind.
-func writeFileAtomic(name string, b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+"-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), name)
 }
