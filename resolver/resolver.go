@@ -41,7 +41,8 @@ const (
 	LabelIndexDigest    = "containerd.io/snapshot/remote/soci.index.digest"
 )
 
-// Config tunes a Resolver.
+// Config tunes a Resolver. DefaultConfig holds the defaults of its tunable
+// fields; New applies the zero value rules documented on each field.
 type Config struct {
 	// Root holds the resolver's state: zTOCs and remote layer records
 	// (bbolt) and the span cache.
@@ -51,17 +52,21 @@ type Config struct {
 	PlainHTTP []string
 	// Insecure skips TLS verification for every registry.
 	Insecure bool
-	// FetchTimeout bounds one span fetch; reads waiting on it then fail
-	// with EIO. Default store.DefaultFetchTimeout.
+	// FetchTimeout bounds one span fetch (its range request and body);
+	// reads waiting on the span then fail with EIO. The span engine
+	// (store.Layer) owns this bound; the registry client under it only
+	// abandons and retries connections that stall (registryStallTimeout).
+	// Zero means store.DefaultFetchTimeout.
 	FetchTimeout time.Duration
 	// FillDelay is how long after mounting a layer its background fill
-	// starts (zero: at once); FillRate bounds the fill in compressed bytes
-	// per second per layer (zero: DefaultFillRate). A negative FillRate
-	// disables background fill.
+	// starts (zero: at once; the daemon's default is DefaultFillDelay);
+	// FillRate bounds the fill in compressed bytes per second per layer
+	// (zero: DefaultFillRate). A negative FillRate disables background
+	// fill.
 	FillDelay time.Duration
 	FillRate  int64
 	// IndexCacheTTL is how long an image's index (or its absence) is
-	// remembered. Default 5 minutes.
+	// remembered. Zero means DefaultIndexCacheTTL.
 	IndexCacheTTL time.Duration
 	// Metrics records the read path; nil means none.
 	Metrics *Metrics
@@ -70,13 +75,42 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Defaults for Config fields left zero.
+// Defaults of Config (see DefaultConfig). They are defined here only: the
+// daemon's config file starts from DefaultConfig.
 const (
-	DefaultFillRate      = 8 << 20
+	// DefaultFillDelay lets the reads a container starts with go first,
+	// before the background fill competes with them for bandwidth. It is
+	// not applied to a zero Config.FillDelay, which means "at once".
+	DefaultFillDelay = 5 * time.Second
+	// DefaultFillRate bounds the background fill of one layer, in
+	// compressed bytes per second.
+	DefaultFillRate = 8 << 20
+	// DefaultIndexCacheTTL is how long an image's index lookup is reused.
 	DefaultIndexCacheTTL = 5 * time.Minute
 	// maxZtocSize bounds a zTOC fetched from a registry.
 	maxZtocSize = 1 << 30
 )
+
+// DefaultConfig returns the defaults of every tunable field of Config (Root
+// is left empty): what the daemon runs with when its config file sets
+// nothing.
+func DefaultConfig() Config {
+	return Config{
+		FetchTimeout:  store.DefaultFetchTimeout,
+		FillDelay:     DefaultFillDelay,
+		FillRate:      DefaultFillRate,
+		IndexCacheTTL: DefaultIndexCacheTTL,
+	}
+}
+
+// registryStallTimeout is how long a registry request may make no progress
+// (no connection, no response headers, no body bytes) before the registry
+// client drops the connection and retries the request
+// (registry.Options.StallTimeout). It is not a bound on a span fetch:
+// Config.FetchTimeout is. It is a third of the default FetchTimeout, so
+// that a span fetch whose connection dies is retried on a new one before
+// the fetch's own deadline, rather than both firing together.
+const registryStallTimeout = 10 * time.Second
 
 // Resolver implements snapshotter.RemoteLayerResolver for SOCI indexes.
 type Resolver struct {
@@ -332,7 +366,11 @@ func (r *Resolver) repo(ref string) (*registry.Repository, error) {
 		return repo, nil
 	}
 	host, _, _ := strings.Cut(name, "/")
-	repo, err := registry.New(name, registry.Options{PlainHTTP: r.plainHTTP(host), Insecure: r.cfg.Insecure})
+	repo, err := registry.New(name, registry.Options{
+		PlainHTTP:    r.plainHTTP(host),
+		Insecure:     r.cfg.Insecure,
+		StallTimeout: registryStallTimeout,
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -19,6 +19,8 @@ import (
 	"github.com/containerd/errdefs"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/spanpull/spanpull/resolver"
 )
 
 func TestLoadConfig(t *testing.T) {
@@ -98,6 +100,17 @@ mount_options = ["volatile"]
 		c.Root = ""
 		if err := c.validate(); err == nil {
 			t.Fatal("empty root accepted")
+		}
+	})
+	t.Run("remote defaults are the resolver's", func(t *testing.T) {
+		got := defaultConfig().resolverConfig()
+		want := resolver.DefaultConfig()
+		if got.FetchTimeout != want.FetchTimeout || got.FillDelay != want.FillDelay ||
+			got.FillRate != want.FillRate || got.IndexCacheTTL != want.IndexCacheTTL {
+			t.Fatalf("resolver config from the daemon defaults: %+v, want %+v", got, want)
+		}
+		if got.Root != filepath.Join(defaultRoot, "remote") {
+			t.Fatalf("resolver root %q", got.Root)
 		}
 	})
 }

@@ -49,15 +49,9 @@ func serve(ctx context.Context, cfg config) error {
 		if err != nil {
 			return err
 		}
-		res, err := resolver.New(resolver.Config{
-			Root:         filepath.Join(cfg.Root, "remote"),
-			PlainHTTP:    cfg.Remote.PlainHTTP,
-			Insecure:     cfg.Remote.Insecure,
-			FetchTimeout: time.Duration(cfg.Remote.FetchTimeoutSeconds) * time.Second,
-			FillDelay:    time.Duration(cfg.Remote.FillDelaySeconds) * time.Second,
-			FillRate:     cfg.Remote.FillRateBytes,
-			Metrics:      rm,
-		})
+		rc := cfg.resolverConfig()
+		rc.Metrics = rm
+		res, err := resolver.New(rc)
 		if err != nil {
 			return err
 		}
