@@ -21,6 +21,7 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -32,14 +33,12 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// Labels containerd's unpacker passes to Prepare (set by
-// snapshotters.AppendInfoHandlerWrapper), and SOCI's explicit index label.
-const (
-	LabelImageRef       = "containerd.io/snapshot/cri.image-ref"
-	LabelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
-	LabelLayerDigest    = "containerd.io/snapshot/cri.layer-digest"
-	LabelIndexDigest    = "containerd.io/snapshot/remote/soci.index.digest"
-)
+// LabelIndexDigest names an image's SOCI index explicitly (SOCI's own
+// label, which containerd does not define). The other labels the resolver
+// reads are containerd's, set by snapshotters.AppendInfoHandlerWrapper:
+// snapshotters.TargetRefLabel (the image reference),
+// TargetManifestDigestLabel and TargetLayerDigestLabel.
+const LabelIndexDigest = "containerd.io/snapshot/remote/soci.index.digest"
 
 // Config tunes a Resolver. DefaultConfig holds the defaults of its tunable
 // fields; New applies the zero value rules documented on each field.
@@ -175,7 +174,7 @@ type imageIndex struct {
 
 // Mount implements snapshotter.RemoteLayerResolver.
 func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
-	layerDigest, err := digest.Parse(labels[LabelLayerDigest])
+	layerDigest, err := digest.Parse(labels[snapshotters.TargetLayerDigestLabel])
 	if err != nil {
 		return nil, fmt.Errorf("no valid layer digest label: %w", snapshotter.ErrNoRemote)
 	}
@@ -198,7 +197,7 @@ func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]stri
 		return localMount{}, nil
 	}
 
-	imageRef := labels[LabelImageRef]
+	imageRef := labels[snapshotters.TargetRefLabel]
 	if imageRef == "" {
 		return nil, fmt.Errorf("no image reference label: %w", snapshotter.ErrNoRemote)
 	}
@@ -253,7 +252,7 @@ func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]stri
 // IndexCacheTTL: the explicit index label first, then the v2 annotation
 // on the image manifest, then v1 referrers.
 func (r *Resolver) image(ctx context.Context, ref string, labels map[string]string) *imageIndex {
-	md, err := digest.Parse(labels[LabelManifestDigest])
+	md, err := digest.Parse(labels[snapshotters.TargetManifestDigestLabel])
 	if err != nil {
 		return &imageIndex{err: errors.New("no image manifest digest label")}
 	}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -53,7 +54,7 @@ func TestImageIndexCache(t *testing.T) {
 	addr := registrytest.StartReferrersRegistry(t)
 	md, subject := pushImage(t, addr, "app")
 	ref := addr + "/app:v1"
-	labels := map[string]string{LabelManifestDigest: md.String()}
+	labels := map[string]string{snapshotters.TargetManifestDigestLabel: md.String()}
 	ctx := context.Background()
 
 	r := newResolver(t, time.Hour)
@@ -94,7 +95,7 @@ func TestImageLookupFailureNotCached(t *testing.T) {
 	addr := l.Addr().String()
 	l.Close() // nothing listens there now
 	r := newResolver(t, time.Hour)
-	labels := map[string]string{LabelManifestDigest: digest.FromString("m").String()}
+	labels := map[string]string{snapshotters.TargetManifestDigestLabel: digest.FromString("m").String()}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	first := r.image(ctx, addr+"/app:v1", labels)
