@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -22,8 +21,10 @@ import (
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/fusefs"
 	"github.com/spanpull/spanpull/index"
@@ -69,9 +70,10 @@ type Config struct {
 	IndexCacheTTL time.Duration
 	// Metrics records the read path; nil means none.
 	Metrics *Metrics
-	// Logger receives one line per image and every fallback; nil means
-	// slog.Default().
-	Logger *slog.Logger
+	// Logger receives one line per image and every fallback, and is
+	// passed to the FUSE filesystems of lazy layers. Nil means a logger of
+	// its own on stderr at info level; the daemon passes its one logger.
+	Logger *log.Entry
 }
 
 // Defaults of Config (see DefaultConfig). They are defined here only: the
@@ -114,7 +116,7 @@ const registryStallTimeout = 10 * time.Second
 // Resolver implements snapshotter.RemoteLayerResolver for SOCI indexes.
 type Resolver struct {
 	cfg   Config
-	log   *slog.Logger
+	log   *log.Entry
 	meta  *store.MetaStore
 	spans *store.SpanCache
 
@@ -136,9 +138,9 @@ func New(cfg Config) (*Resolver, error) {
 	if cfg.FillRate == 0 {
 		cfg.FillRate = DefaultFillRate
 	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.Default()
+	logger := cfg.Logger
+	if logger == nil {
+		logger = logrus.NewEntry(logrus.New())
 	}
 	meta, err := store.OpenMetaStore(filepath.Join(cfg.Root, "meta"))
 	if err != nil {
@@ -149,7 +151,7 @@ func New(cfg Config) (*Resolver, error) {
 		meta.Close()
 		return nil, err
 	}
-	return &Resolver{cfg: cfg, log: log, meta: meta, spans: spans,
+	return &Resolver{cfg: cfg, log: logger, meta: meta, spans: spans,
 		images: make(map[string]*imageIndex), repos: make(map[string]*registry.Repository)}, nil
 }
 
@@ -277,7 +279,8 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 		img.expires = time.Now().Add(ttl)
 		r.mu.Unlock()
 		if img.err != nil {
-			r.log.Info("spanpull: image is not lazy: pulled normally", "image", ref, "manifest", md, "reason", img.err)
+			r.log.WithFields(log.Fields{"image": ref, "manifest": md, "reason": img.err}).
+				Info("spanpull: image is not lazy: pulled normally")
 			return
 		}
 		n := 0
@@ -286,8 +289,9 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 				n++
 			}
 		}
-		r.log.Info("spanpull: image is lazy", "image", ref, "manifest", md, "index", img.indexDig,
-			"index_version", img.index.Version.String(), "lazy_layers", n, "layers", len(img.manifest.Layers))
+		r.log.WithFields(log.Fields{"image": ref, "manifest": md, "index": img.indexDig,
+			"index_version": img.index.Version.String(), "lazy_layers": n, "layers": len(img.manifest.Layers)}).
+			Info("spanpull: image is lazy")
 	})
 	return img
 }
@@ -466,7 +470,7 @@ func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.
 			return
 		}
 		if err := layer.Fill(fillCtx, r.cfg.FillRate); err != nil && fillCtx.Err() == nil {
-			r.log.Warn("spanpull: background fill stopped", "layer", desc.Digest, "error", err)
+			r.log.WithField("layer", desc.Digest).WithError(err).Warn("spanpull: background fill stopped")
 		}
 	}()
 	return m, nil

@@ -14,7 +14,6 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -111,7 +110,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	switch {
 	case err == nil:
 		s.metrics.prepares.WithLabelValues(resultMounted).Inc()
-		log.G(ctx).WithField("target", target).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Debug("spanpull: remote snapshot committed")
+		s.log.WithField("target", target).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Debug("spanpull: remote snapshot committed")
 		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 	case errdefs.IsAlreadyExists(err):
 		// Someone committed target meanwhile; our key is gone.
@@ -119,10 +118,10 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		return nil, err
 	case errors.Is(err, ErrNoRemote):
 		s.metrics.prepares.WithLabelValues(resultNoRemote).Inc()
-		log.G(ctx).WithError(err).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Debug("spanpull: layer is pulled normally")
+		s.log.WithError(err).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Debug("spanpull: layer is pulled normally")
 	default:
 		s.metrics.prepares.WithLabelValues(resultFailed).Inc()
-		log.G(ctx).WithError(err).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Warn("spanpull: remote mount failed, layer is pulled normally")
+		s.log.WithError(err).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Warn("spanpull: remote mount failed, layer is pulled normally")
 	}
 	// The active snapshot prepared above is still empty and unmounted:
 	// containerd unpacks the layer into it.
@@ -180,7 +179,7 @@ func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, label
 	}
 	if errdefs.IsAlreadyExists(err) {
 		if rerr := s.Remove(ctx, key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("spanpull: remove unused snapshot")
+			s.log.WithError(rerr).WithField("key", key).Warn("spanpull: remove unused snapshot")
 		}
 	}
 	return fmt.Errorf("commit remote snapshot %s: %w", target, err)
@@ -254,7 +253,7 @@ const restoreConcurrency = 4
 // restoreOne mounts the remote layer of committed snapshot id again.
 func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.Info) {
 	dir := s.upperPath(id)
-	l := log.G(ctx).WithField("snapshot", info.Name).WithField("layer", info.Labels[snapshotters.TargetLayerDigestLabel])
+	l := s.log.WithField("snapshot", info.Name).WithField("layer", info.Labels[snapshotters.TargetLayerDigestLabel])
 	if err := unmountUnder(dir); err != nil {
 		l.WithError(err).Error("spanpull: remote layer: remove old mount")
 		return

@@ -82,7 +82,7 @@ Config file keys: address, root, metrics_address, log_level, async_remove
 			if err := cfg.validate(); err != nil {
 				return err
 			}
-			return serve(cmd.Context(), cfg)
+			return serve(cmd.Context(), cfg, cmd.ErrOrStderr())
 		},
 	}
 	f := cmd.Flags()

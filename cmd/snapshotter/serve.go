@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
@@ -27,17 +29,42 @@ import (
 // shutdownGrace bounds how long in-flight RPCs may run after a signal.
 const shutdownGrace = 10 * time.Second
 
-// serve runs the daemon until ctx is done.
-func serve(ctx context.Context, cfg config) error {
-	if err := log.SetLevel(cfg.LogLevel); err != nil {
-		return fmt.Errorf("log level: %w", err)
+// newLogger returns the daemon's one logger: lines at level and above, in
+// containerd's text format, to w.
+//
+// It is containerd's logger (github.com/containerd/log, a logrus entry), not
+// log/slog, because it needs the fewest adapters: the containerd code the
+// daemon runs (overlay snapshotter, snapshot metadata, mount helpers, the
+// snapshots gRPC service) logs through log.G(ctx), which returns this logger
+// once it is in the context (log.WithLogger); with slog every such line
+// would need a logrus-to-slog bridge. The one adapter left is fusefs' small
+// writer for go-fuse's standard library logger. spanpull's packages take
+// the logger as a constructor option (snapshotter.WithLogger,
+// resolver.Config.Logger, fusefs.Options.Logger).
+func newLogger(w io.Writer, level string) (*log.Entry, error) {
+	lvl, err := logrus.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("log level: %w", err)
 	}
-	logger := log.G(ctx)
+	l := logrus.New()
+	l.SetOutput(w)
+	l.SetLevel(lvl)
+	l.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, TimestampFormat: log.RFC3339NanoFixed})
+	return logrus.NewEntry(l), nil
+}
+
+// serve runs the daemon until ctx is done, logging to logOut.
+func serve(ctx context.Context, cfg config, logOut io.Writer) error {
+	logger, err := newLogger(logOut, cfg.LogLevel)
+	if err != nil {
+		return err
+	}
+	ctx = log.WithLogger(ctx, logger)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg)}
+	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg), snapshotter.WithLogger(logger)}
 	if cfg.AsyncRemove {
 		opts = append(opts, snapshotter.WithAsyncRemove())
 	}
@@ -51,6 +78,7 @@ func serve(ctx context.Context, cfg config) error {
 		}
 		rc := cfg.resolverConfig()
 		rc.Metrics = rm
+		rc.Logger = logger
 		res, err := resolver.New(rc)
 		if err != nil {
 			return err
@@ -93,7 +121,7 @@ func serve(ctx context.Context, cfg config) error {
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
 		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			start := time.Now()
-			resp, err := h(ctx, req)
+			resp, err := h(log.WithLogger(ctx, logger), req)
 			method := filepath.Base(info.FullMethod)
 			rpcs.WithLabelValues(method, status.Code(err).String()).Inc()
 			rpcSeconds.WithLabelValues(method).Observe(time.Since(start).Seconds())
