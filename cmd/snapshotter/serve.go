@@ -98,14 +98,14 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	}()
 
 	rpcs := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "spanpull",
-		Subsystem: "snapshotter",
+		Namespace: snapshotter.MetricsNamespace,
+		Subsystem: snapshotter.MetricsSubsystem,
 		Name:      "grpc_requests_total",
 		Help:      "Snapshots API calls by method and gRPC status code.",
 	}, []string{"method", "code"})
 	rpcSeconds := prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: "spanpull",
-		Subsystem: "snapshotter",
+		Namespace: snapshotter.MetricsNamespace,
+		Subsystem: snapshotter.MetricsSubsystem,
 		Name:      "grpc_request_duration_seconds",
 		Help:      "Snapshots API call latency by method.",
 		Buckets:   prometheus.ExponentialBuckets(0.0005, 4, 10),
