@@ -63,98 +63,30 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
-	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg), snapshotter.WithLogger(logger)}
-	if cfg.AsyncRemove {
-		opts = append(opts, snapshotter.WithAsyncRemove())
-	}
-	if len(cfg.MountOptions) > 0 {
-		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
-	}
-	if !cfg.Remote.Disable {
-		rm, err := resolver.NewMetrics(reg)
-		if err != nil {
-			return err
-		}
-		rc := cfg.resolverConfig()
-		rc.Metrics = rm
-		rc.Logger = logger
-		res, err := resolver.New(rc)
-		if err != nil {
-			return err
-		}
-		// Closed after the snapshotter, which releases the mounts first.
-		defer res.Close()
-		opts = append(opts, snapshotter.WithRemoteLayerResolver(res))
-	}
-	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
+	sn, closeSnapshotter, err := openSnapshotter(ctx, cfg, reg, logger)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err := sn.Close(); err != nil {
-			logger.WithError(err).Error("close snapshotter")
-		}
-	}()
-
-	rpcs := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: snapshotter.MetricsNamespace,
-		Subsystem: snapshotter.MetricsSubsystem,
-		Name:      "grpc_requests_total",
-		Help:      "Snapshots API calls by method and gRPC status code.",
-	}, []string{"method", "code"})
-	rpcSeconds := prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: snapshotter.MetricsNamespace,
-		Subsystem: snapshotter.MetricsSubsystem,
-		Name:      "grpc_request_duration_seconds",
-		Help:      "Snapshots API call latency by method.",
-		Buckets:   prometheus.ExponentialBuckets(0.0005, 4, 10),
-	}, []string{"method"})
-	reg.MustRegister(rpcs, rpcSeconds)
+	defer closeSnapshotter()
 
 	l, err := listenUnix(cfg.Address)
 	if err != nil {
 		return err
 	}
 	defer os.Remove(cfg.Address)
-
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
-		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(log.WithLogger(ctx, logger), req)
-			method := filepath.Base(info.FullMethod)
-			rpcs.WithLabelValues(method, status.Code(err).String()).Inc()
-			rpcSeconds.WithLabelValues(method).Observe(time.Since(start).Seconds())
-			if err != nil {
-				logger.WithError(err).WithField("method", method).Debug("snapshots call failed")
-			}
-			return resp, err
-		}))
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-
+	srv := newSnapshotsServer(sn, newRPCMetrics(reg), logger)
+	// Both servers report a failure here; they stop (and their goroutines
+	// return) in shutdown.
 	errc := make(chan error, 2)
 	go func() {
 		if err := srv.Serve(l); err != nil {
 			errc <- fmt.Errorf("serve snapshots API: %w", err)
 		}
 	}()
-
-	var metrics *http.Server
-	if cfg.MetricsAddress != "" {
-		ml, err := net.Listen("tcp", cfg.MetricsAddress)
-		if err != nil {
-			srv.Stop()
-			return fmt.Errorf("metrics listener: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("serve metrics: %w", err)
-			}
-		}()
-		logger.WithField("address", ml.Addr().String()).Info("serving metrics")
+	metrics, err := serveMetrics(cfg.MetricsAddress, reg, errc, logger)
+	if err != nil {
+		srv.Stop()
+		return err
 	}
 	logger.WithField("address", cfg.Address).WithField("root", cfg.Root).Info("spanpull snapshotter serving")
 
@@ -165,7 +97,126 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	case runErr = <-errc:
 		logger.WithError(runErr).Error("server failed, shutting down")
 	}
+	shutdown(srv, metrics, logger)
+	return runErr
+}
 
+// openSnapshotter opens the snapshotter under cfg.Root and, unless lazy
+// pulling is disabled, the resolver that serves its remote layers.
+// release closes both, the snapshotter first: it releases the mounts the
+// resolver serves.
+func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer, logger *log.Entry) (_ *snapshotter.Snapshotter, release func(), err error) {
+	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg), snapshotter.WithLogger(logger)}
+	if cfg.AsyncRemove {
+		opts = append(opts, snapshotter.WithAsyncRemove())
+	}
+	if len(cfg.MountOptions) > 0 {
+		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
+	}
+	var res *resolver.Resolver
+	if !cfg.Remote.Disable {
+		rm, err := resolver.NewMetrics(reg)
+		if err != nil {
+			return nil, nil, err
+		}
+		rc := cfg.resolverConfig()
+		rc.Metrics = rm
+		rc.Logger = logger
+		if res, err = resolver.New(rc); err != nil {
+			return nil, nil, err
+		}
+		opts = append(opts, snapshotter.WithRemoteLayerResolver(res))
+	}
+	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
+	if err != nil {
+		if res != nil {
+			res.Close()
+		}
+		return nil, nil, err
+	}
+	return sn, func() {
+		if err := sn.Close(); err != nil {
+			logger.WithError(err).Error("close snapshotter")
+		}
+		if res != nil {
+			if err := res.Close(); err != nil {
+				logger.WithError(err).Error("close resolver")
+			}
+		}
+	}, nil
+}
+
+// rpcMetrics count and time the calls of the snapshots API.
+type rpcMetrics struct {
+	calls   *prometheus.CounterVec
+	seconds *prometheus.HistogramVec
+}
+
+func newRPCMetrics(reg prometheus.Registerer) rpcMetrics {
+	m := rpcMetrics{
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: snapshotter.MetricsNamespace,
+			Subsystem: snapshotter.MetricsSubsystem,
+			Name:      "grpc_requests_total",
+			Help:      "Snapshots API calls by method and gRPC status code.",
+		}, []string{"method", "code"}),
+		seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: snapshotter.MetricsNamespace,
+			Subsystem: snapshotter.MetricsSubsystem,
+			Name:      "grpc_request_duration_seconds",
+			Help:      "Snapshots API call latency by method.",
+			Buckets:   prometheus.ExponentialBuckets(0.0005, 4, 10),
+		}, []string{"method"}),
+	}
+	reg.MustRegister(m.calls, m.seconds)
+	return m
+}
+
+// newSnapshotsServer returns a gRPC server of containerd's snapshots API
+// over sn. Every call is counted and timed, and runs with logger in its
+// context, so that containerd's code under it (log.G) logs through it.
+func newSnapshotsServer(sn *snapshotter.Snapshotter, m rpcMetrics, logger *log.Entry) *grpc.Server {
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
+		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			start := time.Now()
+			resp, err := h(log.WithLogger(ctx, logger), req)
+			method := filepath.Base(info.FullMethod)
+			m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
+			m.seconds.WithLabelValues(method).Observe(time.Since(start).Seconds())
+			if err != nil {
+				logger.WithError(err).WithField("method", method).Debug("snapshots call failed")
+			}
+			return resp, err
+		}))
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	return srv
+}
+
+// serveMetrics serves reg's metrics on /metrics at addr until shutdown,
+// reporting a failure to errc. An empty addr serves nothing (nil server).
+func serveMetrics(addr string, reg *prometheus.Registry, errc chan<- error, logger *log.Entry) (*http.Server, error) {
+	if addr == "" {
+		return nil, nil
+	}
+	ml, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("serve metrics: %w", err)
+		}
+	}()
+	logger.WithField("address", ml.Addr().String()).Info("serving metrics")
+	return srv, nil
+}
+
+// shutdown stops the snapshots API server, letting in-flight calls finish
+// for up to shutdownGrace, and the metrics server (if any).
+func shutdown(srv *grpc.Server, metrics *http.Server, logger *log.Entry) {
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()
@@ -177,14 +228,14 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 		srv.Stop()
 		<-stopped
 	}
-	if metrics != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-		defer cancel()
-		if err := metrics.Shutdown(sctx); err != nil {
-			logger.WithError(err).Warn("stop metrics server")
-		}
+	if metrics == nil {
+		return
 	}
-	return runErr
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := metrics.Shutdown(ctx); err != nil {
+		logger.WithError(err).Warn("stop metrics server")
+	}
 }
 
 // listenUnix listens on the unix socket path, creating its directory and
