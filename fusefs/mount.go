@@ -65,14 +65,16 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 	if fsName == "" {
 		fsName = "spanpull"
 	}
-	// go-fuse's server reports trouble (and, with Debug, every request)
-	// through a standard library logger: route it to the layer's logger.
+	// go-fuse reports trouble (and, with Debug, every request) through
+	// standard library loggers: route them to the layer's logger. Its node
+	// diagnostics (inode number overrides, orphaned paths) are for
+	// debugging only.
 	serverLevel := logrus.WarnLevel
 	if opts.Debug {
 		serverLevel = logrus.DebugLevel
 	}
 	fo := &fs.Options{
-		Logger:          stdLogger(root.l.log, logrus.WarnLevel),
+		Logger:          stdLogger(root.l.log, logrus.DebugLevel),
 		EntryTimeout:    timeout(opts.EntryTimeout),
 		AttrTimeout:     timeout(opts.AttrTimeout),
 		NegativeTimeout: timeout(opts.NegativeTimeout),

@@ -1,10 +1,12 @@
 package resolver
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry/registrytest"
@@ -104,5 +107,40 @@ func TestImageLookupFailureNotCached(t *testing.T) {
 	}
 	if second := r.image(ctx, addr+"/app:v1", labels); second == first {
 		t.Fatal("a failed lookup was cached")
+	}
+}
+
+// TestImageLogsToConfigLogger: the one line per image goes to
+// Config.Logger, at info level, with the text operators and the
+// integration tests look for; a logger set to warn drops it.
+func TestImageLogsToConfigLogger(t *testing.T) {
+	addr := registrytest.StartReferrersRegistry(t)
+	md, _ := pushImage(t, addr, "app")
+	labels := map[string]string{snapshotters.TargetManifestDigestLabel: md.String()}
+	for _, level := range []logrus.Level{logrus.InfoLevel, logrus.WarnLevel} {
+		var out bytes.Buffer
+		logger := logrus.New()
+		logger.SetOutput(&out)
+		logger.SetLevel(level)
+		r, err := New(Config{Root: t.TempDir(), FillRate: -1, Logger: logrus.NewEntry(logger)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		if img := r.image(context.Background(), addr+"/app:v1", labels); !errors.Is(img.err, errNoIndex) {
+			t.Fatalf("image without index: err = %v, want errNoIndex", img.err)
+		}
+		logged := out.String()
+		if level == logrus.WarnLevel {
+			if logged != "" {
+				t.Fatalf("logged at level warn: %q", logged)
+			}
+			continue
+		}
+		for _, want := range []string{"spanpull: image is not lazy: pulled normally", "reason=", md.String()} {
+			if !strings.Contains(logged, want) {
+				t.Fatalf("log %q does not contain %q", logged, want)
+			}
+		}
 	}
 }

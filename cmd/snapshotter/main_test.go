@@ -115,6 +115,25 @@ mount_options = ["volatile"]
 	})
 }
 
+// TestNewLogger: the daemon's logger honours log_level and writes
+// containerd's text format to the writer it is given.
+func TestNewLogger(t *testing.T) {
+	var out bytes.Buffer
+	l, err := newLogger(&out, "warn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Info("dropped")
+	l.WithField("reason", "a b").Warn("kept")
+	got := out.String()
+	if strings.Contains(got, "dropped") || !strings.Contains(got, `level=warning msg=kept reason="a b"`) {
+		t.Fatalf("log at level warn: %q", got)
+	}
+	if _, err := newLogger(&out, "loud"); err == nil {
+		t.Fatal("bad log level accepted")
+	}
+}
+
 // runServe starts "snapshotter serve args..." in-process and returns a
 // function that stops it (like SIGTERM) and returns its error.
 func runServe(t *testing.T, args ...string) (stop func() error) {
