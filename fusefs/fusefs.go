@@ -16,13 +16,14 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"sort"
 	"sync/atomic"
 	"syscall"
 
+	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -40,8 +41,10 @@ type StreamReader interface {
 // Options configure a Root.
 type Options struct {
 	// Logger receives the errors that reads return to the kernel as EIO
-	// (the kernel cannot carry their cause). Nil means slog.Default().
-	Logger *slog.Logger
+	// (the kernel cannot carry their cause) and go-fuse's diagnostics.
+	// Nil means a logger of its own on stderr at info level; the daemon
+	// passes its one logger.
+	Logger *log.Entry
 }
 
 // Root is the root directory of a layer's filesystem, ready to be
@@ -54,7 +57,7 @@ type Root struct {
 // layer is what every node of a mount shares.
 type layer struct {
 	src  StreamReader
-	log  *slog.Logger
+	log  *log.Entry
 	tree *tree
 }
 
@@ -72,7 +75,7 @@ func NewRoot(files []ztoc.FileMetadata, src StreamReader, opts Options) (*Root, 
 	}
 	l := &layer{src: src, log: opts.Logger, tree: t}
 	if l.log == nil {
-		l.log = slog.Default()
+		l.log = logrus.NewEntry(logrus.New())
 	}
 	return &Root{fsNode: fsNode{n: t.root, l: l}}, nil
 }
@@ -185,8 +188,8 @@ func (f *fsNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off in
 	if err == nil {
 		err = io.ErrUnexpectedEOF
 	}
-	f.l.log.ErrorContext(ctx, "fusefs: read failed", "path", f.Path(nil), "ino", n.ino,
-		"offset", off, "length", want, "stream_offset", n.offset+off, "error", err)
+	f.l.log.WithFields(log.Fields{"path": f.Path(nil), "ino": n.ino, "offset": off, "length": want,
+		"stream_offset": n.offset + off}).WithError(err).Error("fusefs: read failed")
 	return nil, syscall.EIO
 }
 

@@ -4,12 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	stdlog "log"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/containerd/log"
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,7 +30,8 @@ type MountOptions struct {
 	// FsName is the source shown in /proc/mounts (for example the layer
 	// digest). Empty means "spanpull".
 	FsName string
-	// Debug logs every FUSE request (through the standard log package).
+	// Debug logs every FUSE request through the root's logger, at debug
+	// level.
 	Debug bool
 }
 
@@ -60,7 +65,16 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 	if fsName == "" {
 		fsName = "spanpull"
 	}
+	// go-fuse reports trouble (and, with Debug, every request) through
+	// standard library loggers: route them to the layer's logger. Its node
+	// diagnostics (inode number overrides, orphaned paths) are for
+	// debugging only.
+	serverLevel := logrus.WarnLevel
+	if opts.Debug {
+		serverLevel = logrus.DebugLevel
+	}
 	fo := &fs.Options{
+		Logger:          stdLogger(root.l.log, logrus.DebugLevel),
 		EntryTimeout:    timeout(opts.EntryTimeout),
 		AttrTimeout:     timeout(opts.AttrTimeout),
 		NegativeTimeout: timeout(opts.NegativeTimeout),
@@ -78,6 +92,7 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NODEV,
 			Options:          []string{"default_permissions"},
 			Debug:            opts.Debug,
+			Logger:           stdLogger(root.l.log, serverLevel),
 		},
 	}
 	srv, err := fs.Mount(dir, root, fo)
@@ -90,6 +105,24 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 		close(s.stopped)
 	}()
 	return s, nil
+}
+
+// stdLogger returns a standard library logger (what go-fuse logs to)
+// whose lines go to e at level.
+func stdLogger(e *log.Entry, level logrus.Level) *stdlog.Logger {
+	return stdlog.New(entryWriter{e: e.WithField("component", "go-fuse"), level: level}, "", 0)
+}
+
+// entryWriter logs each Write (one line of a standard library logger) as
+// one line of e.
+type entryWriter struct {
+	e     *log.Entry
+	level logrus.Level
+}
+
+func (w entryWriter) Write(p []byte) (int, error) {
+	w.e.Log(w.level, strings.TrimSuffix(string(p), "\n"))
+	return len(p), nil
 }
 
 func timeout(d time.Duration) *time.Duration {

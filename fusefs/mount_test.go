@@ -8,7 +8,6 @@ import (
 	"errors"
 	"io"
 	"io/fs"
-	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -20,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -345,7 +345,9 @@ func TestReadErrorIsEIO(t *testing.T) {
 	files := tocFromTar(t, layer)
 	for _, short := range []bool{false, true} {
 		var logs syncBuffer
-		mnt := mountTOC(t, files, failingSource{short: short}, Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		logger := logrus.New()
+		logger.SetOutput(&logs)
+		mnt := mountTOC(t, files, failingSource{short: short}, Options{Logger: logrus.NewEntry(logger)})
 		_, err := os.ReadFile(filepath.Join(mnt, "f"))
 		if !errors.Is(err, syscall.EIO) {
 			t.Errorf("short=%v: read = %v, want EIO", short, err)

@@ -141,6 +141,7 @@ func (t *tree) newDir() *node {
 	return n
 }
 
+// add adds TOC entry f, whose name has the components comps, to the tree.
 func (t *tree) add(f *ztoc.FileMetadata, comps []string) error {
 	for i, c := range comps {
 		if strings.HasPrefix(c, whiteoutMetaPrefix) && !(c == whiteoutOpaque && i == len(comps)-1) {
@@ -164,90 +165,120 @@ func (t *tree) add(f *ztoc.FileMetadata, comps []string) error {
 		return nil
 	}
 	if name, ok := strings.CutPrefix(base, whiteoutPrefix); ok {
-		if name == "" || name == "." || name == ".." {
-			return fmt.Errorf("whiteout of %q", name)
-		}
-		// A whiteout hides lower layers only: what this layer already
-		// holds under the name stays, and a directory stops showing the
-		// lower ones.
-		if old := parent.dir.children[name]; old != nil && !old.whiteout {
-			if old.isDir() {
-				old.dir.opaque = true
-			}
-			return nil
-		}
-		n := t.newNode(syscall.S_IFCHR)
-		setMeta(n, f)
-		n.mode = syscall.S_IFCHR // overlayfs whiteout: c 0 0, mode 0
-		n.whiteout = true
-		n.xattrs = nil
-		t.link(parent, name, n)
-		return nil
+		return t.addWhiteout(parent, name, f)
 	}
-
-	old := parent.dir.children[base]
-	var n *node
 	switch f.Type {
 	case ztoc.TypeDir:
-		if old != nil && old.isDir() {
-			// A directory entry for an existing directory updates its
-			// metadata and keeps its children (as tar does).
-			setMeta(old, f)
-			return nil
+		t.addDir(parent, base, f)
+		return nil
+	case ztoc.TypeHardlink:
+		return t.addHardlink(parent, base, f)
+	}
+	n, err := t.newEntryNode(f)
+	if err != nil {
+		return err
+	}
+	setMeta(n, f)
+	t.link(parent, base, n)
+	return nil
+}
+
+// addWhiteout adds whiteout entry f, which hides parent/name of the lower
+// layers.
+func (t *tree) addWhiteout(parent *node, name string, f *ztoc.FileMetadata) error {
+	if name == "" || name == "." || name == ".." {
+		return fmt.Errorf("whiteout of %q", name)
+	}
+	// A whiteout hides lower layers only: what this layer already holds
+	// under the name stays, and a directory stops showing the lower ones.
+	if old := parent.dir.children[name]; old != nil && !old.whiteout {
+		if old.isDir() {
+			old.dir.opaque = true
 		}
-		n = t.newDir()
-		if old != nil && old.whiteout {
-			n.dir.opaque = true
-		}
+		return nil
+	}
+	n := t.newNode(syscall.S_IFCHR)
+	setMeta(n, f)
+	n.mode = syscall.S_IFCHR // overlayfs whiteout: c 0 0, mode 0
+	n.whiteout = true
+	n.xattrs = nil
+	t.link(parent, name, n)
+	return nil
+}
+
+// addDir adds directory entry f as parent/name.
+func (t *tree) addDir(parent *node, name string, f *ztoc.FileMetadata) {
+	old := parent.dir.children[name]
+	if old != nil && old.isDir() {
+		// A directory entry for an existing directory updates its
+		// metadata and keeps its children (as tar does).
+		setMeta(old, f)
+		return
+	}
+	n := t.newDir()
+	if old != nil && old.whiteout {
+		n.dir.opaque = true
+	}
+	setMeta(n, f)
+	t.link(parent, name, n)
+}
+
+// addHardlink names the node of hardlink f's target parent/name too.
+func (t *tree) addHardlink(parent *node, name string, f *ztoc.FileMetadata) error {
+	target, err := t.lookup(f.Linkname)
+	if err != nil {
+		return fmt.Errorf("hardlink to %q: %w", f.Linkname, err)
+	}
+	if target.isDir() {
+		return fmt.Errorf("hardlink to directory %q", f.Linkname)
+	}
+	t.link(parent, name, target)
+	return nil
+}
+
+// newEntryNode returns the node of entry f, a regular file, symlink,
+// device or FIFO, without its metadata.
+func (t *tree) newEntryNode(f *ztoc.FileMetadata) (*node, error) {
+	switch f.Type {
 	case ztoc.TypeReg:
 		if f.UncompressedOffset < 0 || f.UncompressedSize < 0 || f.UncompressedOffset > math.MaxInt64-f.UncompressedSize {
-			return fmt.Errorf("bad data range: offset %d, size %d", f.UncompressedOffset, f.UncompressedSize)
+			return nil, fmt.Errorf("bad data range: offset %d, size %d", f.UncompressedOffset, f.UncompressedSize)
 		}
-		n = t.newNode(syscall.S_IFREG)
+		n := t.newNode(syscall.S_IFREG)
 		n.offset = f.UncompressedOffset
 		n.size = f.UncompressedSize
 		if _, ok := f.PAXRecords[ztoc.SparseMapRecord]; ok {
 			if _, err := f.Fragments(); err != nil {
-				return err
+				return nil, err
 			}
 			n.sparse = f
 		}
+		return n, nil
 	case ztoc.TypeSymlink:
 		if f.Linkname == "" {
-			return errors.New("symlink has no target")
+			return nil, errors.New("symlink has no target")
 		}
-		n = t.newNode(syscall.S_IFLNK)
+		n := t.newNode(syscall.S_IFLNK)
 		n.target = f.Linkname
 		n.size = int64(len(f.Linkname))
-	case ztoc.TypeHardlink:
-		target, err := t.lookup(f.Linkname)
-		if err != nil {
-			return fmt.Errorf("hardlink to %q: %w", f.Linkname, err)
-		}
-		if target.isDir() {
-			return fmt.Errorf("hardlink to directory %q", f.Linkname)
-		}
-		t.link(parent, base, target)
-		return nil
+		return n, nil
 	case ztoc.TypeChar, ztoc.TypeBlock:
 		if f.Devmajor < 0 || f.Devmajor > maxDevMajor || f.Devminor < 0 || f.Devminor > maxDevMinor {
-			return fmt.Errorf("device number %d:%d out of range", f.Devmajor, f.Devminor)
+			return nil, fmt.Errorf("device number %d:%d out of range", f.Devmajor, f.Devminor)
 		}
 		mode := uint32(syscall.S_IFCHR)
 		if f.Type == ztoc.TypeBlock {
 			mode = syscall.S_IFBLK
 		}
-		n = t.newNode(mode)
+		n := t.newNode(mode)
 		maj, minor := uint32(f.Devmajor), uint32(f.Devminor)
 		n.rdev = minor&0xff | maj<<8 | (minor&^0xff)<<12
+		return n, nil
 	case ztoc.TypeFifo:
-		n = t.newNode(syscall.S_IFIFO)
+		return t.newNode(syscall.S_IFIFO), nil
 	default:
-		return fmt.Errorf("unsupported entry type %q", f.Type)
+		return nil, fmt.Errorf("unsupported entry type %q", f.Type)
 	}
-	setMeta(n, f)
-	t.link(parent, base, n)
-	return nil
 }
 
 // setMeta copies an entry's attributes (not its type) to n.

@@ -115,7 +115,7 @@ func TestBenchSmoke(t *testing.T) {
 			if !strings.Contains(r.PullOutput, "1 lazy") {
 				t.Errorf("lazy pull did not mount the layer lazily:\n%s", r.PullOutput)
 			}
-			spans := r.Metrics[`spanpull_registry_bytes_fetched_total{kind="span"}`]
+			spans := r.Metrics[`spanpull_resolver_fetched_bytes_total{kind="span"}`]
 			if r.BytesFetched <= 0 || r.BytesFetched >= image || spans <= 0 || spans > float64(r.BytesFetched) {
 				t.Errorf("lazy run fetched %d bytes (spans %v) of a %d-byte image", r.BytesFetched, spans, image)
 			}

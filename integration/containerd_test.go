@@ -186,8 +186,8 @@ type ztocResolver struct {
 }
 
 func (r *ztocResolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
-	dgst := digest.Digest(labels[snapshotter.LabelLayerDigest])
-	imageRef := labels["containerd.io/snapshot/cri.image-ref"]
+	dgst := digest.Digest(labels[snapshotters.TargetLayerDigestLabel])
+	imageRef := labels[snapshotters.TargetRefLabel]
 	r.mu.Lock()
 	z, size := r.layers[dgst], r.sizes[dgst]
 	r.asked = append(r.asked, dgst.String())

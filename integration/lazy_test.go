@@ -551,7 +551,7 @@ func TestLazyFallback(t *testing.T) {
 			t.Fatalf("the daemon logged no %q line for this pull:\n%s", logWord, strings.Join(logged, "\n"))
 		}
 		t.Logf("daemon: %s", why)
-		series := `spanpull_fallbacks_total{reason="` + reason + `"}`
+		series := `spanpull_resolver_fallbacks_total{reason="` + reason + `"}`
 		if after := e.metrics(t); after[series]-before[series] != 1 {
 			t.Fatalf("%s went from %v to %v, want +1", series, before[series], after[series])
 		}

@@ -47,8 +47,8 @@ func TestLazyUnpacksLayersWithoutZtoc(t *testing.T) {
 	if !strings.Contains(got, "from the small top layer") || !strings.Contains(got, "ok") {
 		t.Fatalf("container output %q: want the top layer's file and python's output", got)
 	}
-	if m := e.metrics(t); m[`spanpull_layers_mounted_total{mode="unpacked"}`] != 1 {
-		t.Fatalf("layers unpacked: %v, want 1", m[`spanpull_layers_mounted_total{mode="unpacked"}`])
+	if m := e.metrics(t); m[`spanpull_resolver_layers_mounted_total{mode="unpacked"}`] != 1 {
+		t.Fatalf("layers unpacked: %v, want 1", m[`spanpull_resolver_layers_mounted_total{mode="unpacked"}`])
 	}
 	e.removeImage(t, dst)
 }

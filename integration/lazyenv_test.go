@@ -252,14 +252,14 @@ func (e *lazyEnv) metrics(t *testing.T) map[string]float64 {
 
 // Series of the lazy read path.
 const (
-	mSpanBytes     = `spanpull_registry_bytes_fetched_total{kind="span"}`
-	mZtocBytes     = `spanpull_registry_bytes_fetched_total{kind="ztoc"}`
-	mSpansFetched  = `spanpull_spans_fetched_total`
-	mVerifyFailed  = `spanpull_span_verify_failures_total`
-	mCacheHits     = `spanpull_span_cache_hits_total`
-	mReadErrors    = `spanpull_read_errors_total`
-	mMountedLazy   = `spanpull_layers_mounted_total{mode="lazy"}`
-	mFallbackNoIdx = `spanpull_fallbacks_total{reason="no_index"}`
+	mSpanBytes     = `spanpull_resolver_fetched_bytes_total{kind="span"}`
+	mZtocBytes     = `spanpull_resolver_fetched_bytes_total{kind="ztoc"}`
+	mSpansFetched  = `spanpull_resolver_spans_fetched_total`
+	mVerifyFailed  = `spanpull_resolver_span_verify_failures_total`
+	mCacheHits     = `spanpull_resolver_span_cache_hits_total`
+	mReadErrors    = `spanpull_resolver_read_errors_total`
+	mMountedLazy   = `spanpull_resolver_layers_mounted_total{mode="lazy"}`
+	mFallbackNoIdx = `spanpull_resolver_fallbacks_total{reason="no_index"}`
 )
 
 // fuseMounts lists the FUSE mounts below the daemon's root.

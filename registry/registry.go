@@ -67,14 +67,16 @@ type Options struct {
 	UserAgent string
 	// Retry bounds retries of transient failures.
 	Retry RetryPolicy
-	// Timeout is the longest time a request may wait on the network
+	// StallTimeout is the longest time a request may wait on the network
 	// without progress: to connect and send the request (each chunk of an
 	// upload counts as progress), for response headers, or inside one read
-	// of the response body. A stalled attempt is retried (a body is
-	// resumed with a Range request). It is not a limit on whole transfers
-	// (use the context for that), and a caller may pause between reads for
-	// as long as it likes. Zero means DefaultTimeout; negative disables it.
-	Timeout time.Duration
+	// of the response body. A stalled attempt is retried on a new
+	// connection (a body is resumed with a Range request). It detects dead
+	// connections; it is not a limit on whole requests or transfers: a
+	// caller that needs one (the span engine bounds each span fetch) sets
+	// a context deadline, and a caller may pause between reads for as long
+	// as it likes. Zero means DefaultStallTimeout; negative disables it.
+	StallTimeout time.Duration
 	// Credential supplies credentials per registry host. Nil means the
 	// Docker config file and its credential helpers (DockerConfig or the
 	// default location).
@@ -128,15 +130,15 @@ func New(ref string, opts Options) (*Repository, error) {
 		}
 		base = t
 	}
-	timeout := opts.Timeout
-	if timeout == 0 {
-		timeout = DefaultTimeout
+	stall := opts.StallTimeout
+	if stall == 0 {
+		stall = DefaultStallTimeout
 	}
 	client := &auth.Client{
 		Client: &http.Client{Transport: &transport{
 			base:   base,
 			policy: opts.Retry.withDefaults(),
-			stall:  timeout,
+			stall:  stall,
 		}},
 		Cache:      auth.NewCache(),
 		Credential: cred,

@@ -656,7 +656,7 @@ func TestStallTimeout(t *testing.T) {
 	p := registrytest.StartFaultProxy(t, upstream)
 	ctx := testCtx(t)
 	img := pushImage(t, ctx, newRepo(t, p.Addr, "spanpull/slow", registry.Options{}), "v1", 5000)
-	r := newRepo(t, p.Addr, "spanpull/slow", registry.Options{Timeout: 300 * time.Millisecond,
+	r := newRepo(t, p.Addr, "spanpull/slow", registry.Options{StallTimeout: 300 * time.Millisecond,
 		Retry: registry.RetryPolicy{MaxRetries: 1, MinBackoff: 10 * time.Millisecond}})
 
 	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Latency: 20 * time.Second})
@@ -681,7 +681,7 @@ func TestStallMidBodyResumes(t *testing.T) {
 	p := registrytest.StartFaultProxy(t, upstream)
 	ctx := testCtx(t)
 	img := pushImage(t, ctx, newRepo(t, p.Addr, "spanpull/stall", registry.Options{}), "v1", 500_000)
-	r := newRepo(t, p.Addr, "spanpull/stall", registry.Options{Timeout: 300 * time.Millisecond})
+	r := newRepo(t, p.Addr, "spanpull/stall", registry.Options{StallTimeout: 300 * time.Millisecond})
 
 	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 100_000, ResetCount: 1, StallReset: true})
 	rc, err := r.FetchBlob(ctx, img.layerDesc)
@@ -707,7 +707,7 @@ func TestStallMidBodyResumes(t *testing.T) {
 	if _, err := io.ReadFull(rc, head); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second) // > Timeout, between reads
+	time.Sleep(time.Second) // > StallTimeout, between reads
 	rest, err := io.ReadAll(rc)
 	rc.Close()
 	if err != nil || !bytes.Equal(append(head, rest...), img.layer) {

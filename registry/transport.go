@@ -13,17 +13,18 @@ import (
 	"time"
 )
 
-// Defaults of RetryPolicy and Options.Timeout.
+// Defaults of RetryPolicy and Options.StallTimeout.
 const (
-	DefaultMaxRetries = 5
-	DefaultMinBackoff = 200 * time.Millisecond
-	DefaultMaxBackoff = 5 * time.Second
-	DefaultTimeout    = 30 * time.Second
+	DefaultMaxRetries   = 5
+	DefaultMinBackoff   = 200 * time.Millisecond
+	DefaultMaxBackoff   = 5 * time.Second
+	DefaultStallTimeout = 30 * time.Second
 )
 
 // RetryPolicy bounds how often a request is retried after a transient
 // failure: HTTP 408, 429 and 5xx, connection errors (reset, refused, EOF)
-// before or during the response body, and stalls longer than the timeout.
+// before or during the response body, and stalls longer than the stall
+// timeout (Options.StallTimeout).
 // The wait doubles after each retry (with ±10% jitter), from MinBackoff up
 // to MaxBackoff; a 429/503 Retry-After is honored up to MaxBackoff.
 type RetryPolicy struct {
@@ -71,7 +72,7 @@ func (p RetryPolicy) backoff(n int, resp *http.Response) time.Duration {
 }
 
 // ErrStalled is wrapped by errors of requests that made no progress (no
-// response headers or body bytes) for longer than Options.Timeout.
+// response headers or body bytes) for longer than Options.StallTimeout.
 var ErrStalled = errors.New("registry connection stalled")
 
 // transport makes requests robust against transient failures. It retries

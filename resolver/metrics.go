@@ -4,9 +4,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/spanpull/spanpull/snapshotter"
 )
 
-// Metrics are the Prometheus metrics of lazily pulled layers. A nil
+// Metrics are the Prometheus metrics of lazily pulled layers, named
+// spanpull_resolver_<name> (namespace snapshotter.MetricsNamespace). A nil
 // *Metrics records nothing.
 type Metrics struct {
 	bytesFetched  *prometheus.CounterVec
@@ -19,42 +22,37 @@ type Metrics struct {
 	fallbacks     *prometheus.CounterVec
 }
 
+// metricsSubsystem is the resolver's part of its metric names:
+// spanpull_resolver_<name>.
+const metricsSubsystem = "resolver"
+
 // NewMetrics creates the metrics and registers them with reg.
 func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	counter := func(name, help string) prometheus.CounterOpts {
+		return prometheus.CounterOpts{Namespace: snapshotter.MetricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}
+	}
 	m := &Metrics{
-		bytesFetched: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "spanpull_registry_bytes_fetched_total",
-			Help: "Bytes fetched from registries, by what they were for (span, ztoc, unpack).",
-		}, []string{"kind"}),
-		spansFetched: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "spanpull_spans_fetched_total",
-			Help: "Spans fetched from registries and verified.",
-		}),
-		verifyFailed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "spanpull_span_verify_failures_total",
-			Help: "Fetched spans whose bytes did not match their digest.",
-		}),
-		cacheHits: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "spanpull_span_cache_hits_total",
-			Help: "Reads served from the on-disk span cache.",
-		}),
+		bytesFetched: prometheus.NewCounterVec(counter("fetched_bytes_total",
+			"Compressed bytes fetched from registries, by what they were for (span, ztoc, unpack)."), []string{"kind"}),
+		spansFetched: prometheus.NewCounter(counter("spans_fetched_total",
+			"Spans fetched from registries and verified.")),
+		verifyFailed: prometheus.NewCounter(counter("span_verify_failures_total",
+			"Fetched spans whose bytes did not match their digest.")),
+		cacheHits: prometheus.NewCounter(counter("span_cache_hits_total",
+			"Reads served from the on-disk span cache.")),
 		readLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "spanpull_read_seconds",
-			Help:    "Latency of reads of lazily pulled layers (FUSE reads).",
-			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
+			Namespace: snapshotter.MetricsNamespace,
+			Subsystem: metricsSubsystem,
+			Name:      "read_duration_seconds",
+			Help:      "Latency of reads of lazily pulled layers (FUSE reads).",
+			Buckets:   prometheus.ExponentialBuckets(0.0001, 4, 10),
 		}),
-		readErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "spanpull_read_errors_total",
-			Help: "Reads of lazily pulled layers that failed (EIO).",
-		}),
-		layersMounted: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "spanpull_layers_mounted_total",
-			Help: "Layers of indexed images served by the snapshotter, lazily or unpacked locally.",
-		}, []string{"mode"}),
-		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "spanpull_fallbacks_total",
-			Help: "Layers left to containerd's normal pull, by reason.",
-		}, []string{"reason"}),
+		readErrors: prometheus.NewCounter(counter("read_errors_total",
+			"Reads of lazily pulled layers that failed (EIO).")),
+		layersMounted: prometheus.NewCounterVec(counter("layers_mounted_total",
+			"Layers of indexed images served by the snapshotter, lazily or unpacked locally."), []string{"mode"}),
+		fallbacks: prometheus.NewCounterVec(counter("fallbacks_total",
+			"Layers left to containerd's normal pull, by reason."), []string{"reason"}),
 	}
 	for _, c := range []prometheus.Collector{m.bytesFetched, m.spansFetched, m.verifyFailed, m.cacheHits,
 		m.readLatency, m.readErrors, m.layersMounted, m.fallbacks} {

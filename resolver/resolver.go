@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -21,8 +20,11 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/fusefs"
 	"github.com/spanpull/spanpull/index"
@@ -34,16 +36,15 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// Labels containerd's unpacker passes to Prepare (set by
-// snapshotters.AppendInfoHandlerWrapper), and SOCI's explicit index label.
-const (
-	LabelImageRef       = "containerd.io/snapshot/cri.image-ref"
-	LabelManifestDigest = "containerd.io/snapshot/cri.manifest-digest"
-	LabelLayerDigest    = "containerd.io/snapshot/cri.layer-digest"
-	LabelIndexDigest    = "containerd.io/snapshot/remote/soci.index.digest"
-)
+// LabelIndexDigest names an image's SOCI index explicitly (SOCI's own
+// label, which containerd does not define). The other labels the resolver
+// reads are containerd's, set by snapshotters.AppendInfoHandlerWrapper:
+// snapshotters.TargetRefLabel (the image reference),
+// TargetManifestDigestLabel and TargetLayerDigestLabel.
+const LabelIndexDigest = "containerd.io/snapshot/remote/soci.index.digest"
 
-// Config tunes a Resolver.
+// Config tunes a Resolver. DefaultConfig holds the defaults of its tunable
+// fields; New applies the zero value rules documented on each field.
 type Config struct {
 	// Root holds the resolver's state: zTOCs and remote layer records
 	// (bbolt) and the span cache.
@@ -53,37 +54,71 @@ type Config struct {
 	PlainHTTP []string
 	// Insecure skips TLS verification for every registry.
 	Insecure bool
-	// FetchTimeout bounds one span fetch; reads waiting on it then fail
-	// with EIO. Default span.DefaultFetchTimeout.
+	// FetchTimeout bounds one span fetch (its range request and body);
+	// reads waiting on the span then fail with EIO. The span engine
+	// (span.Layer) owns this bound; the registry client under it only
+	// abandons and retries connections that stall (registryStallTimeout).
+	// Zero means span.DefaultFetchTimeout.
 	FetchTimeout time.Duration
 	// FillDelay is how long after mounting a layer its background fill
-	// starts (zero: at once); FillRate bounds the fill in compressed bytes
-	// per second per layer (zero: DefaultFillRate). A negative FillRate
-	// disables background fill.
+	// starts (zero: at once; the daemon's default is DefaultFillDelay);
+	// FillRate bounds the fill in compressed bytes per second per layer
+	// (zero: DefaultFillRate). A negative FillRate disables background
+	// fill.
 	FillDelay time.Duration
 	FillRate  int64
 	// IndexCacheTTL is how long an image's index (or its absence) is
-	// remembered. Default 5 minutes.
+	// remembered. Zero means DefaultIndexCacheTTL.
 	IndexCacheTTL time.Duration
 	// Metrics records the read path; nil means none.
 	Metrics *Metrics
-	// Logger receives one line per image and every fallback; nil means
-	// slog.Default().
-	Logger *slog.Logger
+	// Logger receives one line per image and every fallback, and is
+	// passed to the FUSE filesystems of lazy layers. Nil means a logger of
+	// its own on stderr at info level; the daemon passes its one logger.
+	Logger *log.Entry
 }
 
-// Defaults for Config fields left zero.
+// Defaults of Config (see DefaultConfig). They are defined here only: the
+// daemon's config file starts from DefaultConfig.
 const (
-	DefaultFillRate      = 8 << 20
+	// DefaultFillDelay lets the reads a container starts with go first,
+	// before the background fill competes with them for bandwidth. It is
+	// not applied to a zero Config.FillDelay, which means "at once".
+	DefaultFillDelay = 5 * time.Second
+	// DefaultFillRate bounds the background fill of one layer, in
+	// compressed bytes per second.
+	DefaultFillRate = 8 << 20
+	// DefaultIndexCacheTTL is how long an image's index lookup is reused.
 	DefaultIndexCacheTTL = 5 * time.Minute
 	// maxZtocSize bounds a zTOC fetched from a registry.
 	maxZtocSize = 1 << 30
 )
 
+// DefaultConfig returns the defaults of every tunable field of Config (Root
+// is left empty): what the daemon runs with when its config file sets
+// nothing.
+func DefaultConfig() Config {
+	return Config{
+		FetchTimeout:  span.DefaultFetchTimeout,
+		FillDelay:     DefaultFillDelay,
+		FillRate:      DefaultFillRate,
+		IndexCacheTTL: DefaultIndexCacheTTL,
+	}
+}
+
+// registryStallTimeout is how long a registry request may make no progress
+// (no connection, no response headers, no body bytes) before the registry
+// client drops the connection and retries the request
+// (registry.Options.StallTimeout). It is not a bound on a span fetch:
+// Config.FetchTimeout is. It is a third of the default FetchTimeout, so
+// that a span fetch whose connection dies is retried on a new one before
+// the fetch's own deadline, rather than both firing together.
+const registryStallTimeout = 10 * time.Second
+
 // Resolver implements snapshotter.RemoteLayerResolver for SOCI indexes.
 type Resolver struct {
 	cfg   Config
-	log   *slog.Logger
+	log   *log.Entry
 	meta  *store.MetaStore
 	spans *span.Cache
 
@@ -105,9 +140,9 @@ func New(cfg Config) (*Resolver, error) {
 	if cfg.FillRate == 0 {
 		cfg.FillRate = DefaultFillRate
 	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.Default()
+	logger := cfg.Logger
+	if logger == nil {
+		logger = logrus.NewEntry(logrus.New())
 	}
 	meta, err := store.OpenMetaStore(filepath.Join(cfg.Root, "meta"))
 	if err != nil {
@@ -118,7 +153,7 @@ func New(cfg Config) (*Resolver, error) {
 		meta.Close()
 		return nil, err
 	}
-	return &Resolver{cfg: cfg, log: log, meta: meta, spans: spans,
+	return &Resolver{cfg: cfg, log: logger, meta: meta, spans: spans,
 		images: make(map[string]*imageIndex), repos: make(map[string]*registry.Repository)}, nil
 }
 
@@ -143,7 +178,7 @@ type imageIndex struct {
 
 // Mount implements snapshotter.RemoteLayerResolver.
 func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
-	layerDigest, err := digest.Parse(labels[LabelLayerDigest])
+	layerDigest, err := digest.Parse(labels[snapshotters.TargetLayerDigestLabel])
 	if err != nil {
 		return nil, fmt.Errorf("no valid layer digest label: %w", snapshotter.ErrNoRemote)
 	}
@@ -166,7 +201,7 @@ func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]stri
 		return localMount{}, nil
 	}
 
-	imageRef := labels[LabelImageRef]
+	imageRef := labels[snapshotters.TargetRefLabel]
 	if imageRef == "" {
 		return nil, fmt.Errorf("no image reference label: %w", snapshotter.ErrNoRemote)
 	}
@@ -221,7 +256,7 @@ func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]stri
 // IndexCacheTTL: the explicit index label first, then the v2 annotation
 // on the image manifest, then v1 referrers.
 func (r *Resolver) image(ctx context.Context, ref string, labels map[string]string) *imageIndex {
-	md, err := digest.Parse(labels[LabelManifestDigest])
+	md, err := digest.Parse(labels[snapshotters.TargetManifestDigestLabel])
 	if err != nil {
 		return &imageIndex{err: errors.New("no image manifest digest label")}
 	}
@@ -246,7 +281,8 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 		img.expires = time.Now().Add(ttl)
 		r.mu.Unlock()
 		if img.err != nil {
-			r.log.Info("spanpull: image is not lazy: pulled normally", "image", ref, "manifest", md, "reason", img.err)
+			r.log.WithFields(log.Fields{"image": ref, "manifest": md, "reason": img.err}).
+				Info("spanpull: image is not lazy: pulled normally")
 			return
 		}
 		n := 0
@@ -255,8 +291,9 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 				n++
 			}
 		}
-		r.log.Info("spanpull: image is lazy", "image", ref, "manifest", md, "index", img.indexDig,
-			"index_version", img.index.Version.String(), "lazy_layers", n, "layers", len(img.manifest.Layers))
+		r.log.WithFields(log.Fields{"image": ref, "manifest": md, "index": img.indexDig,
+			"index_version": img.index.Version.String(), "lazy_layers": n, "layers": len(img.manifest.Layers)}).
+			Info("spanpull: image is lazy")
 	})
 	return img
 }
@@ -309,7 +346,11 @@ func (r *Resolver) repo(ref string) (*registry.Repository, error) {
 		return repo, nil
 	}
 	host, _, _ := strings.Cut(name, "/")
-	repo, err := registry.New(name, registry.Options{PlainHTTP: r.plainHTTP(host), Insecure: r.cfg.Insecure})
+	repo, err := registry.New(name, registry.Options{
+		PlainHTTP:    r.plainHTTP(host),
+		Insecure:     r.cfg.Insecure,
+		StallTimeout: registryStallTimeout,
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -401,7 +442,7 @@ func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.
 			return
 		}
 		if err := layer.Fill(fillCtx, r.cfg.FillRate); err != nil && fillCtx.Err() == nil {
-			r.log.Warn("spanpull: background fill stopped", "layer", desc.Digest, "error", err)
+			r.log.WithField("layer", desc.Digest).WithError(err).Warn("spanpull: background fill stopped")
 		}
 	}()
 	return m, nil

@@ -1,16 +1,20 @@
 package resolver
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry/registrytest"
@@ -53,7 +57,7 @@ func TestImageIndexCache(t *testing.T) {
 	addr := registrytest.StartReferrersRegistry(t)
 	md, subject := pushImage(t, addr, "app")
 	ref := addr + "/app:v1"
-	labels := map[string]string{LabelManifestDigest: md.String()}
+	labels := map[string]string{snapshotters.TargetManifestDigestLabel: md.String()}
 	ctx := context.Background()
 
 	r := newResolver(t, time.Hour)
@@ -94,7 +98,7 @@ func TestImageLookupFailureNotCached(t *testing.T) {
 	addr := l.Addr().String()
 	l.Close() // nothing listens there now
 	r := newResolver(t, time.Hour)
-	labels := map[string]string{LabelManifestDigest: digest.FromString("m").String()}
+	labels := map[string]string{snapshotters.TargetManifestDigestLabel: digest.FromString("m").String()}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	first := r.image(ctx, addr+"/app:v1", labels)
@@ -103,5 +107,40 @@ func TestImageLookupFailureNotCached(t *testing.T) {
 	}
 	if second := r.image(ctx, addr+"/app:v1", labels); second == first {
 		t.Fatal("a failed lookup was cached")
+	}
+}
+
+// TestImageLogsToConfigLogger: the one line per image goes to
+// Config.Logger, at info level, with the text operators and the
+// integration tests look for; a logger set to warn drops it.
+func TestImageLogsToConfigLogger(t *testing.T) {
+	addr := registrytest.StartReferrersRegistry(t)
+	md, _ := pushImage(t, addr, "app")
+	labels := map[string]string{snapshotters.TargetManifestDigestLabel: md.String()}
+	for _, level := range []logrus.Level{logrus.InfoLevel, logrus.WarnLevel} {
+		var out bytes.Buffer
+		logger := logrus.New()
+		logger.SetOutput(&out)
+		logger.SetLevel(level)
+		r, err := New(Config{Root: t.TempDir(), FillRate: -1, Logger: logrus.NewEntry(logger)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		if img := r.image(context.Background(), addr+"/app:v1", labels); !errors.Is(img.err, errNoIndex) {
+			t.Fatalf("image without index: err = %v, want errNoIndex", img.err)
+		}
+		logged := out.String()
+		if level == logrus.WarnLevel {
+			if logged != "" {
+				t.Fatalf("logged at level warn: %q", logged)
+			}
+			continue
+		}
+		for _, want := range []string{"spanpull: image is not lazy: pulled normally", "reason=", md.String()} {
+			if !strings.Contains(logged, want) {
+				t.Fatalf("log %q does not contain %q", logged, want)
+			}
+		}
 	}
 }

@@ -108,9 +108,9 @@ prog='import json, platform; print(json.dumps({"hello from python": platform.pyt
 t0=$(now)
 bin/snapshotter pull -a "$DEMO_DIR/containerd.sock" "$ref:bookworm-soci"
 lazy_s=$(first_line "$ctr" run --rm --snapshotter spanpull "$ref:bookworm-soci" lazy1 python3 -c "$prog")
-span_bytes=$(metric 'spanpull_registry_bytes_fetched_total{kind="span"}')
-ztoc_bytes=$(metric 'spanpull_registry_bytes_fetched_total{kind="ztoc"}')
-spans=$(metric spanpull_spans_fetched_total)
+span_bytes=$(metric 'spanpull_resolver_fetched_bytes_total{kind="span"}')
+ztoc_bytes=$(metric 'spanpull_resolver_fetched_bytes_total{kind="ztoc"}')
+spans=$(metric spanpull_resolver_spans_fetched_total)
 layer_digest=$(crane manifest "$ref:bookworm" | jq -r '.layers[0].digest')
 if "$ctr" content ls -q | grep -q "$layer_digest"; then in_store="yes (not lazy!)"; else in_store="no"; fi
 echo "   layer blob in containerd's content store: $in_store"

@@ -8,6 +8,16 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// MetricsNamespace starts the name of every metric of the daemon:
+// spanpull_<subsystem>_<name>, with one subsystem per component
+// ("snapshotter" here and for the daemon's gRPC server, "resolver"), in
+// snake_case with Prometheus' unit suffixes (_total, _seconds, _bytes).
+const MetricsNamespace = "spanpull"
+
+// MetricsSubsystem is the snapshotter's part of its metric names, and of
+// those of the daemon's snapshots API server.
+const MetricsSubsystem = "snapshotter"
+
 // Outcomes of a Prepare that could be served remotely (label "result").
 const (
 	// resultMounted: the layer was mounted remotely and committed.
@@ -30,14 +40,14 @@ type metrics struct {
 func newMetrics(s *Snapshotter) *metrics {
 	m := &metrics{
 		prepares: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "spanpull",
-			Subsystem: "snapshotter",
+			Namespace: MetricsNamespace,
+			Subsystem: MetricsSubsystem,
 			Name:      "remote_prepares_total",
 			Help:      "Prepares of layers that could be served remotely, by result: mounted, exists, no_remote (pulled normally), failed (pulled normally).",
 		}, []string{"result"}),
 		mounts: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Namespace: "spanpull",
-			Subsystem: "snapshotter",
+			Namespace: MetricsNamespace,
+			Subsystem: MetricsSubsystem,
 			Name:      "remote_mounts",
 			Help:      "Remote layers currently mounted by this process.",
 		}, func() float64 {

@@ -14,7 +14,6 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,8 +29,9 @@ var ErrNoRemote = errors.New("layer cannot be served remotely")
 type RemoteLayerResolver interface {
 	// Mount makes the layer described by labels readable, read-only, at
 	// dir (an existing empty directory). labels are those containerd's
-	// unpacker passes to Prepare: containerd.io/snapshot.ref,
-	// containerd.io/snapshot/cri.layer-digest, cri.image-ref, ... It
+	// unpacker passes to Prepare: LabelSnapshotRef and, from clients that
+	// wrap their pull with snapshotters.AppendInfoHandlerWrapper,
+	// snapshotters.TargetLayerDigestLabel, TargetRefLabel, ... It
 	// returns an error wrapping ErrNoRemote when the layer cannot be served
 	// remotely; any other error is logged and also leads to a normal pull.
 	// Either way it must leave nothing mounted on dir.
@@ -58,13 +58,10 @@ type RemoteMount interface {
 // Labels the snapshotter reads and writes.
 const (
 	// LabelSnapshotRef is set by containerd's unpacker on Prepare: the name
-	// (chain ID) the layer's snapshot will be committed under.
+	// (chain ID) the layer's snapshot will be committed under. containerd
+	// uses this string in core/snapshots, core/unpack and core/metadata
+	// but exports it from none of them.
 	LabelSnapshotRef = "containerd.io/snapshot.ref"
-	// LabelLayerDigest is the layer blob's digest, set by clients that wrap
-	// their pull with snapshotters.AppendInfoHandlerWrapper (ctr-remote
-	// rpull, nerdctl, CRI with snapshot annotations). Without it a layer is
-	// never tried remotely.
-	LabelLayerDigest = snapshotters.TargetLayerDigestLabel
 	// LabelRemote marks committed snapshots whose layer is mounted remotely
 	// (value "spanpull"); they are mounted again when the snapshotter
 	// restarts. The prefix makes containerd keep it across namespaces.
@@ -77,7 +74,10 @@ const (
 )
 
 // Prepare creates the active snapshot key on top of parent. When labels
-// name a target snapshot and a layer digest and a RemoteLayerResolver can
+// name a target snapshot (LabelSnapshotRef) and a layer digest
+// (snapshotters.TargetLayerDigestLabel, set only by clients that wrap
+// their pull with snapshotters.AppendInfoHandlerWrapper: nerdctl, CRI with
+// snapshot annotations, "snapshotter pull") and a RemoteLayerResolver can
 // mount that layer, Prepare commits the target itself and returns an error
 // wrapping errdefs.ErrAlreadyExists, which tells containerd's unpacker to
 // skip fetching and unpacking the layer. Otherwise it behaves like
@@ -93,7 +93,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		}
 	}
 	target := base.Labels[LabelSnapshotRef]
-	if target == "" || base.Labels[LabelLayerDigest] == "" {
+	if target == "" || base.Labels[snapshotters.TargetLayerDigestLabel] == "" {
 		return s.overlay.Prepare(ctx, key, parent, opts...)
 	}
 	if _, err := s.overlay.Stat(ctx, target); err == nil {
@@ -110,7 +110,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	switch {
 	case err == nil:
 		s.metrics.prepares.WithLabelValues(resultMounted).Inc()
-		log.G(ctx).WithField("target", target).WithField("layer", base.Labels[LabelLayerDigest]).Debug("spanpull: remote snapshot committed")
+		s.log.WithField("target", target).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Debug("spanpull: remote snapshot committed")
 		return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 	case errdefs.IsAlreadyExists(err):
 		// Someone committed target meanwhile; our key is gone.
@@ -118,10 +118,10 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 		return nil, err
 	case errors.Is(err, ErrNoRemote):
 		s.metrics.prepares.WithLabelValues(resultNoRemote).Inc()
-		log.G(ctx).WithError(err).WithField("layer", base.Labels[LabelLayerDigest]).Debug("spanpull: layer is pulled normally")
+		s.log.WithError(err).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Debug("spanpull: layer is pulled normally")
 	default:
 		s.metrics.prepares.WithLabelValues(resultFailed).Inc()
-		log.G(ctx).WithError(err).WithField("layer", base.Labels[LabelLayerDigest]).Warn("spanpull: remote mount failed, layer is pulled normally")
+		s.log.WithError(err).WithField("layer", base.Labels[snapshotters.TargetLayerDigestLabel]).Warn("spanpull: remote mount failed, layer is pulled normally")
 	}
 	// The active snapshot prepared above is still empty and unmounted:
 	// containerd unpacks the layer into it.
@@ -179,7 +179,7 @@ func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, label
 	}
 	if errdefs.IsAlreadyExists(err) {
 		if rerr := s.Remove(ctx, key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("spanpull: remove unused snapshot")
+			s.log.WithError(rerr).WithField("key", key).Warn("spanpull: remove unused snapshot")
 		}
 	}
 	return fmt.Errorf("commit remote snapshot %s: %w", target, err)
@@ -253,7 +253,7 @@ const restoreConcurrency = 4
 // restoreOne mounts the remote layer of committed snapshot id again.
 func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.Info) {
 	dir := s.upperPath(id)
-	l := log.G(ctx).WithField("snapshot", info.Name).WithField("layer", info.Labels[LabelLayerDigest])
+	l := s.log.WithField("snapshot", info.Name).WithField("layer", info.Labels[snapshotters.TargetLayerDigestLabel])
 	if err := unmountUnder(dir); err != nil {
 		l.WithError(err).Error("spanpull: remote layer: remove old mount")
 		return

@@ -14,6 +14,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
 	"github.com/prometheus/client_golang/prometheus"
@@ -42,9 +43,9 @@ func (r *bindResolver) Mount(ctx context.Context, dir string, labels map[string]
 	if r.err != nil {
 		return nil, r.err
 	}
-	src, ok := r.layers[labels[LabelLayerDigest]]
+	src, ok := r.layers[labels[snapshotters.TargetLayerDigestLabel]]
 	if !ok {
-		return nil, fmt.Errorf("layer %s: %w", labels[LabelLayerDigest], ErrNoRemote)
+		return nil, fmt.Errorf("layer %s: %w", labels[snapshotters.TargetLayerDigestLabel], ErrNoRemote)
 	}
 	if err := unix.Mount(src, dir, "", unix.MS_BIND, ""); err != nil {
 		return nil, fmt.Errorf("bind %s: %w", src, err)
@@ -102,9 +103,9 @@ func layerDir(t *testing.T, files map[string]string) string {
 // AppendInfoHandlerWrapper.
 func unpackLabels(target, layer string) snapshots.Opt {
 	return snapshots.WithLabels(map[string]string{
-		LabelSnapshotRef:                       target,
-		LabelLayerDigest:                       layer,
-		"containerd.io/snapshot/cri.image-ref": "127.0.0.1:1/x:y",
+		LabelSnapshotRef:                    target,
+		snapshotters.TargetLayerDigestLabel: layer,
+		snapshotters.TargetRefLabel:         "127.0.0.1:1/x:y",
 	})
 }
 

@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
 )
 
 // Snapshotter implements containerd's snapshots.Snapshotter and
@@ -39,6 +40,7 @@ type Snapshotter struct {
 	overlay     snapshots.Snapshotter
 	asyncRemove bool
 	resolver    RemoteLayerResolver
+	log         *log.Entry
 
 	// mu guards mounted and closed.
 	mu sync.Mutex
@@ -61,6 +63,7 @@ type config struct {
 	mountOptions []string
 	resolver     RemoteLayerResolver
 	registerer   prometheus.Registerer
+	logger       *log.Entry
 }
 
 // Opt configures a Snapshotter in New.
@@ -106,6 +109,21 @@ func WithMetrics(reg prometheus.Registerer) Opt {
 	}
 }
 
+// WithLogger sets the logger of the snapshotter's own lines (remote layer
+// mounts, fallbacks, cleanup failures). Without it they go to a logger of
+// its own on stderr at info level. containerd code the snapshotter calls
+// logs through log.G(ctx): a daemon puts the same logger in the contexts
+// it passes (log.WithLogger).
+func WithLogger(l *log.Entry) Opt {
+	return func(c *config) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		c.logger = l
+		return nil
+	}
+}
+
 // New opens (creating if needed) a snapshotter whose metadata and snapshot
 // directories live under root. It must run as root on a kernel with
 // overlayfs; root's file system must support d_type.
@@ -146,12 +164,16 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms.Close()
 		return nil, fmt.Errorf("overlay snapshotter in %s: %w", root, err)
 	}
+	if c.logger == nil {
+		c.logger = logrus.NewEntry(logrus.New())
+	}
 	s := &Snapshotter{
 		root:        root,
 		ms:          ms,
 		overlay:     o,
 		asyncRemove: c.asyncRemove,
 		resolver:    c.resolver,
+		log:         c.logger,
 		mounted:     make(map[string]RemoteMount),
 	}
 	s.metrics = newMetrics(s)
@@ -217,7 +239,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	// Like containerd's snapshotters: the metadata is gone, so failing to
 	// free the disk space is logged, not returned; Cleanup retries.
 	if err := s.Cleanup(ctx); err != nil {
-		log.G(ctx).WithError(err).WithField("key", key).Warn("spanpull: cleanup after remove")
+		s.log.WithError(err).WithField("key", key).Warn("spanpull: cleanup after remove")
 	}
 	return nil
 }
@@ -230,7 +252,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	}
 	var errs []error
 	for _, d := range dirs {
-		if err := s.removeDir(ctx, d); err != nil {
+		if err := s.removeDir(d); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -276,7 +298,7 @@ func readDirNames(dir string) ([]string, error) {
 // removeDir releases the remote mount of snapshot id (if this process made
 // one), unmounts anything still mounted below its directory and deletes
 // it. It never deletes through a mount point.
-func (s *Snapshotter) removeDir(ctx context.Context, id string) error {
+func (s *Snapshotter) removeDir(id string) error {
 	dir := filepath.Join(s.root, "snapshots", id)
 	s.mu.Lock()
 	rm, ok := s.mounted[id]
@@ -284,7 +306,7 @@ func (s *Snapshotter) removeDir(ctx context.Context, id string) error {
 	s.mu.Unlock()
 	if ok {
 		if err := rm.Remove(); err != nil {
-			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("spanpull: remove remote layer")
+			s.log.WithError(err).WithField("snapshot", id).Warn("spanpull: remove remote layer")
 		}
 	}
 	if err := unmountUnder(dir); err != nil {

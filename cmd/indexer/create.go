@@ -42,7 +42,7 @@ func addIndexFlags(cmd *cobra.Command, o *indexFlags) {
 	f.BoolVar(&o.AllPlatforms, "all-platforms", false, "index every platform of an image index")
 	f.BoolVar(&o.PlainHTTP, "plain-http", false, "talk plain HTTP to the registry")
 	f.BoolVar(&o.Insecure, "insecure", false, "skip TLS certificate verification")
-	f.DurationVar(&o.Timeout, "timeout", registry.DefaultTimeout, "give up on a registry request that makes no progress for this long (it is retried a few times)")
+	f.DurationVar(&o.Timeout, "timeout", registry.DefaultStallTimeout, "give up on a registry request that makes no progress for this long (it is retried a few times)")
 	f.IntVar(&o.Concurrency, "concurrency", soci.DefaultConcurrency(), "layers indexed at once")
 	f.BoolVar(&o.Force, "force", false, "rebuild zTOCs even when the registry or the local cache has them")
 	f.BoolVarP(&o.Quiet, "quiet", "q", false, "print only the resulting digest")
@@ -59,7 +59,7 @@ func defaultCacheDir() string {
 }
 
 func (o indexFlags) registryOptions() registry.Options {
-	return registry.Options{PlainHTTP: o.PlainHTTP, Insecure: o.Insecure, Timeout: o.Timeout}
+	return registry.Options{PlainHTTP: o.PlainHTTP, Insecure: o.Insecure, StallTimeout: o.Timeout}
 }
 
 func (o indexFlags) validate() error {

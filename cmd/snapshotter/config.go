@@ -6,9 +6,13 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
+
+	"github.com/spanpull/spanpull/resolver"
 )
 
 // Defaults of the daemon; each can be changed in the config file and then
@@ -51,7 +55,10 @@ type remoteConfig struct {
 	// Insecure skips TLS certificate verification for every registry.
 	Insecure bool `toml:"insecure"`
 	// FetchTimeoutSeconds bounds one span fetch; a read waiting on a
-	// registry that is down or slow fails with EIO after it.
+	// registry that is down or slow fails with EIO after it. It is the
+	// only bound on a span fetch (resolver.Config.FetchTimeout, enforced
+	// by the span engine); within it the registry client retries stalled
+	// connections on its own.
 	FetchTimeoutSeconds int `toml:"fetch_timeout_seconds"`
 	// FillDelaySeconds is how long after mounting a layer the rest of it
 	// starts being fetched in the background.
@@ -61,17 +68,34 @@ type remoteConfig struct {
 	FillRateBytes int64 `toml:"fill_rate_bytes"`
 }
 
+// defaultConfig is the configuration before the config file and flags
+// apply. The [remote] defaults are the resolver's own (DefaultConfig),
+// not repeated here.
 func defaultConfig() config {
+	rd := resolver.DefaultConfig()
 	return config{
 		Address:  defaultAddress,
 		Root:     defaultRoot,
 		LogLevel: defaultLogLevel,
 		Remote: remoteConfig{
-			FetchTimeoutSeconds: 30,
-			FillDelaySeconds:    5,
-			FillRateBytes:       8 << 20,
+			FetchTimeoutSeconds: int(rd.FetchTimeout / time.Second),
+			FillDelaySeconds:    int(rd.FillDelay / time.Second),
+			FillRateBytes:       rd.FillRate,
 		},
 	}
+}
+
+// resolverConfig is the resolver's part of c, with its state under
+// c.Root.
+func (c config) resolverConfig() resolver.Config {
+	rc := resolver.DefaultConfig()
+	rc.Root = filepath.Join(c.Root, "remote")
+	rc.PlainHTTP = c.Remote.PlainHTTP
+	rc.Insecure = c.Remote.Insecure
+	rc.FetchTimeout = time.Duration(c.Remote.FetchTimeoutSeconds) * time.Second
+	rc.FillDelay = time.Duration(c.Remote.FillDelaySeconds) * time.Second
+	rc.FillRate = c.Remote.FillRateBytes
+	return rc
 }
 
 // loadConfig reads the config file at path over the defaults. A missing

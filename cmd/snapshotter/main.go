@@ -59,7 +59,9 @@ config file, then the flags given on the command line. A stale socket left
 by a previous run is removed; a socket some live process answers on is not.
 
 Config file keys: address, root, metrics_address, log_level, async_remove
-(bool), mount_options (list of extra overlayfs options).`,
+(bool), mount_options (list of extra overlayfs options), and in a [remote]
+table (lazy pulling): disable, plain_http, insecure, fetch_timeout_seconds,
+fill_delay_seconds, fill_rate_bytes.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadConfig(configPath, cmd.Flags().Changed("config"))
@@ -82,7 +84,7 @@ Config file keys: address, root, metrics_address, log_level, async_remove
 			if err := cfg.validate(); err != nil {
 				return err
 			}
-			return serve(cmd.Context(), cfg)
+			return serve(cmd.Context(), cfg, cmd.ErrOrStderr())
 		},
 	}
 	f := cmd.Flags()

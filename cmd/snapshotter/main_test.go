@@ -19,6 +19,8 @@ import (
 	"github.com/containerd/errdefs"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/spanpull/spanpull/resolver"
 )
 
 func TestLoadConfig(t *testing.T) {
@@ -100,6 +102,36 @@ mount_options = ["volatile"]
 			t.Fatal("empty root accepted")
 		}
 	})
+	t.Run("remote defaults are the resolver's", func(t *testing.T) {
+		got := defaultConfig().resolverConfig()
+		want := resolver.DefaultConfig()
+		if got.FetchTimeout != want.FetchTimeout || got.FillDelay != want.FillDelay ||
+			got.FillRate != want.FillRate || got.IndexCacheTTL != want.IndexCacheTTL {
+			t.Fatalf("resolver config from the daemon defaults: %+v, want %+v", got, want)
+		}
+		if got.Root != filepath.Join(defaultRoot, "remote") {
+			t.Fatalf("resolver root %q", got.Root)
+		}
+	})
+}
+
+// TestNewLogger: the daemon's logger honours log_level and writes
+// containerd's text format to the writer it is given.
+func TestNewLogger(t *testing.T) {
+	var out bytes.Buffer
+	l, err := newLogger(&out, "warn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Info("dropped")
+	l.WithField("reason", "a b").Warn("kept")
+	got := out.String()
+	if strings.Contains(got, "dropped") || !strings.Contains(got, `level=warning msg=kept reason="a b"`) {
+		t.Fatalf("log at level warn: %q", got)
+	}
+	if _, err := newLogger(&out, "loud"); err == nil {
+		t.Fatal("bad log level accepted")
+	}
 }
 
 // runServe starts "snapshotter serve args..." in-process and returns a

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
@@ -27,112 +29,64 @@ import (
 // shutdownGrace bounds how long in-flight RPCs may run after a signal.
 const shutdownGrace = 10 * time.Second
 
-// serve runs the daemon until ctx is done.
-func serve(ctx context.Context, cfg config) error {
-	if err := log.SetLevel(cfg.LogLevel); err != nil {
-		return fmt.Errorf("log level: %w", err)
+// newLogger returns the daemon's one logger: lines at level and above, in
+// containerd's text format, to w.
+//
+// It is containerd's logger (github.com/containerd/log, a logrus entry), not
+// log/slog, because it needs the fewest adapters: the containerd code the
+// daemon runs (overlay snapshotter, snapshot metadata, mount helpers, the
+// snapshots gRPC service) logs through log.G(ctx), which returns this logger
+// once it is in the context (log.WithLogger); with slog every such line
+// would need a logrus-to-slog bridge. The one adapter left is fusefs' small
+// writer for go-fuse's standard library logger. spanpull's packages take
+// the logger as a constructor option (snapshotter.WithLogger,
+// resolver.Config.Logger, fusefs.Options.Logger).
+func newLogger(w io.Writer, level string) (*log.Entry, error) {
+	lvl, err := logrus.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("log level: %w", err)
 	}
-	logger := log.G(ctx)
+	l := logrus.New()
+	l.SetOutput(w)
+	l.SetLevel(lvl)
+	l.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, TimestampFormat: log.RFC3339NanoFixed})
+	return logrus.NewEntry(l), nil
+}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
-	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg)}
-	if cfg.AsyncRemove {
-		opts = append(opts, snapshotter.WithAsyncRemove())
-	}
-	if len(cfg.MountOptions) > 0 {
-		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
-	}
-	if !cfg.Remote.Disable {
-		rm, err := resolver.NewMetrics(reg)
-		if err != nil {
-			return err
-		}
-		res, err := resolver.New(resolver.Config{
-			Root:         filepath.Join(cfg.Root, "remote"),
-			PlainHTTP:    cfg.Remote.PlainHTTP,
-			Insecure:     cfg.Remote.Insecure,
-			FetchTimeout: time.Duration(cfg.Remote.FetchTimeoutSeconds) * time.Second,
-			FillDelay:    time.Duration(cfg.Remote.FillDelaySeconds) * time.Second,
-			FillRate:     cfg.Remote.FillRateBytes,
-			Metrics:      rm,
-		})
-		if err != nil {
-			return err
-		}
-		// Closed after the snapshotter, which releases the mounts first.
-		defer res.Close()
-		opts = append(opts, snapshotter.WithRemoteLayerResolver(res))
-	}
-	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
+// serve runs the daemon until ctx is done, logging to logOut.
+func serve(ctx context.Context, cfg config, logOut io.Writer) error {
+	logger, err := newLogger(logOut, cfg.LogLevel)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if err := sn.Close(); err != nil {
-			logger.WithError(err).Error("close snapshotter")
-		}
-	}()
+	ctx = log.WithLogger(ctx, logger)
 
-	rpcs := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "spanpull",
-		Subsystem: "snapshotter",
-		Name:      "grpc_requests_total",
-		Help:      "Snapshots API calls by method and gRPC status code.",
-	}, []string{"method", "code"})
-	rpcSeconds := prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: "spanpull",
-		Subsystem: "snapshotter",
-		Name:      "grpc_request_duration_seconds",
-		Help:      "Snapshots API call latency by method.",
-		Buckets:   prometheus.ExponentialBuckets(0.0005, 4, 10),
-	}, []string{"method"})
-	reg.MustRegister(rpcs, rpcSeconds)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	sn, closeSnapshotter, err := openSnapshotter(ctx, cfg, reg, logger)
+	if err != nil {
+		return err
+	}
+	defer closeSnapshotter()
 
 	l, err := listenUnix(cfg.Address)
 	if err != nil {
 		return err
 	}
 	defer os.Remove(cfg.Address)
-
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
-		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(ctx, req)
-			method := filepath.Base(info.FullMethod)
-			rpcs.WithLabelValues(method, status.Code(err).String()).Inc()
-			rpcSeconds.WithLabelValues(method).Observe(time.Since(start).Seconds())
-			if err != nil {
-				logger.WithError(err).WithField("method", method).Debug("snapshots call failed")
-			}
-			return resp, err
-		}))
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-
+	srv := newSnapshotsServer(sn, newRPCMetrics(reg), logger)
+	// Both servers report a failure here; they stop (and their goroutines
+	// return) in shutdown.
 	errc := make(chan error, 2)
 	go func() {
 		if err := srv.Serve(l); err != nil {
 			errc <- fmt.Errorf("serve snapshots API: %w", err)
 		}
 	}()
-
-	var metrics *http.Server
-	if cfg.MetricsAddress != "" {
-		ml, err := net.Listen("tcp", cfg.MetricsAddress)
-		if err != nil {
-			srv.Stop()
-			return fmt.Errorf("metrics listener: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := metrics.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("serve metrics: %w", err)
-			}
-		}()
-		logger.WithField("address", ml.Addr().String()).Info("serving metrics")
+	metrics, err := serveMetrics(cfg.MetricsAddress, reg, errc, logger)
+	if err != nil {
+		srv.Stop()
+		return err
 	}
 	logger.WithField("address", cfg.Address).WithField("root", cfg.Root).Info("spanpull snapshotter serving")
 
@@ -143,7 +97,126 @@ func serve(ctx context.Context, cfg config) error {
 	case runErr = <-errc:
 		logger.WithError(runErr).Error("server failed, shutting down")
 	}
+	shutdown(srv, metrics, logger)
+	return runErr
+}
 
+// openSnapshotter opens the snapshotter under cfg.Root and, unless lazy
+// pulling is disabled, the resolver that serves its remote layers.
+// release closes both, the snapshotter first: it releases the mounts the
+// resolver serves.
+func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer, logger *log.Entry) (_ *snapshotter.Snapshotter, release func(), err error) {
+	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg), snapshotter.WithLogger(logger)}
+	if cfg.AsyncRemove {
+		opts = append(opts, snapshotter.WithAsyncRemove())
+	}
+	if len(cfg.MountOptions) > 0 {
+		opts = append(opts, snapshotter.WithMountOptions(cfg.MountOptions...))
+	}
+	var res *resolver.Resolver
+	if !cfg.Remote.Disable {
+		rm, err := resolver.NewMetrics(reg)
+		if err != nil {
+			return nil, nil, err
+		}
+		rc := cfg.resolverConfig()
+		rc.Metrics = rm
+		rc.Logger = logger
+		if res, err = resolver.New(rc); err != nil {
+			return nil, nil, err
+		}
+		opts = append(opts, snapshotter.WithRemoteLayerResolver(res))
+	}
+	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
+	if err != nil {
+		if res != nil {
+			res.Close()
+		}
+		return nil, nil, err
+	}
+	return sn, func() {
+		if err := sn.Close(); err != nil {
+			logger.WithError(err).Error("close snapshotter")
+		}
+		if res != nil {
+			if err := res.Close(); err != nil {
+				logger.WithError(err).Error("close resolver")
+			}
+		}
+	}, nil
+}
+
+// rpcMetrics count and time the calls of the snapshots API.
+type rpcMetrics struct {
+	calls   *prometheus.CounterVec
+	seconds *prometheus.HistogramVec
+}
+
+func newRPCMetrics(reg prometheus.Registerer) rpcMetrics {
+	m := rpcMetrics{
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: snapshotter.MetricsNamespace,
+			Subsystem: snapshotter.MetricsSubsystem,
+			Name:      "grpc_requests_total",
+			Help:      "Snapshots API calls by method and gRPC status code.",
+		}, []string{"method", "code"}),
+		seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: snapshotter.MetricsNamespace,
+			Subsystem: snapshotter.MetricsSubsystem,
+			Name:      "grpc_request_duration_seconds",
+			Help:      "Snapshots API call latency by method.",
+			Buckets:   prometheus.ExponentialBuckets(0.0005, 4, 10),
+		}, []string{"method"}),
+	}
+	reg.MustRegister(m.calls, m.seconds)
+	return m
+}
+
+// newSnapshotsServer returns a gRPC server of containerd's snapshots API
+// over sn. Every call is counted and timed, and runs with logger in its
+// context, so that containerd's code under it (log.G) logs through it.
+func newSnapshotsServer(sn *snapshotter.Snapshotter, m rpcMetrics, logger *log.Entry) *grpc.Server {
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
+		func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			start := time.Now()
+			resp, err := h(log.WithLogger(ctx, logger), req)
+			method := filepath.Base(info.FullMethod)
+			m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
+			m.seconds.WithLabelValues(method).Observe(time.Since(start).Seconds())
+			if err != nil {
+				logger.WithError(err).WithField("method", method).Debug("snapshots call failed")
+			}
+			return resp, err
+		}))
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	return srv
+}
+
+// serveMetrics serves reg's metrics on /metrics at addr until shutdown,
+// reporting a failure to errc. An empty addr serves nothing (nil server).
+func serveMetrics(addr string, reg *prometheus.Registry, errc chan<- error, logger *log.Entry) (*http.Server, error) {
+	if addr == "" {
+		return nil, nil
+	}
+	ml, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("serve metrics: %w", err)
+		}
+	}()
+	logger.WithField("address", ml.Addr().String()).Info("serving metrics")
+	return srv, nil
+}
+
+// shutdown stops the snapshots API server, letting in-flight calls finish
+// for up to shutdownGrace, and the metrics server (if any).
+func shutdown(srv *grpc.Server, metrics *http.Server, logger *log.Entry) {
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()
@@ -155,14 +228,14 @@ func serve(ctx context.Context, cfg config) error {
 		srv.Stop()
 		<-stopped
 	}
-	if metrics != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-		defer cancel()
-		if err := metrics.Shutdown(sctx); err != nil {
-			logger.WithError(err).Warn("stop metrics server")
-		}
+	if metrics == nil {
+		return
 	}
-	return runErr
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := metrics.Shutdown(ctx); err != nil {
+		logger.WithError(err).Warn("stop metrics server")
+	}
 }
 
 // listenUnix listens on the unix socket path, creating its directory and

@@ -183,9 +183,9 @@ func (rep *report) summarize(o options) {
 				case modeLazy:
 					c.Runs++
 					lt, lp, lb = append(lt, r.FirstLineSeconds), append(lp, r.PullSeconds), append(lb, float64(r.BytesFetched))
-					span = append(span, r.SnapshotterMetrics[`spanpull_registry_bytes_fetched_total{kind="span"}`])
-					ztoc = append(ztoc, r.SnapshotterMetrics[`spanpull_registry_bytes_fetched_total{kind="ztoc"}`])
-					spans = append(spans, r.SnapshotterMetrics["spanpull_spans_fetched_total"])
+					span = append(span, r.SnapshotterMetrics[`spanpull_resolver_fetched_bytes_total{kind="span"}`])
+					ztoc = append(ztoc, r.SnapshotterMetrics[`spanpull_resolver_fetched_bytes_total{kind="ztoc"}`])
+					spans = append(spans, r.SnapshotterMetrics["spanpull_resolver_spans_fetched_total"])
 					cpu = append(cpu, r.DaemonCPUSeconds)
 					c.DaemonPeakRSS = max(c.DaemonPeakRSS, r.DaemonPeakRSS)
 				}

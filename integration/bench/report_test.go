@@ -30,7 +30,7 @@ func fakeReport(t *testing.T) *report {
 				rep.Runs = append(rep.Runs,
 					runResult{Workload: w, Link: l, Mode: modeFull, Run: n, FirstLineSeconds: 10 * k, BytesFetched: img},
 					runResult{Workload: w, Link: l, Mode: modeLazy, Run: n, FirstLineSeconds: k, BytesFetched: img / 10,
-						DaemonPeakRSS: int64(n) << 20, SnapshotterMetrics: map[string]float64{"spanpull_spans_fetched_total": float64(n)}})
+						DaemonPeakRSS: int64(n) << 20, SnapshotterMetrics: map[string]float64{"spanpull_resolver_spans_fetched_total": float64(n)}})
 			}
 		}
 	}
