@@ -18,7 +18,6 @@ import (
 	"path/filepath"
 	"sort"
 	"testing"
-	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
@@ -109,19 +108,6 @@ func BuildGo(t testing.TB, dir, pkg, name string, env ...string) string {
 		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
 	}
 	return out
-}
-
-// startProcess starts cmd with its log in dir (see proc.Start) and
-// registers its stop by PID (SIGTERM, then SIGKILL after grace) in Cleanup.
-// The log is printed when the test failed.
-func startProcess(t testing.TB, dir, name string, cmd *exec.Cmd, grace time.Duration) *proc.Process {
-	t.Helper()
-	p, err := proc.Start(dir, name, cmd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cleanupProcess(t, p, func() error { return p.Stop(grace) })
-	return p
 }
 
 // cleanupProcess registers stop in Cleanup, and printing p's log when the
