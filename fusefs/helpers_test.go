@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/toctest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -70,6 +72,15 @@ func mountTOC(t *testing.T, files []ztoc.FileMetadata, src SpanSource, opts Opti
 		}
 	})
 	return mnt
+}
+
+// mountLayer mounts the tar of entries, served from memory, on a new
+// directory (see mountTOC).
+func mountLayer(t *testing.T, entries ...layertest.Entry) string {
+	t.Helper()
+	layer := layertest.Tar(t, entries...)
+	files, _ := toctest.FromTar(t, layer)
+	return mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
 }
 
 func lstat(t *testing.T, p string) *syscall.Stat_t {

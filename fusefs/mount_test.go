@@ -293,9 +293,7 @@ func equalMaps(a, b map[string]string) bool {
 }
 
 func TestReadOnly(t *testing.T) {
-	layer := layertest.Tar(t, layertest.Reg("f", 0o666, []byte("data")), layertest.Dir("d/", 0o777))
-	files, _ := toctest.FromTar(t, layer)
-	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
+	mnt := mountLayer(t, layertest.Reg("f", 0o666, []byte("data")), layertest.Dir("d/", 0o777))
 	checks := map[string]error{}
 	checks["write"] = os.WriteFile(filepath.Join(mnt, "f"), []byte("x"), 0o666)
 	_, err := os.OpenFile(filepath.Join(mnt, "f"), os.O_RDWR, 0)
@@ -344,7 +342,7 @@ func (s *syncBuffer) String() string {
 }
 
 func TestReadErrorIsEIO(t *testing.T) {
-	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte(strings.Repeat("x", 10000))), layertest.Reg("empty", 0o644, []byte("")))
+	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte(strings.Repeat("x", 10000))), layertest.Reg("empty", 0o644, nil))
 	files, _ := toctest.FromTar(t, layer)
 	for _, short := range []bool{false, true} {
 		var logs syncBuffer
@@ -420,17 +418,8 @@ func TestStatfsAndReaddir(t *testing.T) {
 		es = append(es, layertest.Reg(name, 0o644, []byte("12345")))
 		names = append(names, filepath.Base(name))
 	}
-	layer := layertest.Tar(t, es...)
-	files, _ := toctest.FromTar(t, layer)
-	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
-	des, err := os.ReadDir(filepath.Join(mnt, "d"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for _, de := range des {
-		got = append(got, de.Name())
-	}
+	mnt := mountLayer(t, es...)
+	got := readDirNames(t, filepath.Join(mnt, "d"))
 	sort.Strings(names)
 	if strings.Join(got, ",") != strings.Join(names, ",") {
 		t.Errorf("readdir = %v, want %v", got, names)
@@ -468,14 +457,12 @@ func TestMountTwiceFails(t *testing.T) {
 // TestPermissions reads as an unprivileged user: the mount allows other
 // users and the kernel enforces the layer's modes.
 func TestPermissions(t *testing.T) {
-	layer := layertest.Tar(t,
+	mnt := mountLayer(t,
 		layertest.Reg("public", 0o644, []byte("public data")),
 		layertest.Reg("secret", 0o600, []byte("secret data")),
 		layertest.Dir("closed/", 0o700),
 		layertest.Reg("closed/f", 0o644, []byte("hidden")),
 	)
-	files, _ := toctest.FromTar(t, layer)
-	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
 	// let the user reach the mountpoint
 	for p := filepath.Dir(mnt); p != "/" && p != os.TempDir(); p = filepath.Dir(p) {
 		if err := os.Chmod(p, 0o755); err != nil {

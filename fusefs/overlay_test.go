@@ -15,13 +15,6 @@ import (
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 )
 
-func mountLayer(t *testing.T, es []layertest.Entry) string {
-	t.Helper()
-	layer := layertest.Tar(t, es...)
-	files, _ := toctest.FromTar(t, layer)
-	return mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
-}
-
 // mountOverlay mounts overlayfs with lowers (top first), unmounted when
 // the test ends (before the FUSE mounts it sits on).
 func mountOverlay(t *testing.T, lowers ...string) (merged, upper string) {
@@ -63,7 +56,7 @@ func readDirNames(t *testing.T, p string) []string {
 // does: the upper layer's whiteouts and opaque dirs hide lower files, and
 // copy-up works.
 func TestOverlay(t *testing.T) {
-	lower := mountLayer(t, []layertest.Entry{
+	lower := mountLayer(t,
 		layertest.Reg("a", 0o644, []byte("lower a")),
 		layertest.Reg("keep", 0o644, []byte("lower keep")),
 		layertest.Dir("dir/", 0o755),
@@ -73,15 +66,15 @@ func TestOverlay(t *testing.T) {
 		layertest.Reg("merge/lower", 0o644, []byte("l")),
 		layertest.Dir("gonedir/", 0o755),
 		layertest.Reg("gonedir/f", 0o644, []byte("f")),
-	})
-	upper := mountLayer(t, []layertest.Entry{
-		layertest.Reg(".wh.a", 0o600, []byte("")),
-		layertest.Reg(".wh.gonedir", 0o600, []byte("")),
+	)
+	upper := mountLayer(t,
+		layertest.Reg(".wh.a", 0o600, nil),
+		layertest.Reg(".wh.gonedir", 0o600, nil),
 		layertest.Dir("dir/", 0o755),
-		layertest.Reg("dir/.wh..wh..opq", 0o600, []byte("")),
+		layertest.Reg("dir/.wh..wh..opq", 0o600, nil),
 		layertest.Reg("dir/z", 0o644, []byte("z")),
 		layertest.Reg("merge/upper", 0o644, []byte("u")),
-	})
+	)
 	merged, rw := mountOverlay(t, upper, lower)
 
 	for _, p := range []string{"a", "gonedir", "dir/x", "dir/y"} {

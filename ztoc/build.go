@@ -595,30 +595,30 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 	}
 }
 
+// tocTypes maps the tar type flags of the entries a TOC holds to their
+// types (archive/tar turns TypeRegA into TypeReg).
+var tocTypes = map[byte]string{
+	tar.TypeReg:       TypeReg,
+	tar.TypeCont:      TypeReg,
+	tar.TypeGNUSparse: TypeReg,
+	tar.TypeDir:       TypeDir,
+	tar.TypeSymlink:   TypeSymlink,
+	tar.TypeLink:      TypeHardlink,
+	tar.TypeChar:      TypeChar,
+	tar.TypeBlock:     TypeBlock,
+	tar.TypeFifo:      TypeFifo,
+}
+
 // fileMetadata converts a tar header whose data starts at dataOffset. It
 // reports ok=false for entries that carry no file (PAX global headers).
 func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error) {
-	var typ string
-	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeCont, tar.TypeGNUSparse: // archive/tar turns TypeRegA into TypeReg
-		typ = TypeReg
-	case tar.TypeDir:
-		typ = TypeDir
-	case tar.TypeSymlink:
-		typ = TypeSymlink
-	case tar.TypeLink:
-		typ = TypeHardlink
-	case tar.TypeChar:
-		typ = TypeChar
-	case tar.TypeBlock:
-		typ = TypeBlock
-	case tar.TypeFifo:
-		typ = TypeFifo
-	case tar.TypeXGlobalHeader:
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
 		// PAX global headers describe the archive, not a file. SOCI fails
 		// on them; we leave them out of the TOC.
 		return FileMetadata{}, false, nil
-	default:
+	}
+	typ, ok := tocTypes[hdr.Typeflag]
+	if !ok {
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: unsupported type %q", hdr.Name, dataOffset, hdr.Typeflag)
 	}
 	// The same rule as the zTOC decoder's: a layer that could not be read

@@ -529,6 +529,21 @@ func TestUnmarshalBitFlips(t *testing.T) {
 	}
 }
 
+// roundTrip marshals z and unmarshals the bytes, failing the test when
+// either fails, and returns the bytes and the decoded zTOC.
+func roundTrip(t testing.TB, z *Ztoc) ([]byte, *Ztoc) {
+	t.Helper()
+	b, err := Marshal(z)
+	if err != nil {
+		t.Fatalf("Marshal: %v", err)
+	}
+	z2, err := Unmarshal(b)
+	if err != nil {
+		t.Fatalf("Unmarshal(Marshal(z)): %v", err)
+	}
+	return b, z2
+}
+
 // checkReencode asserts the fuzz property: if b decodes, its re-encoding
 // decodes to the same value. It reports whether b decoded.
 func checkReencode(t testing.TB, b []byte) bool {
@@ -537,15 +552,7 @@ func checkReencode(t testing.TB, b []byte) bool {
 	if err != nil {
 		return false
 	}
-	out, err := Marshal(z)
-	if err != nil {
-		t.Fatalf("decoded zTOC does not re-encode: %v", err)
-	}
-	z2, err := Unmarshal(out)
-	if err != nil {
-		t.Fatalf("re-encoded zTOC does not decode: %v", err)
-	}
-	if !reflect.DeepEqual(z, z2) {
+	if _, z2 := roundTrip(t, z); !reflect.DeepEqual(z, z2) {
 		t.Fatal("re-encoded zTOC decodes to a different value")
 	}
 	return true

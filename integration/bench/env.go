@@ -51,7 +51,6 @@ type env struct {
 	indexerBin     string
 	spanSize       int64 // --span-size for indexer convert; 0: the indexer's default
 	snapConfig     string
-	metricsAddr    string
 	snap           *testenv.Snapshotter
 	snapRoot       string
 	snapStarts     int
@@ -256,16 +255,6 @@ func httpOK(ctx context.Context, url string) error {
 	return nil
 }
 
-// freePort returns a loopback TCP port nobody listens on right now.
-func freePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
-
 // startSnapshotter writes the daemon's config and starts it with an empty
 // root. fill enables background fill with the daemon's defaults.
 func (e *env) startSnapshotter(ctx context.Context, fill bool) error {
@@ -275,10 +264,6 @@ func (e *env) startSnapshotter(ctx context.Context, fill bool) error {
 		b.WriteString("  fill_rate_bytes = -1\n")
 	}
 	e.snapConfig = b.String()
-	var err error
-	if e.metricsAddr, err = freePort(); err != nil {
-		return err
-	}
 	e.onClose(func() error { return e.stopSnapshotter() })
 	return e.restartSnapshotter(ctx)
 }
@@ -305,16 +290,13 @@ func (e *env) restartSnapshotter(ctx context.Context) error {
 	e.snapStarts++
 	e.snapRoot = filepath.Join(e.dir, fmt.Sprintf("snap-root-%d", e.snapStarts))
 	sn, err := testenv.LaunchSnapshotter(ctx, e.dir, testenv.SnapshotterConfig{
-		Binary: e.snapshotterBin, Config: e.snapConfig, Root: e.snapRoot, LogLevel: "info",
-		Args: []string{"--metrics-address", e.metricsAddr},
+		Binary: e.snapshotterBin, Config: e.snapConfig, Root: e.snapRoot, LogLevel: "info", Metrics: true,
 	})
 	if err != nil {
 		return fmt.Errorf("snapshotter: %w", err)
 	}
 	e.snap = sn
-	if err := proc.WaitReady(ctx, sn.Process, 30*time.Second, func() error {
-		return httpOK(ctx, "http://"+e.metricsAddr+"/metrics")
-	}); err != nil {
+	if err := proc.WaitReady(ctx, sn.Process, 30*time.Second, func() error { return httpOK(ctx, sn.MetricsURL) }); err != nil {
 		return fmt.Errorf("snapshotter metrics: %w", err)
 	}
 	if e.containerd != nil {

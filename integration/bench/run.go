@@ -168,5 +168,5 @@ func (e *env) measureInto(ctx context.Context, w workload, img image, r *runResu
 // snapshotterMetrics scrapes the daemon's spanpull_* counters and gauges
 // (histograms left out) from its Prometheus endpoint, by series.
 func (e *env) snapshotterMetrics(ctx context.Context) (map[string]float64, error) {
-	return testenv.ScrapeMetrics(ctx, "http://"+e.metricsAddr+"/metrics", "spanpull_")
+	return testenv.ScrapeMetrics(ctx, e.snap.MetricsURL, "spanpull_")
 }

@@ -4,10 +4,12 @@ package testenv
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"testing"
 	"time"
 
@@ -24,6 +26,9 @@ type Snapshotter struct {
 	Socket string
 	// Root is its state directory.
 	Root string
+	// MetricsURL is its Prometheus endpoint when SnapshotterConfig.Metrics
+	// asked for one.
+	MetricsURL string
 }
 
 // SnapshotterConfig configures StartSnapshotter.
@@ -37,6 +42,9 @@ type SnapshotterConfig struct {
 	Root string
 	// LogLevel is passed with --log-level; empty: debug.
 	LogLevel string
+	// Metrics serves Prometheus metrics on a free loopback port (see
+	// Snapshotter.MetricsURL).
+	Metrics bool
 	// Args are extra arguments for "serve".
 	Args []string
 }
@@ -57,17 +65,47 @@ func LaunchSnapshotter(ctx context.Context, dir string, c SnapshotterConfig) (*S
 	if err := os.WriteFile(cfg, []byte(c.Config), 0o600); err != nil {
 		return nil, err
 	}
-	args := append([]string{"serve", "--config", cfg, "--address", sn.Socket, "--root", sn.Root, "--log-level", level}, c.Args...)
+	args := []string{"serve", "--config", cfg, "--address", sn.Socket, "--root", sn.Root, "--log-level", level}
+	if c.Metrics {
+		args = append(args, "--metrics-address", "127.0.0.1:0")
+	}
+	args = append(args, c.Args...)
 	p, err := proc.Start(dir, "snapshotter", exec.Command(c.Binary, args...))
 	if err != nil {
 		return nil, err
 	}
 	sn.Process = p
-	if err := proc.WaitReady(ctx, p, 30*time.Second, func() error { return dialUnix(sn.Socket) }); err != nil {
+	ready := func() error { return dialUnix(sn.Socket) }
+	if c.Metrics {
+		ready = func() error {
+			if err := dialUnix(sn.Socket); err != nil {
+				return err
+			}
+			return sn.findMetrics()
+		}
+	}
+	if err := proc.WaitReady(ctx, p, 30*time.Second, ready); err != nil {
 		_ = p.Stop(snapshotterGrace)
 		return nil, err
 	}
 	return sn, nil
+}
+
+// metricsAddrRE finds the address the daemon serves metrics on in its log.
+var metricsAddrRE = regexp.MustCompile(`msg="serving metrics" address="?([0-9.]+:[0-9]+)`)
+
+// findMetrics sets MetricsURL from the daemon's log.
+func (sn *Snapshotter) findMetrics() error {
+	b, err := os.ReadFile(sn.Log)
+	if err != nil {
+		return err
+	}
+	m := metricsAddrRE.FindSubmatch(b)
+	if m == nil {
+		return errors.New("the snapshotter logged no metrics address yet")
+	}
+	sn.MetricsURL = "http://" + string(m[1]) + "/metrics"
+	return nil
 }
 
 // StartSnapshotter is LaunchSnapshotter for a test: it fails the test when

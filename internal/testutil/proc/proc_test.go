@@ -22,15 +22,7 @@ func TestStartLogsAndStops(t *testing.T) {
 	if p.Log != filepath.Join(dir, "echo.log") {
 		t.Errorf("log %s", p.Log)
 	}
-	err = WaitReady(context.Background(), p, 10*time.Second, func() error {
-		if !strings.Contains(p.LogTail(100), "oops") {
-			return errors.New("no output yet")
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	waitForLog(t, p, "oops")
 	if pgid, err := syscall.Getpgid(p.Pid()); err != nil || pgid != p.Pid() {
 		t.Errorf("process group %d (%v), want its own (%d)", pgid, err, p.Pid())
 	}
@@ -68,20 +60,26 @@ func TestStartLogsAndStops(t *testing.T) {
 	}
 }
 
-func TestStopKillsAfterGrace(t *testing.T) {
-	p, err := Start(t.TempDir(), "stubborn", exec.Command("sh", "-c", `trap "" TERM; echo ready; while :; do sleep 0.05; done`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = WaitReady(context.Background(), p, 10*time.Second, func() error {
-		if !strings.Contains(p.LogTail(100), "ready") {
-			return errors.New("trap not set yet")
+// waitForLog waits until p has logged s.
+func waitForLog(t *testing.T, p *Process, s string) {
+	t.Helper()
+	err := WaitReady(context.Background(), p, 10*time.Second, func() error {
+		if !strings.Contains(p.LogTail(100), s) {
+			return errors.New("not logged yet")
 		}
 		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+func TestStopKillsAfterGrace(t *testing.T) {
+	p, err := Start(t.TempDir(), "stubborn", exec.Command("sh", "-c", `trap "" TERM; echo ready; while :; do sleep 0.05; done`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitForLog(t, p, "ready")
 	start := time.Now()
 	if err := p.Stop(200 * time.Millisecond); !errors.Is(err, ErrKilled) {
 		t.Errorf("Stop = %v, want ErrKilled", err)
