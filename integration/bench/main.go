@@ -226,6 +226,42 @@ func benchmark(ctx context.Context, o options) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := e.start(ctx, o, repo); err != nil {
+		return err
+	}
+	rep := &report{Started: begin, Command: strings.Join(append([]string{"cd integration/bench && go run ."}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
+	rep.Machine = machineInfo(ctx, repo)
+	rep.Registry = e.proxyAddr
+	imgs := map[string]image{}
+	for _, w := range ws {
+		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
+		img, err := e.pushImage(ctx, w)
+		if err != nil {
+			return err
+		}
+		imgs[w.Name] = img
+		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd}
+	}
+	if err := e.runMatrix(ctx, o, ws, imgs, rep); err != nil {
+		return err
+	}
+	rep.summarize(o)
+	rep.Seconds = time.Since(begin).Seconds()
+	if err := rep.write(o.out); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("interrupted: %w", err)
+	}
+	if n := rep.failedRuns(); n > 0 {
+		return fmt.Errorf("%d runs failed (see results.json)", n)
+	}
+	return nil
+}
+
+// start builds the binaries the flags do not name and starts the
+// registry, the snapshotter and containerd.
+func (e *env) start(ctx context.Context, o options, repo string) error {
 	for _, b := range []struct {
 		dst  *string
 		flag string
@@ -249,24 +285,12 @@ func benchmark(ctx context.Context, o options) (err error) {
 	if err := e.startSnapshotter(ctx, o.BackgroundFill); err != nil {
 		return err
 	}
-	if err := e.startContainerd(ctx); err != nil {
-		return err
-	}
+	return e.startContainerd(ctx)
+}
 
-	rep := &report{Started: begin, Command: strings.Join(append([]string{"cd integration/bench && go run ."}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
-	rep.Machine = machineInfo(ctx, repo)
-	rep.Registry = e.proxyAddr
-	imgs := map[string]image{}
-	for _, w := range ws {
-		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
-		img, err := e.pushImage(ctx, w)
-		if err != nil {
-			return err
-		}
-		imgs[w.Name] = img
-		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd}
-	}
-
+// runMatrix measures every workload on every link, alternating which
+// mode goes first, and writes results.json after every run.
+func (e *env) runMatrix(ctx context.Context, o options, ws []workload, imgs map[string]image, rep *report) error {
 	for _, link := range o.Links {
 		rate, rtt := link, o.RTT
 		if link == "unshaped" {
@@ -295,26 +319,21 @@ func benchmark(ctx context.Context, o options) (err error) {
 			}
 		}
 	}
-	rep.summarize(o)
-	rep.Seconds = time.Since(begin).Seconds()
-	if err := rep.writeJSON(o.out); err != nil {
+	return nil
+}
+
+// write writes results.json, bench-lazy.md (also printed) and the charts
+// to dir.
+func (rep *report) write(dir string) error {
+	if err := rep.writeJSON(dir); err != nil {
 		return err
 	}
 	md := rep.markdown()
-	if err := os.WriteFile(filepath.Join(o.out, "bench-lazy.md"), []byte(md), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "bench-lazy.md"), []byte(md), 0o644); err != nil {
 		return err
 	}
 	fmt.Print(md)
-	if err := rep.charts(o.out); err != nil {
-		return err
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("interrupted: %w", err)
-	}
-	if n := rep.failedRuns(); n > 0 {
-		return fmt.Errorf("%d runs failed (see results.json)", n)
-	}
-	return nil
+	return rep.charts(dir)
 }
 
 func logRun(r runResult) {

@@ -1,11 +1,15 @@
 //go:build linux
 
 // Package testenv starts the real parts end-to-end tests need: a registry,
-// spanpull's snapshotter daemon, Debian's containerd 1.6 wired to it as a
-// proxy plugin, and ctr. Every process it starts is stopped by PID in
-// t.Cleanup (also when the test fails), containers are killed and removed,
-// and mounts left below the test's directories are unmounted before the
-// directories are deleted.
+// spanpull's snapshotter daemon, Debian's containerd 1.6 (or containerd 2)
+// wired to it as a proxy plugin, and ctr. Every process it starts is
+// stopped by PID (also when the test fails), containers are killed and
+// removed, containerd's shims are killed, and mounts left below the test's
+// directories are unmounted before the directories are deleted.
+//
+// The Start* functions take a testing.T and clean up in t.Cleanup; the
+// Launch* functions they wrap return errors and are undone by Close or
+// Stop, for programs such as the benchmark harness (integration/bench).
 //
 // Tests using it need root: containerd, runc and overlayfs do.
 package testenv
