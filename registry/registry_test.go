@@ -60,6 +60,16 @@ func faultyRegistry(t *testing.T) (*registrytest.FaultProxy, context.Context) {
 	return registrytest.StartFaultProxy(t, registrytest.StartDistribution(t)), testCtx(t)
 }
 
+// readBlob reads a whole blob through FetchBlob.
+func readBlob(ctx context.Context, r *registry.Repository, desc ocispec.Descriptor) ([]byte, error) {
+	rc, err := r.FetchBlob(ctx, desc)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	return io.ReadAll(rc)
+}
+
 // testImage is a one-layer image pushed through the code under test.
 type testImage struct {
 	layer, config []byte
@@ -124,13 +134,7 @@ func TestPushFetchRangeRead(t *testing.T) {
 			t.Fatalf("FetchManifestDescriptor: %v", err)
 		}
 
-		rc, err := r.FetchBlob(ctx, img.layerDesc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(got, img.layer) {
+		if got, err := readBlob(ctx, r, img.layerDesc); err != nil || !bytes.Equal(got, img.layer) {
 			t.Fatalf("FetchBlob: %v, %d bytes", err, len(got))
 		}
 
@@ -494,14 +498,8 @@ func TestRetryTransient5xx(t *testing.T) {
 
 	for _, status := range []int{http.StatusInternalServerError, http.StatusBadGateway, http.StatusTooManyRequests} {
 		p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Status: status, StatusCount: 2})
-		rc, err := r.FetchBlob(ctx, img.layerDesc)
-		if err != nil {
+		if b, err := readBlob(ctx, r, img.layerDesc); err != nil || !bytes.Equal(b, img.layer) {
 			t.Fatalf("status %d: %v", status, err)
-		}
-		b, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(b, img.layer) {
-			t.Fatalf("status %d: read %v", status, err)
 		}
 		p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Status: status, StatusCount: 2})
 		buf := make([]byte, 1000)
@@ -548,13 +546,7 @@ func TestResumeAfterResetMidBody(t *testing.T) {
 		img := pushImage(t, ctx, r, "v1", 1_000_000)
 
 		p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 100_000, ResetCount: 3})
-		rc, err := r.FetchBlob(ctx, img.layerDesc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(b, img.layer) {
+		if b, err := readBlob(ctx, r, img.layerDesc); err != nil || !bytes.Equal(b, img.layer) {
 			t.Fatalf("FetchBlob after resets: %v (%d bytes)", err, len(b))
 		}
 		if n := p.CountRequests("reset after"); n != 3 {
