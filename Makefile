@@ -5,6 +5,8 @@ GOBIN ?= $(shell $(GO) env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
 export CGO_ENABLED := 1
 BIN := bin
+# The benchmark harness is a module of its own (its charts need gonum).
+BENCH_MOD := integration/bench
 # The whole suite must stay well under CI's budget on 2 cores.
 TEST_TIMEOUT ?= 25m
 
@@ -23,10 +25,12 @@ lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 	staticcheck ./...
+	cd $(BENCH_MOD) && $(GO) vet ./... && staticcheck ./...
 
 # make test: everything CI runs. Installs its own prerequisites first.
 test: deps lint build
 	$(GO) test -race -timeout $(TEST_TIMEOUT) -count=1 ./...
+	cd $(BENCH_MOD) && $(GO) test -race -count=1 ./...
 
 # Short fuzzing sessions of every parser (seed corpora live in testdata/).
 FUZZTIME ?= 30s

@@ -21,10 +21,13 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/toctest"
 )
 
 // layerEntries has an entry of every kind the filesystem must present.
-func layerEntries() []entry {
+func layerEntries() []layertest.Entry {
 	mtime := time.Date(2021, 3, 4, 5, 6, 7, 0, time.UTC)
 	nsTime := time.Date(2022, 1, 2, 3, 4, 5, 987654321, time.UTC)
 	big := make([]byte, 5<<20+128)
@@ -33,48 +36,48 @@ func layerEntries() []entry {
 		binary.LittleEndian.PutUint64(big[i:], rng.Uint64())
 	}
 	longDir := "long/" + strings.Repeat("d", 120)
-	es := []entry{
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "./", Mode: 0o751, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "./dir/", Mode: 0o750, Uid: 1000, Gid: 1001, ModTime: mtime,
+	es := []layertest.Entry{
+		{Header: tar.Header{Typeflag: tar.TypeDir, Name: "./", Mode: 0o751, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeDir, Name: "./dir/", Mode: 0o750, Uid: 1000, Gid: 1001, ModTime: mtime,
 			PAXRecords: map[string]string{"SCHILY.xattr.user.dirattr": "on a dir"}}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/file.txt", Mode: 0o644, Uid: 1000, Gid: 1001, ModTime: mtime}, data: []byte("hello, lazy world\n")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/empty", Mode: 0o600, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/shadow", Mode: 0, ModTime: mtime}, data: []byte("secret")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/setuid", Mode: 0o4755, ModTime: mtime}, data: []byte("#!/bin/sh\n")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/setgid", Mode: 0o2711, Gid: 50, ModTime: mtime}, data: []byte("g")},
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "./dir/sticky/", Mode: 0o1777, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/big", Mode: 0o644, ModTime: mtime}, data: big},
-		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "./dir/link", Linkname: "file.txt", Mode: 0o777, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "./dir/abslink", Linkname: "/etc/passwd", Mode: 0o777, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeLink, Name: "./dir/hard", Linkname: "./dir/file.txt", ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeLink, Name: "./other/hard2", Linkname: "dir/file.txt", ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "./dev/", Mode: 0o755, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "./dev/null", Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/sda1", Mode: 0o660, Gid: 6, Devmajor: 8, Devminor: 1, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/nvme", Mode: 0o660, Devmajor: 259, Devminor: 300000, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeFifo, Name: "./dev/fifo", Mode: 0o644, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./xattrs", Mode: 0o644, ModTime: mtime, PAXRecords: map[string]string{
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/file.txt", Mode: 0o644, Uid: 1000, Gid: 1001, ModTime: mtime}, Data: []byte("hello, lazy world\n")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/empty", Mode: 0o600, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/shadow", Mode: 0, ModTime: mtime}, Data: []byte("secret")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/setuid", Mode: 0o4755, ModTime: mtime}, Data: []byte("#!/bin/sh\n")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/setgid", Mode: 0o2711, Gid: 50, ModTime: mtime}, Data: []byte("g")},
+		{Header: tar.Header{Typeflag: tar.TypeDir, Name: "./dir/sticky/", Mode: 0o1777, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dir/big", Mode: 0o644, ModTime: mtime}, Data: big},
+		{Header: tar.Header{Typeflag: tar.TypeSymlink, Name: "./dir/link", Linkname: "file.txt", Mode: 0o777, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeSymlink, Name: "./dir/abslink", Linkname: "/etc/passwd", Mode: 0o777, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeLink, Name: "./dir/hard", Linkname: "./dir/file.txt", ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeLink, Name: "./other/hard2", Linkname: "dir/file.txt", ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeDir, Name: "./dev/", Mode: 0o755, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeChar, Name: "./dev/null", Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/sda1", Mode: 0o660, Gid: 6, Devmajor: 8, Devminor: 1, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeBlock, Name: "./dev/nvme", Mode: 0o660, Devmajor: 259, Devminor: 300000, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeFifo, Name: "./dev/fifo", Mode: 0o644, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./xattrs", Mode: 0o644, ModTime: mtime, PAXRecords: map[string]string{
 			"SCHILY.xattr.user.foo":     "bar",
 			"SCHILY.xattr.user.bin":     "\x00\x01\xffbinary",
 			"SCHILY.xattr.trusted.priv": "t",
 			"LIBARCHIVE.xattr.user.no":  "ignored",
-		}}, data: []byte("has xattrs")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./nanos", Mode: 0o644, ModTime: nsTime, Format: tar.FormatPAX}, data: []byte("ns")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dup", Mode: 0o644, ModTime: mtime}, data: []byte("first version")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./dup", Mode: 0o640, ModTime: mtime}, data: []byte("second")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./implicit/a/b.txt", Mode: 0o644, ModTime: mtime}, data: []byte("b")},
+		}}, Data: []byte("has xattrs")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./nanos", Mode: 0o644, ModTime: nsTime, Format: tar.FormatPAX}, Data: []byte("ns")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dup", Mode: 0o644, ModTime: mtime}, Data: []byte("first version")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./dup", Mode: 0o640, ModTime: mtime}, Data: []byte("second")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./implicit/a/b.txt", Mode: 0o644, ModTime: mtime}, Data: []byte("b")},
 		// long names: GNU long name/link records and PAX path/linkpath
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: longDir + "/" + strings.Repeat("g", 200), Mode: 0o644, ModTime: mtime, Format: tar.FormatGNU}, data: []byte("gnu")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: longDir + "/" + strings.Repeat("p", 230), Mode: 0o644, ModTime: mtime, Format: tar.FormatPAX}, data: []byte("pax")},
-		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "long/sym", Linkname: strings.Repeat("../", 60) + "x", Mode: 0o777, ModTime: mtime, Format: tar.FormatPAX}},
-		{hdr: tar.Header{Typeflag: tar.TypeLink, Name: "long/hard", Linkname: longDir + "/" + strings.Repeat("g", 200), ModTime: mtime, Format: tar.FormatGNU}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: longDir + "/" + strings.Repeat("g", 200), Mode: 0o644, ModTime: mtime, Format: tar.FormatGNU}, Data: []byte("gnu")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: longDir + "/" + strings.Repeat("p", 230), Mode: 0o644, ModTime: mtime, Format: tar.FormatPAX}, Data: []byte("pax")},
+		{Header: tar.Header{Typeflag: tar.TypeSymlink, Name: "long/sym", Linkname: strings.Repeat("../", 60) + "x", Mode: 0o777, ModTime: mtime, Format: tar.FormatPAX}},
+		{Header: tar.Header{Typeflag: tar.TypeLink, Name: "long/hard", Linkname: longDir + "/" + strings.Repeat("g", 200), ModTime: mtime, Format: tar.FormatGNU}},
 		// OCI whiteouts and AUFS metadata
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "./wh/", Mode: 0o755, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./wh/.wh.gone", Mode: 0o600, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "./opq/", Mode: 0o755, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./opq/.wh..wh..opq", Mode: 0o600, ModTime: mtime}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./opq/kept", Mode: 0o644, ModTime: mtime}, data: []byte("kept")},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "./.wh..wh.plnk/1.2", Mode: 0o644, ModTime: mtime}, data: []byte("aufs")},
+		{Header: tar.Header{Typeflag: tar.TypeDir, Name: "./wh/", Mode: 0o755, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./wh/.wh.gone", Mode: 0o600, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeDir, Name: "./opq/", Mode: 0o755, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./opq/.wh..wh..opq", Mode: 0o600, ModTime: mtime}},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./opq/kept", Mode: 0o644, ModTime: mtime}, Data: []byte("kept")},
+		{Header: tar.Header{Typeflag: tar.TypeReg, Name: "./.wh..wh.plnk/1.2", Mode: 0o644, ModTime: mtime}, Data: []byte("aufs")},
 	}
 	return es
 }
@@ -82,8 +85,8 @@ func layerEntries() []entry {
 // TestMountMatchesGNUTar mounts a layer and checks that it looks like what
 // GNU tar extracts from the same tar, whiteouts aside.
 func TestMountMatchesGNUTar(t *testing.T) {
-	layer := makeTar(t, layerEntries())
-	files := tocFromTar(t, layer)
+	layer := layertest.Tar(t, layerEntries()...)
+	files, _ := toctest.FromTar(t, layer)
 	src := &memSource{b: layer, files: files}
 	mnt := mountTOC(t, files, src, Options{})
 
@@ -290,9 +293,7 @@ func equalMaps(a, b map[string]string) bool {
 }
 
 func TestReadOnly(t *testing.T) {
-	layer := makeTar(t, []entry{reg("f", 0o666, "data"), dir("d/", 0o777)})
-	files := tocFromTar(t, layer)
-	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
+	mnt := mountLayer(t, layertest.Reg("f", 0o666, []byte("data")), layertest.Dir("d/", 0o777))
 	checks := map[string]error{}
 	checks["write"] = os.WriteFile(filepath.Join(mnt, "f"), []byte("x"), 0o666)
 	_, err := os.OpenFile(filepath.Join(mnt, "f"), os.O_RDWR, 0)
@@ -341,8 +342,8 @@ func (s *syncBuffer) String() string {
 }
 
 func TestReadErrorIsEIO(t *testing.T) {
-	layer := makeTar(t, []entry{reg("f", 0o644, strings.Repeat("x", 10000)), reg("empty", 0o644, "")})
-	files := tocFromTar(t, layer)
+	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte(strings.Repeat("x", 10000))), layertest.Reg("empty", 0o644, nil))
+	files, _ := toctest.FromTar(t, layer)
 	for _, short := range []bool{false, true} {
 		var logs syncBuffer
 		logger := logrus.New()
@@ -377,8 +378,8 @@ func TestConcurrentReads(t *testing.T) {
 	for i := range data {
 		data[i] = byte(rng.Uint32())
 	}
-	layer := makeTar(t, []entry{reg("a", 0o644, "small"), {hdr: tar.Header{Typeflag: tar.TypeReg, Name: "big", Mode: 0o644}, data: data}})
-	files := tocFromTar(t, layer)
+	layer := layertest.Tar(t, layertest.Reg("a", 0o644, []byte("small")), layertest.Reg("big", 0o644, data))
+	files, _ := toctest.FromTar(t, layer)
 	src := &memSource{b: layer, files: files}
 	mnt := mountTOC(t, files, src, Options{})
 	f, err := os.Open(filepath.Join(mnt, "big"))
@@ -412,24 +413,15 @@ func TestConcurrentReads(t *testing.T) {
 }
 
 func TestStatfsAndReaddir(t *testing.T) {
-	var es []entry
+	var es []layertest.Entry
 	var names []string
 	for i := range 300 {
 		name := "d/" + strings.Repeat("n", i%50+1) + string(rune('a'+i%26)) + "-" + string(rune('A'+i/26))
-		es = append(es, reg(name, 0o644, "12345"))
+		es = append(es, layertest.Reg(name, 0o644, []byte("12345")))
 		names = append(names, filepath.Base(name))
 	}
-	layer := makeTar(t, es)
-	files := tocFromTar(t, layer)
-	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
-	des, err := os.ReadDir(filepath.Join(mnt, "d"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []string
-	for _, de := range des {
-		got = append(got, de.Name())
-	}
+	mnt := mountLayer(t, es...)
+	got := readDirNames(t, filepath.Join(mnt, "d"))
 	sort.Strings(names)
 	if strings.Join(got, ",") != strings.Join(names, ",") {
 		t.Errorf("readdir = %v, want %v", got, names)
@@ -467,14 +459,12 @@ func TestMountTwiceFails(t *testing.T) {
 // TestPermissions reads as an unprivileged user: the mount allows other
 // users and the kernel enforces the layer's modes.
 func TestPermissions(t *testing.T) {
-	layer := makeTar(t, []entry{
-		reg("public", 0o644, "public data"),
-		reg("secret", 0o600, "secret data"),
-		dir("closed/", 0o700),
-		reg("closed/f", 0o644, "hidden"),
-	})
-	files := tocFromTar(t, layer)
-	mnt := mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
+	mnt := mountLayer(t,
+		layertest.Reg("public", 0o644, []byte("public data")),
+		layertest.Reg("secret", 0o600, []byte("secret data")),
+		layertest.Dir("closed/", 0o700),
+		layertest.Reg("closed/f", 0o644, []byte("hidden")),
+	)
 	// let the user reach the mountpoint
 	for p := filepath.Dir(mnt); p != "/" && p != os.TempDir(); p = filepath.Dir(p) {
 		if err := os.Chmod(p, 0o755); err != nil {

@@ -10,14 +10,10 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-)
 
-func mountLayer(t *testing.T, es []entry) string {
-	t.Helper()
-	layer := makeTar(t, es)
-	files := tocFromTar(t, layer)
-	return mountTOC(t, files, &memSource{b: layer, files: files}, Options{})
-}
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/toctest"
+)
 
 // mountOverlay mounts overlayfs with lowers (top first), unmounted when
 // the test ends (before the FUSE mounts it sits on).
@@ -60,25 +56,25 @@ func readDirNames(t *testing.T, p string) []string {
 // does: the upper layer's whiteouts and opaque dirs hide lower files, and
 // copy-up works.
 func TestOverlay(t *testing.T) {
-	lower := mountLayer(t, []entry{
-		reg("a", 0o644, "lower a"),
-		reg("keep", 0o644, "lower keep"),
-		dir("dir/", 0o755),
-		reg("dir/x", 0o644, "x"),
-		reg("dir/y", 0o644, "y"),
-		dir("merge/", 0o755),
-		reg("merge/lower", 0o644, "l"),
-		dir("gonedir/", 0o755),
-		reg("gonedir/f", 0o644, "f"),
-	})
-	upper := mountLayer(t, []entry{
-		reg(".wh.a", 0o600, ""),
-		reg(".wh.gonedir", 0o600, ""),
-		dir("dir/", 0o755),
-		reg("dir/.wh..wh..opq", 0o600, ""),
-		reg("dir/z", 0o644, "z"),
-		reg("merge/upper", 0o644, "u"),
-	})
+	lower := mountLayer(t,
+		layertest.Reg("a", 0o644, []byte("lower a")),
+		layertest.Reg("keep", 0o644, []byte("lower keep")),
+		layertest.Dir("dir/", 0o755),
+		layertest.Reg("dir/x", 0o644, []byte("x")),
+		layertest.Reg("dir/y", 0o644, []byte("y")),
+		layertest.Dir("merge/", 0o755),
+		layertest.Reg("merge/lower", 0o644, []byte("l")),
+		layertest.Dir("gonedir/", 0o755),
+		layertest.Reg("gonedir/f", 0o644, []byte("f")),
+	)
+	upper := mountLayer(t,
+		layertest.Reg(".wh.a", 0o600, nil),
+		layertest.Reg(".wh.gonedir", 0o600, nil),
+		layertest.Dir("dir/", 0o755),
+		layertest.Reg("dir/.wh..wh..opq", 0o600, nil),
+		layertest.Reg("dir/z", 0o644, []byte("z")),
+		layertest.Reg("merge/upper", 0o644, []byte("u")),
+	)
 	merged, rw := mountOverlay(t, upper, lower)
 
 	for _, p := range []string{"a", "gonedir", "dir/x", "dir/y"} {
@@ -145,8 +141,8 @@ func isMounted(t *testing.T, dir string) bool {
 }
 
 func TestUnmount(t *testing.T) {
-	layer := makeTar(t, []entry{reg("f", 0o644, "data")})
-	files := tocFromTar(t, layer)
+	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte("data")))
+	files, _ := toctest.FromTar(t, layer)
 	newServer := func() *Server {
 		root, err := NewRoot(files, &memSource{b: layer, files: files}, Options{})
 		if err != nil {

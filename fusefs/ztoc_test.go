@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/toctest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -16,16 +18,13 @@ import (
 // as the one the tests build themselves.
 func TestMountZtocBuild(t *testing.T) {
 	entries := layerEntries()
-	layer := makeTar(t, entries)
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	zw.Write(layer)
-	zw.Close()
-	z, _, err := ztoc.Build(context.Background(), &gz, ztoc.BuildOptions{SpanSize: 1 << 20})
+	layer := layertest.Tar(t, entries...)
+	gz := layertest.Gzip(t, layer, gzip.DefaultCompression)
+	z, _, err := ztoc.Build(context.Background(), bytes.NewReader(gz), ztoc.BuildOptions{SpanSize: 1 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := tocFromTar(t, layer)
+	want, _ := toctest.FromTar(t, layer)
 	if len(z.Files) != len(want) {
 		t.Fatalf("ztoc.Build found %d entries, want %d", len(z.Files), len(want))
 	}
@@ -45,8 +44,8 @@ func TestMountZtocBuild(t *testing.T) {
 		}
 		var wantData []byte
 		for _, e := range entries {
-			if filepath.Clean(e.hdr.Name) == p {
-				wantData = e.data
+			if filepath.Clean(e.Header.Name) == p {
+				wantData = e.Data
 			}
 		}
 		if !bytes.Equal(b, wantData) {

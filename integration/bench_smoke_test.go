@@ -17,17 +17,19 @@ import (
 	"github.com/spanpull/spanpull/integration/testenv"
 )
 
-// TestBenchSmoke runs the lazy-pull benchmark harness (./bench) in its
-// smallest configuration: the python workload, unshaped, one cold run of
-// each mode. It proves the whole harness works (network namespace,
+// TestBenchSmoke runs the lazy-pull benchmark harness (./bench, a module
+// of its own) in its smallest configuration: the python workload,
+// unshaped, one cold run of each mode. It proves the whole harness works (network namespace,
 // registry, delay proxy, snapshotter, containerd 1.6, report, charts) and
 // that the numbers it reports are sane, and that it leaves nothing behind.
 func TestBenchSmoke(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "bench")
-	if out, err := exec.Command("go", "build", "-o", bin, "./bench").CombinedOutput(); err != nil {
-		t.Fatalf("go build ./bench: %v\n%s", err, out)
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Dir = "bench"
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build in ./bench: %v\n%s", err, out)
 	}
 	out := filepath.Join(dir, "out")
 	tmp := filepath.Join(dir, "tmp")

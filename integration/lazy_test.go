@@ -179,12 +179,7 @@ func TestLazyFileByFile(t *testing.T) {
 		}
 		tarDone <- err
 	}()
-	src, _ := e.pushPython(t, "py/files", "src")
-	dst := e.reg.Addr + "/py/files:soci"
-	e.indexer(t, "convert", src, dst)
-	if out := e.pull(t, dst); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
-		t.Fatalf("layer not lazy:\n%s", out)
-	}
+	e.pullLazy(t, "py/files")
 	mnt := e.lazyMount(t)
 	if err := <-tarDone; err != nil {
 		t.Fatal(err)
@@ -227,13 +222,9 @@ func TestLazyFileByFile(t *testing.T) {
 			if ws.Nlink > 1 {
 				hardlinked++
 			}
-			wb, err := os.ReadFile(p)
+			wb, gb, err := readPair(os.ReadFile, p, got, "read "+rel)
 			if err != nil {
 				return err
-			}
-			gb, err := os.ReadFile(got)
-			if err != nil {
-				return fmt.Errorf("read %s through FUSE: %w", rel, err)
 			}
 			bytesRead += int64(len(gb))
 			if !bytes.Equal(wb, gb) {
@@ -252,13 +243,9 @@ func TestLazyFileByFile(t *testing.T) {
 			}
 		case syscall.S_IFLNK:
 			links++
-			wl, err := os.Readlink(p)
+			wl, gl, err := readPair(os.Readlink, p, got, "readlink "+rel)
 			if err != nil {
 				return err
-			}
-			gl, err := os.Readlink(got)
-			if err != nil {
-				return fmt.Errorf("readlink %s through FUSE: %w", rel, err)
 			}
 			check("symlink target", wl, gl)
 		case syscall.S_IFCHR, syscall.S_IFBLK:
@@ -278,6 +265,18 @@ func TestLazyFileByFile(t *testing.T) {
 	if files < 1000 || hardlinked == 0 || links == 0 {
 		t.Fatalf("the Debian layer should have thousands of files, hardlinks and symlinks")
 	}
+}
+
+// readPair reads a file of GNU tar's extraction (want) and the same file
+// through FUSE (got).
+func readPair[T any](read func(string) (T, error), want, got, what string) (w, g T, err error) {
+	if w, err = read(want); err != nil {
+		return w, g, err
+	}
+	if g, err = read(got); err != nil {
+		return w, g, fmt.Errorf("%s through FUSE: %w", what, err)
+	}
+	return w, g, nil
 }
 
 // spanFiles maps each span to the regular files lying wholly inside it
@@ -323,12 +322,7 @@ func fileBytes(t *testing.T, z *ztoc.Ztoc, blob []byte, f ztoc.FileMetadata) []b
 // while cached spans keep serving.
 func TestLazyFaults(t *testing.T) {
 	e := newLazyEnv(t, "[remote]\nfill_rate_bytes = -1\nfetch_timeout_seconds = 2\n")
-	src, _ := e.pushPython(t, "py/faults", "src")
-	ref := e.reg.Addr + "/py/faults:soci"
-	e.indexer(t, "convert", src, ref)
-	if out := e.pull(t, ref); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
-		t.Fatalf("layer not lazy:\n%s", out)
-	}
+	ref := e.pullLazy(t, "py/faults")
 	mnt := e.lazyMount(t)
 	z, spans := e.storedZtoc(t)
 	byspan := spanFiles(z, spans)
@@ -471,12 +465,7 @@ func TestLazyFaults(t *testing.T) {
 // the image then unmounts the layer and deletes its zTOC and span cache.
 func TestLazyRestart(t *testing.T) {
 	e := newLazyEnv(t, "[remote]\nfill_delay_seconds = 0\nfill_rate_bytes = 1073741824\n")
-	src, _ := e.pushPython(t, "py/restart", "src")
-	ref := e.reg.Addr + "/py/restart:soci"
-	e.indexer(t, "convert", src, ref)
-	if out := e.pull(t, ref); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
-		t.Fatalf("layer not lazy:\n%s", out)
-	}
+	ref := e.pullLazy(t, "py/restart")
 	e.cd.MustRun(t, "run", "-d", "--snapshotter", "spanpull", ref, "sleeper", "python3", "-c", "import time; time.sleep(600)")
 	_, spans := e.storedZtoc(t)
 	deadline := time.Now().Add(2 * time.Minute)

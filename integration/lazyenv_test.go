@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -16,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -91,7 +89,6 @@ type lazyEnv struct {
 	cd         *testenv.Containerd
 	layer      testenv.LayerBlob
 	layerDesc  ocispec.Descriptor
-	metricsURL string
 	runs       int
 }
 
@@ -121,27 +118,11 @@ func newLazyEnvOn(t *testing.T, config string, startContainerd startContainerdFu
 	return e
 }
 
-var metricsAddrRE = regexp.MustCompile(`msg="serving metrics" address="?([0-9.]+:[0-9]+)`)
-
 // startSnapshotter (re)starts the daemon on the env's socket and root,
 // with metrics on a free port.
 func (e *lazyEnv) startSnapshotter(t *testing.T) {
 	t.Helper()
-	e.sn = testenv.StartSnapshotter(t, e.dir, testenv.SnapshotterConfig{
-		Binary: e.snapBin, Config: e.config, Args: []string{"--metrics-address", "127.0.0.1:0"},
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		b, _ := os.ReadFile(e.sn.Log)
-		if m := metricsAddrRE.FindSubmatch(b); m != nil {
-			e.metricsURL = "http://" + string(m[1]) + "/metrics"
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("snapshotter logged no metrics address:\n%s", b)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	e.sn = testenv.StartSnapshotter(t, e.dir, testenv.SnapshotterConfig{Binary: e.snapBin, Config: e.config, Metrics: true})
 }
 
 // pushPython pushes the Debian + python3 image (OCI manifest,
@@ -176,6 +157,20 @@ func (e *lazyEnv) pull(t *testing.T, ref string) string {
 	}
 	t.Logf("snapshotter pull %s:\n%s", ref, out)
 	return string(out)
+}
+
+// pullLazy pushes the Debian + python3 image as repo:src, converts it to
+// repo:soci, pulls that with the snapshotter and checks the layer is
+// mounted lazily. It returns the converted image's reference.
+func (e *lazyEnv) pullLazy(t *testing.T, repo string) string {
+	t.Helper()
+	src, _ := e.pushPython(t, repo, "src")
+	ref := e.reg.Addr + "/" + repo + ":soci"
+	e.indexer(t, "convert", src, ref)
+	if out := e.pull(t, ref); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+		t.Fatalf("layer not lazy:\n%s", out)
+	}
+	return ref
 }
 
 // run runs a container of ref with the spanpull snapshotter and returns
@@ -224,27 +219,8 @@ func (e *lazyEnv) snapshotMode(t *testing.T) string {
 // labels, as printed) to value.
 func (e *lazyEnv) metrics(t *testing.T) map[string]float64 {
 	t.Helper()
-	client := &http.Client{Timeout: 10 * time.Second}
-	resp, err := client.Get(e.metricsURL)
+	m, err := testenv.ScrapeMetrics(context.Background(), e.sn.MetricsURL, "")
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	m := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			t.Fatalf("metrics line %q: %v", line, err)
-		}
-		m[line[:i]] = v
-	}
-	if err := sc.Err(); err != nil {
 		t.Fatal(err)
 	}
 	return m

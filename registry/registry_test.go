@@ -8,7 +8,6 @@ import (
 	"errors"
 	"io"
 	"log"
-	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -23,6 +22,7 @@ import (
 	"oras.land/oras-go/v2/registry/remote/auth"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
 )
@@ -53,13 +53,21 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-func randomBytes(n int, seed uint64) []byte {
-	r := rand.New(rand.NewPCG(seed, seed+1))
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(r.Uint32())
+// faultyRegistry starts docker-registry behind a fault proxy, and returns
+// the proxy and a context for the test.
+func faultyRegistry(t *testing.T) (*registrytest.FaultProxy, context.Context) {
+	t.Helper()
+	return registrytest.StartFaultProxy(t, registrytest.StartDistribution(t)), testCtx(t)
+}
+
+// readBlob reads a whole blob through FetchBlob.
+func readBlob(ctx context.Context, r *registry.Repository, desc ocispec.Descriptor) ([]byte, error) {
+	rc, err := r.FetchBlob(ctx, desc)
+	if err != nil {
+		return nil, err
 	}
-	return b
+	defer rc.Close()
+	return io.ReadAll(rc)
 }
 
 // testImage is a one-layer image pushed through the code under test.
@@ -73,7 +81,7 @@ type testImage struct {
 func pushImage(t *testing.T, ctx context.Context, r *registry.Repository, tag string, layerSize int) testImage {
 	t.Helper()
 	var img testImage
-	img.layer = randomBytes(layerSize, uint64(layerSize))
+	img.layer = layertest.Random(uint64(layerSize), layerSize)
 	img.config = []byte(`{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}`)
 	var err error
 	img.layerDesc, err = r.PushBlobBytes(ctx, ocispec.MediaTypeImageLayerGzip, img.layer)
@@ -126,13 +134,7 @@ func TestPushFetchRangeRead(t *testing.T) {
 			t.Fatalf("FetchManifestDescriptor: %v", err)
 		}
 
-		rc, err := r.FetchBlob(ctx, img.layerDesc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(got, img.layer) {
+		if got, err := readBlob(ctx, r, img.layerDesc); err != nil || !bytes.Equal(got, img.layer) {
 			t.Fatalf("FetchBlob: %v, %d bytes", err, len(got))
 		}
 
@@ -244,7 +246,7 @@ func TestPushIndexThenReferrers(t *testing.T) {
 
 		var indexes []ocispec.Descriptor
 		for i, tool := range []string{"spanpull test A", "spanpull test B"} {
-			ztoc := randomBytes(2000+i, uint64(77+i))
+			ztoc := layertest.Random(uint64(77+i), 2000+i)
 			zd, err := r.PushBlobBytes(ctx, index.MediaTypeZtoc, ztoc)
 			if err != nil {
 				t.Fatal(err)
@@ -440,10 +442,8 @@ func TestHTTPSToPlainRegistryFailsFast(t *testing.T) {
 }
 
 func TestBasicAuth(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
+	p, ctx := faultyRegistry(t)
 	p.Set(registrytest.Faults{User: "alice", Password: "s3cret"})
-	ctx := testCtx(t)
 
 	anon := newRepo(t, p.Addr, "spanpull/private", registry.Options{})
 	_, _, err := anon.FetchManifest(ctx, "v1")
@@ -496,9 +496,7 @@ func TestTokenAuth(t *testing.T) {
 
 // Transient 5xx answers are retried and the operations succeed.
 func TestRetryTransient5xx(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
-	ctx := testCtx(t)
+	p, ctx := faultyRegistry(t)
 	r := newRepo(t, p.Addr, "spanpull/flaky", registry.Options{})
 
 	p.Set(registrytest.Faults{Status: http.StatusServiceUnavailable, StatusCount: 3})
@@ -509,14 +507,8 @@ func TestRetryTransient5xx(t *testing.T) {
 
 	for _, status := range []int{http.StatusInternalServerError, http.StatusBadGateway, http.StatusTooManyRequests} {
 		p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Status: status, StatusCount: 2})
-		rc, err := r.FetchBlob(ctx, img.layerDesc)
-		if err != nil {
+		if b, err := readBlob(ctx, r, img.layerDesc); err != nil || !bytes.Equal(b, img.layer) {
 			t.Fatalf("status %d: %v", status, err)
-		}
-		b, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(b, img.layer) {
-			t.Fatalf("status %d: read %v", status, err)
 		}
 		p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, Status: status, StatusCount: 2})
 		buf := make([]byte, 1000)
@@ -563,13 +555,7 @@ func TestResumeAfterResetMidBody(t *testing.T) {
 		img := pushImage(t, ctx, r, "v1", 1_000_000)
 
 		p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 100_000, ResetCount: 3})
-		rc, err := r.FetchBlob(ctx, img.layerDesc)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := io.ReadAll(rc)
-		rc.Close()
-		if err != nil || !bytes.Equal(b, img.layer) {
+		if b, err := readBlob(ctx, r, img.layerDesc); err != nil || !bytes.Equal(b, img.layer) {
 			t.Fatalf("FetchBlob after resets: %v (%d bytes)", err, len(b))
 		}
 		if n := p.CountRequests("reset after"); n != 3 {
@@ -594,9 +580,7 @@ func TestResumeAfterResetMidBody(t *testing.T) {
 // Persistent faults fail within a bounded time with an error naming the
 // reference and the cause.
 func TestPersistentFaultsFailCleanly(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
-	ctx := testCtx(t)
+	p, ctx := faultyRegistry(t)
 	r := newRepo(t, p.Addr, "spanpull/down", registry.Options{})
 	img := pushImage(t, ctx, r, "v1", 200_000)
 
@@ -652,9 +636,7 @@ func TestPersistentFaultsFailCleanly(t *testing.T) {
 // A registry that stops answering trips the stall timeout instead of
 // hanging; faster answers pass.
 func TestStallTimeout(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
-	ctx := testCtx(t)
+	p, ctx := faultyRegistry(t)
 	img := pushImage(t, ctx, newRepo(t, p.Addr, "spanpull/slow", registry.Options{}), "v1", 5000)
 	r := newRepo(t, p.Addr, "spanpull/slow", registry.Options{StallTimeout: 300 * time.Millisecond,
 		Retry: registry.RetryPolicy{MaxRetries: 1, MinBackoff: 10 * time.Millisecond}})
@@ -677,9 +659,7 @@ func TestStallTimeout(t *testing.T) {
 // A body that stops flowing is abandoned after the timeout and resumed;
 // a caller that pauses between reads is not mistaken for a stall.
 func TestStallMidBodyResumes(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
-	ctx := testCtx(t)
+	p, ctx := faultyRegistry(t)
 	img := pushImage(t, ctx, newRepo(t, p.Addr, "spanpull/stall", registry.Options{}), "v1", 500_000)
 	r := newRepo(t, p.Addr, "spanpull/stall", registry.Options{StallTimeout: 300 * time.Millisecond})
 
@@ -719,9 +699,7 @@ func TestStallMidBodyResumes(t *testing.T) {
 }
 
 func TestRangeIgnoredIsAnError(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
-	ctx := testCtx(t)
+	p, ctx := faultyRegistry(t)
 	r := newRepo(t, p.Addr, "spanpull/norange", registry.Options{})
 	img := pushImage(t, ctx, r, "v1", 5000)
 	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, StripRange: true})
@@ -732,9 +710,7 @@ func TestRangeIgnoredIsAnError(t *testing.T) {
 }
 
 func TestCorruptContentIsRejected(t *testing.T) {
-	upstream := registrytest.StartDistribution(t)
-	p := registrytest.StartFaultProxy(t, upstream)
-	ctx := testCtx(t)
+	p, ctx := faultyRegistry(t)
 	r := newRepo(t, p.Addr, "spanpull/corrupt", registry.Options{})
 	img := pushImage(t, ctx, r, "v1", 5000)
 	p.Set(registrytest.Faults{Corrupt: true, Match: func(r *http.Request) bool { return r.Method == http.MethodGet }})

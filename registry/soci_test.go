@@ -11,6 +11,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry"
 )
 
@@ -29,7 +30,7 @@ func TestSOCIv2ConvertAndPush(t *testing.T) {
 		var listEntries []ocispec.Descriptor
 		layers := map[string]ocispec.Descriptor{}
 		for i, arch := range []string{"amd64", "arm64"} {
-			layer, err := r.PushBlobBytes(ctx, dockerLayer, randomBytes(10_000+i, uint64(i)))
+			layer, err := r.PushBlobBytes(ctx, dockerLayer, layertest.Random(uint64(i), 10_000+i))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -65,7 +66,7 @@ func TestSOCIv2ConvertAndPush(t *testing.T) {
 			t.Fatal(err)
 		}
 		var converted []index.Converted
-		ztocBytes := randomBytes(3000, 99)
+		ztocBytes := layertest.Random(99, 3000)
 		for _, d := range src.Manifests {
 			if d.Platform.Architecture != "amd64" {
 				continue

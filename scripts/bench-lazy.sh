@@ -8,7 +8,8 @@
 #
 # Writes $OUT/results.json, $OUT/bench-lazy.md (the section for
 # BENCHMARKS.md, also printed) and $OUT/*.png. Extra arguments go to the
-# harness (go run ./integration/bench -h lists them), e.g.
+# harness, a Go module of its own in integration/bench (cd integration/bench
+# && go run . -h lists them), e.g.
 #   scripts/bench-lazy.sh -workloads python -links unshaped,100mbit
 # The full matrix takes about an hour on 2 cores.
 set -euo pipefail
@@ -18,6 +19,7 @@ RUNS=${RUNS:-3}
 SLOW_RUNS=${SLOW_RUNS:-$RUNS}
 export PATH="$(go env GOPATH)/bin:$PATH"
 mkdir -p "$OUT"
-go run ./integration/bench -out "$OUT" -runs "$RUNS" -slow-runs "$SLOW_RUNS" "$@"
+OUT=$(cd "$OUT" && pwd) # the harness runs in its own module's directory
+(cd integration/bench && go run . -out "$OUT" -runs "$RUNS" -slow-runs "$SLOW_RUNS" "$@")
 echo >&2
 echo "wrote $OUT/bench-lazy.md, $OUT/results.json and $(cd "$OUT" && ls *.png | tr '\n' ' ')" >&2

@@ -54,93 +54,121 @@ var ErrUnsupportedCompression = errors.New("unsupported layer compression")
 // SpanSize uncompressed bytes, and hashes every span's compressed bytes.
 // Plain tar layers get fixed-size spans. Memory use does not depend on the
 // layer size (beyond the zTOC itself).
+//
+// The stages run concurrently, joined by channels of pooled chunks: the
+// reader (hashing and counting the blob), the decompressor (recording
+// checkpoints), the span hasher and the tar parser.
 func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.Digest, error) {
-	if opts.SpanSize <= 0 {
-		opts.SpanSize = DefaultSpanSize
-	}
-	if opts.BuildToolIdentifier == "" {
-		opts.BuildToolIdentifier = DefaultBuildToolIdentifier
-	}
+	opts = opts.withDefaults()
 	g, ctx := errgroup.WithContext(ctx)
-
-	// Stage 1: read the blob in chunks, hash it, count it.
+	layer := &layerReader{r: r, progress: opts.Progress, hash: sha256.New()}
 	inputs := make(chan chunk, inputChunks-1)
-	inPool := newBufferPool(inputChunks, inputChunkSize)
-	layerHash := sha256.New()
-	var total int64
-	g.Go(func() error {
-		for {
-			buf, err := inPool.get(ctx)
-			if err != nil {
-				return err
-			}
-			n, rerr := io.ReadFull(r, buf)
-			if n > 0 {
-				layerHash.Write(buf[:n])
-				total += int64(n)
-				if opts.Progress != nil {
-					opts.Progress(total)
-				}
-				if err := send(ctx, inputs, chunk{data: buf[:n], release: func() { inPool.put(buf) }}); err != nil {
-					return err
-				}
-			} else {
-				inPool.put(buf)
-			}
-			switch {
-			case rerr == io.EOF || rerr == io.ErrUnexpectedEOF:
-				close(inputs)
-				return nil
-			case rerr != nil:
-				return fmt.Errorf("read layer at offset %d: %w", total, rerr)
-			}
-		}
-	})
-
-	// Stage 2: decompress (gzip) or pass through (tar), recording spans.
-	// Stage 3: parse the tar stream into the TOC.
 	tarStream := make(chan chunk, outputChunks-1)
 	hashed := make(chan hashChunk, inputChunks-2)
 	var spans spanRecorder
 	var toc tocBuilder
+	g.Go(func() error { return layer.run(ctx, inputs) })
+	g.Go(func() error { return decompress(ctx, inputs, tarStream, hashed, opts.SpanSize, &spans) })
 	g.Go(func() error { return hashSpans(ctx, hashed, &spans) })
-	g.Go(func() error {
-		first, ok, err := recv(ctx, inputs)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return errors.New("layer is empty")
-		}
-		switch {
-		case bytes.HasPrefix(first.data, gzipMagic):
-			spans.algorithm = Gzip
-			err = inflateStream(ctx, first, inputs, tarStream, hashed, opts.SpanSize, &spans)
-		case bytes.HasPrefix(first.data, zstdMagic):
-			first.release()
-			return fmt.Errorf("%w: zstd", ErrUnsupportedCompression)
-		default:
-			spans.algorithm = Uncompressed
-			err = passTar(ctx, first, inputs, tarStream, opts.SpanSize, &spans)
-		}
-		if err != nil {
-			return err
-		}
-		close(tarStream)
-		close(hashed)
-		return nil
-	})
-	g.Go(func() error {
-		return toc.run(ctx, tarStream)
-	})
+	g.Go(func() error { return toc.run(ctx, tarStream) })
 	if err := g.Wait(); err != nil {
 		return nil, "", err
 	}
+	z, err := newZtoc(opts, layer.total, &toc, &spans)
+	if err != nil {
+		return nil, "", err
+	}
+	return z, digest.NewDigestFromBytes(digest.SHA256, layer.hash.Sum(nil)), nil
+}
 
+// withDefaults fills in the options left zero.
+func (o BuildOptions) withDefaults() BuildOptions {
+	if o.SpanSize <= 0 {
+		o.SpanSize = DefaultSpanSize
+	}
+	if o.BuildToolIdentifier == "" {
+		o.BuildToolIdentifier = DefaultBuildToolIdentifier
+	}
+	return o
+}
+
+// layerReader is the first stage of Build: it reads the blob in chunks,
+// hashing and counting it.
+type layerReader struct {
+	r        io.Reader
+	progress func(read int64)
+	hash     hash.Hash
+	total    int64
+}
+
+// run sends the blob's chunks to out and closes it at the end of the blob.
+func (l *layerReader) run(ctx context.Context, out chan<- chunk) error {
+	pool := newBufferPool(inputChunks, inputChunkSize)
+	for {
+		buf, err := pool.get(ctx)
+		if err != nil {
+			return err
+		}
+		n, rerr := io.ReadFull(l.r, buf)
+		if n > 0 {
+			l.hash.Write(buf[:n])
+			l.total += int64(n)
+			if l.progress != nil {
+				l.progress(l.total)
+			}
+			if err := send(ctx, out, chunk{data: buf[:n], release: func() { pool.put(buf) }}); err != nil {
+				return err
+			}
+		} else {
+			pool.put(buf)
+		}
+		switch {
+		case rerr == io.EOF || rerr == io.ErrUnexpectedEOF:
+			close(out)
+			return nil
+		case rerr != nil:
+			return fmt.Errorf("read layer at offset %d: %w", l.total, rerr)
+		}
+	}
+}
+
+// decompress is the second stage of Build: it inflates a gzip layer, or
+// passes a plain tar layer through, to tarStream, recording spans, and
+// closes tarStream and hashed once the layer is done.
+func decompress(ctx context.Context, inputs <-chan chunk, tarStream chan<- chunk, hashed chan<- hashChunk, spanSize int64, spans *spanRecorder) error {
+	first, ok, err := recv(ctx, inputs)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return errors.New("layer is empty")
+	}
+	switch {
+	case bytes.HasPrefix(first.data, gzipMagic):
+		spans.algorithm = Gzip
+		err = inflateStream(ctx, first, inputs, tarStream, hashed, spanSize, spans)
+	case bytes.HasPrefix(first.data, zstdMagic):
+		first.release()
+		return fmt.Errorf("%w: zstd", ErrUnsupportedCompression)
+	default:
+		spans.algorithm = Uncompressed
+		err = passTar(ctx, first, inputs, tarStream, spanSize, spans)
+	}
+	if err != nil {
+		return err
+	}
+	close(tarStream)
+	close(hashed)
+	return nil
+}
+
+// newZtoc assembles the zTOC of a layer of compressedSize bytes from what
+// the stages recorded, and checks that its spans are consistent.
+func newZtoc(opts BuildOptions, compressedSize int64, toc *tocBuilder, spans *spanRecorder) (*Ztoc, error) {
 	z := &Ztoc{
 		Version:                 Version,
 		BuildToolIdentifier:     opts.BuildToolIdentifier,
-		CompressedArchiveSize:   total,
+		CompressedArchiveSize:   compressedSize,
 		UncompressedArchiveSize: toc.archiveSize,
 		Files:                   toc.files,
 	}
@@ -151,16 +179,16 @@ func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.D
 	case Gzip:
 		blob, err := MarshalGzipZinfo(&GzipZinfo{SpanSize: opts.SpanSize, Checkpoints: spans.checkpoints})
 		if err != nil {
-			return nil, "", err
+			return nil, err
 		}
 		z.Checkpoints = blob
 	case Uncompressed:
-		z.Checkpoints = MarshalTarZinfo(TarZinfo{SpanSize: opts.SpanSize, Size: total})
+		z.Checkpoints = MarshalTarZinfo(TarZinfo{SpanSize: opts.SpanSize, Size: compressedSize})
 	}
 	if _, err := z.Spans(); err != nil {
-		return nil, "", fmt.Errorf("built an inconsistent zTOC: %w", err)
+		return nil, fmt.Errorf("built an inconsistent zTOC: %w", err)
 	}
-	return z, digest.NewDigestFromBytes(digest.SHA256, layerHash.Sum(nil)), nil
+	return z, nil
 }
 
 // chunk is a slice of a pipeline buffer; release hands the buffer back.
@@ -283,100 +311,19 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 		return err
 	}
 	defer inf.close()
-
-	outPool := newBufferPool(outputChunks, WindowSize+outputChunkSize)
-	cur, err := outPool.get(ctx)
-	if err != nil {
+	g := &gzipInflater{inf: inf, spanSize: spanSize, s: s, out: out, outPool: newBufferPool(outputChunks, WindowSize+outputChunkSize)}
+	if g.cur, err = g.outPool.get(ctx); err != nil {
 		first.release()
 		return err
 	}
-	clear(cur[:WindowSize])
-	pos := WindowSize // cur[pos-WindowSize:pos] is always the history window
-	emit := func() error {
-		next, err := outPool.get(ctx)
-		if err != nil {
-			return err
-		}
-		copy(next[:WindowSize], cur[pos-WindowSize:pos])
-		done := cur
-		if err := send(ctx, out, chunk{data: done[WindowSize:pos], release: func() { outPool.put(done) }}); err != nil {
-			return err
-		}
-		cur, pos = next, WindowSize
-		return nil
-	}
-
-	var (
-		totIn, totOut int64
-		lastOut       int64
-		memberDone    bool // the previous member's trailer was read
-		padded        bool // zero padding followed the last member
-	)
+	clear(g.cur[:WindowSize])
+	g.pos = WindowSize
 	c, ok := first, true
 	for ok {
-		data := c.data
-		hc := hashChunk{c: c, start: totIn}
-		for len(data) > 0 {
-			if memberDone {
-				// After a member: the next member's header, or zero padding
-				// up to the end of the blob (nothing may follow padding:
-				// gzip readers stop there).
-				if data[0] == 0 {
-					n := len(data) - len(bytes.TrimLeft(data, "\x00"))
-					data, totIn, padded = data[n:], totIn+int64(n), true
-					continue
-				}
-				if padded {
-					c.release()
-					return fmt.Errorf("gzip stream has data after zero padding at compressed offset %d", totIn)
-				}
-				if err := inf.reset(windowBitsGzip); err != nil {
-					return err
-				}
-				memberDone = false
-			}
-			// A block boundary can only become a checkpoint once more than
-			// spanSize bytes came out since the last one. Up to that point
-			// inflate runs freely (Z_BLOCK would return, and zlib copy its
-			// window, at every block); past it, it stops at each boundary.
-			out, flush := cur[pos:], zBlock
-			if len(s.checkpoints) > 0 {
-				if room := lastOut + spanSize - totOut; room > 0 {
-					out, flush = out[:min(int64(len(out)), room)], zNoFlush
-				}
-			}
-			consumed, produced, ret, dt := inf.inflate(data, out, flush)
-			data = data[consumed:]
-			totIn += int64(consumed)
-			totOut += int64(produced)
-			pos += produced
-			switch ret {
-			case zOK, zBufError:
-			case zStreamEnd:
-				memberDone = true
-			default:
-				c.release()
-				return fmt.Errorf("gzip data at compressed offset %d: %w", totIn, inf.errInflate(ret))
-			}
-			if !memberDone && dt&128 != 0 && dt&64 == 0 && (totOut == 0 && len(s.checkpoints) == 0 || totOut-lastOut > spanSize) {
-				bits := uint8(dt & 7)
-				hc.cuts = append(hc.cuts, spanCut{in: totIn, bits: bits})
-				s.checkpoints = append(s.checkpoints, Checkpoint{
-					In: totIn, Out: totOut, Bits: bits,
-					Window: bytes.Clone(cur[pos-WindowSize : pos]),
-				})
-				lastOut = totOut
-			}
-			if pos == len(cur) {
-				if err := emit(); err != nil {
-					c.release()
-					return err
-				}
-			}
-			if consumed == 0 && produced == 0 && !memberDone && ret != zOK {
-				c.release()
-				return fmt.Errorf("gzip data at compressed offset %d: inflate made no progress", totIn)
-			}
+		hc := hashChunk{c: c, start: g.totIn}
+		if err := g.inflateChunk(ctx, c.data, &hc); err != nil {
+			c.release()
+			return err
 		}
 		select {
 		case hashed <- hc:
@@ -388,17 +335,152 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 			return err
 		}
 	}
-	if !memberDone {
-		return fmt.Errorf("gzip stream truncated at compressed offset %d (uncompressed %d): %w", totIn, totOut, io.ErrUnexpectedEOF)
+	return g.finish(ctx)
+}
+
+// gzipInflater is the state of inflateStream between input chunks.
+type gzipInflater struct {
+	inf      *inflater
+	spanSize int64
+	s        *spanRecorder
+	out      chan<- chunk
+	outPool  *bufferPool
+
+	cur []byte // output buffer; cur[pos-WindowSize:pos] is always the history window
+	pos int
+
+	totIn, totOut int64
+	lastOut       int64 // uncompressed offset of the last checkpoint
+	memberDone    bool  // the previous member's trailer was read
+	padded        bool  // zero padding followed the last member
+}
+
+// inflateChunk inflates one input chunk, recording in hc where spans start
+// in it.
+func (g *gzipInflater) inflateChunk(ctx context.Context, data []byte, hc *hashChunk) error {
+	for len(data) > 0 {
+		if g.memberDone {
+			var err error
+			if data, err = g.betweenMembers(data); err != nil {
+				return err
+			}
+			if g.memberDone {
+				continue
+			}
+		}
+		consumed, err := g.step(ctx, data, hc)
+		if err != nil {
+			return err
+		}
+		data = data[consumed:]
 	}
-	if len(s.checkpoints) == 0 {
+	return nil
+}
+
+// betweenMembers reads what follows a member: the next member's header,
+// or zero padding up to the end of the blob (nothing may follow padding:
+// gzip readers stop there). It returns data without the padding it
+// skipped; memberDone stays set while only padding was seen.
+func (g *gzipInflater) betweenMembers(data []byte) ([]byte, error) {
+	if data[0] == 0 {
+		n := len(data) - len(bytes.TrimLeft(data, "\x00"))
+		g.totIn += int64(n)
+		g.padded = true
+		return data[n:], nil
+	}
+	if g.padded {
+		return nil, fmt.Errorf("gzip stream has data after zero padding at compressed offset %d", g.totIn)
+	}
+	if err := g.inf.reset(windowBitsGzip); err != nil {
+		return nil, err
+	}
+	g.memberDone = false
+	return data, nil
+}
+
+// step runs inflate once on data and returns how much of it was consumed.
+func (g *gzipInflater) step(ctx context.Context, data []byte, hc *hashChunk) (int, error) {
+	// A block boundary can only become a checkpoint once more than
+	// spanSize bytes came out since the last one. Up to that point inflate
+	// runs freely (Z_BLOCK would return, and zlib copy its window, at every
+	// block); past it, it stops at each boundary.
+	out, flush := g.cur[g.pos:], zBlock
+	if len(g.s.checkpoints) > 0 {
+		if room := g.lastOut + g.spanSize - g.totOut; room > 0 {
+			out, flush = out[:min(int64(len(out)), room)], zNoFlush
+		}
+	}
+	consumed, produced, ret, dt := g.inf.inflate(data, out, flush)
+	g.totIn += int64(consumed)
+	g.totOut += int64(produced)
+	g.pos += produced
+	switch ret {
+	case zOK, zBufError:
+	case zStreamEnd:
+		g.memberDone = true
+	default:
+		return 0, fmt.Errorf("gzip data at compressed offset %d: %w", g.totIn, g.inf.errInflate(ret))
+	}
+	if !g.memberDone && dt&128 != 0 && dt&64 == 0 && (g.totOut == 0 && len(g.s.checkpoints) == 0 || g.totOut-g.lastOut > g.spanSize) {
+		g.checkpoint(uint8(dt&7), hc)
+	}
+	if g.pos == len(g.cur) {
+		if err := g.emit(ctx); err != nil {
+			return 0, err
+		}
+	}
+	if consumed == 0 && produced == 0 && !g.memberDone && ret != zOK {
+		return 0, fmt.Errorf("gzip data at compressed offset %d: inflate made no progress", g.totIn)
+	}
+	return consumed, nil
+}
+
+// checkpoint records a checkpoint at the current block boundary, whose
+// first byte holds bits bits of the previous block, and where the span
+// starting there begins in the input chunk.
+func (g *gzipInflater) checkpoint(bits uint8, hc *hashChunk) {
+	hc.cuts = append(hc.cuts, spanCut{in: g.totIn, bits: bits})
+	g.s.checkpoints = append(g.s.checkpoints, Checkpoint{
+		In: g.totIn, Out: g.totOut, Bits: bits,
+		Window: bytes.Clone(g.cur[g.pos-WindowSize : g.pos]),
+	})
+	g.lastOut = g.totOut
+}
+
+// emit sends the full output buffer on and continues in a new one that
+// starts with the history window.
+func (g *gzipInflater) emit(ctx context.Context) error {
+	next, err := g.outPool.get(ctx)
+	if err != nil {
+		return err
+	}
+	copy(next[:WindowSize], g.cur[g.pos-WindowSize:g.pos])
+	if err := g.sendCur(ctx); err != nil {
+		return err
+	}
+	g.cur, g.pos = next, WindowSize
+	return nil
+}
+
+// sendCur sends the output in cur (after the window) on.
+func (g *gzipInflater) sendCur(ctx context.Context) error {
+	done := g.cur
+	return send(ctx, g.out, chunk{data: done[WindowSize:g.pos], release: func() { g.outPool.put(done) }})
+}
+
+// finish checks that the stream ended with a whole member and sends the
+// last output on.
+func (g *gzipInflater) finish(ctx context.Context) error {
+	if !g.memberDone {
+		return fmt.Errorf("gzip stream truncated at compressed offset %d (uncompressed %d): %w", g.totIn, g.totOut, io.ErrUnexpectedEOF)
+	}
+	if len(g.s.checkpoints) == 0 {
 		return errors.New("gzip stream has no deflate data")
 	}
-	if pos > WindowSize {
-		done := cur
-		return send(ctx, out, chunk{data: done[WindowSize:pos], release: func() { outPool.put(done) }})
+	if g.pos > WindowSize {
+		return g.sendCur(ctx)
 	}
-	outPool.put(cur)
+	g.outPool.put(g.cur)
 	return nil
 }
 
@@ -513,30 +595,30 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 	}
 }
 
+// tocTypes maps the tar type flags of the entries a TOC holds to their
+// types (archive/tar turns TypeRegA into TypeReg).
+var tocTypes = map[byte]string{
+	tar.TypeReg:       TypeReg,
+	tar.TypeCont:      TypeReg,
+	tar.TypeGNUSparse: TypeReg,
+	tar.TypeDir:       TypeDir,
+	tar.TypeSymlink:   TypeSymlink,
+	tar.TypeLink:      TypeHardlink,
+	tar.TypeChar:      TypeChar,
+	tar.TypeBlock:     TypeBlock,
+	tar.TypeFifo:      TypeFifo,
+}
+
 // fileMetadata converts a tar header whose data starts at dataOffset. It
 // reports ok=false for entries that carry no file (PAX global headers).
 func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error) {
-	var typ string
-	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeCont, tar.TypeGNUSparse: // archive/tar turns TypeRegA into TypeReg
-		typ = TypeReg
-	case tar.TypeDir:
-		typ = TypeDir
-	case tar.TypeSymlink:
-		typ = TypeSymlink
-	case tar.TypeLink:
-		typ = TypeHardlink
-	case tar.TypeChar:
-		typ = TypeChar
-	case tar.TypeBlock:
-		typ = TypeBlock
-	case tar.TypeFifo:
-		typ = TypeFifo
-	case tar.TypeXGlobalHeader:
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
 		// PAX global headers describe the archive, not a file. SOCI fails
 		// on them; we leave them out of the TOC.
 		return FileMetadata{}, false, nil
-	default:
+	}
+	typ, ok := tocTypes[hdr.Typeflag]
+	if !ok {
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: unsupported type %q", hdr.Name, dataOffset, hdr.Typeflag)
 	}
 	// The same rule as the zTOC decoder's: a layer that could not be read

@@ -9,6 +9,8 @@ import (
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
 
 // cfFuzzMaxFile bounds the regular files whose contents FuzzBuild compares
@@ -74,15 +76,7 @@ func FuzzBuild(f *testing.F) {
 				t.Fatalf("entry %d %q: contents through the zTOC differ from archive/tar's", i, f.Name)
 			}
 		}
-		b, err := Marshal(z)
-		if err != nil {
-			t.Fatalf("Marshal of a built zTOC: %v", err)
-		}
-		z2, err := Unmarshal(b)
-		if err != nil {
-			t.Fatalf("Unmarshal(Marshal(built zTOC)): %v", err)
-		}
-		if !reflect.DeepEqual(z, z2) {
+		if _, z2 := roundTrip(t, z); !reflect.DeepEqual(z, z2) {
 			t.Fatal("built zTOC changes through Marshal/Unmarshal")
 		}
 	})
@@ -100,40 +94,37 @@ type cfFuzzEntry struct {
 // contents of regular files up to cfFuzzMaxFile bytes, and returns the
 // entries the TOC must hold and the offset past the end-of-archive marker.
 func cfReadTarHeaders(tarball []byte) ([]cfFuzzEntry, int64, error) {
-	cr := &cfCountingReader{r: bytes.NewReader(tarball)}
-	tr := tar.NewReader(cr)
 	var entries []cfFuzzEntry
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return entries, cr.n, nil
-		}
-		if err != nil {
-			return nil, 0, err
-		}
+	end, err := layertest.Walk(tarball, func(h *tar.Header, _ int64, data io.Reader) error {
 		if h.Typeflag == tar.TypeXGlobalHeader {
-			continue
+			return nil
 		}
 		e := cfFuzzEntry{name: h.Name, typ: cfTocType(h.Typeflag), size: h.Size}
 		if e.typ == TypeReg && h.Size <= cfFuzzMaxFile {
 			sum := sha256.New()
-			if _, err := io.Copy(sum, tr); err != nil {
-				return nil, 0, err
+			if _, err := io.Copy(sum, data); err != nil {
+				return err
 			}
 			e.sum = sum.Sum(nil)
 		}
 		entries = append(entries, e)
+		return nil
+	})
+	if err != nil {
+		return nil, 0, err
 	}
+	return entries, end, nil
 }
 
 // cfSmallTarForFuzz is a tiny tar with a directory, a file and a symlink.
 func cfSmallTarForFuzz() []byte {
 	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	_ = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: "d/", Mode: 0o755})
-	_ = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "d/f", Mode: 0o644, Size: 5})
-	_, _ = tw.Write([]byte("hello"))
-	_ = tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: "d/l", Linkname: "f"})
-	_ = tw.Close()
+	if err := layertest.WriteTar(&buf,
+		layertest.Dir("d/", 0o755),
+		layertest.Reg("d/f", 0o644, []byte("hello")),
+		layertest.Entry{Header: tar.Header{Typeflag: tar.TypeSymlink, Name: "d/l", Linkname: "f"}},
+	); err != nil {
+		panic(err)
+	}
 	return buf.Bytes()
 }

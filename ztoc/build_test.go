@@ -20,7 +20,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
-	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -28,6 +27,9 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
 
 // cfSpanSizes are the span sizes every generated layer is indexed with.
@@ -166,18 +168,6 @@ func cfTocType(flag byte) string {
 	return ""
 }
 
-// cfCountingReader counts the bytes read through it.
-type cfCountingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *cfCountingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
-}
-
 // cfGoEntry is one entry of archive/tar's reading of a tar stream.
 type cfGoEntry struct {
 	hdr  *tar.Header
@@ -188,43 +178,36 @@ type cfGoEntry struct {
 // TOC must hold and the stream offset just past the end-of-archive marker.
 func cfReadTar(t testing.TB, tarball []byte) ([]cfGoEntry, int64, error) {
 	t.Helper()
-	cr := &cfCountingReader{r: bytes.NewReader(tarball)}
-	tr := tar.NewReader(cr)
 	var entries []cfGoEntry
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return entries, cr.n, nil
-		}
-		if err != nil {
-			return nil, 0, err
-		}
+	end, err := layertest.Walk(tarball, func(h *tar.Header, _ int64, data io.Reader) error {
 		if h.Typeflag == tar.TypeXGlobalHeader {
-			continue
+			return nil
 		}
 		e := cfGoEntry{hdr: h}
 		if cfTocType(h.Typeflag) == TypeReg {
-			if e.data, err = io.ReadAll(tr); err != nil {
-				return nil, 0, err
+			var err error
+			if e.data, err = io.ReadAll(data); err != nil {
+				return err
 			}
 		}
 		entries = append(entries, e)
+		return nil
+	})
+	if err != nil {
+		return nil, 0, err
 	}
+	return entries, end, nil
 }
 
 // cfTarEnd returns the offset just past a tar stream's end-of-archive
 // marker, as archive/tar finds it.
 func cfTarEnd(t testing.TB, tarball []byte) int64 {
 	t.Helper()
-	cr := &cfCountingReader{r: bytes.NewReader(tarball)}
-	tr := tar.NewReader(cr)
-	for {
-		if _, err := tr.Next(); err == io.EOF {
-			return cr.n
-		} else if err != nil {
-			t.Fatal(err)
-		}
+	end, err := layertest.Walk(tarball, func(*tar.Header, int64, io.Reader) error { return nil })
+	if err != nil {
+		t.Fatal(err)
 	}
+	return end
 }
 
 // cfGzipHeaderLen returns the length of the gzip member header at the
@@ -409,14 +392,7 @@ func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing 
 	cfCompareListing(t, z, listing)
 
 	// (c) codec round trip and deterministic bytes.
-	b1, err := Marshal(z)
-	if err != nil {
-		t.Fatalf("Marshal: %v", err)
-	}
-	z2, err := Unmarshal(b1)
-	if err != nil {
-		t.Fatalf("Unmarshal(Marshal(z)): %v", err)
-	}
+	b1, z2 := roundTrip(t, z)
 	if !reflect.DeepEqual(z, z2) {
 		cfDiffZtoc(t, z, z2)
 	}
@@ -612,7 +588,7 @@ func cfCompareExtractionWith(t *testing.T, z *Ztoc, dir string, read func(*FileM
 				t.Errorf("%s: TOC symlink to %q, extracted %q (%v)", name, f.Linkname, target, err)
 			}
 		case TypeChar, TypeBlock:
-			if maj, mnr := cfDevMajor(sys.Rdev), cfDevMinor(sys.Rdev); maj != f.Devmajor || mnr != f.Devminor {
+			if maj, mnr := int64(unix.Major(sys.Rdev)), int64(unix.Minor(sys.Rdev)); maj != f.Devmajor || mnr != f.Devminor {
 				t.Errorf("%s: TOC device %d,%d, extracted %d,%d", name, f.Devmajor, f.Devminor, maj, mnr)
 			}
 		}
@@ -658,16 +634,16 @@ func cfCompareListing(t *testing.T, z *Ztoc, listing []cfListEntry) {
 // exercised.
 func cfCheckEdges(t *testing.T, z *Ztoc, s int64) {
 	t.Helper()
-	for _, e := range cfEdgeFiles {
-		f, err := z.Lookup(e.name)
+	for _, e := range layertest.EdgeFiles {
+		f, err := z.Lookup(e.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
 		start, end := f.UncompressedOffset, f.UncompressedOffset+f.UncompressedSize
 		crossed := int((end-1)/s - start/s)
-		if (start%s == 0) != e.startsOn || (end%s == 0) != e.endsOn || crossed != e.spansCrossed {
+		if (start%s == 0) != e.StartsOn || (end%s == 0) != e.EndsOn || crossed != e.Crossed {
 			t.Errorf("%s holds [%d, %d): starts on a %d-byte span boundary %v (want %v), ends on one %v (want %v), crosses %d (want %d)",
-				e.name, start, end, s, start%s == 0, e.startsOn, end%s == 0, e.endsOn, crossed, e.spansCrossed)
+				e.Name, start, end, s, start%s == 0, e.StartsOn, end%s == 0, e.EndsOn, crossed, e.Crossed)
 		}
 	}
 }
@@ -728,20 +704,6 @@ func cfCheckSparse(t *testing.T, tarball []byte) {
 	}
 }
 
-// cfCompressionsNamed returns the named compressions.
-func cfCompressionsNamed(t testing.TB, names ...string) []cfCompression {
-	t.Helper()
-	var cs []cfCompression
-	for _, n := range names {
-		i := slices.IndexFunc(cfCompressions, func(c cfCompression) bool { return c.name == n })
-		if i < 0 {
-			t.Fatalf("no compression %q", n)
-		}
-		cs = append(cs, cfCompressions[i])
-	}
-	return cs
-}
-
 // TestSparseOldGNU: old-GNU sparse entries (type 'S', tar --format=gnu
 // --sparse) extract with their holes, equal to GNU tar.
 func TestSparseOldGNU(t *testing.T) {
@@ -778,51 +740,19 @@ func TestSparsePAX(t *testing.T) {
 	}
 }
 
-// cfGoldenDir finds the SOCI golden vectors: the package's copy, or the
-// shared one beside the repository.
-func cfGoldenDir(t testing.TB) string {
-	t.Helper()
-	for _, d := range []string{"testdata/soci-golden", "../../shared/testdata/soci-golden", "/work/shared/testdata/soci-golden"} {
-		if _, err := os.Stat(filepath.Join(d, "small.tar.gz")); err == nil {
-			return d
-		}
-	}
-	t.Fatal("SOCI golden vectors not found (testdata/soci-golden)")
-	return ""
-}
-
-// cfGoldens are the SOCI-built zTOCs and what they were built from.
-var cfGoldens = []struct {
-	file     string
-	gzip     bool
-	spanSize int64
-}{
-	{"small.span65536.ztoc", true, 65536},
-	{"small.span1048576.ztoc", true, 1048576},
-	{"small-tar.span1048576.ztoc", false, 1048576},
-}
-
 // TestBuildGolden: zTOCs built from SOCI's golden layers are byte-identical
 // to SOCI's with SOCI's build tool identifier, and decode equal (but for
 // the identifier) with ours.
 func TestBuildGolden(t *testing.T) {
-	dir := cfGoldenDir(t)
-	tgz, err := os.ReadFile(filepath.Join(dir, "small.tar.gz"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tarball := cfUncompressed(t, tgz)
-	for _, g := range cfGoldens {
-		t.Run(g.file, func(t *testing.T) {
-			want, err := os.ReadFile(filepath.Join(dir, g.file))
-			if err != nil {
-				t.Fatal(err)
-			}
+	tgz, tarball := goldenLayers(t)
+	for _, g := range goldens {
+		t.Run(g.File, func(t *testing.T) {
+			want := readGolden(t, g.File)
 			blob := tarball
-			if g.gzip {
+			if g.Gzip {
 				blob = tgz
 			}
-			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: g.spanSize, BuildToolIdentifier: SOCIBuildToolIdentifier})
+			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: g.SpanSize, BuildToolIdentifier: SOCIBuildToolIdentifier})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -837,7 +767,7 @@ func TestBuildGolden(t *testing.T) {
 				}
 			}
 
-			ours, _, err := cfBuild(t, blob, BuildOptions{SpanSize: g.spanSize})
+			ours, _, err := cfBuild(t, blob, BuildOptions{SpanSize: g.SpanSize})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -860,30 +790,21 @@ func TestBuildGolden(t *testing.T) {
 // compares it with GNU tar's extraction.
 func TestReadGolden(t *testing.T) {
 	t.Parallel()
-	dir := cfGoldenDir(t)
-	tgzPath := filepath.Join(dir, "small.tar.gz")
-	tgz, err := os.ReadFile(tgzPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tarball := cfUncompressed(t, tgz)
+	tgz, tarball := goldenLayers(t)
+	tgzPath := filepath.Join(goldenDir, "small.tar.gz")
 	extracted := cfExtract(t, tgzPath)
 	listing := cfList(t, tgzPath)
-	for _, g := range cfGoldens {
-		t.Run(g.file, func(t *testing.T) {
-			b, err := os.ReadFile(filepath.Join(dir, g.file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			z, err := Unmarshal(b)
+	for _, g := range goldens {
+		t.Run(g.File, func(t *testing.T) {
+			z, err := Unmarshal(readGolden(t, g.File))
 			if err != nil {
 				t.Fatal(err)
 			}
 			blob := tarball
-			if g.gzip {
+			if g.Gzip {
 				blob = tgz
 			}
-			cfCheckSpans(t, z, blob, g.spanSize)
+			cfCheckSpans(t, z, blob, g.SpanSize)
 			r, err := cfNewReader(z, blob)
 			if err != nil {
 				t.Fatal(err)
@@ -897,12 +818,12 @@ func TestReadGolden(t *testing.T) {
 // cfSmallTar is a small tar with a few files, for bad-input tests.
 func cfSmallTar(t testing.TB) []byte {
 	t.Helper()
-	return cfWriteTar(t, []cfEntry{
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "dir/", Mode: 0o755, ModTime: cfTimeBase}},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "dir/random", Mode: 0o644, ModTime: cfTimeBase}, data: cfRandom(50, 100000)},
-		{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "dir/text", Mode: 0o644, ModTime: cfTimeBase}, data: cfText(51, 200000)},
-		{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "dir/link", Linkname: "text", ModTime: cfTimeBase}},
-	})
+	return layertest.Tar(t,
+		layertest.Dir("dir/", 0o755),
+		layertest.Reg("dir/random", 0o644, layertest.Random(50, 100000)),
+		layertest.Reg("dir/text", 0o644, layertest.Text(51, 200000)),
+		layertest.Symlink("dir/link", "text"),
+	)
 }
 
 // cfBuildErr builds blob and returns the error, failing the test when
@@ -924,7 +845,7 @@ func cfBuildErr(t *testing.T, blob []byte, re string) error {
 // hang or a zTOC.
 func TestBuildBadInput(t *testing.T) {
 	small := cfSmallTar(t)
-	tgz := cfGoGzip(t, small, gzip.Header{Name: "small.tar", Comment: "a comment"})
+	tgz := layertest.GzipMember(t, small, gzip.DefaultCompression, gzip.Header{Name: "small.tar", Comment: "a comment"})
 	hl := int(cfGzipHeaderLen(t, tgz))
 
 	t.Run("truncated", func(t *testing.T) {
@@ -948,7 +869,7 @@ func TestBuildBadInput(t *testing.T) {
 		}
 	})
 	t.Run("corrupt-deflate", func(t *testing.T) {
-		gz := cfRun(t, small, nil, "gzip", "-n", "-6", "-c")
+		gz := layertest.GzipCommand(t, small, "-6")
 		for _, at := range []int{len(gz) / 3, len(gz) / 2, 2 * len(gz) / 3} {
 			bad := bytes.Clone(gz)
 			for i := range 16 {
@@ -971,8 +892,8 @@ func TestBuildBadInput(t *testing.T) {
 		cfBuildErr(t, append(bytes.Clone(tgz), []byte("garbage after the last member")...), `(?i)(header|garbage|trailing)`)
 	})
 	t.Run("not-a-tar", func(t *testing.T) {
-		text := cfText(52, 10000)
-		cfBuildErr(t, cfGoGzip(t, text, gzip.Header{}), `(?i)tar`)
+		text := layertest.Text(52, 10000)
+		cfBuildErr(t, layertest.Gzip(t, text, gzip.DefaultCompression), `(?i)tar`)
 		cfBuildErr(t, text, `(?i)tar`)
 	})
 	t.Run("empty", func(t *testing.T) {
@@ -993,13 +914,12 @@ func TestBuildBadInput(t *testing.T) {
 			{"ok", "../../etc/passwd", `\.\.`},
 			{"ok2", "/etc/passwd", `absolute`},
 		} {
-			hdr := tar.Header{Typeflag: tar.TypeReg, Name: c.name, Mode: 0o644, ModTime: cfTimeBase}
+			e := layertest.Reg(c.name, 0o644, nil)
 			if c.link != "" {
-				hdr = tar.Header{Typeflag: tar.TypeLink, Name: c.name, Linkname: c.link, ModTime: cfTimeBase}
+				e = layertest.Hardlink(c.name, c.link)
 			}
-			entries := []cfEntry{{hdr: tar.Header{Typeflag: tar.TypeReg, Name: "fine", Mode: 0o644, ModTime: cfTimeBase}, data: []byte("x")}, {hdr: hdr}}
-			bad := cfWriteTar(t, entries)
-			for _, blob := range [][]byte{bad, cfGoGzip(t, bad, gzip.Header{})} {
+			bad := layertest.Tar(t, layertest.Reg("fine", 0o644, []byte("x")), e)
+			for _, blob := range [][]byte{bad, layertest.Gzip(t, bad, gzip.DefaultCompression)} {
 				err := cfBuildErr(t, blob, c.re)
 				want := c.name
 				if c.link != "" {
@@ -1124,12 +1044,8 @@ func TestDebianLayer(t *testing.T) {
 				})
 			}
 			cfCompareListing(t, z, listing)
-			b, err := Marshal(z)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if z2, err := Unmarshal(b); err != nil || !reflect.DeepEqual(z, z2) {
-				t.Errorf("round trip: %v", err)
+			if _, z2 := roundTrip(t, z); !reflect.DeepEqual(z, z2) {
+				t.Error("the zTOC changes through Marshal/Unmarshal")
 			}
 		})
 	}

@@ -1,15 +1,11 @@
 package ztoc
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
 	"math"
 	"math/rand"
 	"os"
@@ -22,16 +18,18 @@ import (
 
 	flatbuffers "github.com/google/flatbuffers/go"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
 
 const goldenDir = "testdata/soci-golden"
 
 // golden describes one zTOC built by SOCI (see testdata/soci-golden/README.md).
 type golden struct {
-	file     string
-	gzip     bool // layer is small.tar.gz (else the plain small.tar)
-	spanSize int64
-	spans    int
+	File     string
+	Gzip     bool // layer is small.tar.gz (else the plain small.tar)
+	SpanSize int64
+	Spans    int
 }
 
 var goldens = []golden{
@@ -54,13 +52,7 @@ func readGolden(t testing.TB, name string) []byte {
 func goldenLayers(t testing.TB) (tgz, tarball []byte) {
 	t.Helper()
 	tgz = readGolden(t, "small.tar.gz")
-	zr, err := gzip.NewReader(bytes.NewReader(tgz))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tarball, err = io.ReadAll(zr); err != nil {
-		t.Fatal(err)
-	}
+	tarball = layertest.Gunzip(t, tgz)
 	sums := map[string]string{}
 	for _, line := range strings.Split(strings.TrimSpace(string(readGolden(t, "SHA256SUMS"))), "\n") {
 		sum, name, ok := strings.Cut(line, "  ")
@@ -78,154 +70,16 @@ func goldenLayers(t testing.TB) (tgz, tarball []byte) {
 	check("small.tar.gz", tgz)
 	check("small.tar", tarball)
 	for _, g := range goldens {
-		check(g.file, readGolden(t, g.file))
+		check(g.File, readGolden(t, g.File))
 	}
 	return tgz, tarball
-}
-
-// countingReader counts the bytes read through it, like SOCI's builder.
-type countingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
-}
-
-var tarTypes = map[byte]string{
-	tar.TypeReg:     TypeReg,
-	tar.TypeDir:     TypeDir,
-	tar.TypeSymlink: TypeSymlink,
-	tar.TypeLink:    TypeHardlink,
-	tar.TypeChar:    TypeChar,
-	tar.TypeBlock:   TypeBlock,
-	tar.TypeFifo:    TypeFifo,
-}
-
-// tarTOC reads tarball with Go's archive/tar the way SOCI does and returns
-// the TOC it expects plus the uncompressed archive size.
-func tarTOC(t *testing.T, tarball []byte) ([]FileMetadata, int64) {
-	t.Helper()
-	cr := &countingReader{r: bytes.NewReader(tarball)}
-	tr := tar.NewReader(cr)
-	var files []FileMetadata
-	for {
-		h, err := tr.Next()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		typ, ok := tarTypes[h.Typeflag]
-		if !ok {
-			t.Fatalf("%s: unexpected tar type %q", h.Name, h.Typeflag)
-		}
-		f := FileMetadata{
-			Name:               h.Name,
-			Type:               typ,
-			UncompressedOffset: cr.n,
-			Linkname:           h.Linkname,
-			Mode:               h.Mode,
-			UID:                uint32(h.Uid),
-			GID:                uint32(h.Gid),
-			Uname:              h.Uname,
-			Gname:              h.Gname,
-			ModTime:            h.ModTime.UTC(),
-			Devmajor:           h.Devmajor,
-			Devminor:           h.Devminor,
-		}
-		if typ == TypeReg {
-			f.UncompressedSize = h.Size
-		}
-		if len(h.PAXRecords) > 0 {
-			f.PAXRecords = h.PAXRecords
-		}
-		files = append(files, f)
-	}
-	return files, cr.n
-}
-
-// TestGoldenDecode reads SOCI-built zTOCs and checks them against Go's own
-// reading of the layer: TOC entries, offsets, sizes, spans and digests.
-func TestGoldenDecode(t *testing.T) {
-	tgz, tarball := goldenLayers(t)
-	wantFiles, wantUSize := tarTOC(t, tarball)
-	if len(wantFiles) != 461 {
-		t.Fatalf("small.tar has %d entries, README says 461", len(wantFiles))
-	}
-	for _, g := range goldens {
-		t.Run(g.file, func(t *testing.T) {
-			z, err := Unmarshal(readGolden(t, g.file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			layer, alg := tarball, Uncompressed
-			if g.gzip {
-				layer, alg = tgz, Gzip
-			}
-			if z.Version != "0.9" || z.BuildToolIdentifier != SOCIBuildToolIdentifier {
-				t.Errorf("version %q, tool %q", z.Version, z.BuildToolIdentifier)
-			}
-			if z.Algorithm != alg {
-				t.Errorf("algorithm %v, want %v", z.Algorithm, alg)
-			}
-			if z.CompressedArchiveSize != int64(len(layer)) || z.UncompressedArchiveSize != wantUSize {
-				t.Errorf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(layer), wantUSize)
-			}
-			if z.NumSpans() != g.spans || len(z.SpanDigests) != g.spans {
-				t.Errorf("%d spans, %d digests, want %d", z.NumSpans(), len(z.SpanDigests), g.spans)
-			}
-			if g.gzip {
-				zi, err := UnmarshalGzipZinfo(z.Checkpoints)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if zi.SpanSize != g.spanSize || zi.V1 {
-					t.Errorf("zinfo span size %d v1 %v, want %d v2", zi.SpanSize, zi.V1, g.spanSize)
-				}
-			} else {
-				tz, err := UnmarshalTarZinfo(z.Checkpoints)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if tz != (TarZinfo{SpanSize: g.spanSize, Size: int64(len(tarball))}) {
-					t.Errorf("tar zinfo %+v", tz)
-				}
-			}
-			spans, err := z.Spans()
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, s := range spans {
-				sum := sha256.Sum256(layer[s.CompressedStart:s.CompressedEnd])
-				if got := digest.NewDigestFromBytes(digest.SHA256, sum[:]); got != z.SpanDigests[s.ID] {
-					t.Errorf("span %d [%d,%d): digest %s, zTOC says %s", s.ID, s.CompressedStart, s.CompressedEnd, got, z.SpanDigests[s.ID])
-				}
-			}
-			if len(z.Files) != len(wantFiles) {
-				t.Fatalf("%d TOC entries, tar has %d", len(z.Files), len(wantFiles))
-			}
-			for i := range z.Files {
-				if i > 0 && z.Files[i].UncompressedOffset <= z.Files[i-1].UncompressedOffset {
-					t.Errorf("entry %d: offsets not sorted", i)
-				}
-				if !reflect.DeepEqual(z.Files[i], wantFiles[i]) {
-					t.Errorf("entry %d:\n got %+v\nwant %+v", i, z.Files[i], wantFiles[i])
-				}
-			}
-		})
-	}
 }
 
 // TestGoldenByteExact proves the encoder follows SOCI's creation order: it
 // reproduces SOCI's bytes from the decoded value.
 func TestGoldenByteExact(t *testing.T) {
 	for _, g := range goldens {
-		b := readGolden(t, g.file)
+		b := readGolden(t, g.File)
 		z, err := Unmarshal(b)
 		if err != nil {
 			t.Fatal(err)
@@ -239,37 +93,7 @@ func TestGoldenByteExact(t *testing.T) {
 			for i < len(out) && i < len(b) && out[i] == b[i] {
 				i++
 			}
-			t.Errorf("%s: re-encoded %d bytes differ from golden %d bytes at offset %d", g.file, len(out), len(b), i)
-		}
-	}
-}
-
-// TestGoldenByteExactFromTar builds the zTOC value from Go's reading of the
-// tar plus the golden's compression info, so the TOC half of the bytes is
-// produced without decoding it first.
-func TestGoldenByteExactFromTar(t *testing.T) {
-	_, tarball := goldenLayers(t)
-	files, usize := tarTOC(t, tarball)
-	for _, g := range goldens {
-		b := readGolden(t, g.file)
-		gz, err := Unmarshal(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		z := &Ztoc{
-			Version:                 Version,
-			BuildToolIdentifier:     SOCIBuildToolIdentifier,
-			CompressedArchiveSize:   gz.CompressedArchiveSize,
-			UncompressedArchiveSize: usize,
-			Files:                   files,
-			CompressionInfo:         gz.CompressionInfo,
-		}
-		out, err := Marshal(z)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(out, b) {
-			t.Errorf("%s: zTOC from tar reading differs from golden", g.file)
+			t.Errorf("%s: re-encoded %d bytes differ from golden %d bytes at offset %d", g.File, len(out), len(b), i)
 		}
 	}
 }
@@ -658,7 +482,7 @@ func TestUnmarshalSharedOffsets(t *testing.T) {
 // (every field matters) and none may panic.
 func TestUnmarshalTruncated(t *testing.T) {
 	for _, g := range goldens {
-		b := readGolden(t, g.file)
+		b := readGolden(t, g.File)
 		step := len(b)/3000 + 1
 		for n := 0; n < len(b); n++ {
 			if n > 512 && n < len(b)-512 && n%step != 0 {
@@ -667,7 +491,7 @@ func TestUnmarshalTruncated(t *testing.T) {
 			// Copy so that the race detector / bounds checks see the
 			// real end of the slice.
 			if z, err := Unmarshal(bytes.Clone(b[:n])); err == nil {
-				t.Fatalf("%s truncated to %d bytes decoded (%d files)", g.file, n, len(z.Files))
+				t.Fatalf("%s truncated to %d bytes decoded (%d files)", g.File, n, len(z.Files))
 			}
 		}
 	}
@@ -682,7 +506,7 @@ func TestUnmarshalBitFlips(t *testing.T) {
 		iters = 300
 	}
 	for _, g := range goldens[1:] {
-		orig := readGolden(t, g.file)
+		orig := readGolden(t, g.File)
 		// Flip bytes mostly outside the checkpoint windows, where most of
 		// the structure lives.
 		z, _ := Unmarshal(orig)
@@ -701,8 +525,23 @@ func TestUnmarshalBitFlips(t *testing.T) {
 				decoded++
 			}
 		}
-		t.Logf("%s: %d/%d corrupted copies still decoded", g.file, decoded, iters)
+		t.Logf("%s: %d/%d corrupted copies still decoded", g.File, decoded, iters)
 	}
+}
+
+// roundTrip marshals z and unmarshals the bytes, failing the test when
+// either fails, and returns the bytes and the decoded zTOC.
+func roundTrip(t testing.TB, z *Ztoc) ([]byte, *Ztoc) {
+	t.Helper()
+	b, err := Marshal(z)
+	if err != nil {
+		t.Fatalf("Marshal: %v", err)
+	}
+	z2, err := Unmarshal(b)
+	if err != nil {
+		t.Fatalf("Unmarshal(Marshal(z)): %v", err)
+	}
+	return b, z2
 }
 
 // checkReencode asserts the fuzz property: if b decodes, its re-encoding
@@ -713,15 +552,7 @@ func checkReencode(t testing.TB, b []byte) bool {
 	if err != nil {
 		return false
 	}
-	out, err := Marshal(z)
-	if err != nil {
-		t.Fatalf("decoded zTOC does not re-encode: %v", err)
-	}
-	z2, err := Unmarshal(out)
-	if err != nil {
-		t.Fatalf("re-encoded zTOC does not decode: %v", err)
-	}
-	if !reflect.DeepEqual(z, z2) {
+	if _, z2 := roundTrip(t, z); !reflect.DeepEqual(z, z2) {
 		t.Fatal("re-encoded zTOC decodes to a different value")
 	}
 	return true
@@ -741,7 +572,7 @@ func TestMarshalRejectsInvalid(t *testing.T) {
 
 // BenchmarkUnmarshal measures decoding the largest golden zTOC.
 func BenchmarkUnmarshal(b *testing.B) {
-	buf := readGolden(b, goldens[0].file)
+	buf := readGolden(b, goldens[0].File)
 	b.SetBytes(int64(len(buf)))
 	for b.Loop() {
 		if _, err := Unmarshal(buf); err != nil {
@@ -752,7 +583,7 @@ func BenchmarkUnmarshal(b *testing.B) {
 
 // BenchmarkMarshal measures encoding the largest golden zTOC.
 func BenchmarkMarshal(b *testing.B) {
-	z, err := Unmarshal(readGolden(b, goldens[0].file))
+	z, err := Unmarshal(readGolden(b, goldens[0].File))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -18,6 +18,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/spanpull/spanpull/internal/testutil/proc"
 )
 
 // workload is an image and the command whose first output line the
@@ -120,7 +122,7 @@ func (e *env) pushImage(ctx context.Context, w workload) (image, error) {
 	if e.spanSize > 0 {
 		args = append(args, "--span-size", strconv.FormatInt(e.spanSize, 10))
 	}
-	out, err := run(ctx, e.indexerBin, append(args, src, src+"-soci")...)
+	out, err := proc.CombinedOutput(ctx, e.indexerBin, append(args, src, src+"-soci")...)
 	if err != nil {
 		return img, fmt.Errorf("index %s: %w", src, err)
 	}

@@ -16,9 +16,12 @@
 // plugin. Every run is cold: images, content and snapshots removed, the
 // snapshotter restarted on an empty root, the page cache dropped.
 //
-//	go run ./integration/bench -out docs/bench
-//	go run ./integration/bench -workloads python -links unshaped,100mbit -runs 3
-//	go run ./integration/bench -smoke -out /tmp/smoke
+// It is a module of its own (its charts need gonum), run from its
+// directory or through scripts/bench-lazy.sh:
+//
+//	cd integration/bench && go run . -out ../../docs/bench
+//	go run . -workloads python -links unshaped,100mbit -runs 3
+//	go run . -smoke -out /tmp/smoke
 //
 // Outputs in -out: results.json (every run, medians, machine), bench-lazy.md
 // (tables for BENCHMARKS.md, also printed) and PNG charts.
@@ -38,6 +41,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/mod/modfile"
 )
 
 // options are the harness's flags.
@@ -164,18 +169,27 @@ func (o options) runsFor(w, link string) int {
 	return o.Runs
 }
 
-// moduleRoot finds the spanpull module's directory from the working
-// directory.
-func moduleRoot(ctx context.Context) (string, error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+// repoModule is the module path of the spanpull repository.
+const repoModule = "github.com/spanpull/spanpull"
+
+// repoRoot finds the spanpull repository from the working directory: the
+// nearest directory at or above it whose go.mod declares repoModule (the
+// harness is a module of its own below it).
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
 	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
+		return "", err
 	}
-	mod := strings.TrimSpace(string(out))
-	if mod == "" || mod == os.DevNull {
-		return "", errors.New("run the benchmark inside the spanpull module")
+	for {
+		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && modfile.ModulePath(b) == repoModule {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("run the benchmark inside the spanpull repository")
+		}
+		dir = parent
 	}
-	return filepath.Dir(mod), nil
 }
 
 func benchmark(ctx context.Context, o options) (err error) {
@@ -186,7 +200,7 @@ func benchmark(ctx context.Context, o options) (err error) {
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
 	}
-	repo, err := moduleRoot(ctx)
+	repo, err := repoRoot()
 	if err != nil {
 		return err
 	}
@@ -212,6 +226,42 @@ func benchmark(ctx context.Context, o options) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := e.start(ctx, o, repo); err != nil {
+		return err
+	}
+	rep := &report{Started: begin, Command: strings.Join(append([]string{"cd integration/bench && go run ."}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
+	rep.Machine = machineInfo(ctx, repo)
+	rep.Registry = e.proxyAddr
+	imgs := map[string]image{}
+	for _, w := range ws {
+		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
+		img, err := e.pushImage(ctx, w)
+		if err != nil {
+			return err
+		}
+		imgs[w.Name] = img
+		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd}
+	}
+	if err := e.runMatrix(ctx, o, ws, imgs, rep); err != nil {
+		return err
+	}
+	rep.summarize(o)
+	rep.Seconds = time.Since(begin).Seconds()
+	if err := rep.write(o.out); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("interrupted: %w", err)
+	}
+	if n := rep.failedRuns(); n > 0 {
+		return fmt.Errorf("%d runs failed (see results.json)", n)
+	}
+	return nil
+}
+
+// start builds the binaries the flags do not name and starts the
+// registry, the snapshotter and containerd.
+func (e *env) start(ctx context.Context, o options, repo string) error {
 	for _, b := range []struct {
 		dst  *string
 		flag string
@@ -235,24 +285,12 @@ func benchmark(ctx context.Context, o options) (err error) {
 	if err := e.startSnapshotter(ctx, o.BackgroundFill); err != nil {
 		return err
 	}
-	if err := e.startContainerd(ctx); err != nil {
-		return err
-	}
+	return e.startContainerd(ctx)
+}
 
-	rep := &report{Started: begin, Command: strings.Join(append([]string{"go run ./integration/bench"}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
-	rep.Machine = machineInfo(ctx, repo)
-	rep.Registry = e.proxyAddr
-	imgs := map[string]image{}
-	for _, w := range ws {
-		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
-		img, err := e.pushImage(ctx, w)
-		if err != nil {
-			return err
-		}
-		imgs[w.Name] = img
-		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd}
-	}
-
+// runMatrix measures every workload on every link, alternating which
+// mode goes first, and writes results.json after every run.
+func (e *env) runMatrix(ctx context.Context, o options, ws []workload, imgs map[string]image, rep *report) error {
 	for _, link := range o.Links {
 		rate, rtt := link, o.RTT
 		if link == "unshaped" {
@@ -281,26 +319,21 @@ func benchmark(ctx context.Context, o options) (err error) {
 			}
 		}
 	}
-	rep.summarize(o)
-	rep.Seconds = time.Since(begin).Seconds()
-	if err := rep.writeJSON(o.out); err != nil {
+	return nil
+}
+
+// write writes results.json, bench-lazy.md (also printed) and the charts
+// to dir.
+func (rep *report) write(dir string) error {
+	if err := rep.writeJSON(dir); err != nil {
 		return err
 	}
 	md := rep.markdown()
-	if err := os.WriteFile(filepath.Join(o.out, "bench-lazy.md"), []byte(md), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "bench-lazy.md"), []byte(md), 0o644); err != nil {
 		return err
 	}
 	fmt.Print(md)
-	if err := rep.charts(o.out); err != nil {
-		return err
-	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("interrupted: %w", err)
-	}
-	if n := rep.failedRuns(); n > 0 {
-		return fmt.Errorf("%d runs failed (see results.json)", n)
-	}
-	return nil
+	return rep.charts(dir)
 }
 
 func logRun(r runResult) {

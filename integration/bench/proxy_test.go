@@ -167,33 +167,6 @@ func TestProxyControl(t *testing.T) {
 	}
 }
 
-// TestParseMetrics keeps counters and gauges by series and drops
-// histogram series.
-func TestParseMetrics(t *testing.T) {
-	m := parseMetrics(`# HELP spanpull_resolver_fetched_bytes_total x
-spanpull_resolver_fetched_bytes_total{kind="span"} 1.2345e+06
-spanpull_resolver_fetched_bytes_total{kind="ztoc"} 4096
-spanpull_resolver_spans_fetched_total 3
-spanpull_resolver_read_duration_seconds_bucket{le="0.1"} 7
-spanpull_resolver_read_duration_seconds_sum 0.5
-spanpull_resolver_read_duration_seconds_count 7
-go_goroutines 12
-`)
-	want := map[string]float64{
-		`spanpull_resolver_fetched_bytes_total{kind="span"}`: 1234500,
-		`spanpull_resolver_fetched_bytes_total{kind="ztoc"}`: 4096,
-		"spanpull_resolver_spans_fetched_total":              3,
-	}
-	if len(m) != len(want) {
-		t.Errorf("got %v, want %v", m, want)
-	}
-	for k, v := range want {
-		if m[k] != v {
-			t.Errorf("%s = %v, want %v", k, m[k], v)
-		}
-	}
-}
-
 // TestParseFlags checks the smoke configuration and bad flags.
 func TestParseFlags(t *testing.T) {
 	o, err := parseFlags([]string{"-smoke"})

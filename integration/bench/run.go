@@ -8,11 +8,12 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/http"
 	"os/exec"
-	"strconv"
 	"strings"
 	"time"
+
+	"github.com/spanpull/spanpull/integration/testenv"
+	"github.com/spanpull/spanpull/internal/testutil/proc"
 )
 
 // Modes of a run.
@@ -100,15 +101,15 @@ func (e *env) measureInto(ctx context.Context, w workload, img image, r *runResu
 	var runArgs []string
 	switch r.Mode {
 	case modeLazy:
-		pull = exec.CommandContext(ctx, e.snapshotterBin, "pull", "-a", e.ctrSock, "-n", ctrNamespace, "--plain-http", img.Lazy)
+		pull = exec.CommandContext(ctx, e.snapshotterBin, "pull", "-a", e.containerd.Socket, "-n", ctrNamespace, "--plain-http", img.Lazy)
 		runArgs = []string{"run", "--rm", "--snapshotter", snapshotterName, img.Lazy, id}
 	case modeFull:
-		pull = e.ctrCmd(ctx, "images", "pull", "--plain-http", img.Full)
+		pull = e.containerd.Command(ctx, "images", "pull", "--plain-http", img.Full)
 		runArgs = []string{"run", "--rm", img.Full, id}
 	default:
 		return fmt.Errorf("unknown mode %q", r.Mode)
 	}
-	run := e.ctrCmd(ctx, append(runArgs, w.Cmd...)...)
+	run := e.containerd.Command(ctx, append(runArgs, w.Cmd...)...)
 	var stderr bytes.Buffer
 	run.Stderr = &stderr
 	stdout, err := run.StdoutPipe()
@@ -119,7 +120,7 @@ func (e *env) measureInto(ctx context.Context, w workload, img image, r *runResu
 	start := time.Now()
 	out, err := pull.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("pull: %w\n%s", err, tailString(string(out), 2048))
+		return fmt.Errorf("pull: %w\n%s", err, proc.Tail(string(out), 2048))
 	}
 	r.PullSeconds = time.Since(start).Seconds()
 	if r.Mode == modeLazy {
@@ -135,10 +136,10 @@ func (e *env) measureInto(ctx context.Context, w workload, img image, r *runResu
 	werr := run.Wait()
 	exit := time.Since(start)
 	if rerr != nil {
-		return fmt.Errorf("ctr run printed no line (%v, exit %v): %s", rerr, werr, tailString(stderr.String(), 2048))
+		return fmt.Errorf("ctr run printed no line (%v, exit %v): %s", rerr, werr, proc.Tail(stderr.String(), 2048))
 	}
 	if werr != nil {
-		return fmt.Errorf("ctr run: %w: %s", werr, tailString(stderr.String(), 2048))
+		return fmt.Errorf("ctr run: %w: %s", werr, proc.Tail(stderr.String(), 2048))
 	}
 	if serr != nil {
 		return serr
@@ -155,7 +156,7 @@ func (e *env) measureInto(ctx context.Context, w workload, img image, r *runResu
 	if r.SnapshotterMetrics, err = e.snapshotterMetrics(ctx); err != nil {
 		return err
 	}
-	if r.DaemonPeakRSS, r.DaemonCPUSeconds, err = procUsage(e.snap.pid()); err != nil {
+	if r.DaemonPeakRSS, r.DaemonCPUSeconds, err = procUsage(e.snap.Pid()); err != nil {
 		return fmt.Errorf("snapshotter usage: %w", err)
 	}
 	if r.FirstLine != w.Expect {
@@ -164,57 +165,8 @@ func (e *env) measureInto(ctx context.Context, w workload, img image, r *runResu
 	return nil
 }
 
-func tailString(s string, n int) string {
-	if len(s) > n {
-		return "..." + s[len(s)-n:]
-	}
-	return s
-}
-
 // snapshotterMetrics scrapes the daemon's spanpull_* counters and gauges
 // (histograms left out) from its Prometheus endpoint, by series.
 func (e *env) snapshotterMetrics(ctx context.Context) (map[string]float64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+e.metricsAddr+"/metrics", nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("snapshotter metrics: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("snapshotter metrics: %s", resp.Status)
-	}
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("snapshotter metrics: %w", err)
-	}
-	return parseMetrics(string(b)), nil
-}
-
-// parseMetrics picks the spanpull_* samples out of Prometheus text format,
-// leaving histogram series out.
-func parseMetrics(text string) map[string]float64 {
-	m := map[string]float64{}
-	for _, line := range strings.Split(text, "\n") {
-		if !strings.HasPrefix(line, "spanpull_") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		series := line[:i]
-		name, _, _ := strings.Cut(series, "{")
-		if strings.HasSuffix(name, "_bucket") || strings.HasSuffix(name, "_sum") || strings.HasSuffix(name, "_count") {
-			continue
-		}
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			continue
-		}
-		m[series] = v
-	}
-	return m
+	return testenv.ScrapeMetrics(ctx, e.snap.MetricsURL, "spanpull_")
 }

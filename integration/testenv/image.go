@@ -4,7 +4,6 @@ package testenv
 
 import (
 	"archive/tar"
-	"bytes"
 	"compress/gzip"
 	"encoding/json"
 	"os"
@@ -17,6 +16,8 @@ import (
 	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/proc"
 	"github.com/spanpull/spanpull/registry/registrytest"
 )
 
@@ -35,45 +36,27 @@ type Entry struct {
 // epoch is the fixed mtime of built layers, so they are reproducible.
 var epoch = time.Unix(1700000000, 0)
 
-// Layer builds a gzip-compressed tar layer of entries and returns the
+// Layer builds a gzip-compressed PAX tar layer of entries and returns the
 // blob and its diff ID (the digest of the uncompressed tar).
 func Layer(t testing.TB, entries []Entry) (blob []byte, diffID digest.Digest) {
 	t.Helper()
-	var tarBuf bytes.Buffer
-	tw := tar.NewWriter(&tarBuf)
-	for _, e := range entries {
-		h := &tar.Header{Name: e.Name, Mode: e.Mode, ModTime: epoch, Format: tar.FormatPAX}
+	members := make([]layertest.Entry, len(entries))
+	for i, e := range entries {
+		mode := e.Mode
+		m := layertest.Reg(e.Name, mode, e.Data)
 		if e.Dir {
-			h.Typeflag = tar.TypeDir
-			if h.Mode == 0 {
-				h.Mode = 0o755
+			if mode == 0 {
+				mode = 0o755
 			}
-		} else {
-			h.Typeflag = tar.TypeReg
-			h.Size = int64(len(e.Data))
-			if h.Mode == 0 {
-				h.Mode = 0o644
-			}
+			m = layertest.Dir(e.Name, mode)
+		} else if mode == 0 {
+			m.Header.Mode = 0o644
 		}
-		if err := tw.WriteHeader(h); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(e.Data); err != nil {
-			t.Fatal(err)
-		}
+		m.Header.ModTime, m.Header.Format = epoch, tar.FormatPAX
+		members[i] = m
 	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	if _, err := zw.Write(tarBuf.Bytes()); err != nil {
-		t.Fatal(err)
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return gz.Bytes(), digest.FromBytes(tarBuf.Bytes())
+	tarball := layertest.Tar(t, members...)
+	return layertest.Gzip(t, tarball, gzip.DefaultCompression), digest.FromBytes(tarball)
 }
 
 // LayerBlob is a pushed or to-be-pushed layer.
@@ -186,7 +169,7 @@ func main() {
 		t.Fatal(err)
 	}
 	cmd := execGo(dir, "build", "-trimpath", "-ldflags=-s -w", "-o", "hello", ".")
-	cmd.Env = append(EnvWithout("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	cmd.Env = append(proc.EnvWithout("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build hello program: %v\n%s", err, out)
 	}

@@ -3,16 +3,9 @@
 package testenv
 
 import (
-	"errors"
-	"fmt"
-	"net"
-	"net/http"
-	"os"
-	"os/exec"
+	"context"
 	"path/filepath"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -24,74 +17,26 @@ import (
 // on the same address (to take the registry away under a running
 // snapshotter). StartRegistry is simpler when neither is needed.
 type Registry struct {
-	// Addr is "127.0.0.1:port".
-	Addr string
-	// Storage is the filesystem storage's root directory.
-	Storage string
-
-	dir, cfg string
-	proc     *Process
+	*registrytest.Distribution
 }
 
 // StartRegistryDaemon starts docker-registry with its storage and log in
 // dir on a free loopback port. It is stopped in Cleanup.
 func StartRegistryDaemon(t testing.TB, dir string) *Registry {
 	t.Helper()
-	bin := registrytest.DistributionBinary
-	if p := os.Getenv("SPANPULL_DOCKER_REGISTRY"); p != "" {
-		bin = p
+	d, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := os.Stat(bin); err != nil {
-		t.Fatalf("docker-registry not installed (%v): run scripts/install-deps.sh", err)
-	}
-	r := &Registry{dir: dir, Storage: filepath.Join(dir, "registry-data"), cfg: filepath.Join(dir, "registry.yml")}
-	var lastErr error
-	for try := 0; try < 3; try++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		r.Addr = l.Addr().String()
-		l.Close()
-		cfg := registrytest.DistributionConfig(r.Storage, r.Addr)
-		if err := os.WriteFile(r.cfg, []byte(cfg), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if lastErr = r.start(t, bin); lastErr == nil {
-			return r
-		}
-	}
-	t.Fatalf("start docker-registry: %v", lastErr)
-	return nil
-}
-
-func (r *Registry) start(t testing.TB, bin string) error {
-	r.proc = startProcess(t, r.dir, "registry", exec.Command(bin, "serve", r.cfg), 5*time.Second)
-	client := &http.Client{Timeout: time.Second}
-	return waitFor(r.proc, 15*time.Second, func() error {
-		resp, err := client.Get("http://" + r.Addr + "/v2/")
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("GET /v2/: %s", resp.Status)
-		}
-		return nil
-	})
+	r := &Registry{Distribution: d}
+	cleanupProcess(t, d.Process, func() error { return r.Distribution.Stop() })
+	return r
 }
 
 // Stop stops the registry; its address refuses connections afterwards.
 func (r *Registry) Stop(t testing.TB) {
 	t.Helper()
-	err := r.proc.Stop(5 * time.Second)
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGTERM {
-			err = nil // docker-registry just dies on SIGTERM
-		}
-	}
-	if err != nil {
+	if err := r.Distribution.Stop(); err != nil {
 		t.Logf("stop registry: %v", err)
 	}
 }
@@ -100,10 +45,10 @@ func (r *Registry) Stop(t testing.TB) {
 // storage.
 func (r *Registry) Restart(t testing.TB) {
 	t.Helper()
-	bin := r.proc.Cmd.Path
-	if err := r.start(t, bin); err != nil {
+	if err := r.Distribution.Restart(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	cleanupProcess(t, r.Process, func() error { return r.Distribution.Stop() })
 }
 
 // BlobPath is the file holding blob d in the registry's storage.

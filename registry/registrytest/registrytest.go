@@ -11,7 +11,8 @@
 // challenges) cannot be triggered on demand in a real registry.
 //
 // Everything started here listens on a free 127.0.0.1 port and is stopped
-// by t.Cleanup.
+// by t.Cleanup. LaunchDistribution starts docker-registry without a
+// testing.T, for the end-to-end test environment and the benchmark harness.
 package registrytest
 
 import (
@@ -20,116 +21,17 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	ggcr "github.com/google/go-containerregistry/pkg/registry"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/spanpull/spanpull/internal/testutil/proc"
 )
-
-// DistributionBinary is where Debian installs docker-registry.
-const DistributionBinary = "/usr/bin/docker-registry"
-
-// startTimeout bounds how long a registry may take to answer /v2/.
-const startTimeout = 15 * time.Second
-
-// StartDistribution starts Debian's docker-registry with filesystem storage
-// in a temporary directory and returns its "127.0.0.1:port" address once
-// GET /v2/ answers. It fails the test if the binary is missing (CI installs
-// it) or the registry does not come up; the process is killed in Cleanup.
-func StartDistribution(t testing.TB) string {
-	t.Helper()
-	bin := DistributionBinary
-	if p := os.Getenv("SPANPULL_DOCKER_REGISTRY"); p != "" {
-		bin = p
-	}
-	if _, err := os.Stat(bin); err != nil {
-		t.Fatalf("docker-registry not installed (%v): run scripts/install-deps.sh", err)
-	}
-	var lastErr error
-	// A free port can be taken by someone else between probing and the
-	// registry binding it; try a few ports before giving up.
-	for try := 0; try < 3; try++ {
-		addr, err := startDistribution(t, bin)
-		if err == nil {
-			return addr
-		}
-		lastErr = err
-	}
-	t.Fatalf("start docker-registry: %v", lastErr)
-	return ""
-}
-
-// DistributionConfig is the docker-registry configuration the tests use:
-// filesystem storage in storageDir, listening on addr, deletes allowed,
-// quiet logs.
-func DistributionConfig(storageDir, addr string) string {
-	return fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
-    enabled: true
-http:
-  addr: %s
-  secret: spanpull-test-not-secret
-`, storageDir, addr)
-}
-
-func startDistribution(t testing.TB, bin string) (string, error) {
-	dir := t.TempDir()
-	addr, err := freeAddr()
-	if err != nil {
-		return "", err
-	}
-	cfg := DistributionConfig(filepath.Join(dir, "data"), addr)
-	cfgPath := filepath.Join(dir, "config.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		return "", err
-	}
-	out := &lockedBuffer{}
-	cmd := exec.Command(bin, "serve", cfgPath)
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return "", err
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	stop := func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(3 * time.Second):
-			cmd.Process.Kill()
-			<-exited
-		}
-	}
-	if err := waitReady(addr, exited); err != nil {
-		stop()
-		return "", fmt.Errorf("%w; output:\n%s", err, out.String())
-	}
-	t.Cleanup(func() {
-		stop()
-		if t.Failed() {
-			t.Logf("docker-registry %s output:\n%s", addr, out.String())
-		}
-	})
-	return addr, nil
-}
 
 // StartReferrersRegistry starts go-containerregistry's registry with the
 // OCI referrers API enabled, in-process on a free port, and returns its
@@ -141,64 +43,27 @@ func StartReferrersRegistry(t testing.TB) string {
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	addr := strings.TrimPrefix(srv.URL, "http://")
-	if err := waitReady(addr, nil); err != nil {
+	if err := waitReady(context.Background(), nil, addr); err != nil {
 		t.Fatalf("start referrers registry: %v", err)
 	}
 	return addr
 }
 
-// freeAddr returns a 127.0.0.1 address with a port that was free a moment
-// ago.
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
-
-// waitReady polls GET /v2/ until it answers 200 (or 401), the process
-// exits, or startTimeout passes.
-func waitReady(addr string, exited <-chan struct{}) error {
-	deadline := time.Now().Add(startTimeout)
+// waitReady polls GET /v2/ until it answers 200 (or 401), p exits (p may
+// be nil), or startTimeout passes.
+func waitReady(ctx context.Context, p *proc.Process, addr string) error {
 	client := &http.Client{Timeout: time.Second}
-	for {
+	return proc.WaitReady(ctx, p, startTimeout, func() error {
 		resp, err := client.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
-				return nil
-			}
-			err = fmt.Errorf("GET /v2/: %s", resp.Status)
+		if err != nil {
+			return err
 		}
-		select {
-		case <-exited:
-			return fmt.Errorf("registry on %s exited before it was ready (last: %v)", addr, err)
-		default:
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusUnauthorized {
+			return fmt.Errorf("GET /v2/: %s", resp.Status)
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("registry on %s not ready after %s: %v", addr, startTimeout, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+		return nil
+	})
 }
 
 // PushBlob is a minimal raw client for seeding a registry in tests without
