@@ -31,7 +31,7 @@ go_goroutines 12
 		`spanpull_resolver_fetched_bytes_total{kind="span"}`: 1234500,
 		`spanpull_resolver_fetched_bytes_total{kind="ztoc"}`: 4096,
 		`spanpull_layers_mounted{b="x",mode="lazy"}`:         2,
-		"spanpull_resolver_spans_fetched_total":                       3,
+		"spanpull_resolver_spans_fetched_total":              3,
 	}
 	if len(m) != len(want) {
 		t.Errorf("got %v, want %v", m, want)
