@@ -124,6 +124,9 @@ type Ztoc struct {
 	// Files is the TOC, one entry per tar entry, in archive order.
 	Files []FileMetadata
 	CompressionInfo
+	// Chunks, when not nil, holds the chunks of each span (indexed by
+	// SpanID). It is not part of SOCI's encoding (Marshal ignores it).
+	Chunks [][]Chunk
 }
 
 // CompressionInfo says how to restart decompression at each span and how to
