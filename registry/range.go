@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	orasreg "oras.land/oras-go/v2/registry"
 	"oras.land/oras-go/v2/registry/remote/auth"
@@ -35,21 +36,33 @@ func (r *Repository) ReadAt(ctx context.Context, desc ocispec.Descriptor, p []by
 		want = desc.Size - off
 		eof = io.EOF
 	}
-	end := off + want - 1
-	ref := orasreg.Reference{Registry: r.repo.Reference.Registry, Repository: r.repo.Reference.Repository, Reference: desc.Digest.String()}
-	ctx = auth.AppendRepositoryScope(ctx, ref, auth.ActionPull)
-	scheme := "https"
-	if r.repo.PlainHTTP {
-		scheme = "http"
+	var n int
+	err := r.each(ctx, docker.HostCapabilityPull, func(e *endpoint) error {
+		var err error
+		n, err = r.readAt(ctx, e, desc, p[:want], off)
+		return err
+	})
+	if err != nil {
+		return 0, err
 	}
-	url := fmt.Sprintf("%s://%s/v2/%s/blobs/%s", scheme, ref.Host(), ref.Repository, desc.Digest)
+	return n, eof
+}
+
+// readAt reads len(p) bytes of blob desc at off from host e, with one
+// range request.
+func (r *Repository) readAt(ctx context.Context, e *endpoint, desc ocispec.Descriptor, p []byte, off int64) (int, error) {
+	want := int64(len(p))
+	end := off + want - 1
+	ref := orasreg.Reference{Registry: e.repo.Reference.Registry, Repository: e.repo.Reference.Repository, Reference: desc.Digest.String()}
+	ctx = auth.AppendRepositoryScope(ctx, ref, auth.ActionPull)
+	url := fmt.Sprintf("%s://%s/v2/%s/blobs/%s", e.scheme, ref.Host(), ref.Repository, desc.Digest)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return 0, fmt.Errorf("read %s: %w", r.at(desc.Digest.String()), err)
 	}
 	rng := fmt.Sprintf("bytes=%d-%d", off, end)
 	req.Header.Set("Range", rng)
-	resp, err := r.client.Do(req)
+	resp, err := e.client.Do(req)
 	if err != nil {
 		return 0, r.wrap("read "+rng+" of", desc.Digest.String(), err)
 	}
@@ -57,14 +70,14 @@ func (r *Repository) ReadAt(ctx context.Context, desc ocispec.Descriptor, p []by
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 	case http.StatusOK:
-		return 0, fmt.Errorf("read %s of %s: %w (status 200)", rng, r.at(desc.Digest.String()), ErrRangeUnsupported)
+		return 0, fmt.Errorf("read %s of %s from %s: %w (status 200)", rng, r.at(desc.Digest.String()), e.host, ErrRangeUnsupported)
 	default:
 		return 0, r.wrap("read "+rng+" of", desc.Digest.String(), errResponse(resp))
 	}
 	if s, e, ok := parseContentRange(resp.Header.Get("Content-Range")); !ok || s != off || e != end {
 		return 0, fmt.Errorf("read %s of %s: server sent Content-Range %q", rng, r.at(desc.Digest.String()), resp.Header.Get("Content-Range"))
 	}
-	n, err := io.ReadFull(resp.Body, p[:want])
+	n, err := io.ReadFull(resp.Body, p)
 	if err != nil {
 		return n, r.wrap("read "+rng+" of", desc.Digest.String(), err)
 	}
@@ -74,7 +87,7 @@ func (r *Repository) ReadAt(ctx context.Context, desc ocispec.Descriptor, p []by
 	if m, _ := resp.Body.Read(extra[:]); m > 0 {
 		return 0, fmt.Errorf("read %s of %s: server sent more than %d bytes", rng, r.at(desc.Digest.String()), want)
 	}
-	return n, eof
+	return n, nil
 }
 
 // errResponse turns a non-success response into oras-go's error type, so

@@ -10,10 +10,16 @@
 // requests; errors name the reference and wrap ErrNotFound, ErrUnauthorized
 // or ErrForbidden so callers can tell them apart.
 //
+// A registry may be served by mirrors: Options.Hosts (containerd's host
+// configuration, hosts.toml, read by ConfigureHosts) lists them in order,
+// each with its own oras-go client; reads fall back from one host to the
+// next and finally to the registry itself, and requests to a mirror carry
+// the `ns` query parameter as containerd's do.
+//
 // Credentials come from the Docker config (~/.docker/config.json or
-// $DOCKER_CONFIG, including credential helpers) unless Options.Credential is
-// set; basic and token (bearer/OAuth2) auth are handled by oras-go's
-// auth.Client.
+// $DOCKER_CONFIG, including credential helpers), read again whenever a
+// registry answers 401, unless Options.Credential is set; basic and token
+// (bearer/OAuth2) auth are handled by oras-go's auth.Client.
 package registry
 
 import (
@@ -28,12 +34,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"oras.land/oras-go/v2/content"
 	"oras.land/oras-go/v2/errdef"
 	orasreg "oras.land/oras-go/v2/registry"
-	"oras.land/oras-go/v2/registry/remote"
 	"oras.land/oras-go/v2/registry/remote/auth"
 	"oras.land/oras-go/v2/registry/remote/credentials"
 	"oras.land/oras-go/v2/registry/remote/errcode"
@@ -77,32 +83,42 @@ type Options struct {
 	// a context deadline, and a caller may pause between reads for as long
 	// as it likes. Zero means DefaultStallTimeout; negative disables it.
 	StallTimeout time.Duration
-	// Credential supplies credentials per registry host. Nil means the
-	// Docker config file and its credential helpers (DockerConfig or the
-	// default location).
+	// Credential supplies credentials per host (registry or mirror). It
+	// is called when a host answers 401, and the request is then retried
+	// once (oras-go's auth client). Nil means DockerCredentials
+	// (DockerConfig or the default location), read at every call.
 	Credential auth.CredentialFunc
 	// DockerConfig is the path of a Docker config.json to read credentials
 	// from; empty means $DOCKER_CONFIG/config.json or ~/.docker/config.json.
 	DockerConfig string
-	// Transport is the base HTTP transport; nil means a clone of
+	// Transport is the base HTTP transport of every host; nil means the
+	// host's own (Hosts: its TLS settings) or a clone of
 	// http.DefaultTransport (with Insecure applied).
 	Transport http.RoundTripper
+	// Hosts lists the hosts that serve a registry, in the order requests
+	// try them: mirrors first, the registry itself last (containerd's
+	// docker.RegistryHosts; ConfigureHosts reads containerd's hosts.toml).
+	// Reads go to the hosts with the needed capability (pull, resolve for
+	// tags), falling back to the next host on any failure; pushes go to
+	// the first host that accepts them. Nil means the registry alone, with
+	// PlainHTTP and Insecure, which are otherwise the hosts' business.
+	Hosts docker.RegistryHosts
 }
 
-// Repository is one repository on one registry (e.g. "ghcr.io/org/app").
-// It is safe for concurrent use.
+// Repository is one repository on one registry (e.g. "ghcr.io/org/app"),
+// reached through the registry's hosts: its mirrors in order, then the
+// registry itself (Options.Hosts). It is safe for concurrent use.
 type Repository struct {
-	repo   *remote.Repository
-	name   string // host/repository
-	ref    string // tag or digest given to New, may be empty
-	client *auth.Client
+	name      string // host/repository of the registry itself
+	ref       string // tag or digest given to New, may be empty
+	endpoints []*endpoint
 }
 
 // New returns a Repository for ref, "host[:port]/name[:tag|@digest]". The
 // tag or digest, if any, is available as Reference() for callers that took
 // the whole reference from a user. Docker Hub's familiar forms are
 // accepted ("alpine:3", "docker.io/library/alpine"). No network I/O
-// happens here.
+// happens here; Options.Hosts (host configuration files) is read here.
 func New(ref string, opts Options) (*Repository, error) {
 	parsed, err := orasreg.ParseReference(normalizeReference(ref))
 	if err != nil {
@@ -110,56 +126,80 @@ func New(ref string, opts Options) (*Repository, error) {
 	}
 	cred := opts.Credential
 	if cred == nil {
-		var store credentials.Store
-		var err error
-		if opts.DockerConfig != "" {
-			store, err = credentials.NewStore(opts.DockerConfig, credentials.StoreOptions{})
-		} else {
-			store, err = credentials.NewStoreFromDocker(credentials.StoreOptions{})
+		// Read once here so that a broken config fails early; requests
+		// read it again whenever a registry asks for credentials.
+		if _, err := dockerStore(opts.DockerConfig); err != nil {
+			return nil, err
 		}
-		if err != nil {
-			return nil, fmt.Errorf("load registry credentials: %w", err)
+		cred = DockerCredentials(opts.DockerConfig)
+	}
+	hosts, ns, err := registryHosts(parsed.Registry, opts)
+	if err != nil {
+		return nil, fmt.Errorf("hosts of %s: %w", parsed.Registry, err)
+	}
+	r := &Repository{name: parsed.Registry + "/" + parsed.Repository, ref: parsed.Reference}
+	for i, h := range hosts {
+		retry := opts.Retry
+		if i < len(hosts)-1 {
+			// A mirror is not retried: the next host is its retry.
+			retry = RetryPolicy{MaxRetries: -1}
 		}
-		cred = credentials.Credential(store)
+		r.endpoints = append(r.endpoints, newEndpoint(h, parsed.Repository, ns, retry, opts, cred))
 	}
-	base := opts.Transport
-	if base == nil {
-		t := http.DefaultTransport.(*http.Transport).Clone()
-		if opts.Insecure {
-			t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // explicit user choice
-		}
-		base = t
-	}
-	stall := opts.StallTimeout
-	if stall == 0 {
-		stall = DefaultStallTimeout
-	}
-	client := &auth.Client{
-		Client: &http.Client{Transport: &transport{
-			base:   base,
-			policy: opts.Retry.withDefaults(),
-			stall:  stall,
-		}},
-		Cache:      auth.NewCache(),
-		Credential: cred,
-	}
-	ua := opts.UserAgent
-	if ua == "" {
-		ua = DefaultUserAgent
-	}
-	client.SetUserAgent(ua)
+	return r, nil
+}
 
-	r := &remote.Repository{
-		Client:    client,
-		Reference: orasreg.Reference{Registry: parsed.Registry, Repository: parsed.Repository},
-		PlainHTTP: opts.PlainHTTP,
+// DockerCredentials returns credentials from a Docker config file
+// (configPath; empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json)
+// and the credential helpers it names, read again on every call. oras-go's
+// auth client calls it only when a registry answers 401 (a first request,
+// or a cached token or password that stopped working) and then retries the
+// request once, so a rotated password or a rewritten config file is picked
+// up at the next 401, without a restart.
+func DockerCredentials(configPath string) auth.CredentialFunc {
+	return func(ctx context.Context, hostport string) (auth.Credential, error) {
+		store, err := dockerStore(configPath)
+		if err != nil {
+			return auth.EmptyCredential, err
+		}
+		return credentials.Credential(store)(ctx, hostport)
 	}
-	return &Repository{
-		repo:   r,
-		name:   parsed.Registry + "/" + parsed.Repository,
-		ref:    parsed.Reference,
-		client: client,
-	}, nil
+}
+
+// dockerStore opens the Docker config (see DockerCredentials).
+func dockerStore(configPath string) (credentials.Store, error) {
+	var store credentials.Store
+	var err error
+	if configPath != "" {
+		store, err = credentials.NewStore(configPath, credentials.StoreOptions{})
+	} else {
+		store, err = credentials.NewStoreFromDocker(credentials.StoreOptions{})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load registry credentials: %w", err)
+	}
+	return store, nil
+}
+
+// ChainCredentials asks each source in turn (nil ones are skipped) and
+// returns the first credential that is not empty; an error stops the
+// chain.
+func ChainCredentials(sources ...auth.CredentialFunc) auth.CredentialFunc {
+	return func(ctx context.Context, hostport string) (auth.Credential, error) {
+		for _, src := range sources {
+			if src == nil {
+				continue
+			}
+			c, err := src(ctx, hostport)
+			if err != nil {
+				return auth.EmptyCredential, err
+			}
+			if c != auth.EmptyCredential {
+				return c, nil
+			}
+		}
+		return auth.EmptyCredential, nil
+	}
 }
 
 // normalizeReference expands Docker Hub's short forms the way docker does:
@@ -238,22 +278,35 @@ func (r *Repository) wrap(op, reference string, err error) error {
 // Resolve returns the manifest descriptor a tag or digest points to
 // (HEAD request: media type, digest, size).
 func (r *Repository) Resolve(ctx context.Context, reference string) (ocispec.Descriptor, error) {
-	d, err := r.repo.Resolve(ctx, reference)
-	return d, r.wrap("resolve", reference, err)
+	var d ocispec.Descriptor
+	err := r.each(ctx, resolveCap(reference), func(e *endpoint) error {
+		var err error
+		d, err = e.repo.Resolve(ctx, reference)
+		return r.wrap("resolve", reference, err)
+	})
+	return d, err
 }
 
 // FetchManifest fetches a manifest (or image index) by tag or digest and
 // returns its bytes, verified against the digest (the requested one, or the
 // registry's Docker-Content-Digest for a tag), and its descriptor.
 func (r *Repository) FetchManifest(ctx context.Context, reference string) ([]byte, ocispec.Descriptor, error) {
-	desc, rc, err := r.repo.Manifests().FetchReference(ctx, reference)
+	var b []byte
+	var desc ocispec.Descriptor
+	err := r.each(ctx, resolveCap(reference), func(e *endpoint) error {
+		d, rc, err := e.repo.Manifests().FetchReference(ctx, reference)
+		if err != nil {
+			return r.wrap("fetch manifest", reference, err)
+		}
+		defer rc.Close()
+		if b, err = content.ReadAll(rc, d); err != nil {
+			return r.wrap("fetch manifest", reference, err)
+		}
+		desc = d
+		return nil
+	})
 	if err != nil {
-		return nil, ocispec.Descriptor{}, r.wrap("fetch manifest", reference, err)
-	}
-	defer rc.Close()
-	b, err := content.ReadAll(rc, desc)
-	if err != nil {
-		return nil, ocispec.Descriptor{}, r.wrap("fetch manifest", reference, err)
+		return nil, ocispec.Descriptor{}, err
 	}
 	return b, desc, nil
 }
@@ -261,13 +314,17 @@ func (r *Repository) FetchManifest(ctx context.Context, reference string) ([]byt
 // FetchManifestDescriptor fetches the manifest a descriptor names and
 // verifies it against the descriptor's digest and size.
 func (r *Repository) FetchManifestDescriptor(ctx context.Context, desc ocispec.Descriptor) ([]byte, error) {
-	rc, err := r.repo.Manifests().Fetch(ctx, desc)
-	if err != nil {
-		return nil, r.wrap("fetch manifest", desc.Digest.String(), err)
-	}
-	defer rc.Close()
-	b, err := content.ReadAll(rc, desc)
-	return b, r.wrap("fetch manifest", desc.Digest.String(), err)
+	var b []byte
+	err := r.each(ctx, docker.HostCapabilityPull, func(e *endpoint) error {
+		rc, err := e.repo.Manifests().Fetch(ctx, desc)
+		if err != nil {
+			return r.wrap("fetch manifest", desc.Digest.String(), err)
+		}
+		defer rc.Close()
+		b, err = content.ReadAll(rc, desc)
+		return r.wrap("fetch manifest", desc.Digest.String(), err)
+	})
+	return b, err
 }
 
 // FetchBlob streams a blob. The reader returns an error instead of io.EOF
@@ -278,9 +335,14 @@ func (r *Repository) FetchBlob(ctx context.Context, desc ocispec.Descriptor) (io
 	if err := desc.Digest.Validate(); err != nil {
 		return nil, fmt.Errorf("fetch blob %s: bad digest %q: %w", r.name, desc.Digest, err)
 	}
-	rc, err := r.repo.Blobs().Fetch(ctx, desc)
+	var rc io.ReadCloser
+	err := r.each(ctx, docker.HostCapabilityPull, func(e *endpoint) error {
+		var err error
+		rc, err = e.repo.Blobs().Fetch(ctx, desc)
+		return r.wrap("fetch blob", desc.Digest.String(), err)
+	})
 	if err != nil {
-		return nil, r.wrap("fetch blob", desc.Digest.String(), err)
+		return nil, err
 	}
 	return &verifyReader{rc: rc, desc: desc, h: desc.Digest.Algorithm().Hash(), what: r.at(desc.Digest.String())}, nil
 }
@@ -331,22 +393,31 @@ func (v *verifyReader) Close() error { return v.rc.Close() }
 // Exists reports whether a blob or manifest (chosen by desc.MediaType)
 // exists in the repository.
 func (r *Repository) Exists(ctx context.Context, desc ocispec.Descriptor) (bool, error) {
-	ok, err := r.repo.Exists(ctx, desc)
-	return ok, r.wrap("check", desc.Digest.String(), err)
+	var ok bool
+	err := r.each(ctx, docker.HostCapabilityPull, func(e *endpoint) error {
+		var err error
+		ok, err = e.repo.Exists(ctx, desc)
+		return r.wrap("check", desc.Digest.String(), err)
+	})
+	return ok, err
 }
 
 // PushBlob uploads a blob unless it already exists. The content must match
 // desc (oras-go verifies size and digest). Passing a *bytes.Reader (or
 // another body net/http can rewind) lets transient failures be retried.
 func (r *Repository) PushBlob(ctx context.Context, desc ocispec.Descriptor, rd io.Reader) error {
-	ok, err := r.repo.Blobs().Exists(ctx, desc)
+	e, err := r.pushEndpoint()
+	if err != nil {
+		return err
+	}
+	ok, err := e.repo.Blobs().Exists(ctx, desc)
 	if err != nil {
 		return r.wrap("push blob", desc.Digest.String(), err)
 	}
 	if ok {
 		return nil
 	}
-	err = r.repo.Blobs().Push(ctx, desc, rd)
+	err = e.repo.Blobs().Push(ctx, desc, rd)
 	if errors.Is(err, errdef.ErrAlreadyExists) {
 		return nil
 	}
@@ -365,14 +436,18 @@ func (r *Repository) PushBlobBytes(ctx context.Context, mediaType string, b []by
 // cross-repository mount, falling back to fetching and pushing it when the
 // registry does not mount. It does nothing if the blob already exists.
 func (r *Repository) MountBlob(ctx context.Context, desc ocispec.Descriptor, fromRepo string) error {
-	if ok, err := r.repo.Blobs().Exists(ctx, desc); err == nil && ok {
+	e, err := r.pushEndpoint()
+	if err != nil {
+		return err
+	}
+	if ok, err := e.repo.Blobs().Exists(ctx, desc); err == nil && ok {
 		return nil
 	}
-	m, ok := r.repo.Blobs().(orasreg.Mounter)
+	m, ok := e.repo.Blobs().(orasreg.Mounter)
 	if !ok {
 		return fmt.Errorf("mount blob %s: oras blob store cannot mount", r.at(desc.Digest.String()))
 	}
-	err := m.Mount(ctx, desc, fromRepo, nil)
+	err = m.Mount(ctx, desc, fromRepo, nil)
 	return r.wrap("mount blob (from "+fromRepo+")", desc.Digest.String(), err)
 }
 
@@ -391,6 +466,10 @@ func (r *Repository) PushManifest(ctx context.Context, desc ocispec.Descriptor, 
 	if desc.Size != int64(len(b)) || digest.FromBytes(b) != desc.Digest {
 		return fmt.Errorf("push manifest %s: content does not match descriptor %s (%d bytes)", r.at(reference), desc.Digest, desc.Size)
 	}
+	e, err := r.pushEndpoint()
+	if err != nil {
+		return err
+	}
 	if hasSubject(b) {
 		// Learn whether the registry has the referrers API before pushing:
 		// oras-go otherwise decides from the OCI-Subject response header,
@@ -398,22 +477,25 @@ func (r *Repository) PushManifest(ctx context.Context, desc ocispec.Descriptor, 
 		// maintain a redundant fallback tag.
 		// A failed probe leaves the capability unknown, which oras-go
 		// handles; only cancellation stops the push here.
-		if err := r.probeReferrers(ctx); err != nil && ctx.Err() != nil {
+		if err := probeReferrers(ctx, e); err != nil && ctx.Err() != nil {
 			return r.wrap("push manifest", reference, ctx.Err())
 		}
 	}
-	var err error
 	if tag != "" {
-		err = r.repo.Manifests().PushReference(ctx, desc, bytes.NewReader(b), tag)
+		err = e.repo.Manifests().PushReference(ctx, desc, bytes.NewReader(b), tag)
 	} else {
-		err = r.repo.Manifests().Push(ctx, desc, bytes.NewReader(b))
+		err = e.repo.Manifests().Push(ctx, desc, bytes.NewReader(b))
 	}
 	return r.wrap("push manifest", reference, err)
 }
 
 // Tag points tag at an existing manifest.
 func (r *Repository) Tag(ctx context.Context, desc ocispec.Descriptor, tag string) error {
-	return r.wrap("tag", tag, r.repo.Tag(ctx, desc, tag))
+	e, err := r.pushEndpoint()
+	if err != nil {
+		return err
+	}
+	return r.wrap("tag", tag, e.repo.Tag(ctx, desc, tag))
 }
 
 // Referrers lists the manifests whose subject is the given manifest,
@@ -423,12 +505,16 @@ func (r *Repository) Tag(ctx context.Context, desc ocispec.Descriptor, tag strin
 // registries and the fallback index report the config media type.
 func (r *Repository) Referrers(ctx context.Context, subject ocispec.Descriptor, artifactType string) ([]ocispec.Descriptor, error) {
 	var out []ocispec.Descriptor
-	err := r.repo.Referrers(ctx, subject, artifactType, func(refs []ocispec.Descriptor) error {
-		out = append(out, refs...)
-		return nil
+	err := r.each(ctx, docker.HostCapabilityReferrers, func(e *endpoint) error {
+		out = nil
+		err := e.repo.Referrers(ctx, subject, artifactType, func(refs []ocispec.Descriptor) error {
+			out = append(out, refs...)
+			return nil
+		})
+		return r.wrap("list referrers of", subject.Digest.String(), err)
 	})
 	if err != nil {
-		return nil, r.wrap("list referrers of", subject.Digest.String(), err)
+		return nil, err
 	}
 	return out, nil
 }
@@ -436,20 +522,24 @@ func (r *Repository) Referrers(ctx context.Context, subject ocispec.Descriptor, 
 // ReferrersAPI reports whether the registry serves the OCI referrers API
 // (probing it once if still unknown).
 func (r *Repository) ReferrersAPI(ctx context.Context) (bool, error) {
-	if err := r.probeReferrers(ctx); err != nil {
+	e, err := r.pushEndpoint()
+	if err != nil {
+		return false, err
+	}
+	if err := probeReferrers(ctx, e); err != nil {
 		return false, r.wrap("probe referrers API", "", err)
 	}
 	// After probing, SetReferrersCapability(true) fails only if the state
 	// is "unsupported".
-	return r.repo.SetReferrersCapability(true) == nil, nil
+	return e.repo.SetReferrersCapability(true) == nil, nil
 }
 
-// probeReferrers settles the repository's referrers capability by listing
-// the referrers of an arbitrary digest, which is what oras-go does when the
-// capability is unknown.
-func (r *Repository) probeReferrers(ctx context.Context) error {
+// probeReferrers settles the referrers capability of the repository on
+// host e by listing the referrers of an arbitrary digest, which is what
+// oras-go does when the capability is unknown.
+func probeReferrers(ctx context.Context, e *endpoint) error {
 	probe := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageManifest, Digest: digest.FromString("spanpull referrers probe"), Size: 1}
-	err := r.repo.Referrers(ctx, probe, "", func([]ocispec.Descriptor) error { return nil })
+	err := e.repo.Referrers(ctx, probe, "", func([]ocispec.Descriptor) error { return nil })
 	if err != nil && (errors.Is(err, errdef.ErrNotFound) || isNameUnknown(err)) {
 		// A repository that does not exist yet tells nothing; let the push
 		// decide from the response header.

@@ -99,7 +99,8 @@ func (p *FaultProxy) Set(f Faults) {
 	p.dropN = f.DropCount
 }
 
-// Requests returns "METHOD path -> outcome" for every request seen so far.
+// Requests returns "METHOD path[?query] [range] -> outcome" for every
+// request seen so far.
 func (p *FaultProxy) Requests() []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -121,6 +122,9 @@ func (p *FaultProxy) note(r *http.Request, outcome string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	line := r.Method + " " + r.URL.Path
+	if r.URL.RawQuery != "" {
+		line += "?" + r.URL.RawQuery
+	}
 	if rg := r.Header.Get("Range"); rg != "" {
 		line += " [" + rg + "]"
 	}
