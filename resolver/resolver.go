@@ -25,6 +25,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/sirupsen/logrus"
+	"oras.land/oras-go/v2/registry/remote/auth"
 
 	"github.com/spanpull/spanpull/fusefs"
 	"github.com/spanpull/spanpull/index"
@@ -52,8 +53,23 @@ type Config struct {
 	// PlainHTTP lists registry hosts (host or host:port) spoken to over
 	// plain HTTP. Loopback addresses always are.
 	PlainHTTP []string
-	// Insecure skips TLS verification for every registry.
+	// Insecure skips TLS verification for every registry whose host
+	// configuration does not set TLS itself.
 	Insecure bool
+	// RegistryConfigPath is containerd's registry host directory
+	// (config_path: a hosts.toml per registry naming its mirrors, TLS,
+	// headers, plain HTTP); index lookups, zTOC and span fetches go where
+	// containerd's own pulls go. Empty: registries are reached directly.
+	RegistryConfigPath string
+	// ImageCredentials, if set, returns the credentials for the registry
+	// requests of one image (criproxy.Store.ImageCredentials: those the
+	// kubelet sent with the image's pull). They are tried before the
+	// Docker config, and consulted again whenever a registry answers 401.
+	ImageCredentials func(imageRef string) auth.CredentialFunc
+	// DockerConfig is the Docker config.json (with its credential
+	// helpers) registry credentials are read from, again at every 401;
+	// empty: $DOCKER_CONFIG/config.json or ~/.docker/config.json.
+	DockerConfig string
 	// FetchTimeout bounds one span fetch (its range request and body);
 	// reads waiting on the span then fail with EIO. The span engine
 	// (span.Layer) owns this bound; the registry client under it only
@@ -127,7 +143,7 @@ type Resolver struct {
 	// manifest pushed to two repositories may be indexed in only one of
 	// them, and an index's blobs are fetched from the image's repository.
 	images map[string]*imageIndex
-	repos  map[string]*registry.Repository
+	repos  map[string]cachedRepo
 }
 
 var _ snapshotter.RemoteLayerResolver = (*Resolver)(nil)
@@ -154,7 +170,7 @@ func New(cfg Config) (*Resolver, error) {
 		return nil, err
 	}
 	return &Resolver{cfg: cfg, log: logger, meta: meta, spans: spans,
-		images: make(map[string]*imageIndex), repos: make(map[string]*registry.Repository)}, nil
+		images: make(map[string]*imageIndex), repos: make(map[string]cachedRepo)}, nil
 }
 
 // Close releases the resolver's state. Mounts must be released first.
@@ -207,7 +223,7 @@ func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]stri
 	}
 	img := r.image(ctx, imageRef, labels)
 	if img.err != nil {
-		r.cfg.Metrics.fallback("no_index")
+		r.cfg.Metrics.fallback(fallbackReason(img.err))
 		return nil, fmt.Errorf("%s: %w: %w", imageRef, img.err, snapshotter.ErrNoRemote)
 	}
 	var desc ocispec.Descriptor
@@ -281,7 +297,7 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 		img.expires = time.Now().Add(ttl)
 		r.mu.Unlock()
 		if img.err != nil {
-			r.log.WithFields(log.Fields{"image": ref, "manifest": md, "reason": img.err}).
+			r.log.WithFields(log.Fields{"image": ref, "manifest": md, "fallback": fallbackReason(img.err), "reason": img.err}).
 				Info("spanpull: image is not lazy: pulled normally")
 			return
 		}
@@ -337,25 +353,62 @@ func repoName(ref string) string {
 	return name
 }
 
-// repo returns the registry repository of an image reference.
+// cachedRepo is the registry client of one image, reused for repoTTL.
+type cachedRepo struct {
+	repo    *registry.Repository
+	created time.Time
+}
+
+// repoTTL bounds how long one registry client, with the tokens it cached,
+// serves an image's lookups and new mounts: a new one reads the host
+// configuration (hosts.toml) again. Mounted layers keep theirs.
+const repoTTL = 10 * time.Minute
+
+// repo returns the registry client for image reference ref: its
+// repository on the hosts containerd's host configuration names (mirrors
+// first), with the image's own credentials (Config.ImageCredentials) tried
+// before the Docker config. Clients are per image because credentials are.
 func (r *Resolver) repo(ref string) (*registry.Repository, error) {
-	name := repoName(ref)
+	now := time.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if repo := r.repos[name]; repo != nil {
-		return repo, nil
+	if c, ok := r.repos[ref]; ok && now.Sub(c.created) < repoTTL {
+		return c.repo, nil
 	}
-	host, _, _ := strings.Cut(name, "/")
-	repo, err := registry.New(name, registry.Options{
-		PlainHTTP:    r.plainHTTP(host),
-		Insecure:     r.cfg.Insecure,
+	for k, c := range r.repos {
+		if now.Sub(c.created) >= repoTTL {
+			delete(r.repos, k)
+		}
+	}
+	var imageCreds auth.CredentialFunc
+	if r.cfg.ImageCredentials != nil {
+		imageCreds = r.cfg.ImageCredentials(ref)
+	}
+	repo, err := registry.New(repoName(ref), registry.Options{
+		Hosts: registry.ConfigureHosts(context.Background(), registry.HostsOptions{
+			ConfigPath: r.cfg.RegistryConfigPath,
+			PlainHTTP:  r.plainHTTP,
+			Insecure:   r.cfg.Insecure,
+		}),
+		Credential:   registry.ChainCredentials(imageCreds, registry.DockerCredentials(r.cfg.DockerConfig)),
 		StallTimeout: registryStallTimeout,
 	})
 	if err != nil {
 		return nil, err
 	}
-	r.repos[name] = repo
+	r.repos[ref] = cachedRepo{repo: repo, created: now}
 	return repo, nil
+}
+
+// fallbackReason names why an image is pulled normally, for the fallbacks
+// metric and the daemon's log line: "unauthorized" when the registry
+// refused the credentials the daemon has for the image (README:
+// "Registry credentials"), else "no_index".
+func fallbackReason(err error) string {
+	if errors.Is(err, registry.ErrUnauthorized) || errors.Is(err, registry.ErrForbidden) {
+		return "unauthorized"
+	}
+	return "no_index"
 }
 
 func (r *Resolver) plainHTTP(host string) bool {
