@@ -260,6 +260,9 @@ func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.
 	}
 	if s.resolver == nil {
 		l.Error("spanpull: remote layer cannot be mounted: no remote layer resolver configured")
+		s.mu.Lock()
+		s.unrestored[id] = info.Name
+		s.mu.Unlock()
 		return
 	}
 	rm, err := s.resolver.Mount(ctx, dir, info.Labels)
@@ -268,6 +271,9 @@ func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.
 	}
 	if err != nil {
 		l.WithError(err).Error("spanpull: remote layer cannot be mounted again; its files are unreadable")
+		s.mu.Lock()
+		s.unrestored[id] = info.Name
+		s.mu.Unlock()
 		return
 	}
 	s.mu.Lock()

@@ -46,7 +46,11 @@ type Snapshotter struct {
 	mu sync.Mutex
 	// mounted holds the remote mounts this process made, by snapshot ID.
 	mounted map[string]RemoteMount
-	closed  bool
+	// unrestored names the committed remote snapshots whose layer could
+	// not be mounted again at start, by snapshot ID (see Ready).
+	unrestored map[string]string
+	closed     bool
+	readiness  []func() error
 
 	metrics *metrics
 }
@@ -64,6 +68,7 @@ type config struct {
 	resolver     RemoteLayerResolver
 	registerer   prometheus.Registerer
 	logger       *log.Entry
+	readiness    []func() error
 }
 
 // Opt configures a Snapshotter in New.
@@ -175,6 +180,8 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		resolver:    c.resolver,
 		log:         c.logger,
 		mounted:     make(map[string]RemoteMount),
+		unrestored:  make(map[string]string),
+		readiness:   c.readiness,
 	}
 	s.metrics = newMetrics(s)
 	if c.registerer != nil {
@@ -303,6 +310,7 @@ func (s *Snapshotter) removeDir(id string) error {
 	s.mu.Lock()
 	rm, ok := s.mounted[id]
 	delete(s.mounted, id)
+	delete(s.unrestored, id)
 	s.mu.Unlock()
 	if ok {
 		if err := rm.Remove(); err != nil {
