@@ -22,6 +22,11 @@ const (
 	defaultAddress    = "/run/spanpull/snapshotter.sock"
 	defaultRoot       = "/var/lib/spanpull"
 	defaultLogLevel   = "info"
+	// defaultRegistryConfigPath is where containerd's own configs keep
+	// registry host configuration (hosts.toml) by convention.
+	defaultRegistryConfigPath = "/etc/containerd/certs.d"
+	// defaultContainerdCRISocket is containerd's socket, which serves CRI.
+	defaultContainerdCRISocket = "/run/containerd/containerd.sock"
 )
 
 // config is the daemon's configuration file (TOML). Unknown keys are an
@@ -43,6 +48,20 @@ type config struct {
 	MountOptions []string `toml:"mount_options"`
 	// Remote tunes lazy pulling of SOCI-indexed layers.
 	Remote remoteConfig `toml:"remote"`
+	// CRI configures the CRI image service proxy.
+	CRI criConfig `toml:"cri"`
+}
+
+// criConfig is the [cri] table: the CRI image service proxy that gives the
+// snapshotter the credentials the kubelet sends with each pull.
+type criConfig struct {
+	// ImageServiceProxy is the unix socket the proxy serves CRI's image
+	// service on (the kubelet's --image-service-endpoint); empty: no
+	// proxy.
+	ImageServiceProxy string `toml:"image_service_proxy"`
+	// ContainerdCRISocket is containerd's CRI socket, where the proxy
+	// forwards every call.
+	ContainerdCRISocket string `toml:"containerd_cri_socket"`
 }
 
 // remoteConfig is the [remote] table: lazy pulling of indexed layers.
@@ -52,8 +71,20 @@ type remoteConfig struct {
 	// PlainHTTP lists registry hosts (host or host:port) reached over
 	// plain HTTP; loopback registries always are.
 	PlainHTTP []string `toml:"plain_http"`
-	// Insecure skips TLS certificate verification for every registry.
+	// Insecure skips TLS certificate verification for every registry
+	// whose hosts.toml does not configure TLS.
 	Insecure bool `toml:"insecure"`
+	// ConfigPath is containerd's registry host directory (its
+	// [plugins."io.containerd.grpc.v1.cri".registry] config_path): the
+	// mirrors, TLS, headers and plain HTTP of each registry, in
+	// containerd's hosts.toml format. Empty: registries are reached
+	// directly.
+	ConfigPath string `toml:"config_path"`
+	// DockerConfig is the Docker config.json registry credentials are
+	// read from (with its credential helpers), again whenever a registry
+	// answers 401; empty: $DOCKER_CONFIG/config.json or
+	// ~/.docker/config.json.
+	DockerConfig string `toml:"docker_config"`
 	// FetchTimeoutSeconds bounds one span fetch; a read waiting on a
 	// registry that is down or slow fails with EIO after it. It is the
 	// only bound on a span fetch (resolver.Config.FetchTimeout, enforced
@@ -77,7 +108,9 @@ func defaultConfig() config {
 		Address:  defaultAddress,
 		Root:     defaultRoot,
 		LogLevel: defaultLogLevel,
+		CRI:      criConfig{ContainerdCRISocket: defaultContainerdCRISocket},
 		Remote: remoteConfig{
+			ConfigPath:          defaultRegistryConfigPath,
 			FetchTimeoutSeconds: int(rd.FetchTimeout / time.Second),
 			FillDelaySeconds:    int(rd.FillDelay / time.Second),
 			FillRateBytes:       rd.FillRate,
@@ -92,6 +125,8 @@ func (c config) resolverConfig() resolver.Config {
 	rc.Root = filepath.Join(c.Root, "remote")
 	rc.PlainHTTP = c.Remote.PlainHTTP
 	rc.Insecure = c.Remote.Insecure
+	rc.RegistryConfigPath = c.Remote.ConfigPath
+	rc.DockerConfig = c.Remote.DockerConfig
 	rc.FetchTimeout = time.Duration(c.Remote.FetchTimeoutSeconds) * time.Second
 	rc.FillDelay = time.Duration(c.Remote.FillDelaySeconds) * time.Second
 	rc.FillRate = c.Remote.FillRateBytes
@@ -139,6 +174,12 @@ func (c config) validate() error {
 	}
 	if c.Remote.FillDelaySeconds < 0 {
 		return fmt.Errorf("config: remote.fill_delay_seconds must not be negative")
+	}
+	if c.CRI.ImageServiceProxy != "" && c.CRI.ContainerdCRISocket == "" {
+		return errors.New("config: cri.image_service_proxy needs cri.containerd_cri_socket")
+	}
+	if c.CRI.ImageServiceProxy != "" && c.CRI.ImageServiceProxy == c.Address {
+		return errors.New("config: cri.image_service_proxy and address are the same socket")
 	}
 	if _, err := logrus.ParseLevel(c.LogLevel); err != nil {
 		return fmt.Errorf("config: log_level %q: %w", c.LogLevel, err)

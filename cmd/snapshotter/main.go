@@ -49,6 +49,7 @@ func newServeCommand() *cobra.Command {
 		rootDir        string
 		metricsAddress string
 		logLevel       string
+		criProxy       string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -59,9 +60,16 @@ config file, then the flags given on the command line. A stale socket left
 by a previous run is removed; a socket some live process answers on is not.
 
 Config file keys: address, root, metrics_address, log_level, async_remove
-(bool), mount_options (list of extra overlayfs options), and in a [remote]
-table (lazy pulling): disable, plain_http, insecure, fetch_timeout_seconds,
-fill_delay_seconds, fill_rate_bytes.`,
+(bool), mount_options (list of extra overlayfs options); in a [remote]
+table (lazy pulling): disable, plain_http, insecure, config_path
+(containerd's registry hosts.toml directory, default /etc/containerd/certs.d),
+docker_config, fetch_timeout_seconds, fill_delay_seconds, fill_rate_bytes;
+in a [cri] table: image_service_proxy (socket of the CRI image service
+proxy, for the kubelet's --image-service-endpoint; empty: off) and
+containerd_cri_socket (default /run/containerd/containerd.sock).
+
+With --metrics-address, /healthz answers while the daemon runs and /readyz
+once its sockets serve and every remote layer it remembers is mounted.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadConfig(configPath, cmd.Flags().Changed("config"))
@@ -81,6 +89,9 @@ fill_delay_seconds, fill_rate_bytes.`,
 			if flags.Changed("log-level") {
 				cfg.LogLevel = logLevel
 			}
+			if flags.Changed("cri-image-service-proxy") {
+				cfg.CRI.ImageServiceProxy = criProxy
+			}
 			if err := cfg.validate(); err != nil {
 				return err
 			}
@@ -93,5 +104,6 @@ fill_delay_seconds, fill_rate_bytes.`,
 	f.StringVar(&rootDir, "root", defaultRoot, "directory for snapshots and metadata")
 	f.StringVar(&metricsAddress, "metrics-address", "", "host:port to serve Prometheus /metrics on (empty: off)")
 	f.StringVar(&logLevel, "log-level", defaultLogLevel, "log level: trace, debug, info, warn or error")
+	f.StringVar(&criProxy, "cri-image-service-proxy", "", "unix socket to serve the CRI image service proxy on (the kubelet's --image-service-endpoint; empty: off)")
 	return cmd
 }

@@ -9,6 +9,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
+	hostsconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
@@ -32,6 +33,7 @@ func newPullCommand() *cobra.Command {
 		snapshotter string
 		plainHTTP   bool
 		platform    string
+		hostsDir    string
 	)
 	cmd := &cobra.Command{
 		Use:   "pull [flags] REF",
@@ -47,7 +49,7 @@ snapshotter, or was pulled normally by containerd.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return pull(cmd.Context(), cmd.OutOrStdout(), pullOptions{
 				address: address, namespace: namespace, snapshotter: snapshotter,
-				plainHTTP: plainHTTP, platform: platform, ref: args[0],
+				plainHTTP: plainHTTP, platform: platform, ref: args[0], hostsDir: hostsDir,
 			})
 		},
 	}
@@ -57,12 +59,13 @@ snapshotter, or was pulled normally by containerd.`,
 	f.StringVar(&snapshotter, "snapshotter", "spanpull", "name of this snapshotter's proxy plugin in containerd's config")
 	f.BoolVar(&plainHTTP, "plain-http", false, "talk plain HTTP to the registry (always for localhost)")
 	f.StringVar(&platform, "platform", "", "platform to pull (default: this machine's)")
+	f.StringVar(&hostsDir, "hosts-dir", defaultRegistryConfigPath, "containerd's registry host configuration (hosts.toml per registry: mirrors, TLS); empty: none")
 	return cmd
 }
 
 type pullOptions struct {
-	address, namespace, snapshotter, platform, ref string
-	plainHTTP                                      bool
+	address, namespace, snapshotter, platform, ref, hostsDir string
+	plainHTTP                                                bool
 }
 
 func pull(ctx context.Context, w io.Writer, o pullOptions) error {
@@ -73,14 +76,17 @@ func pull(ctx context.Context, w io.Writer, o pullOptions) error {
 	defer client.Close()
 	ctx = namespaces.WithNamespace(ctx, o.namespace)
 
-	plain := docker.MatchLocalhost
-	if o.plainHTTP {
-		plain = docker.MatchAllHosts
+	// The same hosts (mirrors first) the snapshotter and containerd use.
+	hosts := func(host string) ([]docker.RegistryHost, error) {
+		ho := hostsconfig.HostOptions{Credentials: dockerCredentials}
+		if o.hostsDir != "" {
+			ho.HostDir = hostsconfig.HostDirFromRoot(o.hostsDir)
+		}
+		if o.plainHTTP || docker.IsLocalhost(host) {
+			ho.DefaultScheme = "http"
+		}
+		return hostsconfig.ConfigureHosts(ctx, ho)(host)
 	}
-	hosts := docker.ConfigureDefaultRegistries(
-		docker.WithPlainHTTP(plain),
-		docker.WithAuthorizer(docker.NewDockerAuthorizer(docker.WithAuthCreds(dockerCredentials))),
-	)
 	opts := []containerd.RemoteOpt{
 		containerd.WithPullUnpack,
 		containerd.WithPullSnapshotter(o.snapshotter),

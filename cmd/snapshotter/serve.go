@@ -20,8 +20,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/spanpull/spanpull/criproxy"
 	"github.com/spanpull/spanpull/resolver"
 	"github.com/spanpull/spanpull/snapshotter"
 )
@@ -63,7 +66,12 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	sn, closeSnapshotter, err := openSnapshotter(ctx, cfg, reg, logger)
+	// The CRI proxy's credentials are the resolver's first source.
+	var creds *criproxy.Store
+	if cfg.CRI.ImageServiceProxy != "" {
+		creds = criproxy.NewStore()
+	}
+	sn, closeSnapshotter, err := openSnapshotter(ctx, cfg, reg, logger, creds)
 	if err != nil {
 		return err
 	}
@@ -75,17 +83,25 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	}
 	defer os.Remove(cfg.Address)
 	srv := newSnapshotsServer(sn, newRPCMetrics(reg), logger)
-	// Both servers report a failure here; they stop (and their goroutines
-	// return) in shutdown.
-	errc := make(chan error, 2)
+	// The servers report a failure here; they stop (and their goroutines
+	// return) in shutdown and cri.stop.
+	errc := make(chan error, 3)
 	go func() {
 		if err := srv.Serve(l); err != nil {
 			errc <- fmt.Errorf("serve snapshots API: %w", err)
 		}
 	}()
-	metrics, err := serveMetrics(cfg.MetricsAddress, reg, errc, logger)
+	var cri *criProxy
+	if creds != nil {
+		if cri, err = startCRIProxy(cfg.CRI, creds, sn, errc, logger); err != nil {
+			srv.Stop()
+			return err
+		}
+	}
+	metrics, err := serveMetrics(cfg.MetricsAddress, reg, readiness(cfg, sn), errc, logger)
 	if err != nil {
 		srv.Stop()
+		cri.stop()
 		return err
 	}
 	logger.WithField("address", cfg.Address).WithField("root", cfg.Root).Info("spanpull snapshotter serving")
@@ -97,6 +113,7 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	case runErr = <-errc:
 		logger.WithError(runErr).Error("server failed, shutting down")
 	}
+	cri.stop()
 	shutdown(srv, metrics, logger)
 	return runErr
 }
@@ -105,7 +122,10 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 // pulling is disabled, the resolver that serves its remote layers.
 // release closes both, the snapshotter first: it releases the mounts the
 // resolver serves.
-func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer, logger *log.Entry) (_ *snapshotter.Snapshotter, release func(), err error) {
+//
+// creds, when not nil, holds the credentials of CRI pulls: the resolver
+// tries them first for an image's registry requests.
+func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer, logger *log.Entry, creds *criproxy.Store) (_ *snapshotter.Snapshotter, release func(), err error) {
 	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg), snapshotter.WithLogger(logger)}
 	if cfg.AsyncRemove {
 		opts = append(opts, snapshotter.WithAsyncRemove())
@@ -122,6 +142,9 @@ func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer,
 		rc := cfg.resolverConfig()
 		rc.Metrics = rm
 		rc.Logger = logger
+		if creds != nil {
+			rc.ImageCredentials = creds.ImageCredentials
+		}
 		if res, err = resolver.New(rc); err != nil {
 			return nil, nil, err
 		}
@@ -189,12 +212,15 @@ func newSnapshotsServer(sn *snapshotter.Snapshotter, m rpcMetrics, logger *log.E
 			return resp, err
 		}))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	// For readiness checks through the socket (/readyz).
+	healthpb.RegisterHealthServer(srv, health.NewServer())
 	return srv
 }
 
-// serveMetrics serves reg's metrics on /metrics at addr until shutdown,
-// reporting a failure to errc. An empty addr serves nothing (nil server).
-func serveMetrics(addr string, reg *prometheus.Registry, errc chan<- error, logger *log.Entry) (*http.Server, error) {
+// serveMetrics serves reg's metrics on /metrics, and /healthz and /readyz
+// (ready), at addr until shutdown, reporting a failure to errc. An empty
+// addr serves nothing (nil server).
+func serveMetrics(addr string, reg *prometheus.Registry, ready func(context.Context) error, errc chan<- error, logger *log.Entry) (*http.Server, error) {
 	if addr == "" {
 		return nil, nil
 	}
@@ -204,6 +230,7 @@ func serveMetrics(addr string, reg *prometheus.Registry, errc chan<- error, logg
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	healthHandlers(mux, ready)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
