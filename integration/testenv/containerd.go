@@ -49,6 +49,11 @@ type ContainerdConfig struct {
 	Namespace string
 	// LogLevel is containerd's log level; empty: debug.
 	LogLevel string
+	// CRI keeps containerd's CRI plugin enabled (it is disabled
+	// otherwise); its settings go in Extra (see StartContainerdCRI).
+	CRI bool
+	// Extra is appended to the generated config file.
+	Extra string
 }
 
 // Debian's containerd 1.6 and its tools.
@@ -144,18 +149,22 @@ func (cd *Containerd) config(version int, c ContainerdConfig) string {
 	if level == "" {
 		level = "debug"
 	}
+	disabled := `disabled_plugins = ["io.containerd.grpc.v1.cri"]`
+	if c.CRI {
+		disabled = ""
+	}
 	var b strings.Builder
 	fmt.Fprintf(&b, `version = %d
 root = %q
 state = %q
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+%s
 [grpc]
   address = %q
 [ttrpc]
   address = %q
 [debug]
   level = %q
-`, version, cd.Root, cd.State, cd.Socket, cd.Socket+".ttrpc", level)
+`, version, cd.Root, cd.State, disabled, cd.Socket, cd.Socket+".ttrpc", level)
 	names := make([]string, 0, len(c.Snapshotters))
 	for n := range c.Snapshotters {
 		names = append(names, n)
@@ -172,6 +181,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 			fmt.Fprintf(&b, "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = %q\n", n)
 		}
 	}
+	b.WriteString(c.Extra)
 	return b.String()
 }
 

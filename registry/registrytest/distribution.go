@@ -8,9 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/spanpull/spanpull/internal/testutil/proc"
 )
@@ -36,6 +39,17 @@ type DistributionOptions struct {
 	Addr string
 	// Wrapper runs docker-registry (for example "ip netns exec NAME").
 	Wrapper []string
+	// Htpasswd, if set, is an htpasswd file (bcrypt entries, see
+	// HtpasswdEntry): every request needs HTTP basic auth of one of its
+	// users. docker-registry reads it at start, so a change needs Restart.
+	Htpasswd string
+	// ProxyRemoteURL, if set, makes the registry a pull-through cache of
+	// the registry at that URL (proxy mode): it fetches what it does not
+	// hold from there, keeps it, and refuses pushes.
+	ProxyRemoteURL string
+	// AccessLog turns the access log on (in the registry's log, one
+	// combined-format line per request; see AccessLogLines).
+	AccessLog bool
 }
 
 // Distribution is a running docker-registry.
@@ -78,7 +92,7 @@ func LaunchDistribution(ctx context.Context, o DistributionOptions) (*Distributi
 		if d.Addr == "" {
 			d.Addr = listen
 		}
-		if err := os.WriteFile(d.cfg, []byte(DistributionConfig(d.Storage, listen)), 0o600); err != nil {
+		if err := os.WriteFile(d.cfg, []byte(o.config(d.Storage, listen)), 0o600); err != nil {
 			return nil, err
 		}
 		err := d.Restart(ctx)
@@ -173,4 +187,47 @@ func freeAddr() (string, error) {
 	}
 	defer l.Close()
 	return l.Addr().String(), nil
+}
+
+// config is DistributionConfig with the options' auth, proxy and access
+// log settings.
+func (o DistributionOptions) config(storageDir, addr string) string {
+	c := DistributionConfig(storageDir, addr)
+	if o.AccessLog {
+		c = strings.Replace(c, "    disabled: true", "    disabled: false", 1)
+	}
+	if o.Htpasswd != "" {
+		c += fmt.Sprintf("auth:\n  htpasswd:\n    realm: spanpull-test\n    path: %s\n", o.Htpasswd)
+	}
+	if o.ProxyRemoteURL != "" {
+		c += fmt.Sprintf("proxy:\n  remoteurl: %s\n", o.ProxyRemoteURL)
+	}
+	return c
+}
+
+// HtpasswdEntry returns the htpasswd line for user with a bcrypt hash of
+// password (the only hash docker-registry accepts).
+func HtpasswdEntry(user, password string) (string, error) {
+	h, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
+	if err != nil {
+		return "", err
+	}
+	return user + ":" + string(h) + "\n", nil
+}
+
+// AccessLogLines returns the access log lines (combined log format:
+// `host - - [time] "METHOD URI PROTO" status bytes "referer" "agent"`) the
+// registry wrote so far, for registries started with AccessLog.
+func (d *Distribution) AccessLogLines() ([]string, error) {
+	b, err := os.ReadFile(d.Process.Log)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "] \"") && !strings.HasPrefix(l, "time=") {
+			out = append(out, l)
+		}
+	}
+	return out, nil
 }

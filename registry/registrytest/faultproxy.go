@@ -32,6 +32,18 @@ type FaultProxy struct {
 	resetN   int
 	dropN    int
 	requests []string
+	log      []Request
+}
+
+// Request is one request a FaultProxy handled, for tests that look at
+// who asked for what (RequestLog).
+type Request struct {
+	Method, Path, Query string
+	// Range is the Range header ("" for whole-content requests).
+	Range     string
+	UserAgent string
+	// Outcome is what the proxy did: the upstream status or the fault.
+	Outcome string
 }
 
 // Faults configures a FaultProxy. The zero value forwards everything.
@@ -129,6 +141,15 @@ func (p *FaultProxy) note(r *http.Request, outcome string) {
 		line += " [" + rg + "]"
 	}
 	p.requests = append(p.requests, line+" -> "+outcome)
+	p.log = append(p.log, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery,
+		Range: r.Header.Get("Range"), UserAgent: r.UserAgent(), Outcome: outcome})
+}
+
+// RequestLog returns every request seen so far, in order.
+func (p *FaultProxy) RequestLog() []Request {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]Request(nil), p.log...)
 }
 
 // decide takes the fault decisions for one request under the lock.
