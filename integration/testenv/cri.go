@@ -131,9 +131,15 @@ func Crictl(t testing.TB) string {
 func (c *Containerd) CrictlRun(ctx context.Context, crictl, imageEndpoint string, args ...string) (string, error) {
 	full := append([]string{"--runtime-endpoint", "unix://" + c.Socket, "--image-endpoint", "unix://" + imageEndpoint,
 		"--timeout", "2m"}, args...)
+	// crictl insists on a config file; this one holds nothing the flags
+	// do not override.
+	cfg := filepath.Join(filepath.Dir(c.Socket), "crictl.yaml")
+	if err := os.WriteFile(cfg, []byte("debug: false\n"), 0o644); err != nil {
+		return "", err
+	}
+	full = append([]string{"--config", cfg}, full...)
 	cmd := exec.CommandContext(ctx, crictl, full...)
-	cmd.Env = append(proc.EnvWithout("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT", "CRI_CONFIG_FILE"),
-		"CRI_CONFIG_FILE="+filepath.Join(os.TempDir(), "spanpull-no-crictl.yaml"))
+	cmd.Env = proc.EnvWithout("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT", "CRI_CONFIG_FILE")
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	if err := cmd.Run(); err != nil {
