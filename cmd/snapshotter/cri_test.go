@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
+	"sigs.k8s.io/yaml"
 )
 
 func TestLoadConfigCRIAndHosts(t *testing.T) {
@@ -148,4 +149,39 @@ func TestServeCRIProxy(t *testing.T) {
 	if _, err := os.Stat(proxySock); !os.IsNotExist(err) {
 		t.Fatalf("proxy socket left after stop: %v", err)
 	}
+}
+
+// The daemon config files shipped in deploy/ (the example and the Helm
+// chart's default) are valid configs of this daemon.
+func TestDeployConfigs(t *testing.T) {
+	check := func(name string, body []byte) {
+		p := filepath.Join(t.TempDir(), "config.toml")
+		if err := os.WriteFile(p, body, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c, err := loadConfig(p, true)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if err := c.validate(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if c.CRI.ImageServiceProxy == "" || c.MetricsAddress == "" {
+			t.Fatalf("%s: the deployment needs the CRI proxy and the metrics address (probes): %+v", name, c)
+		}
+	}
+	b, err := os.ReadFile("../../deploy/config.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("deploy/config.toml", b)
+	vb, err := os.ReadFile("../../deploy/helm/spanpull/values.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var values struct{ Config string }
+	if err := yaml.Unmarshal(vb, &values); err != nil {
+		t.Fatal(err)
+	}
+	check("helm values config", []byte(values.Config))
 }
