@@ -180,17 +180,20 @@ func TestCheckChunks(t *testing.T) {
 		t.Fatalf("no table: %v", err)
 	}
 	bad := map[string]func(c [][]Chunk) [][]Chunk{
-		"span count":          func(c [][]Chunk) [][]Chunk { return c[:1] },
-		"no chunks":           func(c [][]Chunk) [][]Chunk { c[1] = nil; return c },
-		"empty chunk":         func(c [][]Chunk) [][]Chunk { c[0][0].CompressedEnd = 10; return c },
-		"backwards":           func(c [][]Chunk) [][]Chunk { c[0][1].CompressedEnd = 19; return c },
-		"past span":           func(c [][]Chunk) [][]Chunk { c[1][0].CompressedEnd = 41; return c },
-		"short":               func(c [][]Chunk) [][]Chunk { c[0] = c[0][:1]; return c },
-		"out backwards":       func(c [][]Chunk) [][]Chunk { c[0][0].UncompressedEnd = 101; return c },
-		"out before span":     func(c [][]Chunk) [][]Chunk { c[1][0].UncompressedEnd = 99; return c },
-		"out short of end":    func(c [][]Chunk) [][]Chunk { c[1][0].UncompressedEnd = 149; return c },
-		"bad digest":          func(c [][]Chunk) [][]Chunk { c[0][1].Digest = "sha256:abc"; return c },
-		"not sha256":          func(c [][]Chunk) [][]Chunk { c[0][1].Digest = digest.NewDigestFromEncoded(digest.SHA512, strings.Repeat("ab", 64)); return c },
+		"span count":       func(c [][]Chunk) [][]Chunk { return c[:1] },
+		"no chunks":        func(c [][]Chunk) [][]Chunk { c[1] = nil; return c },
+		"empty chunk":      func(c [][]Chunk) [][]Chunk { c[0][0].CompressedEnd = 10; return c },
+		"backwards":        func(c [][]Chunk) [][]Chunk { c[0][1].CompressedEnd = 19; return c },
+		"past span":        func(c [][]Chunk) [][]Chunk { c[1][0].CompressedEnd = 41; return c },
+		"short":            func(c [][]Chunk) [][]Chunk { c[0] = c[0][:1]; return c },
+		"out backwards":    func(c [][]Chunk) [][]Chunk { c[0][0].UncompressedEnd = 101; return c },
+		"out before span":  func(c [][]Chunk) [][]Chunk { c[1][0].UncompressedEnd = 99; return c },
+		"out short of end": func(c [][]Chunk) [][]Chunk { c[1][0].UncompressedEnd = 149; return c },
+		"bad digest":       func(c [][]Chunk) [][]Chunk { c[0][1].Digest = "sha256:abc"; return c },
+		"not sha256": func(c [][]Chunk) [][]Chunk {
+			c[0][1].Digest = digest.NewDigestFromEncoded(digest.SHA512, strings.Repeat("ab", 64))
+			return c
+		},
 		"negative compressed": func(c [][]Chunk) [][]Chunk { c[0][0].CompressedEnd = -5; return c },
 	}
 	for name, f := range bad {
