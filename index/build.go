@@ -49,6 +49,11 @@ type BuildOptions struct {
 	Layers []Layer
 	// Prefetches are optional prefetch artifacts, in layer order.
 	Prefetches []Prefetch
+	// Packs are optional packs of the zTOCs in Layers, listed after
+	// everything SOCI reads (SOCI-FORMAT.md §1.8 keeps zTOCs first, in
+	// layer order), each as its head then its windows blob. Without packs
+	// the index is exactly SOCI's.
+	Packs []Pack
 	// BuildTool is written as the build-tool-identifier annotation; empty
 	// means ztoc.DefaultBuildToolIdentifier.
 	BuildTool string
@@ -84,7 +89,7 @@ func Build(opts BuildOptions) (*Built, error) {
 	m := ocispec.Manifest{
 		MediaType:   ocispec.MediaTypeImageManifest,
 		Config:      ConfigDescriptor(opts.Version),
-		Layers:      make([]ocispec.Descriptor, 0, len(opts.Layers)+len(opts.Prefetches)),
+		Layers:      make([]ocispec.Descriptor, 0, len(opts.Layers)+len(opts.Prefetches)+2*len(opts.Packs)),
 		Annotations: map[string]string{AnnotationBuildToolIdentifier: tool},
 	}
 	m.SchemaVersion = 2
@@ -104,6 +109,13 @@ func Build(opts BuildOptions) (*Built, error) {
 			return nil, fmt.Errorf("build soci index: prefetch %d (%s): %w", i, p.LayerDigest, err)
 		}
 		m.Layers = append(m.Layers, d)
+	}
+	for i, p := range opts.Packs {
+		ds, err := p.descriptors()
+		if err != nil {
+			return nil, fmt.Errorf("build soci index: pack %d (%s): %w", i, p.Ztoc, err)
+		}
+		m.Layers = append(m.Layers, ds...)
 	}
 	b, err := json.Marshal(m)
 	if err != nil {
@@ -138,6 +150,9 @@ func (opts BuildOptions) check() error {
 	}
 	if len(opts.Layers) == 0 {
 		return fmt.Errorf("build soci index %s: %w", opts.Version, ErrEmptyIndex)
+	}
+	if err := checkPacks(opts.Layers, opts.Packs); err != nil {
+		return fmt.Errorf("build soci index: %w", err)
 	}
 	if s := opts.Subject; s != nil {
 		if err := checkDescriptor(*s); err != nil {

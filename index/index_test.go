@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -299,10 +300,11 @@ func TestParseErrors(t *testing.T) {
 }
 
 // FuzzParseIndex checks that Parse never panics and that whatever it accepts
-// is self-consistent: every zTOC is findable by its layer digest, and a
-// canonical index re-marshals to the same bytes.
+// is self-consistent: every zTOC is findable by its layer digest, every
+// pack describes a zTOC listed for its layer, and a canonical index
+// re-marshals to the same bytes.
 func FuzzParseIndex(f *testing.F) {
-	for _, name := range []string{"index-v1.golden.json", "index-v2.golden.json"} {
+	for _, name := range []string{"index-v1.golden.json", "index-v2.golden.json", "index-v1-packs.golden.json"} {
 		b, err := os.ReadFile(filepath.Join("testdata", name))
 		if err != nil {
 			f.Fatal(err)
@@ -326,6 +328,11 @@ func FuzzParseIndex(f *testing.F) {
 			}
 			if _, ok := ix.Ztoc(l.LayerDigest); !ok {
 				t.Fatalf("layer %s not found", l.LayerDigest)
+			}
+		}
+		for _, p := range ix.Packs {
+			if !slices.ContainsFunc(ix.Layers, func(l Layer) bool { return l.Ztoc.Digest == p.Ztoc && l.LayerDigest == p.LayerDigest }) {
+				t.Fatalf("pack of zTOC %s for layer %s, which the index does not list", p.Ztoc, p.LayerDigest)
 			}
 		}
 		if ix.Canonical {

@@ -24,6 +24,9 @@ type Index struct {
 	Layers []Layer
 	// Prefetches are the prefetch artifacts in manifest order.
 	Prefetches []Prefetch
+	// Packs are spanpull's packs of the zTOCs, in manifest order; none in
+	// indexes built by SOCI or with packs turned off.
+	Packs []Pack
 	// Canonical reports whether the input bytes equal json.Marshal of
 	// Manifest. A non-canonical index cannot be stored under its digest by
 	// SOCI's runtime (it re-marshals before committing), so SOCI silently
@@ -36,7 +39,8 @@ type Index struct {
 // Parse decodes and validates a SOCI index manifest (v1 or v2). It rejects
 // malformed JSON, config media types other than the two SOCI artifact types,
 // layer descriptors without a valid layer-digest annotation, bad digests,
-// sizes or span sizes, and indexes without any zTOC.
+// sizes or span sizes, indexes without any zTOC, and packs that do not
+// describe a zTOC the index lists for their layer.
 func Parse(b []byte) (*Index, error) {
 	if len(b) > MaxIndexSize {
 		return nil, fmt.Errorf("parse soci index: %d bytes exceeds the %d byte limit", len(b), MaxIndexSize)
@@ -67,6 +71,14 @@ func Parse(b []byte) (*Index, error) {
 	for i, d := range m.Layers {
 		if err := checkDescriptor(d); err != nil {
 			return nil, fmt.Errorf("parse soci index: layers[%d]: %w", i, err)
+		}
+		if d.MediaType == MediaTypePackHead || d.MediaType == MediaTypePackWindows {
+			packs, err := parsePackDescriptor(ix.Packs, d)
+			if err != nil {
+				return nil, fmt.Errorf("parse soci index: layers[%d] (%s): %w", i, d.Digest, err)
+			}
+			ix.Packs = packs
+			continue
 		}
 		ld, ok := d.Annotations[AnnotationImageLayerDigest]
 		if !ok {
@@ -107,6 +119,9 @@ func Parse(b []byte) (*Index, error) {
 	}
 	if len(ix.Layers) == 0 {
 		return nil, fmt.Errorf("parse soci index: %w", ErrEmptyIndex)
+	}
+	if err := checkPacks(ix.Layers, ix.Packs); err != nil {
+		return nil, fmt.Errorf("parse soci index: %w", err)
 	}
 	if re, err := json.Marshal(m); err == nil {
 		ix.Canonical = bytes.Equal(re, b)

@@ -50,12 +50,12 @@ func TestConvert(t *testing.T) {
 				t.Errorf("result platform %s index %s, image index has %s", platforms.Format(p.Platform), p.Index.Digest, idx.Manifests[2+i].Digest)
 			}
 		}
-		socitest.CheckUploads(t, proxy, "dst", ztocs(res), a, b)
+		socitest.CheckUploads(t, proxy, "dst", artifacts(res), a, b)
 
 		// A single Docker manifest: wrapped into an index of its own.
 		res = convert(t, host+"/src:single", host+"/dst2:single-soci", soci.Options{Cache: newCache(t), MinLayerSize: 100000})
 		socitest.CheckConverted(t, reg.Addr, "dst2", "single-soci", []socitest.Image{single}, [][]socitest.Want{{{Layer: amd, SpanSize: ztoc.DefaultSpanSize}}})
-		socitest.CheckUploads(t, proxy, "dst2", ztocs(res), single)
+		socitest.CheckUploads(t, proxy, "dst2", artifacts(res), single)
 
 		// A re-run reuses the zTOC and pushes the same image.
 		again := convert(t, host+"/src:single", host+"/dst2:single-soci", soci.Options{Cache: newCache(t), MinLayerSize: 100000})

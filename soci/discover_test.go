@@ -224,11 +224,20 @@ func TestListAndInfo(t *testing.T) {
 		at := func(ref string) *registry.Repository { return repo(t, reg.Addr+"/img"+ref) }
 		entry := func(res *soci.Result, i int, manifest digest.Digest) listed {
 			p := res.Platforms[i]
-			var size int64
+			e := listed{Index: p.Index.Digest, Manifest: manifest, Platform: platforms.Format(p.Platform), Descriptors: 2}
 			for _, l := range p.Layers {
-				size += l.Ztoc.Size
+				e.Size += l.Ztoc.Size
+				for _, d := range []ocispec.Descriptor{l.Pack.Head, l.Pack.Windows} {
+					if d.Digest != "" {
+						e.Packs++
+						e.PackSize += d.Size
+					}
+				}
 			}
-			return listed{Index: p.Index.Digest, Manifest: manifest, Platform: platforms.Format(p.Platform), Descriptors: 2, Size: size}
+			if e.Packs < 2 {
+				t.Errorf("platform %d: %d pack blobs, want a head per zTOC", i, e.Packs)
+			}
+			return e
 		}
 		list := func(ref string) []listed {
 			t.Helper()
@@ -238,7 +247,7 @@ func TestListAndInfo(t *testing.T) {
 			}
 			out := make([]listed, len(got))
 			for i, s := range got {
-				out[i] = listed{Index: s.Index.Digest, Manifest: s.Manifest, Descriptors: s.Descriptors, Size: s.Size}
+				out[i] = listed{Index: s.Index.Digest, Manifest: s.Manifest, Descriptors: s.Descriptors, Size: s.Size, Packs: s.Packs, PackSize: s.PackSize}
 				if s.Platform != nil {
 					out[i].Platform = platforms.Format(*s.Platform)
 				}
@@ -288,4 +297,6 @@ type listed struct {
 	Platform    string
 	Descriptors int
 	Size        int64
+	Packs       int
+	PackSize    int64
 }

@@ -96,12 +96,16 @@ func fallbackReferrers(b []byte) []ocispec.Descriptor {
 	return out
 }
 
-// addExisting records the zTOCs of SOCI index d whose blobs are in dst.
-// An index that cannot be read is not ours to fix: it is passed over.
+// addExisting records the zTOCs of SOCI index d, and their packs, whose
+// blobs are in dst. An index that cannot be read is not ours to fix: it is
+// passed over.
 func (ix *indexer) addExisting(ctx context.Context, d ocispec.Descriptor) {
 	sx, _, err := FetchIndex(ctx, ix.dst, d)
 	if err != nil {
 		return
+	}
+	if !ix.opts.NoPack {
+		ix.addExistingPacks(ctx, sx)
 	}
 	for _, l := range sx.Layers {
 		if l.SpanSize == 0 {

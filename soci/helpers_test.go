@@ -168,6 +168,21 @@ func ztocs(res *soci.Result) []digest.Digest {
 	return out
 }
 
+// artifacts returns the blobs a run published: the zTOCs and their packs.
+func artifacts(res *soci.Result) []digest.Digest {
+	out := ztocs(res)
+	for _, p := range res.Platforms {
+		for _, l := range p.Layers {
+			for _, d := range []digest.Digest{l.Pack.Head.Digest, l.Pack.Windows.Digest} {
+				if d != "" {
+					out = append(out, d)
+				}
+			}
+		}
+	}
+	return out
+}
+
 // withZtoc counts a platform's layers that have a zTOC in its index.
 func withZtoc(p soci.PlatformResult) int {
 	n := 0

@@ -23,6 +23,8 @@ type indexer struct {
 
 	// existing maps (layer digest, span size) to zTOCs already in dst.
 	existing map[ztocKey]ocispec.Descriptor
+	// existingPacks maps zTOC digests to the packs already in dst.
+	existingPacks map[digest.Digest]index.Pack
 	// slots bounds the layers being streamed at once.
 	slots chan struct{}
 	// builds deduplicates layers shared by several platforms.
@@ -57,9 +59,10 @@ func newIndexer(src, dst *registry.Repository, o Options) (*indexer, error) {
 	}
 	return &indexer{
 		opts: o, src: src, dst: dst,
-		existing: make(map[ztocKey]ocispec.Descriptor),
-		slots:    make(chan struct{}, o.Concurrency),
-		builds:   make(map[digest.Digest]*layerBuild),
+		existing:      make(map[ztocKey]ocispec.Descriptor),
+		existingPacks: make(map[digest.Digest]index.Pack),
+		slots:         make(chan struct{}, o.Concurrency),
+		builds:        make(map[digest.Digest]*layerBuild),
 	}, nil
 }
 
@@ -157,7 +160,7 @@ func (ix *indexer) reuse(ctx context.Context, res *LayerResult) (bool, error) {
 	l := res.Layer
 	if d, ok := ix.existing[ztocKey{l.Digest, ix.opts.SpanSize}]; ok {
 		res.Status, res.Ztoc = LayerReused, ztocDescriptor(d.Digest, d.Size)
-		return true, nil
+		return true, ix.reusePack(ctx, res, nil)
 	}
 	if ix.opts.Cache == nil {
 		return false, nil
@@ -170,7 +173,7 @@ func (ix *indexer) reuse(ctx context.Context, res *LayerResult) (bool, error) {
 		return false, err
 	}
 	res.Status, res.FromCache, res.Ztoc = LayerReused, true, ztocDescriptor(d, int64(len(b)))
-	return true, nil
+	return true, ix.reusePack(ctx, res, b)
 }
 
 // build streams the layer through the zTOC builder, within the run's
@@ -195,7 +198,13 @@ func (ix *indexer) build(ctx context.Context, res *LayerResult) error {
 	if ix.opts.Cache != nil {
 		res.CacheErr = ix.opts.Cache.Put(l.Digest, ix.opts.SpanSize, zb)
 	}
-	res.Status, res.Ztoc, res.Spans = LayerIndexed, ztocDescriptor(d.Digest, d.Size), z.NumSpans()
+	res.Ztoc = ztocDescriptor(d.Digest, d.Size)
+	if !ix.opts.NoPack {
+		if err := ix.publishPack(ctx, res, z); err != nil {
+			return err
+		}
+	}
+	res.Status, res.Spans = LayerIndexed, z.NumSpans()
 	res.Duration = time.Since(start)
 	return nil
 }
@@ -233,8 +242,9 @@ func ztocDescriptor(d digest.Digest, size int64) ocispec.Descriptor {
 }
 
 // pushIndex assembles the SOCI index of one platform (its zTOCs in image
-// layer order, skipped layers left out) and pushes its config blob and the
-// index itself (untagged; a v1 index becomes a referrer of its subject).
+// layer order, skipped layers left out, then their packs) and pushes its
+// config blob and the index itself (untagged; a v1 index becomes a
+// referrer of its subject).
 func (ix *indexer) pushIndex(ctx context.Context, j *platformJob, v index.Version) (*index.Built, error) {
 	opts := index.BuildOptions{Version: v}
 	if v == index.V1 {
@@ -252,6 +262,7 @@ func (ix *indexer) pushIndex(ctx context.Context, j *platformJob, v index.Versio
 			Ztoc:           res.Ztoc,
 		})
 	}
+	opts.Packs = indexPacks(j.result.Layers)
 	built, err := index.Build(opts)
 	if err != nil {
 		return nil, err

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 )
@@ -11,10 +13,14 @@ import (
 // IndexSummary describes one SOCI index of an image, for listing.
 type IndexSummary struct {
 	Found
-	// Descriptors is the number of blobs the index lists (zTOCs and
+	// Descriptors is the number of SOCI's blobs the index lists (zTOCs and
 	// prefetch artifacts), Size their total bytes.
 	Descriptors int
 	Size        int64
+	// Packs is the number of spanpull's pack blobs the index lists (heads
+	// and windows), PackSize their total bytes.
+	Packs    int
+	PackSize int64
 }
 
 // List returns the SOCI indexes of the image repo's reference names (tag or
@@ -45,9 +51,21 @@ func list(ctx context.Context, repo *registry.Repository, img Image) ([]IndexSum
 		if err != nil {
 			return nil, err
 		}
-		out[i].Descriptors = len(ix.Manifest.Layers)
-		for _, l := range ix.Manifest.Layers {
-			out[i].Size += l.Size
+		for _, l := range ix.Layers {
+			out[i].Descriptors++
+			out[i].Size += l.Ztoc.Size
+		}
+		for _, p := range ix.Prefetches {
+			out[i].Descriptors++
+			out[i].Size += p.Blob.Size
+		}
+		for _, p := range ix.Packs {
+			for _, d := range []ocispec.Descriptor{p.Head, p.Windows} {
+				if d.Digest != "" {
+					out[i].Packs++
+					out[i].PackSize += d.Size
+				}
+			}
 		}
 	}
 	return out, nil

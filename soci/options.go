@@ -26,14 +26,20 @@ const (
 func DefaultConcurrency() int { return runtime.NumCPU() }
 
 // ZtocCache is a local store of zTOCs built before, keyed by layer digest
-// and span size (store.ZtocCache is one). It lets a machine that indexes
-// the same base layer for many images, or re-runs CI, skip streaming it.
+// and span size, and of their packs, keyed by zTOC digest
+// (store.ZtocCache is one). It lets a machine that indexes the same base
+// layer for many images, or re-runs CI, skip streaming it.
 type ZtocCache interface {
 	// Get returns the cached zTOC bytes and their digest; ok is false on a
 	// miss.
 	Get(layer digest.Digest, spanSize int64) (b []byte, d digest.Digest, ok bool, err error)
 	// Put records b as the zTOC of layer at spanSize.
 	Put(layer digest.Digest, spanSize int64, b []byte) error
+	// GetPack returns the cached pack of the zTOC with digest ztoc; ok is
+	// false on a miss.
+	GetPack(ztoc digest.Digest) (head, windows []byte, ok bool, err error)
+	// PutPack records the pack of the zTOC with digest ztoc.
+	PutPack(ztoc digest.Digest, head, windows []byte) error
 }
 
 // Observer is told how a run progresses, so that a caller can draw a
@@ -72,6 +78,14 @@ type Options struct {
 	Concurrency int
 	// Force rebuilds zTOCs that the registry or the cache already has.
 	Force bool
+	// NoPack publishes exactly SOCI's artifacts. By default every zTOC an
+	// index lists gets its pack (ztoc.MarshalPack), two more blobs listed
+	// after SOCI's, which let spanpull's snapshotter mount a layer without
+	// fetching its whole zTOC. A pack made from a reused zTOC (from the
+	// registry or the cache) whose pack is nowhere to be found has no chunk
+	// table, which needs the layer (readers then fetch whole spans); Force
+	// streams the layer again.
+	NoPack bool
 	// Cache, when set, is read before building a zTOC and written after.
 	Cache ZtocCache
 	// Observer, when set, is told about every layer.

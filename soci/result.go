@@ -7,6 +7,8 @@ import (
 	"time"
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/index"
 )
 
 // LayerStatus is what happened to one layer of a run.
@@ -59,6 +61,9 @@ type LayerResult struct {
 	// Ztoc is the layer's zTOC blob (digest and size) when it was indexed
 	// or reused.
 	Ztoc ocispec.Descriptor
+	// Pack is the zTOC's pack, pushed or found in the registry (zero Head
+	// digest with Options.NoPack).
+	Pack index.Pack
 	// Spans is the number of spans of a zTOC built in this run.
 	Spans int
 	// Duration is how long streaming and building the zTOC took.

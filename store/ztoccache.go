@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -16,14 +17,20 @@ import (
 
 // ZtocCache remembers the zTOCs this machine built, keyed by (layer digest,
 // span size), so that indexing the same layer again (a shared base layer of
-// many images, a re-run of CI) does not stream and inflate it again. The
-// index lives in bbolt; the zTOC blobs are files named by their digest.
+// many images, a re-run of CI) does not stream and inflate it again, and
+// the pack of each zTOC (ztoc.MarshalPack), keyed by zTOC digest: a pack
+// built with the layer has a chunk table that one rebuilt from a reused
+// zTOC cannot have. The index lives in bbolt; the blobs are files named by
+// their digest.
 type ZtocCache struct {
 	db  *bolt.DB
 	dir string
 }
 
-var ztocBucket = []byte("ztocs")
+var (
+	ztocBucket = []byte("ztocs")
+	packBucket = []byte("packs") // zTOC digest -> "<head digest> <windows digest>"
+)
 
 // OpenZtocCache opens (creating) the cache in dir. It waits at most a few
 // seconds for another process that holds the cache open.
@@ -40,8 +47,12 @@ func OpenZtocCache(dir string) (*ZtocCache, error) {
 		return nil, fmt.Errorf("open zTOC cache %s: %w", dir, err)
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(ztocBucket)
-		return err
+		for _, b := range [][]byte{ztocBucket, packBucket} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
 	}); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open zTOC cache %s: %w", dir, err)
@@ -69,29 +80,85 @@ func (c *ZtocCache) Get(layer digest.Digest, spanSize int64) (b []byte, d digest
 	if err != nil || d == "" {
 		return nil, "", false, err
 	}
-	if d.Validate() != nil {
-		return nil, "", false, nil
-	}
-	b, err = os.ReadFile(filepath.Join(c.dir, "blobs", d.Encoded()))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, "", false, nil
-	}
-	if err != nil {
-		return nil, "", false, fmt.Errorf("read cached zTOC %s: %w", d, err)
-	}
-	if digest.FromBytes(b) != d {
-		return nil, "", false, nil
+	b, ok, err = c.readBlob("zTOC", d)
+	if !ok {
+		return nil, "", false, err
 	}
 	return b, d, true, nil
 }
 
-// Put records zTOC bytes b as the zTOC of layer at spanSize.
-func (c *ZtocCache) Put(layer digest.Digest, spanSize int64, b []byte) error {
+// readBlob reads blob d; ok is false when it is missing or damaged.
+func (c *ZtocCache) readBlob(what string, d digest.Digest) (b []byte, ok bool, err error) {
+	if d.Validate() != nil {
+		return nil, false, nil
+	}
+	b, err = os.ReadFile(filepath.Join(c.dir, "blobs", d.Encoded()))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("read cached %s %s: %w", what, d, err)
+	}
+	if digest.FromBytes(b) != d {
+		return nil, false, nil
+	}
+	return b, true, nil
+}
+
+// writeBlob stores b under its digest and returns the digest.
+func (c *ZtocCache) writeBlob(what string, b []byte) (digest.Digest, error) {
 	d := digest.FromBytes(b)
 	if err := atomicfile.WriteFile(filepath.Join(c.dir, "blobs"), d.Encoded(), b); err != nil {
-		return fmt.Errorf("cache zTOC %s: %w", d, err)
+		return "", fmt.Errorf("cache %s %s: %w", what, d, err)
+	}
+	return d, nil
+}
+
+// Put records zTOC bytes b as the zTOC of layer at spanSize.
+func (c *ZtocCache) Put(layer digest.Digest, spanSize int64, b []byte) error {
+	d, err := c.writeBlob("zTOC", b)
+	if err != nil {
+		return err
 	}
 	return c.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(ztocBucket).Put(ztocKey(layer, spanSize), []byte(d))
+	})
+}
+
+// GetPack returns the cached pack (head and windows blobs) of the zTOC
+// with digest ztoc. ok is false when there is none (or a blob of it is
+// gone or damaged).
+func (c *ZtocCache) GetPack(ztoc digest.Digest) (head, windows []byte, ok bool, err error) {
+	var v string
+	err = c.db.View(func(tx *bolt.Tx) error {
+		v = string(tx.Bucket(packBucket).Get([]byte(ztoc)))
+		return nil
+	})
+	hd, wd, found := strings.Cut(v, " ")
+	if err != nil || !found {
+		return nil, nil, false, err
+	}
+	if head, ok, err = c.readBlob("pack head", digest.Digest(hd)); !ok {
+		return nil, nil, false, err
+	}
+	if windows, ok, err = c.readBlob("pack windows", digest.Digest(wd)); !ok {
+		return nil, nil, false, err
+	}
+	return head, windows, true, nil
+}
+
+// PutPack records head and windows as the pack of the zTOC with digest
+// ztoc, replacing any pack recorded before.
+func (c *ZtocCache) PutPack(ztoc digest.Digest, head, windows []byte) error {
+	hd, err := c.writeBlob("pack head", head)
+	if err != nil {
+		return err
+	}
+	wd, err := c.writeBlob("pack windows", windows)
+	if err != nil {
+		return err
+	}
+	return c.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(packBucket).Put([]byte(ztoc), []byte(hd.String()+" "+wd.String()))
 	})
 }

@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"maps"
+	"math"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -24,6 +25,9 @@ type BuildOptions struct {
 	// BuildToolIdentifier is written into the zTOC. Default
 	// DefaultBuildToolIdentifier.
 	BuildToolIdentifier string
+	// ChunkSize is the number of compressed bytes per chunk (Ztoc.Chunks).
+	// Zero means DefaultChunkSize; a negative value builds no chunk table.
+	ChunkSize int64
 	// Progress, when set, is called from the reading goroutine with the
 	// number of layer bytes read so far.
 	Progress func(read int64)
@@ -51,9 +55,11 @@ var ErrUnsupportedCompression = errors.New("unsupported layer compression")
 // Build reads a layer blob once, as a stream, and returns its zTOC and the
 // digest of the blob. In that single pass it parses the tar stream into the
 // TOC, records a checkpoint at the first deflate block boundary after every
-// SpanSize uncompressed bytes, and hashes every span's compressed bytes.
-// Plain tar layers get fixed-size spans. Memory use does not depend on the
-// layer size (beyond the zTOC itself).
+// SpanSize uncompressed bytes, hashes every span's compressed bytes, and
+// cuts every span into chunks of ChunkSize compressed bytes (Ztoc.Chunks),
+// hashing each and noting how far inflation gets with it. Plain tar layers
+// get fixed-size spans. Memory use does not depend on the layer size
+// (beyond the zTOC itself).
 //
 // The stages run concurrently, joined by channels of pooled chunks: the
 // reader (hashing and counting the blob), the decompressor (recording
@@ -65,7 +71,7 @@ func Build(ctx context.Context, r io.Reader, opts BuildOptions) (*Ztoc, digest.D
 	inputs := make(chan chunk, inputChunks-1)
 	tarStream := make(chan chunk, outputChunks-1)
 	hashed := make(chan hashChunk, inputChunks-2)
-	var spans spanRecorder
+	spans := spanRecorder{chunkSize: opts.ChunkSize}
 	var toc tocBuilder
 	g.Go(func() error { return layer.run(ctx, inputs) })
 	g.Go(func() error { return decompress(ctx, inputs, tarStream, hashed, opts.SpanSize, &spans) })
@@ -88,6 +94,9 @@ func (o BuildOptions) withDefaults() BuildOptions {
 	}
 	if o.BuildToolIdentifier == "" {
 		o.BuildToolIdentifier = DefaultBuildToolIdentifier
+	}
+	if o.ChunkSize == 0 {
+		o.ChunkSize = DefaultChunkSize
 	}
 	return o
 }
@@ -185,10 +194,33 @@ func newZtoc(opts BuildOptions, compressedSize int64, toc *tocBuilder, spans *sp
 	case Uncompressed:
 		z.Checkpoints = MarshalTarZinfo(TarZinfo{SpanSize: opts.SpanSize, Size: compressedSize})
 	}
-	if _, err := z.Spans(); err != nil {
+	spanTable, err := z.Spans()
+	if err != nil {
 		return nil, fmt.Errorf("built an inconsistent zTOC: %w", err)
 	}
+	if spans.chunkSize > 0 {
+		z.Chunks = spans.chunks
+		endChunks(spanTable, z.Chunks)
+		if err := checkChunks(spanTable, z.Chunks); err != nil {
+			return nil, fmt.Errorf("built an inconsistent chunk table: %w", err)
+		}
+	}
 	return z, nil
+}
+
+// endChunks settles the uncompressed ends the stream could not know: the
+// last chunk of a span reaches the span's end (the last span's last chunk
+// was cut at the end of the blob, with no end recorded), and chunks of the
+// last span stop at the archive's end, not in the padding inflated past it.
+func endChunks(spans []Span, chunks [][]Chunk) {
+	for i, cs := range chunks {
+		for k := range cs {
+			cs[k].UncompressedEnd = min(cs[k].UncompressedEnd, spans[i].UncompressedEnd)
+		}
+		if len(cs) > 0 {
+			cs[len(cs)-1].UncompressedEnd = spans[i].UncompressedEnd
+		}
+	}
 }
 
 // chunk is a slice of a pipeline buffer; release hands the buffer back.
@@ -239,46 +271,89 @@ func (p *bufferPool) get(ctx context.Context) ([]byte, error) {
 
 func (p *bufferPool) put(b []byte) { p.free <- b[:cap(b)] }
 
-// spanRecorder collects checkpoints and the SHA-256 of each span's
-// compressed bytes as the stream goes by.
+// spanRecorder collects checkpoints, the SHA-256 of each span's
+// compressed bytes and the chunk table as the stream goes by.
 type spanRecorder struct {
 	algorithm   Compression
 	checkpoints []Checkpoint
 	digests     []digest.Digest
+	chunkSize   int64     // compressed bytes per chunk; <= 0: no chunks
+	chunks      [][]Chunk // one list per span
 	h           hash.Hash // hash of the current span; nil before span 0
+	ch          hash.Hash // hash of the current chunk
+	chunkLen    int64     // bytes hashed into ch
 }
 
-// startSpan finishes the current span's digest and starts a new one.
+// startSpan starts the digests of a new span and of its first chunk, with
+// the byte it shares with the previous span, if any.
 func (s *spanRecorder) startSpan(shared []byte) {
-	s.finishSpan()
 	s.h = sha256.New()
 	s.h.Write(shared)
+	if s.chunkSize > 0 {
+		s.chunks = append(s.chunks, nil)
+		if s.ch == nil {
+			s.ch = sha256.New()
+		}
+		s.ch.Reset()
+		s.ch.Write(shared)
+		s.chunkLen = int64(len(shared))
+	}
 }
 
 func (s *spanRecorder) write(b []byte) {
 	if s.h != nil {
 		s.h.Write(b)
+		if s.chunkSize > 0 {
+			s.ch.Write(b)
+			s.chunkLen += int64(len(b))
+		}
 	}
 }
 
-func (s *spanRecorder) finishSpan() {
+// endChunk ends the current chunk at compressed offset end, where out
+// uncompressed bytes could be produced, and starts the next one. An empty
+// chunk is not recorded.
+func (s *spanRecorder) endChunk(end, out int64) {
+	if s.h == nil || s.chunkSize <= 0 || s.chunkLen == 0 {
+		return
+	}
+	cs := &s.chunks[len(s.chunks)-1]
+	*cs = append(*cs, Chunk{CompressedEnd: end, UncompressedEnd: out, Digest: digest.NewDigestFromBytes(digest.SHA256, s.ch.Sum(nil))})
+	s.ch.Reset()
+	s.chunkLen = 0
+}
+
+// finishSpan ends the current span (and its last chunk) at compressed
+// offset end, where out uncompressed bytes could be produced.
+func (s *spanRecorder) finishSpan(end, out int64) {
 	if s.h != nil {
+		s.endChunk(end, out)
 		s.digests = append(s.digests, digest.NewDigestFromBytes(digest.SHA256, s.h.Sum(nil)))
 		s.h = nil
 	}
 }
 
-// passTar hashes fixed-size spans of an uncompressed tar layer and forwards
-// its bytes to the tar parser unchanged.
+// passTar hashes fixed-size spans of an uncompressed tar layer, and the
+// chunks they are cut into, and forwards its bytes to the tar parser
+// unchanged. A tar chunk inflates to itself: its uncompressed end is its
+// compressed end.
 func passTar(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, spanSize int64, s *spanRecorder) error {
 	var pos int64
 	c, ok := first, true
 	for ok {
 		for b := c.data; len(b) > 0; {
-			if pos%spanSize == 0 {
+			rel := pos % spanSize
+			n := min(int64(len(b)), spanSize-rel)
+			switch {
+			case rel == 0:
+				s.finishSpan(pos, pos)
 				s.startSpan(nil)
+			case s.chunkSize > 0 && rel%s.chunkSize == 0:
+				s.endChunk(pos, pos)
 			}
-			n := min(int64(len(b)), spanSize-pos%spanSize)
+			if s.chunkSize > 0 {
+				n = min(n, s.chunkSize-rel%s.chunkSize)
+			}
 			s.write(b[:n])
 			b, pos = b[n:], pos+n
 		}
@@ -293,7 +368,7 @@ func passTar(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk
 	if s.h == nil { // an empty layer still has one (empty) span
 		s.startSpan(nil)
 	}
-	s.finishSpan()
+	s.finishSpan(pos, pos)
 	return nil
 }
 
@@ -301,17 +376,19 @@ func passTar(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk
 // a checkpoint the way SOCI's zinfo builder does: right after the first
 // gzip header, then at the first deflate block boundary (outside a final
 // block) once more than spanSize bytes were produced since the last one.
+// With chunks, zlib is fed at most up to the next chunk boundary, so that
+// the output counted there is what the bytes before it inflate to.
 //
-// Hashing the spans' compressed bytes is left to hashSpans: each input
-// chunk goes to hashed, with the places where spans start in it, once
-// inflate is done with it.
+// Hashing the spans' and chunks' compressed bytes is left to hashSpans:
+// each input chunk goes to hashed, with the places where spans and chunks
+// start in it, once inflate is done with it.
 func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, hashed chan<- hashChunk, spanSize int64, s *spanRecorder) error {
 	inf, err := newInflater(windowBitsGzip)
 	if err != nil {
 		return err
 	}
 	defer inf.close()
-	g := &gzipInflater{inf: inf, spanSize: spanSize, s: s, out: out, outPool: newBufferPool(outputChunks, WindowSize+outputChunkSize)}
+	g := &gzipInflater{inf: inf, spanSize: spanSize, s: s, out: out, outPool: newBufferPool(outputChunks, WindowSize+outputChunkSize), nextCut: math.MaxInt64}
 	if g.cur, err = g.outPool.get(ctx); err != nil {
 		first.release()
 		return err
@@ -351,12 +428,13 @@ type gzipInflater struct {
 
 	totIn, totOut int64
 	lastOut       int64 // uncompressed offset of the last checkpoint
+	nextCut       int64 // compressed offset of the next chunk boundary (MaxInt64: none)
 	memberDone    bool  // the previous member's trailer was read
 	padded        bool  // zero padding followed the last member
 }
 
-// inflateChunk inflates one input chunk, recording in hc where spans start
-// in it.
+// inflateChunk inflates one input chunk, recording in hc where spans and
+// chunks start in it.
 func (g *gzipInflater) inflateChunk(ctx context.Context, data []byte, hc *hashChunk) error {
 	for len(data) > 0 {
 		if g.memberDone {
@@ -364,15 +442,26 @@ func (g *gzipInflater) inflateChunk(ctx context.Context, data []byte, hc *hashCh
 			if data, err = g.betweenMembers(data); err != nil {
 				return err
 			}
+			g.cutChunks(hc) // padding inflates to nothing
 			if g.memberDone {
 				continue
 			}
 		}
-		consumed, err := g.step(ctx, data, hc)
+		in := data[:min(int64(len(data)), g.nextCut-g.totIn)]
+		consumed, produced, ret, err := g.step(ctx, in, hc)
 		if err != nil {
 			return err
 		}
+		if consumed == 0 && produced == 0 && !g.memberDone && ret != zOK {
+			return fmt.Errorf("gzip data at compressed offset %d: inflate made no progress", g.totIn)
+		}
 		data = data[consumed:]
+		if g.totIn >= g.nextCut {
+			if err := g.drain(ctx, hc); err != nil {
+				return err
+			}
+			g.cutChunks(hc)
+		}
 	}
 	return nil
 }
@@ -398,8 +487,9 @@ func (g *gzipInflater) betweenMembers(data []byte) ([]byte, error) {
 	return data, nil
 }
 
-// step runs inflate once on data and returns how much of it was consumed.
-func (g *gzipInflater) step(ctx context.Context, data []byte, hc *hashChunk) (int, error) {
+// step runs inflate once on data and returns how much of it was consumed,
+// how much came out, and zlib's return code.
+func (g *gzipInflater) step(ctx context.Context, data []byte, hc *hashChunk) (consumed, produced, ret int, err error) {
 	// A block boundary can only become a checkpoint once more than
 	// spanSize bytes came out since the last one. Up to that point inflate
 	// runs freely (Z_BLOCK would return, and zlib copy its window, at every
@@ -419,32 +509,59 @@ func (g *gzipInflater) step(ctx context.Context, data []byte, hc *hashChunk) (in
 	case zStreamEnd:
 		g.memberDone = true
 	default:
-		return 0, fmt.Errorf("gzip data at compressed offset %d: %w", g.totIn, g.inf.errInflate(ret))
+		return 0, 0, ret, fmt.Errorf("gzip data at compressed offset %d: %w", g.totIn, g.inf.errInflate(ret))
 	}
 	if !g.memberDone && dt&128 != 0 && dt&64 == 0 && (g.totOut == 0 && len(g.s.checkpoints) == 0 || g.totOut-g.lastOut > g.spanSize) {
 		g.checkpoint(uint8(dt&7), hc)
 	}
 	if g.pos == len(g.cur) {
 		if err := g.emit(ctx); err != nil {
-			return 0, err
+			return 0, 0, ret, err
 		}
 	}
-	if consumed == 0 && produced == 0 && !g.memberDone && ret != zOK {
-		return 0, fmt.Errorf("gzip data at compressed offset %d: inflate made no progress", g.totIn)
+	return consumed, produced, ret, nil
+}
+
+// drain runs inflate without new input until nothing more comes out, so
+// that the output counts everything the input so far inflates to (zlib
+// holds back what did not fit the output buffer).
+func (g *gzipInflater) drain(ctx context.Context, hc *hashChunk) error {
+	for !g.memberDone {
+		_, produced, _, err := g.step(ctx, nil, hc)
+		if err != nil || produced == 0 {
+			return err
+		}
 	}
-	return consumed, nil
+	return nil
+}
+
+// cutChunks ends the chunks whose boundary the input has reached, each
+// with the output produced so far.
+func (g *gzipInflater) cutChunks(hc *hashChunk) {
+	for g.nextCut <= g.totIn {
+		hc.cuts = append(hc.cuts, streamCut{in: g.nextCut, out: g.totOut})
+		g.nextCut += g.s.chunkSize
+	}
 }
 
 // checkpoint records a checkpoint at the current block boundary, whose
 // first byte holds bits bits of the previous block, and where the span
-// starting there begins in the input chunk.
+// starting there begins in the input chunk. The span's first chunk
+// starts with it.
 func (g *gzipInflater) checkpoint(bits uint8, hc *hashChunk) {
-	hc.cuts = append(hc.cuts, spanCut{in: g.totIn, bits: bits})
+	hc.cuts = append(hc.cuts, streamCut{in: g.totIn, out: g.totOut, bits: bits, span: true})
 	g.s.checkpoints = append(g.s.checkpoints, Checkpoint{
 		In: g.totIn, Out: g.totOut, Bits: bits,
 		Window: bytes.Clone(g.cur[g.pos-WindowSize : g.pos]),
 	})
 	g.lastOut = g.totOut
+	if g.s.chunkSize > 0 {
+		start := g.totIn
+		if bits > 0 {
+			start--
+		}
+		g.nextCut = start + g.s.chunkSize
+	}
 }
 
 // emit sends the full output buffer on and continues in a new one that
@@ -484,27 +601,31 @@ func (g *gzipInflater) finish(ctx context.Context) error {
 	return nil
 }
 
-// spanCut is where a span starts in the compressed stream: at byte in, or
-// at the low bits of byte in-1 when bits > 0.
-type spanCut struct {
-	in   int64
-	bits uint8
+// streamCut is where a span or a chunk starts in the compressed stream:
+// at byte in, or, for a span with bits > 0, at the low bits of byte in-1
+// (the span's first chunk starts at in-1 then). The chunk before it ends
+// at in, where out uncompressed bytes could be produced.
+type streamCut struct {
+	in, out int64
+	bits    uint8
+	span    bool // a span starts here, not just a chunk
 }
 
-// hashChunk is an input chunk inflate is done with, and the spans that
-// start in it.
+// hashChunk is an input chunk inflate is done with, and the spans and
+// chunks that start in it.
 type hashChunk struct {
 	c     chunk
 	start int64 // compressed offset of c.data[0]
-	cuts  []spanCut
+	cuts  []streamCut
 }
 
-// hashSpans computes the SHA-256 of every span's compressed bytes from the
-// chunks inflateStream hands over, then releases them. Bytes before the
-// first span (the gzip header) belong to no span; a byte whose bits are
-// split between two spans counts in both.
+// hashSpans computes the SHA-256 of every span's and every chunk's
+// compressed bytes from the input chunks inflateStream hands over, then
+// releases them. Bytes before the first span (the gzip header) belong to
+// no span; a byte whose bits are split between two spans counts in both.
 func hashSpans(ctx context.Context, in <-chan hashChunk, s *spanRecorder) error {
 	var lastByte byte
+	var end int64
 	for {
 		var hc hashChunk
 		var ok bool
@@ -514,13 +635,18 @@ func hashSpans(ctx context.Context, in <-chan hashChunk, s *spanRecorder) error 
 			return ctx.Err()
 		}
 		if !ok {
-			s.finishSpan()
+			s.finishSpan(end, -1) // endChunks settles the last chunk's uncompressed end
 			return nil
 		}
 		data, pos := hc.c.data, 0
 		for _, cut := range hc.cuts {
 			off := int(cut.in - hc.start)
 			s.write(data[pos:off])
+			pos = off
+			if !cut.span {
+				s.endChunk(cut.in, cut.out)
+				continue
+			}
 			var shared []byte
 			switch {
 			case cut.bits == 0:
@@ -529,13 +655,14 @@ func hashSpans(ctx context.Context, in <-chan hashChunk, s *spanRecorder) error 
 			default:
 				shared = []byte{lastByte}
 			}
+			s.finishSpan(cut.in, cut.out)
 			s.startSpan(shared)
-			pos = off
 		}
 		s.write(data[pos:])
 		if len(data) > 0 {
 			lastByte = data[len(data)-1]
 		}
+		end = hc.start + int64(len(data))
 		hc.c.release()
 	}
 }

@@ -1,6 +1,10 @@
 package ztoc
 
-import "github.com/opencontainers/go-digest"
+import (
+	"fmt"
+
+	"github.com/opencontainers/go-digest"
+)
 
 // Chunk is a piece of a span's compressed bytes that can be fetched and
 // verified on its own, so that a read near the start of a span does not
@@ -19,4 +23,62 @@ type Chunk struct {
 	UncompressedEnd int64
 	// Digest is the SHA-256 of the chunk's compressed bytes.
 	Digest digest.Digest
+}
+
+// DefaultChunkSize is the compressed size of a chunk when BuildOptions
+// leave it unset: small enough that a read near a span's start fetches a
+// small part of a 4 MiB span (about 1.4 MB of gzip), large enough that
+// the chunk table stays a small fraction of the zTOC (one entry per
+// 64 KiB of layer).
+const DefaultChunkSize int64 = 64 << 10
+
+// checkChunks checks that chunks is a chunk table of the span table
+// spans: nil (no chunks), or one list per span whose chunks are non-empty,
+// tile the span's compressed range in order, and have uncompressed ends
+// that never decrease, stay inside the span and reach its end with the
+// last chunk. A span with no compressed bytes has no chunks.
+func checkChunks(spans []Span, chunks [][]Chunk) error {
+	if chunks == nil {
+		return nil
+	}
+	if len(chunks) != len(spans) {
+		return fmt.Errorf("chunk table has %d spans, the layer %d", len(chunks), len(spans))
+	}
+	for i, s := range spans {
+		cs := chunks[i]
+		if len(cs) == 0 {
+			if s.Size() > 0 {
+				return fmt.Errorf("span %d: no chunks for %d compressed bytes", i, s.Size())
+			}
+			continue
+		}
+		in, out := s.CompressedStart, s.UncompressedStart
+		for k, c := range cs {
+			if c.CompressedEnd <= in || c.CompressedEnd > s.CompressedEnd {
+				return fmt.Errorf("span %d chunk %d: compressed end %d is not in (%d, %d]", i, k, c.CompressedEnd, in, s.CompressedEnd)
+			}
+			if c.UncompressedEnd < out || c.UncompressedEnd > s.UncompressedEnd {
+				return fmt.Errorf("span %d chunk %d: uncompressed end %d is not in [%d, %d]", i, k, c.UncompressedEnd, out, s.UncompressedEnd)
+			}
+			if err := checkSHA256(c.Digest); err != nil {
+				return fmt.Errorf("span %d chunk %d: %w", i, k, err)
+			}
+			in, out = c.CompressedEnd, c.UncompressedEnd
+		}
+		if in != s.CompressedEnd || out != s.UncompressedEnd {
+			return fmt.Errorf("span %d: chunks end at %d/%d, the span at %d/%d", i, in, out, s.CompressedEnd, s.UncompressedEnd)
+		}
+	}
+	return nil
+}
+
+// checkSHA256 checks that d is a well-formed SHA-256 digest.
+func checkSHA256(d digest.Digest) error {
+	if err := d.Validate(); err != nil {
+		return fmt.Errorf("digest %q: %w", d, err)
+	}
+	if d.Algorithm() != digest.SHA256 {
+		return fmt.Errorf("digest %q: algorithm is not sha256", d)
+	}
+	return nil
 }

@@ -66,6 +66,9 @@ func Marshal(z *Ztoc) (_ []byte, err error) {
 	if z == nil {
 		return nil, errors.New("encode zTOC: nil zTOC")
 	}
+	if z.windowless != nil {
+		return nil, errors.New("encode zTOC: a zTOC read from a pack head has no checkpoint windows (PackHead.Restore rebuilds the zTOC)")
+	}
 	if err := z.Validate(); err != nil {
 		return nil, fmt.Errorf("encode zTOC: %w", err)
 	}

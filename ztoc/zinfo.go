@@ -199,7 +199,7 @@ func (z *Ztoc) Spans() ([]Span, error) {
 	spans := make([]Span, n)
 	switch z.Algorithm {
 	case Gzip:
-		zi, err := UnmarshalGzipZinfo(z.Checkpoints)
+		zi, err := z.gzipZinfo()
 		if err != nil {
 			return nil, err
 		}
@@ -259,11 +259,23 @@ func (z *Ztoc) Spans() ([]Span, error) {
 	return spans, nil
 }
 
+// gzipZinfo returns the gzip checkpoints: decoded from the checkpoint
+// blob, or, for a zTOC from a pack head, its windowless checkpoints.
+func (z *Ztoc) gzipZinfo() (*GzipZinfo, error) {
+	if z.windowless != nil {
+		return z.windowless, nil
+	}
+	return UnmarshalGzipZinfo(z.Checkpoints)
+}
+
 // SpanSize returns the span size the zTOC was built with, as recorded in
 // its checkpoint blob.
 func (z *Ztoc) SpanSize() (int64, error) {
 	switch z.Algorithm {
 	case Gzip:
+		if z.windowless != nil {
+			return z.windowless.SpanSize, nil
+		}
 		if len(z.Checkpoints) < zinfoHeaderSize {
 			return 0, errors.New("checkpoint blob is shorter than its header")
 		}

@@ -127,6 +127,11 @@ type Ztoc struct {
 	// Chunks, when not nil, holds the chunks of each span (indexed by
 	// SpanID). It is not part of SOCI's encoding (Marshal ignores it).
 	Chunks [][]Chunk
+
+	// windowless, set on a zTOC decoded from a pack head, holds its gzip
+	// checkpoints without their windows (which live in the pack's windows
+	// blob); Checkpoints is then nil. Spans reads it, Marshal refuses it.
+	windowless *GzipZinfo
 }
 
 // CompressionInfo says how to restart decompression at each span and how to

@@ -28,6 +28,7 @@ type indexFlags struct {
 	Timeout      time.Duration
 	Concurrency  int
 	Force        bool
+	Pack         bool
 	Quiet        bool
 	JSON         bool
 	CacheDir     string
@@ -45,6 +46,7 @@ func addIndexFlags(cmd *cobra.Command, o *indexFlags) {
 	f.DurationVar(&o.Timeout, "timeout", registry.DefaultStallTimeout, "give up on a registry request that makes no progress for this long (it is retried a few times)")
 	f.IntVar(&o.Concurrency, "concurrency", soci.DefaultConcurrency(), "layers indexed at once")
 	f.BoolVar(&o.Force, "force", false, "rebuild zTOCs even when the registry or the local cache has them")
+	f.BoolVar(&o.Pack, "pack", true, "also publish each zTOC's pack (a compact head and its windows, which spanpull mounts from); --pack=false publishes exactly SOCI's artifacts")
 	f.BoolVarP(&o.Quiet, "quiet", "q", false, "print only the resulting digest")
 	f.BoolVar(&o.JSON, "json", false, "print a JSON report")
 	f.StringVar(&o.CacheDir, "cache-dir", defaultCacheDir(), "local cache of built zTOCs")
@@ -103,7 +105,7 @@ func (o indexFlags) run(cmd *cobra.Command, rep runReport, do indexRun) error {
 	concurrency := max(o.Concurrency, 1)
 	limitMemory(concurrency)
 	opts := soci.Options{SpanSize: o.SpanSize, MinLayerSize: o.MinLayerSize, Platforms: pls, AllPlatforms: o.AllPlatforms,
-		Concurrency: concurrency, Force: o.Force}
+		Concurrency: concurrency, Force: o.Force, NoPack: !o.Pack}
 	if !o.NoCache && o.CacheDir != "" {
 		cache, err := store.OpenZtocCache(o.CacheDir)
 		if err != nil {

@@ -113,10 +113,15 @@ type indexEntry struct {
 	Manifest digest.Digest `json:"manifest"`
 	Ztocs    int           `json:"ztocs"`
 	Size     int64         `json:"size"`
+	// Packs counts spanpull's pack blobs (heads and windows), PackSize
+	// their bytes.
+	Packs    int   `json:"packs"`
+	PackSize int64 `json:"packSize"`
 }
 
 func newIndexEntry(s soci.IndexSummary) indexEntry {
-	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors, Size: s.Size}
+	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors, Size: s.Size,
+		Packs: s.Packs, PackSize: s.PackSize}
 	if s.Platform != nil {
 		e.Platform = platforms.Format(*s.Platform)
 	}
@@ -150,9 +155,9 @@ func newIndexListCommand() *cobra.Command {
 				return enc.Encode(entries)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tIMAGE MANIFEST")
+			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tPACK BLOBS\tPACK BYTES\tIMAGE MANIFEST")
 			for _, e := range entries {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, e.Manifest)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, e.Packs, e.PackSize, e.Manifest)
 			}
 			return w.Flush()
 		},
@@ -168,7 +173,11 @@ func newIndexInfoCommand() *cobra.Command {
 		Use:   "info REF|REPO@DIGEST",
 		Short: "Print one SOCI index manifest",
 		Long: `info prints a SOCI index manifest: REPO@DIGEST names the index itself; an
-image REF prints the image's index when it has exactly one (see "index ls").`,
+image REF prints the image's index when it has exactly one (see "index ls").
+The zTOC descriptors come first; spanpull's pack blobs, if any, follow them
+(media types application/vnd.spanpull.ztoc.head.v1+zstd and
+application/vnd.spanpull.ztoc.windows.v1, annotated with the layer and the
+zTOC they describe).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := digest.Parse(args[0]); err == nil {

@@ -64,7 +64,17 @@ func TestIndexInspect(t *testing.T) {
 			t.Fatalf("index ls: %+v", entries)
 		}
 		for i := range want {
-			want[i].Size = rep.Platforms[i].Layers[0].ZtocSize + rep.Platforms[i].Layers[1].ZtocSize
+			for _, l := range rep.Platforms[i].Layers {
+				want[i].Size += l.ZtocSize
+				want[i].PackSize += l.PackHeadSize + l.PackWindowsSize
+				if l.PackHead == "" {
+					t.Errorf("layer %s: no pack head in the report", l.Digest)
+				}
+				want[i].Packs++
+				if l.PackWindows != "" {
+					want[i].Packs++
+				}
+			}
 			if entries[i] != want[i] {
 				t.Errorf("index ls entry %d: %+v, want %+v", i, entries[i], want[i])
 			}
@@ -88,6 +98,15 @@ func TestIndexInspect(t *testing.T) {
 			out := itMustRun(t, "index", "info", "--plain-http", ref)
 			if out.Stdout != pretty.String() {
 				t.Errorf("index info %s:\n%s\nwant:\n%s", ref, out.Stdout, pretty.String())
+			}
+		}
+		// It shows the packs: a head per zTOC, after the zTOCs.
+		for _, l := range rep.Platforms[0].Layers {
+			for _, want := range []string{`"mediaType": "` + index.MediaTypePackHead + `"`, `"digest": "` + l.PackHead.String() + `"`,
+				`"` + index.AnnotationPackZtocDigest + `": "` + l.Ztoc.String() + `"`} {
+				if !strings.Contains(pretty.String(), want) {
+					t.Errorf("index info does not show %s", want)
+				}
 			}
 		}
 		if out := itRun(t, "index", "info", "--plain-http", idxA.String()); out.Err == nil {
@@ -224,7 +243,9 @@ func TestDebianLayerFromRegistry(t *testing.T) {
 	idxBytes, _, _ := socitest.Manifest(t, addr, "debian", rep.Platforms[0].Index.String())
 	var m ocispec.Manifest
 	json.Unmarshal(idxBytes, &m)
-	if len(m.Layers) != 1 || m.Subject == nil || m.Subject.Digest != img.Desc.Digest {
+	// The zTOC, then its pack: head and windows (the layer has many spans).
+	socitest.CheckSOCIReadable(t, idxBytes, []digest.Digest{layer.Desc.Digest})
+	if len(m.Layers) != 3 || len(socitest.Packs(m)) != 2 || m.Subject == nil || m.Subject.Digest != img.Desc.Digest {
 		t.Fatalf("index %s", idxBytes)
 	}
 	zd := m.Layers[0]

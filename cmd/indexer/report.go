@@ -48,8 +48,14 @@ type layerResult struct {
 	Reason   string        `json:"reason,omitempty"`
 	Ztoc     digest.Digest `json:"ztoc,omitempty"`
 	ZtocSize int64         `json:"ztocSize,omitempty"`
-	Spans    int           `json:"spans,omitempty"`
-	Seconds  float64       `json:"seconds,omitempty"`
+	// PackHead and PackWindows are the zTOC's pack blobs (no windows
+	// blob when the layer needs no window).
+	PackHead        digest.Digest `json:"packHead,omitempty"`
+	PackHeadSize    int64         `json:"packHeadSize,omitempty"`
+	PackWindows     digest.Digest `json:"packWindows,omitempty"`
+	PackWindowsSize int64         `json:"packWindowsSize,omitempty"`
+	Spans           int           `json:"spans,omitempty"`
+	Seconds         float64       `json:"seconds,omitempty"`
 }
 
 // fill returns rep with the engine's result.
@@ -74,7 +80,8 @@ func (rep runReport) fill(res *soci.Result, minLayerSize int64) runReport {
 
 func newLayerResult(l soci.LayerResult, minLayerSize int64) *layerResult {
 	r := &layerResult{Digest: l.Layer.Digest, MediaType: l.Layer.MediaType, Size: l.Layer.Size, Status: string(l.Status),
-		Ztoc: l.Ztoc.Digest, ZtocSize: l.Ztoc.Size, Spans: l.Spans, Seconds: l.Duration.Seconds()}
+		Ztoc: l.Ztoc.Digest, ZtocSize: l.Ztoc.Size, Spans: l.Spans, Seconds: l.Duration.Seconds(),
+		PackHead: l.Pack.Head.Digest, PackHeadSize: l.Pack.Head.Size, PackWindows: l.Pack.Windows.Digest, PackWindowsSize: l.Pack.Windows.Size}
 	switch {
 	case l.Status == soci.LayerSkipped && errors.Is(l.Reason, soci.ErrLayerTooSmall):
 		r.Reason = fmt.Sprintf("%s is below --min-layer-size %s", humanBytes(l.Layer.Size), humanBytes(minLayerSize))

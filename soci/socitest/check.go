@@ -128,11 +128,12 @@ type Want struct {
 }
 
 // CheckIndex checks a pushed SOCI index manifest the way SOCI's runtime
-// reads it: canonical Go JSON, no top-level artifactType, the `{}` config
-// with the version's media type, subject (v1) or none (v2), and one zTOC
-// descriptor per indexed layer in image order, whose zTOC (fetched from
-// repo) describes that layer and reproduces its files. It returns the
-// decoded manifest.
+// reads it (CheckSOCIReadable): canonical Go JSON, no top-level
+// artifactType, the `{}` config with the version's media type, subject
+// (v1) or none (v2), and one zTOC descriptor per indexed layer in image
+// order, whose zTOC (fetched from repo) describes that layer and
+// reproduces its files; then spanpull's packs, none or one per zTOC, each
+// restoring its zTOC. It returns the decoded manifest.
 func CheckIndex(t testing.TB, addr, repo string, indexDigest digest.Digest, v index.Version, subject *ocispec.Descriptor, want []Want) ocispec.Manifest {
 	t.Helper()
 	b, mt, ok := Manifest(t, addr, repo, indexDigest.String())
@@ -169,8 +170,13 @@ func CheckIndex(t testing.TB, addr, repo string, indexDigest digest.Digest, v in
 	case subject != nil && (m.Subject == nil || m.Subject.Digest != subject.Digest || m.Subject.MediaType != subject.MediaType || m.Subject.Size != subject.Size):
 		t.Errorf("index subject %+v, want %s %s %d", m.Subject, subject.MediaType, subject.Digest, subject.Size)
 	}
-	if len(m.Layers) != len(want) {
-		t.Fatalf("index has %d zTOCs, want %d: %s", len(m.Layers), len(want), b)
+	var layers []digest.Digest
+	for _, w := range want {
+		layers = append(layers, w.Layer.Desc.Digest)
+	}
+	CheckSOCIReadable(t, b, layers)
+	if n := len(m.Layers) - len(Packs(m)); n != len(want) {
+		t.Fatalf("index has %d zTOCs, want %d: %s", n, len(want), b)
 	}
 	for i, w := range want {
 		d := m.Layers[i]
@@ -183,6 +189,7 @@ func CheckIndex(t testing.TB, addr, repo string, indexDigest digest.Digest, v in
 		z := FetchZtoc(t, addr, repo, d)
 		CheckZtoc(t, z, w)
 	}
+	checkPacks(t, addr, repo, b, want)
 	return m
 }
 
@@ -392,14 +399,14 @@ func CheckConverted(t testing.TB, addr, repo, tag string, src []Image, indexed [
 	return idx
 }
 
-// CheckUploads fails the test if any blob other than the given zTOCs and
-// the `{}` config was uploaded to repo through the proxy, or if a blob of
-// the src images reached repo other than by a cross-repository mount
-// (unless it was there already).
-func CheckUploads(t testing.TB, proxy *Proxy, repo string, ztocs []digest.Digest, src ...Image) {
+// CheckUploads fails the test if any blob other than the given artifacts
+// (zTOCs and packs) and the `{}` config was uploaded to repo through the
+// proxy, or if a blob of the src images reached repo other than by a
+// cross-repository mount (unless it was there already).
+func CheckUploads(t testing.TB, proxy *Proxy, repo string, artifacts []digest.Digest, src ...Image) {
 	t.Helper()
 	allowed := map[digest.Digest]bool{index.EmptyConfigDigest: true}
-	for _, z := range ztocs {
+	for _, z := range artifacts {
 		allowed[z] = true
 	}
 	var blobs []digest.Digest

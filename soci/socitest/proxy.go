@@ -20,13 +20,14 @@ type Proxy struct {
 	Addr string
 	mu   sync.Mutex
 	reqs []string
-	// corrupt maps a blob digest to the offset of the byte flipped in
-	// the body of full (non-range) GETs of that blob.
+	// corrupt maps a blob digest to the offset (in the blob) of the byte
+	// flipped in the bodies of GETs of that blob.
 	corrupt map[digest.Digest]int64
 }
 
-// Corrupt makes the proxy flip the byte at offset off of every full GET
-// of blob d (headers, including Docker-Content-Digest, stay intact).
+// Corrupt makes the proxy flip the byte at offset off of blob d in every
+// GET of d that returns it, whole or in a range (headers, including
+// Docker-Content-Digest, stay intact).
 func (p *Proxy) Corrupt(d digest.Digest, off int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -58,7 +59,16 @@ func StartProxy(t testing.TB, upstream string) *Proxy {
 	rp := httputil.NewSingleHostReverseProxy(target) // keeps the Host header: Location URLs name the proxy
 	rp.ModifyResponse = func(resp *http.Response) error {
 		r := resp.Request
-		if r.Method != http.MethodGet || r.Header.Get("Range") != "" || resp.StatusCode != http.StatusOK {
+		var start int64
+		switch {
+		case r.Method != http.MethodGet:
+			return nil
+		case resp.StatusCode == http.StatusOK && r.Header.Get("Range") == "":
+		case resp.StatusCode == http.StatusPartialContent:
+			if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-", &start); err != nil {
+				return nil
+			}
+		default:
 			return nil
 		}
 		_, d, ok := strings.Cut(r.URL.Path, "/blobs/")
@@ -69,7 +79,7 @@ func StartProxy(t testing.TB, upstream string) *Proxy {
 		off, ok := p.corrupt[digest.Digest(d)]
 		p.mu.Unlock()
 		if ok {
-			resp.Body = &flipAt{ReadCloser: resp.Body, at: off}
+			resp.Body = &flipAt{ReadCloser: resp.Body, pos: start, at: off}
 		}
 		return nil
 	}

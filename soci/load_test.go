@@ -1,0 +1,222 @@
+package soci_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry"
+	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/soci"
+	"github.com/spanpull/spanpull/soci/socitest"
+	"github.com/spanpull/spanpull/ztoc"
+)
+
+// loadFixture is an image indexed with packs at packSpanSize, and the
+// index as the snapshotter fetches it.
+type loadFixture struct {
+	addr   string
+	layers []socitest.Layer
+	ix     *index.Index
+}
+
+func newLoadFixture(t *testing.T, addr, repo string, opts soci.Options) loadFixture {
+	t.Helper()
+	layers := packLayers()
+	socitest.PushImage(t, addr, repo, "v1", "linux/amd64", false, layers...)
+	opts.MinLayerSize, opts.SpanSize = 1000, packSpanSize
+	res := create(t, addr+"/"+repo+":v1", opts)
+	ix, _, err := soci.FetchIndex(context.Background(), repoAt(t, addr, repo), ocispec.Descriptor{Digest: res.Platforms[0].Index.Digest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return loadFixture{addr: addr, layers: layers, ix: ix}
+}
+
+func repoAt(t *testing.T, addr, name string) *registry.Repository { return repo(t, addr+"/"+name) }
+
+// ztocOf fetches the zTOC the index lists for layer l.
+func (f loadFixture) ztocOf(t *testing.T, repo string, l socitest.Layer) (*ztoc.Ztoc, ocispec.Descriptor) {
+	t.Helper()
+	zd, ok := f.ix.Ztoc(l.Desc.Digest)
+	if !ok {
+		t.Fatalf("layer %s is not indexed", l.Desc.Digest)
+	}
+	return socitest.FetchZtoc(t, f.addr, repo, zd), zd
+}
+
+// TestLoadLayer loads layers the way the snapshotter does: from the pack
+// head when there is one (far fewer bytes than the zTOC), with windows
+// fetched lazily, verified and equal to the zTOC's; from the zTOC when the
+// index has no pack or its pack is broken.
+func TestLoadLayer(t *testing.T) {
+	ctx := context.Background()
+	up := registrytest.StartDistribution(t)
+	proxy := socitest.StartProxy(t, up)
+	f := newLoadFixture(t, proxy.Addr, "load", soci.Options{})
+	r := repoAt(t, proxy.Addr, "load")
+	gz, tarLayer := f.layers[0], f.layers[1]
+
+	li, err := soci.LoadLayer(ctx, r, f.ix, gz.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, zd := f.ztocOf(t, "load", gz)
+	head, windows, _ := f.ix.Pack(gz.Desc.Digest)
+	if li.Head.Digest != head.Digest || li.ZtocDigest != zd.Digest || li.Fetched != head.Size || li.PackErr != nil || li.Windows == nil {
+		t.Fatalf("LoadLayer = %+v; want head %s (%d bytes) for zTOC %s", li, head.Digest, head.Size, zd.Digest)
+	}
+	if li.Fetched*3 > zd.Size {
+		t.Errorf("the head (%d bytes) is not much smaller than the zTOC (%d)", li.Fetched, zd.Size)
+	}
+	if li.Ztoc.Chunks == nil {
+		t.Error("no chunk table")
+	}
+	want, err := z.Spans()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spans, err := li.Ztoc.Spans()
+	if err != nil || len(spans) != len(want) || len(spans) < 3 {
+		t.Fatalf("%d spans (%v), the zTOC has %d", len(spans), err, len(want))
+	}
+	for i := range spans {
+		if spans[i].Window != nil {
+			t.Errorf("span %d of the head has a window", i)
+		}
+		for range 2 { // the second time from the cache
+			w, err := li.Windows.Window(ctx, ztoc.SpanID(i))
+			if err != nil || !bytes.Equal(w, want[i].Window) {
+				t.Fatalf("window %d: %v (equal to the zTOC's: %v)", i, err, bytes.Equal(w, want[i].Window))
+			}
+		}
+	}
+	if got := li.Windows.Fetched(); got != windows.Size {
+		t.Errorf("windows fetched: %d bytes, the blob has %d", got, windows.Size)
+	}
+
+	// A tar layer needs no windows: its head holds the whole zTOC.
+	tl, err := soci.LoadLayer(ctx, r, f.ix, tarLayer.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tz, tzd := f.ztocOf(t, "load", tarLayer)
+	if tl.Windows != nil || tl.Head.Digest == "" {
+		t.Errorf("tar layer: %+v", tl)
+	}
+	if b, err := ztoc.Marshal(tl.Ztoc); err != nil || digest.FromBytes(b) != tzd.Digest || len(tl.Ztoc.Files) != len(tz.Files) {
+		t.Errorf("tar layer: the head's zTOC is not the zTOC (%v)", err)
+	}
+
+	if _, err := soci.LoadLayer(ctx, r, f.ix, socitest.GzipLayer(99, 1000, socitest.OCIGzip).Desc, 1<<30); !errors.Is(err, soci.ErrNotIndexed) {
+		t.Errorf("an unindexed layer: %v", err)
+	}
+
+	// A corrupted windows blob fails the span whose window it hits, only.
+	fresh, err := soci.LoadLayer(ctx, r, f.ix, gz.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off, n := packHeadOf(t, proxy.Addr, "load", head).WindowRange(1)
+	proxy.Corrupt(windows.Digest, off+n/2)
+	if _, err := fresh.Windows.Window(ctx, 1); !errors.Is(err, ztoc.ErrWindowDigest) {
+		t.Errorf("window 1 of a corrupted windows blob: %v", err)
+	}
+	for _, id := range []ztoc.SpanID{0, 2} {
+		if w, err := fresh.Windows.Window(ctx, id); err != nil || !bytes.Equal(w, want[id].Window) {
+			t.Errorf("window %d next to a corrupted one: %v", id, err)
+		}
+	}
+
+	// A corrupted head: the zTOC is loaded instead, and the error kept.
+	proxy.Corrupt(head.Digest, 10)
+	fb, err := soci.LoadLayer(ctx, r, f.ix, gz.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fb.PackErr == nil || fb.Windows != nil || fb.Head.Digest != "" || fb.Fetched != head.Size+zd.Size {
+		t.Errorf("corrupted head: %+v", fb)
+	}
+	if b, err := ztoc.Marshal(fb.Ztoc); err != nil || digest.FromBytes(b) != zd.Digest {
+		t.Errorf("corrupted head: the zTOC was not loaded (%v)", err)
+	}
+}
+
+// packHeadOf fetches and decodes a pack head.
+func packHeadOf(t *testing.T, addr, repo string, d ocispec.Descriptor) *ztoc.PackHead {
+	t.Helper()
+	h, err := ztoc.UnmarshalPackHead(socitest.Blob(t, addr, repo, d.Digest))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// TestLoadLayerWithoutPack loads a layer of an index without packs: from
+// its zTOC, windows included.
+func TestLoadLayerWithoutPack(t *testing.T) {
+	addr := registrytest.StartDistribution(t)
+	f := newLoadFixture(t, addr, "nopack", soci.Options{NoPack: true})
+	gz := f.layers[0]
+	if _, _, ok := f.ix.Pack(gz.Desc.Digest); ok {
+		t.Fatal("NoPack index has a pack")
+	}
+	li, err := soci.LoadLayer(context.Background(), repoAt(t, addr, "nopack"), f.ix, gz.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, zd := f.ztocOf(t, "nopack", gz)
+	if li.Windows != nil || li.Head.Digest != "" || li.PackErr != nil || li.Fetched != zd.Size || li.ZtocDigest != zd.Digest {
+		t.Errorf("LoadLayer = %+v, want the zTOC %s", li, zd.Digest)
+	}
+	got, _ := json.Marshal(li.Ztoc.Files)
+	want, _ := json.Marshal(z.Files)
+	if spans, err := li.Ztoc.Spans(); err != nil || spans[1].Window == nil || !bytes.Equal(got, want) {
+		t.Errorf("the zTOC loaded differs (%v)", err)
+	}
+	if _, err := soci.LoadLayer(context.Background(), repoAt(t, addr, "nopack"), f.ix, gz.Desc, zd.Size-1); err == nil {
+		t.Error("a zTOC over the size limit was loaded")
+	}
+}
+
+// TestLoadLayerDebian indexes the real Debian python layer and reports
+// what a mount fetches: the head instead of the zTOC, and a window per
+// span first read.
+func TestLoadLayerDebian(t *testing.T) {
+	const path = "/var/cache/spanpull/debian-python3.tar.gz"
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (the ztoc tests build it with scripts/debian-layer.sh)", err)
+	}
+	layer := socitest.NewLayer(socitest.OCIGzip, data, digest.FromString("unused diff id"), nil)
+	addr := registrytest.StartDistribution(t)
+	socitest.PushImage(t, addr, "debian", "v1", "linux/amd64", false, layer)
+	res := create(t, addr+"/debian:v1", soci.Options{MinLayerSize: 1000})
+	r := repoAt(t, addr, "debian")
+	ix, _, err := soci.FetchIndex(context.Background(), r, ocispec.Descriptor{Digest: res.Platforms[0].Index.Digest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	li, err := soci.LoadLayer(context.Background(), r, ix, layer.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zd, _ := ix.Ztoc(layer.Desc.Digest)
+	_, windows, _ := ix.Pack(layer.Desc.Digest)
+	n := li.Ztoc.NumSpans()
+	t.Logf("Debian python layer (%d bytes, %d spans of 4 MiB): zTOC %d bytes, head %d bytes (%.1f%%), windows %d bytes (%d per span)",
+		len(data), n, zd.Size, li.Fetched, 100*float64(li.Fetched)/float64(zd.Size), windows.Size, windows.Size/int64(n))
+	if li.Fetched*5 > zd.Size {
+		t.Errorf("the head (%d bytes) is not much smaller than the zTOC (%d)", li.Fetched, zd.Size)
+	}
+	if _, err := li.Windows.Window(context.Background(), ztoc.SpanID(n/2)); err != nil {
+		t.Fatal(err)
+	}
+}
