@@ -59,7 +59,7 @@ func openFDs(t *testing.T) int {
 func TestCache(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root)
+	c, err := OpenCache(root, CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestCache(t *testing.T) {
 
 func TestCacheBadInput(t *testing.T) {
 	ctx := context.Background()
-	c, err := OpenCache(t.TempDir())
+	c, err := OpenCache(t.TempDir(), CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +165,7 @@ func TestCacheBadInput(t *testing.T) {
 
 func TestCacheRemovesLeftovers(t *testing.T) {
 	root := t.TempDir()
-	c, err := OpenCache(root)
+	c, err := OpenCache(root, CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +176,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, atomicfile.TempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenCache(root); err != nil {
+	if _, err := OpenCache(root, CacheOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if got := files(t, dir); strings.Join(got, ",") != "0" {
@@ -189,7 +189,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 func TestCacheConcurrent(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root)
+	c, err := OpenCache(root, CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
