@@ -9,9 +9,10 @@
 // with chunk marks (ztoc.Ztoc.Chunks), the span from its start through the
 // first chunk whose mark covers the end of the read, in one range read,
 // each chunk verified against its digest; a later read past that prefix
-// fetches only missing chunks (at least doubling the prefix), and a span
-// completed that way is checked against its span digest as well. No byte
-// reaches a reader before the bytes it was inflated from were verified.
+// fetches only missing chunks (growing the prefix fourfold at least), and
+// a span completed that way is checked against its span digest as well.
+// No byte reaches a reader before the bytes it was inflated from were
+// verified.
 //
 // Where bytes are kept: a Cache keeps verified compressed bytes on disk
 // (whole spans or verified prefixes, plus the blob's header bytes), within

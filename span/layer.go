@@ -2,6 +2,7 @@ package span
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -96,9 +97,13 @@ type Layer struct {
 	failures   map[ztoc.SpanID]*failure
 	windows    map[ztoc.SpanID][]byte   // from Options.Windows
 	prefetched map[ztoc.SpanID]struct{} // fetched by prefetch, not read yet
+	closed     bool                     // no load starts any more
 	inflations atomic.Int64             // spans inflated (tests count them)
 	closeOnce  sync.Once
 }
+
+// errClosed fails the reads of a closed Layer.
+var errClosed = errors.New("layer closed")
 
 // NewLayer returns the Layer of blob layerDigest described by z, reading
 // compressed bytes from blob. The digest keys the layer's spans in the
@@ -168,6 +173,9 @@ func withDefaults(opts Options) Options {
 // wasted (Metrics.PrefetchUsed).
 func (l *Layer) Close() {
 	l.closeOnce.Do(func() {
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
 		l.cancel()
 		l.wg.Wait()
 		l.mem.dropLayer(l)

@@ -65,12 +65,16 @@ func (l *Layer) demandLoad(s ztoc.Span, need int64) (*load, error) {
 	return ld, nil
 }
 
+// prefixGrowth is how many times at least a span loaded in parts grows
+// its prefix each time: a span read from start to end is then fetched in
+// a few range reads (1 + log4 of its chunks) and inflated about 1.3 times,
+// not once per chunk.
+const prefixGrowth = 4
+
 // readTarget returns how many chunks of span s a read of its first need
-// bytes loads: through the first chunk whose mark covers need, or one
-// more than the last load when that stopped short. A span loaded in parts
-// at least doubles its chunks each time, so that a span read from start
-// to end is fetched in a few range reads and inflated about twice, not
-// once per chunk. l.mu must be held.
+// bytes loads: through the first chunk whose mark covers need (or one
+// more than the last load when that stopped short), and when the span is
+// partly here already at least prefixGrowth times that. l.mu must be held.
 func (l *Layer) readTarget(s ztoc.Span, need int64) int {
 	chunks := l.chunks[s.ID]
 	n := len(chunks)
@@ -83,7 +87,7 @@ func (l *Layer) readTarget(s ztoc.Span, need int64) int {
 	if want <= have {
 		return have
 	}
-	return min(n, max(want, 2*have))
+	return min(n, max(want, prefixGrowth*have))
 }
 
 // localChunks returns how many chunks of span s memory or the disk cache
@@ -112,6 +116,10 @@ func (l *Layer) chunksIn(s ztoc.Span, size int64) int {
 // held.
 func (l *Layer) startLoad(id ztoc.SpanID, class Class, target int, inflate bool) *load {
 	ld := &load{id: id, class: class, target: target, inflate: inflate, changed: make(chan struct{})}
+	if l.closed {
+		ld.finish(errClosed)
+		return ld
+	}
 	l.loads[id] = ld
 	l.wg.Add(1)
 	go func() {
@@ -221,8 +229,11 @@ func (l *Layer) store(s ztoc.Span, comp []byte, protect bool) error {
 func (l *Layer) inflate(ld *load, s ztoc.Span, window, comp []byte, have int) ([]byte, error) {
 	if needsWindow(l.z, s) {
 		if window == nil {
+			ctx, cancel := context.WithTimeout(l.ctx, l.opts.FetchTimeout)
 			var err error
-			if window, err = l.window(l.ctx, s); err != nil {
+			window, err = l.window(ctx, s)
+			cancel()
+			if err != nil {
 				return nil, err
 			}
 		}
