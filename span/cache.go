@@ -294,8 +294,9 @@ func (c *Cache) write(k entryKey, data []byte, protect digest.Digest) error {
 	}
 	need := int64(len(data)) - oldSize
 	if !c.makeRoom(need, k, protect) {
+		over := c.total + need - c.max
 		c.mu.Unlock()
-		return fmt.Errorf("%d bytes over the budget of %d: %w", c.total+need-c.max, c.max, ErrCacheFull)
+		return fmt.Errorf("%d bytes over the budget of %d: %w", over, c.max, ErrCacheFull)
 	}
 	c.writing[k] = max(need, 1)
 	c.total += need

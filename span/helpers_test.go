@@ -143,7 +143,14 @@ func (m *recMetrics) PrefetchUsed(hit bool) {
 }
 func (m *recMetrics) Read(int, time.Duration, error) {}
 
-// snapshot returns a copy of the counters (without the maps' times).
+// get returns one of the counters, read under the lock.
+func (m *recMetrics) get(counter *int) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return *counter
+}
+
+// count returns the fetches, bytes and failures of class c.
 func (m *recMetrics) count(c Class) (int, int64, int) {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -127,7 +127,7 @@ func TestPrefetchNeverDelaysDemand(t *testing.T) {
 		t.Fatalf("reading a prefetched span made %d range reads in all, want 5", len(reqs))
 	}
 	l.Close()
-	if m.prefetchHit != 1 || m.waste != 3 {
+	if m.get(&m.prefetchHit) != 1 || m.get(&m.waste) != 3 {
 		t.Fatalf("prefetch hits %d, waste %d; want 1 and 3", m.prefetchHit, m.waste)
 	}
 }
@@ -224,16 +224,16 @@ func TestLayerRemembersFailures(t *testing.T) {
 	never := make(chan struct{})
 	rb.hold = func(int64, int64) <-chan struct{} { return never }
 	l := newTestLayer(t, rb, z, Options{FetchTimeout: timeout, FailureMemory: memory})
-	read := func() (error, time.Duration) {
+	read := func() (time.Duration, error) {
 		start := time.Now()
 		_, err := l.ReadAt(context.Background(), make([]byte, 10), 5000)
-		return err, time.Since(start)
+		return time.Since(start), err
 	}
-	err1, d1 := read()
+	d1, err1 := read()
 	if err1 == nil || d1 < timeout {
 		t.Fatalf("first read: %v after %v, want a failure after %v", err1, d1, timeout)
 	}
-	err2, d2 := read()
+	d2, err2 := read()
 	if err2 == nil || err2.Error() != err1.Error() || d2 > timeout/3 {
 		t.Fatalf("retry: %v after %v, want %q at once", err2, d2, err1)
 	}
@@ -241,12 +241,12 @@ func TestLayerRemembersFailures(t *testing.T) {
 		t.Fatalf("%d range reads, want 1", n)
 	}
 	// The retry was answered: the next read fetches again.
-	if err3, d3 := read(); err3 == nil || d3 < timeout || len(rb.requests()) != 2 {
+	if d3, err3 := read(); err3 == nil || d3 < timeout || len(rb.requests()) != 2 {
 		t.Fatalf("third read: %v after %v with %d range reads, want a new fetch", err3, d3, len(rb.requests()))
 	}
 	// Once FailureMemory passed, a read fetches again even if unanswered.
 	time.Sleep(memory + 100*time.Millisecond)
-	if err4, d4 := read(); err4 == nil || d4 < timeout || len(rb.requests()) != 3 {
+	if d4, err4 := read(); err4 == nil || d4 < timeout || len(rb.requests()) != 3 {
 		t.Fatalf("read after the window: %v after %v with %d range reads, want a new fetch", err4, d4, len(rb.requests()))
 	}
 	// Three reads failing together: each one's retry fails at once.
@@ -258,7 +258,7 @@ func TestLayerRemembersFailures(t *testing.T) {
 	}
 	wg.Wait()
 	for i := range 3 {
-		if err, d := read(); err == nil || d > timeout/3 {
+		if d, err := read(); err == nil || d > timeout/3 {
 			t.Fatalf("retry %d of three failed reads: %v after %v, want a failure at once", i, err, d)
 		}
 	}
