@@ -60,9 +60,12 @@ type Options struct {
 const (
 	// DefaultFetchTimeout bounds a fetch when Options leave it unset.
 	DefaultFetchTimeout = 30 * time.Second
-	// DefaultFailureMemory covers the kernel's immediate retry of a failed
-	// read, and is far below the fetch timeout.
-	DefaultFailureMemory = 2 * time.Second
+	// DefaultFailureMemory covers the kernel's retry of a failed read,
+	// which follows the failure at once (0.1 ms later, measured over FUSE).
+	// It is kept short because the kernel does not always retry: a longer
+	// memory fails the reads of a container started right after the
+	// registry came back (about 100 ms later in TestLazyFaults).
+	DefaultFailureMemory = 20 * time.Millisecond
 )
 
 // Layer serves the uncompressed tar stream of one layer from its zTOC.
@@ -236,7 +239,7 @@ func (l *Layer) spanAt(off int64) (ztoc.Span, error) {
 // are hints); the next load then takes more chunks.
 func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64) error {
 	need := rel + int64(len(dst))
-	l.notePrefetchHit(s.ID)
+	defer l.notePrefetchHit(s.ID)
 	for attempt := 0; ; attempt++ {
 		if v, ok := l.mem.get(l, s.ID); ok && int64(len(v.out)) >= need {
 			copy(dst, v.out[rel:need])
