@@ -125,14 +125,23 @@ func (l *Layer) Fill(ctx context.Context) error {
 	}
 }
 
+// fillGiveUp is how many fetches in a row may fail before a fill pass
+// ends: a registry that is down costs a fetch timeout per span.
+const fillGiveUp = 3
+
 // fillPass fetches, once each, the parts of the blob that are not cached.
-// A failed fetch is left for the next pass; a failed cache write ends the
-// fill.
+// Failed fetches (counted by Metrics.FetchFailed) are left for the next
+// pass, which starts after a pause; fillGiveUp failures in a row end this
+// one. A failed cache write ends the fill.
 func (l *Layer) fillPass(ctx context.Context) error {
 	if err := l.fillHeader(ctx); err != nil {
 		return err
 	}
+	failed := 0
 	for _, s := range l.spans {
+		if failed == fillGiveUp {
+			return nil
+		}
 		if l.haveWhole(s.ID, true) {
 			continue
 		}
@@ -140,15 +149,17 @@ func (l *Layer) fillPass(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		// A failed fetch is counted (Metrics.FetchFailed) and tried again
-		// in the next pass.
-		putErr, _ := l.loadWhole(ctx, ClassFill, s.ID)
+		putErr, err := l.loadWhole(ctx, ClassFill, s.ID)
 		release()
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil:
 			return ctx.Err()
-		}
-		if putErr != nil {
+		case putErr != nil:
 			return fmt.Errorf("%sfill: %w", l.prefix, putErr)
+		case err != nil:
+			failed++
+		default:
+			failed = 0
 		}
 	}
 	return nil

@@ -7,6 +7,7 @@ package span
 import (
 	"bytes"
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -264,5 +265,52 @@ func TestLayerRemembersFailures(t *testing.T) {
 	}
 	if n := len(rb.requests()); n != 4 {
 		t.Fatalf("%d range reads, want 4", n)
+	}
+}
+
+// flakyBlob fails its first fails range reads.
+type flakyBlob struct {
+	BlobReader
+	mu    sync.Mutex
+	fails int
+}
+
+func (b *flakyBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	b.mu.Lock()
+	fail := b.fails > 0
+	b.fails--
+	b.mu.Unlock()
+	if fail {
+		return 0, errors.New("registry unavailable")
+	}
+	return b.BlobReader.ReadAt(ctx, p, off)
+}
+
+// TestFillRetriesFailedFetches: fetches that fail end a fill pass after a
+// few in a row; the next pass, after a pause, completes the layer.
+func TestFillRetriesFailedFetches(t *testing.T) {
+	tarball := readerTar(t, 14)
+	blob := gzipCLI("-6")(t, tarball)
+	z := build(t, blob, 16<<10)
+	cache, err := OpenCache(t.TempDir(), CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newRecMetrics()
+	fb := &flakyBlob{BlobReader: LocalBlob(bytes.NewReader(blob)), fails: 1 + fillGiveUp}
+	l, err := NewLayer(digest.FromBytes(blob), z, fb, Options{Cache: cache, Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	start := time.Now()
+	if err := l.Fill(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Complete() || time.Since(start) < time.Second {
+		t.Fatalf("Fill returned after %v, complete %v; want a pause, then a complete layer", time.Since(start), l.Complete())
+	}
+	if _, _, failed := m.count(ClassFill); failed != 1+fillGiveUp {
+		t.Fatalf("%d failed fill fetches, want %d (the header, then %d spans in a row)", failed, 1+fillGiveUp, fillGiveUp)
 	}
 }
