@@ -11,8 +11,11 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -301,5 +304,66 @@ func TestLayerWindowsFromSource(t *testing.T) {
 		if n != 1 {
 			t.Errorf("window of span %d asked for %d times", id, n)
 		}
+	}
+}
+
+// countingBlob counts the bytes read through it.
+type countingBlob struct {
+	BlobReader
+	n atomic.Int64
+}
+
+func (b *countingBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := b.BlobReader.ReadAt(ctx, p, off)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// BenchmarkLayerColdRead4KChunks reads a random 4 KiB range of the Debian
+// layer (default 4 MiB spans) through a fresh Layer, with whole spans and
+// with 64 KiB chunk marks: the median latency of the read (fetch from the
+// local file, verify, inflate up to the read) and the compressed bytes it
+// fetched.
+func BenchmarkLayerColdRead4KChunks(b *testing.B) {
+	f, err := os.Open(debianLayer(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	blob, err := io.ReadAll(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	z, _, err := ztoc.Build(b.Context(), bytes.NewReader(blob), ztoc.BuildOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, chunkSize := range []int64{0, 64 << 10} {
+		b.Run(fmt.Sprintf("chunks=%d", chunkSize), func(b *testing.B) {
+			z.Chunks = nil
+			if chunkSize > 0 {
+				addChunks(b, z, blob, chunkSize)
+			}
+			rng := rand.New(rand.NewPCG(3, 4))
+			p := make([]byte, 4096)
+			var lat []time.Duration
+			cb := &countingBlob{BlobReader: LocalBlob(bytes.NewReader(blob))}
+			for b.Loop() {
+				l, err := NewLayer("", z, cb, Options{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
+				start := time.Now()
+				if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
+					b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
+				}
+				lat = append(lat, time.Since(start))
+				l.Close()
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
+			b.ReportMetric(float64(cb.n.Load())/float64(b.N), "fetched-B/op")
+		})
 	}
 }
