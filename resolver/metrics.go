@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/span"
 )
 
 // Metrics are the Prometheus metrics of lazily pulled layers, named
@@ -20,6 +21,12 @@ type Metrics struct {
 	readErrors    prometheus.Counter
 	layersMounted *prometheus.CounterVec
 	fallbacks     *prometheus.CounterVec
+	// By fetch class (demand, prefetch, fill).
+	classSpans    *prometheus.CounterVec
+	classBytes    *prometheus.CounterVec
+	classFailures *prometheus.CounterVec
+	prefetchUse   *prometheus.CounterVec
+	cacheWrites   prometheus.Counter
 }
 
 // metricsSubsystem is the resolver's part of its metric names:
@@ -53,9 +60,20 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			"Layers of indexed images served by the snapshotter, lazily or unpacked locally."), []string{"mode"}),
 		fallbacks: prometheus.NewCounterVec(counter("fallbacks_total",
 			"Layers left to containerd's normal pull, by reason."), []string{"reason"}),
+		classSpans: prometheus.NewCounterVec(counter("class_span_fetches_total",
+			"Span fetches (whole spans or chunks of them), by class (demand, prefetch, fill)."), []string{"class"}),
+		classBytes: prometheus.NewCounterVec(counter("class_fetched_bytes_total",
+			"Compressed span bytes fetched, by class (demand, prefetch, fill)."), []string{"class"}),
+		classFailures: prometheus.NewCounterVec(counter("class_fetch_failures_total",
+			"Span fetches that failed after their retries, by class."), []string{"class"}),
+		prefetchUse: prometheus.NewCounterVec(counter("prefetched_spans_total",
+			"Prefetched spans, by outcome: hit (read later) or waste (never read before the layer was unmounted)."), []string{"outcome"}),
+		cacheWrites: prometheus.NewCounter(counter("span_cache_write_failures_total",
+			"Verified span bytes the disk cache could not take (full disk, over budget); served from memory.")),
 	}
 	for _, c := range []prometheus.Collector{m.bytesFetched, m.spansFetched, m.verifyFailed, m.cacheHits,
-		m.readLatency, m.readErrors, m.layersMounted, m.fallbacks} {
+		m.readLatency, m.readErrors, m.layersMounted, m.fallbacks,
+		m.classSpans, m.classBytes, m.classFailures, m.prefetchUse, m.cacheWrites} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -64,12 +82,40 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 }
 
 // SpanFetched implements span.Metrics.
-func (m *Metrics) SpanFetched(compressedBytes int64, d time.Duration) {
+func (m *Metrics) SpanFetched(class span.Class, compressedBytes int64, d time.Duration) {
 	if m == nil {
 		return
 	}
 	m.bytesFetched.WithLabelValues("span").Add(float64(compressedBytes))
 	m.spansFetched.Inc()
+	m.classSpans.WithLabelValues(class.String()).Inc()
+	m.classBytes.WithLabelValues(class.String()).Add(float64(compressedBytes))
+}
+
+// FetchFailed implements span.Metrics.
+func (m *Metrics) FetchFailed(class span.Class) {
+	if m != nil {
+		m.classFailures.WithLabelValues(class.String()).Inc()
+	}
+}
+
+// PrefetchUsed implements span.Metrics.
+func (m *Metrics) PrefetchUsed(hit bool) {
+	if m == nil {
+		return
+	}
+	outcome := "waste"
+	if hit {
+		outcome = "hit"
+	}
+	m.prefetchUse.WithLabelValues(outcome).Inc()
+}
+
+// CacheWriteFailed implements span.Metrics.
+func (m *Metrics) CacheWriteFailed() {
+	if m != nil {
+		m.cacheWrites.Inc()
+	}
 }
 
 // SpanVerifyFailed implements span.Metrics.

@@ -83,6 +83,10 @@ type Config struct {
 	// fill.
 	FillDelay time.Duration
 	FillRate  int64
+	// CacheMaxBytes bounds the span cache (compressed span bytes on disk,
+	// LRU across layers). Zero means span.DefaultMaxBytes: 10% of the
+	// filesystem holding Root.
+	CacheMaxBytes int64
 	// IndexCacheTTL is how long an image's index (or its absence) is
 	// remembered. Zero means DefaultIndexCacheTTL.
 	IndexCacheTTL time.Duration
@@ -137,6 +141,10 @@ type Resolver struct {
 	log   *log.Entry
 	meta  *store.MetaStore
 	spans *span.Cache
+	// sched orders the span fetches of every lazy layer; mem holds their
+	// recently inflated spans.
+	sched *span.Scheduler
+	mem   *span.MemoryCache
 
 	mu sync.Mutex
 	// images is keyed by repository and image manifest digest: the same
@@ -164,12 +172,20 @@ func New(cfg Config) (*Resolver, error) {
 	if err != nil {
 		return nil, err
 	}
-	spans, err := span.OpenCache(filepath.Join(cfg.Root, "cache"))
+	maxBytes := cfg.CacheMaxBytes
+	if maxBytes == 0 {
+		if maxBytes, err = span.DefaultMaxBytes(cfg.Root); err != nil {
+			meta.Close()
+			return nil, err
+		}
+	}
+	spans, err := span.OpenCache(filepath.Join(cfg.Root, "cache"), span.CacheOptions{MaxBytes: maxBytes})
 	if err != nil {
 		meta.Close()
 		return nil, err
 	}
-	return &Resolver{cfg: cfg, log: logger, meta: meta, spans: spans,
+	sched := span.NewScheduler(span.SchedulerOptions{FillDelay: cfg.FillDelay, FillRate: max(cfg.FillRate, 0)})
+	return &Resolver{cfg: cfg, log: logger, meta: meta, spans: spans, sched: sched, mem: span.NewMemoryCache(span.DefaultMemoryBytes),
 		images: make(map[string]*imageIndex), repos: make(map[string]cachedRepo)}, nil
 }
 
@@ -464,6 +480,8 @@ func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.
 	}
 	layer, err := span.NewLayer(desc.Digest, z, blob, span.Options{
 		Cache:        r.spans,
+		Memory:       r.mem,
+		Scheduler:    r.sched,
 		FetchTimeout: r.cfg.FetchTimeout,
 		Metrics:      lm,
 	})
@@ -487,14 +505,8 @@ func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.
 		if r.cfg.FillRate < 0 {
 			return
 		}
-		t := time.NewTimer(r.cfg.FillDelay)
-		defer t.Stop()
-		select {
-		case <-t.C:
-		case <-fillCtx.Done():
-			return
-		}
-		if err := layer.Fill(fillCtx, r.cfg.FillRate); err != nil && fillCtx.Err() == nil {
+		// The scheduler holds the fill back (FillDelay, demand reads).
+		if err := layer.Fill(fillCtx); err != nil && fillCtx.Err() == nil {
 			r.log.WithField("layer", desc.Digest).WithError(err).Warn("spanpull: background fill stopped")
 		}
 	}()

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -59,7 +60,7 @@ func openFDs(t *testing.T) int {
 func TestCache(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root)
+	c, err := OpenCache(root, CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +139,7 @@ func TestCache(t *testing.T) {
 
 func TestCacheBadInput(t *testing.T) {
 	ctx := context.Background()
-	c, err := OpenCache(t.TempDir())
+	c, err := OpenCache(t.TempDir(), CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +166,7 @@ func TestCacheBadInput(t *testing.T) {
 
 func TestCacheRemovesLeftovers(t *testing.T) {
 	root := t.TempDir()
-	c, err := OpenCache(root)
+	c, err := OpenCache(root, CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +177,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, atomicfile.TempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenCache(root); err != nil {
+	if _, err := OpenCache(root, CacheOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if got := files(t, dir); strings.Join(got, ",") != "0" {
@@ -189,7 +190,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 func TestCacheConcurrent(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root)
+	c, err := OpenCache(root, CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,5 +229,109 @@ func TestCacheConcurrent(t *testing.T) {
 		if strings.Contains(f, atomicfile.TempPrefix) {
 			t.Errorf("temporary file left: %s", f)
 		}
+	}
+}
+
+// TestCacheLRU: the cache stays within its budget by evicting the least
+// recently used entries of any layer, never one being read, and fails a
+// write that cannot fit; usage is reported per layer.
+func TestCacheLRU(t *testing.T) {
+	ctx := context.Background()
+	c, err := OpenCache(t.TempDir(), CacheOptions{MaxBytes: 10000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(l digest.Digest, id ztoc.SpanID, n int) error {
+		return c.Put(ctx, l, id, bytes.Repeat([]byte{byte(id)}, n))
+	}
+	for id := range ztoc.SpanID(3) {
+		if err := put(layerA, id, 3000); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Get(ctx, layerA, 0); err != nil { // 0 is now the most recent
+		t.Fatal(err)
+	}
+	if err := put(layerB, 0, 3000); err != nil {
+		t.Fatal(err)
+	}
+	if c.Has(layerA, 1) || !c.Has(layerA, 0) || !c.Has(layerA, 2) || !c.Has(layerB, 0) {
+		t.Fatal("eviction did not take the least recently used entry (span 1 of layer a)")
+	}
+	if c.Usage(layerA) != 6000 || c.Usage(layerB) != 3000 || c.Size() != 9000 {
+		t.Fatalf("usage a %d, b %d, size %d; want 6000, 3000, 9000", c.Usage(layerA), c.Usage(layerB), c.Size())
+	}
+	// Entries being read stay; a write that only they could make room for fails.
+	var open []*CachedSpan
+	for _, k := range []struct {
+		l  digest.Digest
+		id ztoc.SpanID
+	}{{layerA, 0}, {layerA, 2}, {layerB, 0}} {
+		r, err := c.Open(ctx, k.l, k.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, r)
+	}
+	if err := put(layerB, 1, 3000); !errors.Is(err, ErrCacheFull) {
+		t.Fatalf("Put with every entry being read: %v, want ErrCacheFull", err)
+	}
+	open[1].Close()
+	if err := put(layerB, 1, 3000); err != nil || c.Has(layerA, 2) {
+		t.Fatalf("Put once span 2 of a is no longer read: %v (span 2 still cached: %v)", err, c.Has(layerA, 2))
+	}
+	open[0].Close()
+	open[2].Close()
+	// A longer prefix replaces an entry; a shorter one does not.
+	if err := put(layerB, 1, 3500); err != nil || c.Size() != 9500 {
+		t.Fatalf("longer Put: %v, size %d", err, c.Size())
+	}
+	if b, err := c.Get(ctx, layerB, 1); err != nil || len(b) != 3500 {
+		t.Fatalf("after a longer Put: %d bytes, %v", len(b), err)
+	}
+	if err := put(layerB, 1, 100); err != nil || c.Size() != 9500 {
+		t.Fatalf("shorter Put: %v, size %d", err, c.Size())
+	}
+	if err := put(layerB, 2, 20000); !errors.Is(err, ErrCacheFull) {
+		t.Fatalf("Put larger than the budget: %v", err)
+	}
+}
+
+// TestCacheReopen: a reopened cache finds its entries, orders them by file
+// time and evicts the oldest down to a smaller budget.
+func TestCacheReopen(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	c, err := OpenCache(root, CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().Add(-time.Hour)
+	for id := range ztoc.SpanID(4) {
+		if err := c.Put(ctx, layerA, id, make([]byte, 1000)); err != nil {
+			t.Fatal(err)
+		}
+		// span 2 oldest, then 0, 3, 1
+		age := map[ztoc.SpanID]time.Duration{2: 0, 0: 1, 3: 2, 1: 3}[id] * time.Minute
+		p := filepath.Join(root, "spans", layerA.Encoded(), fmt.Sprint(id))
+		if err := os.Chtimes(p, old.Add(age), old.Add(age)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Put(ctx, layerB, 0, make([]byte, 500)); err != nil {
+		t.Fatal(err)
+	}
+	c, err = OpenCache(root, CacheOptions{MaxBytes: 2600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Has(layerA, 2) || c.Has(layerA, 0) || !c.Has(layerA, 3) || !c.Has(layerA, 1) || !c.Has(layerB, 0) {
+		t.Fatal("reopening with a smaller budget did not evict the two oldest entries (spans 2 and 0 of a)")
+	}
+	if c.Usage(layerA) != 2000 || c.Size() != 2500 {
+		t.Fatalf("usage %d, size %d after reopening", c.Usage(layerA), c.Size())
+	}
+	if got := files(t, filepath.Join(root, "spans", layerA.Encoded())); strings.Join(got, ",") != "1,3" {
+		t.Fatalf("layer a's files after reopening: %v", got)
 	}
 }

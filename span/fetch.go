@@ -2,161 +2,189 @@ package span
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
-	"sync"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// startFetch returns the fetch of span id, starting it if none is under
-// way. cached is true if the span turned out to be in the cache already.
-// It is where every fetch starts: a scheduler ordering demand reads,
-// prefetch and fill goes here.
-func (l *Layer) startFetch(id ztoc.SpanID) (f *spanFetch, cached bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if f := l.inflight[id]; f != nil {
-		return f, false
+// chunkTable returns the chunks of every span: the zTOC's chunk marks,
+// checked against the span table, or for a span without marks one chunk
+// that is the whole span (verified by the span digest).
+func chunkTable(z *ztoc.Ztoc, spans []ztoc.Span) ([][]ztoc.Chunk, error) {
+	if z.Chunks != nil && len(z.Chunks) != len(spans) {
+		return nil, fmt.Errorf("chunk marks for %d spans, the layer has %d", len(z.Chunks), len(spans))
 	}
-	if l.Cached(id) {
-		return nil, true
-	}
-	s := l.spans[id]
-	f = &spanFetch{buf: make([]byte, s.UncompressedEnd-s.UncompressedStart), changed: make(chan struct{})}
-	l.inflight[id] = f
-	l.wg.Add(1)
-	go func() {
-		defer l.wg.Done()
-		err := l.fetchInto(s, f)
-		l.mu.Lock()
-		delete(l.inflight, id)
-		l.mu.Unlock()
-		f.finish(err)
-	}()
-	return f, false
-}
-
-// fetchInto fetches span s, inflates it into f and caches it. Close stops
-// it between two chunks of inflated bytes.
-func (l *Layer) fetchInto(s ztoc.Span, f *spanFetch) error {
-	comp, err := l.fetchSpan(s)
-	if err != nil {
-		return err
-	}
-	emit := func(b []byte) error {
-		if err := l.ctx.Err(); err != nil {
-			return err
+	table := make([][]ztoc.Chunk, len(spans))
+	for i, s := range spans {
+		if z.Chunks == nil || len(z.Chunks[i]) == 0 {
+			table[i] = []ztoc.Chunk{{CompressedEnd: s.CompressedEnd, UncompressedEnd: s.UncompressedEnd, Digest: z.SpanDigests[i]}}
+			continue
 		}
-		f.append(b)
-		return nil
+		start, out := s.CompressedStart, s.UncompressedStart
+		for k, c := range z.Chunks[i] {
+			if c.CompressedEnd <= start || c.UncompressedEnd < out || c.UncompressedEnd > s.UncompressedEnd || c.Digest.Algorithm() != digest.SHA256 || c.Digest.Validate() != nil {
+				return nil, fmt.Errorf("span %d: chunk %d (ends %d/%d, digest %q) does not follow the chunk before it", i, k, c.CompressedEnd, c.UncompressedEnd, c.Digest)
+			}
+			start, out = c.CompressedEnd, c.UncompressedEnd
+		}
+		if start != s.CompressedEnd {
+			return nil, fmt.Errorf("span %d: chunks end at %d, the span at %d", i, start, s.CompressedEnd)
+		}
+		table[i] = z.Chunks[i]
 	}
-	if err := ztoc.InflateRange(l.z.Algorithm, s, comp, s.UncompressedStart, s.UncompressedEnd, emit); err != nil {
-		return err
-	}
-	if l.cache == nil {
-		return nil
-	}
-	return l.cache.Put(l.ctx, l.digest, s.ID, f.buf)
+	return table, nil
 }
 
-// fetchSpan returns span s's verified compressed bytes: one range read of
-// the blob, repeated (up to VerifyRetries times) while the bytes do not
-// match the span digest. It is the only reader of the blob.
-func (l *Layer) fetchSpan(s ztoc.Span) ([]byte, error) {
+// chunkStart returns the blob offset of chunk k of span s.
+func (l *Layer) chunkStart(s ztoc.Span, k int) int64 {
+	if k == 0 {
+		return s.CompressedStart
+	}
+	return l.chunks[s.ID][k-1].CompressedEnd
+}
+
+// needsWindow reports whether span s is inflated with a window that the
+// zTOC does not hold.
+func needsWindow(z *ztoc.Ztoc, s ztoc.Span) bool {
+	return z.Algorithm == ztoc.Gzip && s.Window == nil && s.UncompressedStart > 0
+}
+
+// fetch fetches chunks [have, ld.target) of span s within FetchTimeout
+// and, when ld inflates a span whose window comes from Options.Windows,
+// the window at the same time.
+func (l *Layer) fetch(ld *load, s ztoc.Span, have int) (more, window []byte, err error) {
+	ctx, cancel := context.WithTimeout(l.ctx, l.opts.FetchTimeout)
+	defer cancel()
+	type result struct {
+		w   []byte
+		err error
+	}
+	var windowc chan result
+	if ld.inflate && needsWindow(l.z, s) {
+		windowc = make(chan result, 1)
+		go func() {
+			w, err := l.window(ctx, s)
+			windowc <- result{w, err}
+		}()
+	}
+	more, err = l.fetchChunks(ctx, ld.class, s, have, ld.target)
+	if windowc != nil {
+		if err != nil {
+			cancel()
+		}
+		r := <-windowc
+		window = r.w
+		if err == nil {
+			err = r.err
+		}
+	}
+	if errors.Is(err, context.DeadlineExceeded) && l.ctx.Err() == nil {
+		err = fmt.Errorf("fetch timed out after %s: %w", l.opts.FetchTimeout, err)
+	}
+	return more, window, err
+}
+
+// fetchChunks returns chunks [from, to) of span s, verified: one range
+// read of the blob, repeated (up to VerifyRetries times) while the bytes
+// do not match their digests. It is the only reader of span bytes. A
+// demand fetch first waits for a demand slot; prefetch and fill hold
+// their slot already.
+func (l *Layer) fetchChunks(ctx context.Context, class Class, s ztoc.Span, from, to int) ([]byte, error) {
+	if class == ClassDemand {
+		release, err := l.sched.acquireDemand(ctx, &l.state)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+	}
+	off, end := l.chunkStart(s, from), l.chunks[s.ID][to-1].CompressedEnd
 	var err error
 	for attempt := 0; attempt <= l.opts.VerifyRetries; attempt++ {
 		start := time.Now()
-		var comp []byte
-		if comp, err = l.readCompressed(s); err != nil {
+		var b []byte
+		if b, err = l.readCompressed(ctx, off, end); err != nil {
 			return nil, err
 		}
-		if err = l.z.VerifySpan(s, comp); err != nil {
+		if err = l.verifyChunks(s, b, from, to); err != nil {
 			l.opts.Metrics.SpanVerifyFailed()
 			continue
 		}
-		l.opts.Metrics.SpanFetched(s.Size(), time.Since(start))
-		return comp, nil
+		l.opts.Metrics.SpanFetched(class, end-off, time.Since(start))
+		return b, nil
 	}
 	return nil, err
 }
 
-// readCompressed reads span s's compressed bytes from the blob, within
-// FetchTimeout.
-func (l *Layer) readCompressed(s ztoc.Span) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(l.ctx, l.opts.FetchTimeout)
-	defer cancel()
-	comp := make([]byte, s.Size())
-	n, err := l.blob.ReadAt(ctx, comp, s.CompressedStart)
-	if n == len(comp) {
-		return comp, nil
+// readCompressed reads the blob's bytes [off, end).
+func (l *Layer) readCompressed(ctx context.Context, off, end int64) ([]byte, error) {
+	b := make([]byte, end-off)
+	n, err := l.blob.ReadAt(ctx, b, off)
+	if n == len(b) {
+		return b, nil
 	}
 	if err == nil || errors.Is(err, io.EOF) {
 		err = io.ErrUnexpectedEOF
 	}
-	if ctx.Err() == context.DeadlineExceeded {
-		err = fmt.Errorf("fetch timed out after %s: %w", l.opts.FetchTimeout, err)
+	return nil, fmt.Errorf("fetch compressed bytes %d-%d: %w", off, end-1, err)
+}
+
+// verifyChunks checks b against the digests of chunks [from, to) of span
+// s; a span without marks is checked against its span digest.
+func (l *Layer) verifyChunks(s ztoc.Span, b []byte, from, to int) error {
+	if from == 0 && to == len(l.chunks[s.ID]) && to == 1 {
+		return l.z.VerifySpan(s, b)
 	}
-	return nil, fmt.Errorf("fetch compressed bytes %d-%d: %w", s.CompressedStart, s.CompressedEnd-1, err)
-}
-
-// spanFetch is a span being fetched: buf fills up as inflation goes on.
-type spanFetch struct {
-	mu      sync.Mutex
-	buf     []byte
-	avail   int64
-	done    bool
-	err     error
-	changed chan struct{} // closed (and replaced) on every change
-}
-
-// publishEvery is how much inflated data a fetch accumulates before it
-// wakes the reads waiting on it.
-const publishEvery = 64 << 10
-
-// append adds inflated bytes, waking the waiting reads every
-// publishEvery bytes and at the end of the span.
-func (f *spanFetch) append(b []byte) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	before := f.avail
-	f.avail += int64(copy(f.buf[f.avail:], b))
-	if f.avail/publishEvery != before/publishEvery || f.avail == int64(len(f.buf)) {
-		close(f.changed)
-		f.changed = make(chan struct{})
-	}
-}
-
-// finish ends the fetch with err (nil: the span is complete).
-func (f *spanFetch) finish(err error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.done, f.err = true, err
-	close(f.changed)
-}
-
-// wait returns once the first need bytes are available (need < 0: the
-// whole span fetched and cached), or the fetch failed, or ctx ended.
-func (f *spanFetch) wait(ctx context.Context, need int64) error {
-	for {
-		f.mu.Lock()
-		switch {
-		case f.err != nil:
-			err := f.err
-			f.mu.Unlock()
-			return err
-		case need >= 0 && f.avail >= need, f.done:
-			f.mu.Unlock()
-			return nil
-		}
-		ch := f.changed
-		f.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
+	base := l.chunkStart(s, from)
+	for k := from; k < to; k++ {
+		c := l.chunks[s.ID][k]
+		piece := b[l.chunkStart(s, k)-base : c.CompressedEnd-base]
+		sum := sha256.Sum256(piece)
+		if got := digest.NewDigestFromBytes(digest.SHA256, sum[:]); got != c.Digest {
+			return fmt.Errorf("span %d: chunk %d (compressed bytes %d-%d) hashes to %s, want %s: %w",
+				s.ID, k, l.chunkStart(s, k), c.CompressedEnd-1, got, c.Digest, ztoc.ErrSpanDigest)
 		}
 	}
+	return nil
+}
+
+// verifyPrefix checks cached bytes b, a prefix of span s's compressed
+// bytes, and returns how many chunks they hold. The whole span is checked
+// against its span digest, a part against its chunks' digests.
+func (l *Layer) verifyPrefix(s ztoc.Span, b []byte) (int, error) {
+	n := len(l.chunks[s.ID])
+	k := l.chunksIn(s, int64(len(b)))
+	if k == 0 || l.chunkStart(s, k) != s.CompressedStart+int64(len(b)) {
+		return 0, fmt.Errorf("span %d: %d cached bytes do not end on a chunk", s.ID, len(b))
+	}
+	if k == n {
+		return k, l.z.VerifySpan(s, b)
+	}
+	return k, l.verifyChunks(s, b, 0, k)
+}
+
+// window returns span s's window from Options.Windows (once per span).
+func (l *Layer) window(ctx context.Context, s ztoc.Span) ([]byte, error) {
+	l.mu.Lock()
+	w := l.windows[s.ID]
+	l.mu.Unlock()
+	if w != nil {
+		return w, nil
+	}
+	w, err := l.opts.Windows.Window(ctx, s.ID)
+	if err != nil {
+		return nil, fmt.Errorf("window of span %d: %w", s.ID, err)
+	}
+	if len(w) == 0 || len(w) > ztoc.WindowSize {
+		return nil, fmt.Errorf("window of span %d has %d bytes, want 1 to %d", s.ID, len(w), ztoc.WindowSize)
+	}
+	l.mu.Lock()
+	l.windows[s.ID] = w
+	l.mu.Unlock()
+	return w, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -13,70 +14,99 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// Metrics observes the read path of a Layer. All methods must be safe for
-// concurrent use.
-type Metrics interface {
-	// SpanFetched is called after a span's compressed bytes arrived and
-	// were verified.
-	SpanFetched(compressedBytes int64, d time.Duration)
-	// SpanVerifyFailed is called when fetched bytes did not match the
-	// span digest.
-	SpanVerifyFailed()
-	// SpanCacheHit is called when a read was served from the span cache.
-	SpanCacheHit()
-	// Read is called after every ReadAt.
-	Read(n int, d time.Duration, err error)
+// WindowSource supplies the inflate windows that a layer's zTOC does not
+// hold (spans whose Window is nil), such as those of a compact artifact
+// that fetches each window when its span is first read. It must return
+// the window it verified: a wrong window inflates to wrong bytes.
+type WindowSource interface {
+	Window(ctx context.Context, id ztoc.SpanID) ([]byte, error)
 }
-
-type noMetrics struct{}
-
-func (noMetrics) SpanFetched(int64, time.Duration) {}
-func (noMetrics) SpanVerifyFailed()                {}
-func (noMetrics) SpanCacheHit()                    {}
-func (noMetrics) Read(int, time.Duration, error)   {}
 
 // Options tune a Layer.
 type Options struct {
-	// Cache keeps the layer's inflated spans, so that each is fetched
-	// once. Nil keeps none: every read fetches the spans it covers (right
+	// Cache keeps the layer's verified compressed bytes on disk, so that
+	// each span is fetched once while it stays there. Nil keeps none:
+	// reads fetch the spans they cover unless memory holds them (right
 	// for a one-off read such as extracting a file).
 	Cache *Cache
-	// FetchTimeout bounds one span fetch (the range request and its body).
-	// Reads waiting on a span fail after it. Default DefaultFetchTimeout.
+	// Memory keeps recently inflated spans. Nil gives the layer a
+	// MemoryCache of its own of DefaultMemoryBytes.
+	Memory *MemoryCache
+	// Scheduler orders the layer's fetches with those of the other layers
+	// of the daemon. Nil gives the layer a Scheduler of its own whose fill
+	// does not wait for a quiet period.
+	Scheduler *Scheduler
+	// Windows supplies the windows of spans whose zTOC entry has none.
+	// Required when some span that does not start the stream has none.
+	Windows WindowSource
+	// FetchTimeout bounds one fetch (waiting for a demand slot, the range
+	// request and its body). Reads waiting on a span fail after it.
+	// Default DefaultFetchTimeout.
 	FetchTimeout time.Duration
-	// VerifyRetries is how many times a span whose bytes do not match its
-	// digest is fetched again before reads of it fail. Default 1.
+	// VerifyRetries is how many times bytes that do not match their digest
+	// are fetched again before reads of them fail. Default 1.
 	VerifyRetries int
+	// FailureMemory is how long a failed demand fetch of a span is
+	// remembered: each read that failed on it may be retried (as the
+	// kernel retries a failed read once) within FailureMemory and fails at
+	// once instead of waiting for another fetch. Default
+	// DefaultFailureMemory; negative: not remembered.
+	FailureMemory time.Duration
 	// Metrics observes the read path; nil means none.
 	Metrics Metrics
 }
 
-// DefaultFetchTimeout bounds a span fetch when Options leave it unset.
-const DefaultFetchTimeout = 30 * time.Second
+// Defaults of Options.
+const (
+	// DefaultFetchTimeout bounds a fetch when Options leave it unset.
+	DefaultFetchTimeout = 30 * time.Second
+	// DefaultFailureMemory covers the kernel's retry of a failed read,
+	// which follows the failure at once (0.1 ms later, measured over FUSE).
+	// It is kept short because the kernel does not always retry: a longer
+	// memory fails the reads of a container started right after the
+	// registry came back (about 100 ms later in TestLazyFaults).
+	DefaultFailureMemory = 20 * time.Millisecond
+)
 
-// Layer serves the uncompressed tar stream of one layer from its zTOC:
-// spans come from the cache, or are fetched from the blob with one range
-// read each, verified against their digest, inflated from their
-// checkpoint and cached. Concurrent reads of a span share one fetch, and a
-// read returns as soon as its own bytes are inflated. Reads, file
-// extraction, prefetch and background fill all go through the same fetch
-// path. A Layer is safe for concurrent use; Close it to stop its fetches.
+// Layer serves the uncompressed tar stream of one layer from its zTOC.
+// A read takes the span's inflated bytes from memory, or inflates the
+// span's compressed bytes from the disk cache, or fetches them: one range
+// read per span (with chunk marks, from the span start through the chunk
+// that covers the read), verified against the span or chunk digests, then
+// inflated from the span's checkpoint and cached on disk (compressed) and
+// in memory (inflated). Concurrent reads of a span share one load, and a
+// read returns as soon as its own bytes are inflated. Reads, prefetch and
+// background fill all go through the same verified fetch path. A Layer is
+// safe for concurrent use; Close it to stop its fetches.
 type Layer struct {
 	digest digest.Digest
 	prefix string // starts errors: "layer <digest>: ", or "" with no digest
 	z      *ztoc.Ztoc
 	spans  []ztoc.Span
+	chunks [][]ztoc.Chunk // per span; without marks, one chunk: the span
 	blob   BlobReader
 	cache  *Cache // nil: none
+	mem    *MemoryCache
+	sched  *Scheduler
 	opts   Options
+	state  layerState // the layer's part of the scheduler's state, guarded by sched.mu
 
 	ctx    context.Context // lives as long as the layer; ends fetches on Close
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup // loads in flight
 
-	mu       sync.Mutex
-	inflight map[ztoc.SpanID]*spanFetch
+	mu         sync.Mutex
+	loads      map[ztoc.SpanID]*load
+	failures   map[ztoc.SpanID]*failure
+	windows    map[ztoc.SpanID][]byte   // from Options.Windows
+	prefetched map[ztoc.SpanID]struct{} // fetched by prefetch, not read yet
+	closed     bool                     // no load starts any more
+	inflations atomic.Int64             // spans inflated (tests count them)
+	closeOnce  sync.Once
 }
+
+// errClosed fails the reads of a closed Layer.
+var errClosed = errors.New("layer closed")
 
 // NewLayer returns the Layer of blob layerDigest described by z, reading
 // compressed bytes from blob. The digest keys the layer's spans in the
@@ -96,26 +126,70 @@ func NewLayer(layerDigest digest.Digest, z *ztoc.Ztoc, blob BlobReader, opts Opt
 	if err != nil {
 		return nil, fmt.Errorf("%s%w", prefix, err)
 	}
+	chunks, err := chunkTable(z, spans)
+	if err != nil {
+		return nil, fmt.Errorf("%s%w", prefix, err)
+	}
+	for _, s := range spans {
+		if needsWindow(z, s) && opts.Windows == nil {
+			return nil, fmt.Errorf("%sspan %d has no window and no window source is given", prefix, s.ID)
+		}
+	}
+	opts = withDefaults(opts)
+	l := &Layer{
+		digest: layerDigest, prefix: prefix, z: z, spans: spans, chunks: chunks, blob: blob,
+		cache: opts.Cache, mem: opts.Memory, sched: opts.Scheduler, opts: opts,
+		state:    layerState{opened: time.Now()},
+		loads:    make(map[ztoc.SpanID]*load),
+		failures: make(map[ztoc.SpanID]*failure), windows: make(map[ztoc.SpanID][]byte),
+		prefetched: make(map[ztoc.SpanID]struct{}),
+	}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	return l, nil
+}
+
+// withDefaults fills in the Options left unset.
+func withDefaults(opts Options) Options {
+	if opts.Memory == nil {
+		opts.Memory = NewMemoryCache(DefaultMemoryBytes)
+	}
+	if opts.Scheduler == nil {
+		opts.Scheduler = NewScheduler(SchedulerOptions{FillQuiet: -1})
+	}
 	if opts.FetchTimeout <= 0 {
 		opts.FetchTimeout = DefaultFetchTimeout
 	}
 	if opts.VerifyRetries == 0 {
 		opts.VerifyRetries = 1
 	}
+	if opts.FailureMemory == 0 {
+		opts.FailureMemory = DefaultFailureMemory
+	}
 	if opts.Metrics == nil {
 		opts.Metrics = noMetrics{}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	return &Layer{
-		digest: layerDigest, prefix: prefix, z: z, spans: spans, blob: blob, cache: opts.Cache, opts: opts,
-		ctx: ctx, cancel: cancel, inflight: make(map[ztoc.SpanID]*spanFetch),
-	}, nil
+	return opts
 }
 
-// Close stops the layer's fetches and waits for them.
+// Close stops the layer's fetches, waits for them and forgets the layer's
+// spans in memory. Spans that prefetch fetched and no read used count as
+// wasted (Metrics.PrefetchUsed).
 func (l *Layer) Close() {
-	l.cancel()
-	l.wg.Wait()
+	l.closeOnce.Do(func() {
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
+		l.cancel()
+		l.wg.Wait()
+		l.mem.dropLayer(l)
+		l.mu.Lock()
+		wasted := len(l.prefetched)
+		clear(l.prefetched)
+		l.mu.Unlock()
+		for range wasted {
+			l.opts.Metrics.PrefetchUsed(false)
+		}
+	})
 }
 
 // Spans returns the layer's span table.
@@ -159,85 +233,56 @@ func (l *Layer) spanAt(off int64) (ztoc.Span, error) {
 	return l.spans[id], nil
 }
 
-// readSpan fills dst with span s's bytes from relative offset rel.
+// readSpan fills dst with span s's bytes from relative offset rel: from
+// memory, else from a load of the span (shared with concurrent reads).
+// A load of a prefix of the span may stop short of dst's end (chunk marks
+// are hints); the next load then takes more chunks.
 func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64) error {
-	for {
-		if l.cache != nil {
-			if r, err := l.cache.Open(ctx, l.digest, s.ID); err == nil {
-				_, err := r.ReadAt(dst, rel)
-				r.Close()
-				if err != nil && !errors.Is(err, io.EOF) {
-					return fmt.Errorf("%sread cached span %d: %w", l.prefix, s.ID, err)
-				}
-				l.opts.Metrics.SpanCacheHit()
-				return nil
-			}
+	need := rel + int64(len(dst))
+	defer l.notePrefetchHit(s.ID)
+	for attempt := 0; ; attempt++ {
+		if v, ok := l.mem.get(l, s.ID); ok && int64(len(v.out)) >= need {
+			copy(dst, v.out[rel:need])
+			l.opts.Metrics.SpanCacheHit()
+			return nil
 		}
-		f, cached := l.startFetch(s.ID)
-		if cached {
-			continue // the fetch finished between the cache check and now
+		if attempt > len(l.chunks[s.ID])+2 {
+			return fmt.Errorf("%sspan %d: inflation does not reach offset %d", l.prefix, s.ID, s.UncompressedStart+need)
 		}
-		if err := f.wait(ctx, rel+int64(len(dst))); err != nil {
+		ld, err := l.demandLoad(s, need)
+		if err != nil {
 			return fmt.Errorf("%sspan %d: %w", l.prefix, s.ID, err)
 		}
-		copy(dst, f.buf[rel:])
-		return nil
+		out, err := ld.wait(ctx, need)
+		if err != nil && (ld.class == ClassDemand || ctx.Err() != nil) {
+			return fmt.Errorf("%sspan %d: %w", l.prefix, s.ID, err)
+		}
+		if int64(len(out)) >= need {
+			copy(dst, out[rel:need])
+			return nil
+		}
+		// A prefetch or fill load (which does not inflate) finished or
+		// failed, or a load of fewer chunks ended: look again.
 	}
 }
 
-// FetchSpan makes sure span id is in the cache, fetching it if needed.
-// Background fill and prefetch use it. Without a cache it fetches and
-// verifies the span and keeps nothing.
-func (l *Layer) FetchSpan(ctx context.Context, id ztoc.SpanID) error {
-	if int(id) < 0 || int(id) >= len(l.spans) {
-		return fmt.Errorf("%sno span %d", l.prefix, id)
+// notePrefetchHit counts a read of a span that prefetch fetched.
+func (l *Layer) notePrefetchHit(id ztoc.SpanID) {
+	l.mu.Lock()
+	_, hit := l.prefetched[id]
+	delete(l.prefetched, id)
+	l.mu.Unlock()
+	if hit {
+		l.opts.Metrics.PrefetchUsed(true)
 	}
-	for !l.Cached(id) {
-		f, cached := l.startFetch(id)
-		if cached {
-			return nil
-		}
-		if err := f.wait(ctx, -1); err != nil {
-			return fmt.Errorf("%sspan %d: %w", l.prefix, id, err)
-		}
-		if l.cache == nil {
-			return nil
-		}
-	}
-	return nil
 }
 
-// Cached reports whether span id is in the cache.
+// Cached reports whether all of span id's compressed bytes are in the
+// disk cache.
 func (l *Layer) Cached(id ztoc.SpanID) bool {
-	return l.cache != nil && l.cache.Has(l.digest, id)
-}
-
-// Fill fetches every span that is not cached yet, in order, keeping the
-// compressed bytes fetched per second under bytesPerSecond (<= 0: no
-// limit). It returns when all spans are cached or ctx ends.
-func (l *Layer) Fill(ctx context.Context, bytesPerSecond int64) error {
-	start := time.Now()
-	var fetched int64
-	for _, s := range l.spans {
-		if l.Cached(s.ID) {
-			continue
-		}
-		if bytesPerSecond > 0 {
-			due := start.Add(time.Duration(float64(fetched) / float64(bytesPerSecond) * float64(time.Second)))
-			if d := time.Until(due); d > 0 {
-				t := time.NewTimer(d)
-				select {
-				case <-t.C:
-				case <-ctx.Done():
-					t.Stop()
-					return ctx.Err()
-				}
-			}
-		}
-		if err := l.FetchSpan(ctx, s.ID); err != nil {
-			return err
-		}
-		fetched += s.Size()
+	if l.cache == nil || int(id) < 0 || int(id) >= len(l.spans) {
+		return false
 	}
-	return nil
+	n, ok := l.cache.size(l.digest, id)
+	return ok && n == l.spans[id].Size()
 }

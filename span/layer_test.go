@@ -75,7 +75,7 @@ func testLayer(t *testing.T) (*ztoc.Ztoc, []byte, []byte) {
 
 func newTestLayer(t *testing.T, blob BlobReader, z *ztoc.Ztoc, opts Options) *Layer {
 	t.Helper()
-	cache, err := OpenCache(t.TempDir())
+	cache, err := OpenCache(t.TempDir(), CacheOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +205,7 @@ func TestLayerFillCachesEverySpan(t *testing.T) {
 	z, data, plain := testLayer(t)
 	blob := &memBlob{data: data}
 	l := newTestLayer(t, blob, z, Options{})
-	if err := l.Fill(context.Background(), 0); err != nil {
+	if err := l.Fill(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	for _, s := range l.Spans() {
@@ -228,11 +228,12 @@ func TestLayerFillCachesEverySpan(t *testing.T) {
 
 func TestLayerFillRespectsRate(t *testing.T) {
 	z, data, _ := testLayer(t)
-	l := newTestLayer(t, &memBlob{data: data}, z, Options{})
+	sched := NewScheduler(SchedulerOptions{FillQuiet: -1, FillRate: int64(len(data)) / 2})
+	l := newTestLayer(t, &memBlob{data: data}, z, Options{Scheduler: sched})
 	// At len(data)/2 bytes per second, fetching all spans must take at
 	// least about a second; without a limit it takes milliseconds.
 	start := time.Now()
-	if err := l.Fill(context.Background(), int64(len(data))/2); err != nil {
+	if err := l.Fill(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if d := time.Since(start); d < 900*time.Millisecond {

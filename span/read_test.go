@@ -211,7 +211,7 @@ func TestLayerReadAt(t *testing.T) {
 }
 
 // TestLayerFetchSpan: the one fetch path reads exactly each span's
-// compressed bytes, and FetchSpan refuses spans the layer does not have.
+// compressed bytes, and Prefetch refuses spans the layer does not have.
 func TestLayerFetchSpan(t *testing.T) {
 	tarball := readerTar(t, 6)
 	for _, l := range readerLayers {
@@ -219,22 +219,22 @@ func TestLayerFetchSpan(t *testing.T) {
 			blob := l.compress(t, tarball)
 			z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
 			for _, s := range r.Spans() {
-				comp, err := r.fetchSpan(s)
+				comp, err := r.fetchChunks(context.Background(), ClassDemand, s, 0, len(r.chunks[s.ID]))
 				if err != nil {
 					t.Fatalf("fetchSpan(%d): %v", s.ID, err)
 				}
 				if !bytes.Equal(comp, blob[s.CompressedStart:s.CompressedEnd]) {
 					t.Fatalf("fetchSpan(%d) returned other bytes", s.ID)
 				}
-				if err := r.FetchSpan(context.Background(), s.ID); err != nil {
-					t.Fatalf("FetchSpan(%d): %v", s.ID, err)
+				if err := r.Prefetch(context.Background(), []ztoc.SpanID{s.ID}); err != nil {
+					t.Fatalf("Prefetch(%d): %v", s.ID, err)
 				}
 			}
-			if err := r.FetchSpan(context.Background(), ztoc.SpanID(z.NumSpans())); err == nil {
-				t.Error("FetchSpan past the last span succeeded")
+			if err := r.Prefetch(context.Background(), []ztoc.SpanID{ztoc.SpanID(z.NumSpans())}); err == nil {
+				t.Error("Prefetch past the last span succeeded")
 			}
-			if err := r.FetchSpan(context.Background(), -1); err == nil {
-				t.Error("FetchSpan(-1) succeeded")
+			if err := r.Prefetch(context.Background(), []ztoc.SpanID{-1}); err == nil {
+				t.Error("Prefetch(-1) succeeded")
 			}
 		})
 	}
@@ -319,7 +319,7 @@ func TestLayerConcurrent(t *testing.T) {
 		t.Run(fmt.Sprintf("cache=%t", withCache), func(t *testing.T) {
 			var opts Options
 			if withCache {
-				c, err := OpenCache(t.TempDir())
+				c, err := OpenCache(t.TempDir(), CacheOptions{})
 				if err != nil {
 					t.Fatal(err)
 				}

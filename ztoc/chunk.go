@@ -1,6 +1,7 @@
 package ztoc
 
 import (
+	"crypto/sha256"
 	"fmt"
 
 	"github.com/opencontainers/go-digest"
@@ -81,4 +82,82 @@ func checkSHA256(d digest.Digest) error {
 		return fmt.Errorf("digest %q: algorithm is not sha256", d)
 	}
 	return nil
+}
+
+// ComputeChunks cuts span s's compressed bytes into chunks of size bytes
+// (the last one shorter) and records, for each, how far inflation from the
+// span's checkpoint gets once the chunk has been consumed. compressed must
+// be the span's verified compressed bytes. It is what a builder of chunk
+// marks computes; it does no I/O.
+func ComputeChunks(algorithm Compression, s Span, compressed []byte, size int64) ([]Chunk, error) {
+	if size <= 0 {
+		return nil, fmt.Errorf("span %d: chunk size %d is not positive", s.ID, size)
+	}
+	if int64(len(compressed)) != s.Size() {
+		return nil, fmt.Errorf("span %d: got %d compressed bytes, want %d", s.ID, len(compressed), s.Size())
+	}
+	reach := func(end int) (int64, error) { return s.UncompressedStart + int64(end), nil }
+	switch algorithm {
+	case Uncompressed:
+	case Gzip:
+		g, err := openGzipSpan(s, compressed)
+		if err != nil {
+			return nil, err
+		}
+		defer g.inf.close()
+		used := len(compressed) - len(g.in) // the primed byte
+		reach = func(end int) (int64, error) {
+			g.in = compressed[used:end]
+			err := g.drain()
+			used = end - len(g.in)
+			return g.pos, err
+		}
+	default:
+		return nil, fmt.Errorf("span %d: unknown compression %d", s.ID, algorithm)
+	}
+	var chunks []Chunk
+	for start := 0; start < len(compressed); {
+		end := int(min(int64(start)+size, int64(len(compressed))))
+		out, err := reach(end)
+		if err != nil {
+			return nil, err
+		}
+		if end == len(compressed) {
+			out = s.UncompressedEnd // all of the span's bytes produce all of it
+		}
+		sum := sha256.Sum256(compressed[start:end])
+		chunks = append(chunks, Chunk{
+			CompressedEnd:   s.CompressedStart + int64(end),
+			UncompressedEnd: min(out, s.UncompressedEnd),
+			Digest:          digest.NewDigestFromBytes(digest.SHA256, sum[:]),
+		})
+		start = end
+	}
+	return chunks, nil
+}
+
+// drain inflates (discarding the output) until the compressed bytes in
+// g.in run out, moving on to following members as inflateGzipRange does.
+// A member trailer that is not whole yet is left in g.in.
+func (g *gzipSpan) drain() error {
+	var buf [64 << 10]byte
+	for {
+		if g.memberDone {
+			if g.raw && len(g.in) < gzipTrailerSize {
+				return nil
+			}
+			more, err := g.nextMember()
+			if err != nil || !more {
+				return err
+			}
+		}
+		produced, progress, err := g.inflate(buf[:])
+		if err != nil {
+			return err
+		}
+		g.pos += int64(produced)
+		if !progress {
+			return nil
+		}
+	}
 }
