@@ -56,23 +56,35 @@ func TestRecordRunPython(t *testing.T) {
 	if err := os.Mkdir(work, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	recordRun := func(args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		args = append([]string{"record", "run", "--plain-http", "--hosts-dir", "", "--containerd", testenv.Containerd16Binary, "--work-dir", work}, args...)
+		var stderr bytes.Buffer
+		cmd := exec.CommandContext(ctx, snapBin, args...)
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		t.Logf("snapshotter %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+		checkRecordRunCleanedUp(t, work)
+		return stderr.String(), err
+	}
+
+	// A start that never gets ready fails after --timeout, and cleans up
+	// a running container too.
 	out := filepath.Join(dir, "rec.json")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, snapBin, "record", "run", "--plain-http", "--hosts-dir", "", "--containerd", testenv.Containerd16Binary,
-		"--work-dir", work, "--ready", `^\{"v": 3\}$`, "--timeout", "2m", "--name", "py", "-o", out,
+	stderr, err := recordRun("--ready", "^never$", "--timeout", "3s", "-o", out, ref, "--", "python3", "-c", "import time; print('up', flush=True); time.sleep(600)")
+	if err == nil || !strings.Contains(stderr, `did not match "^never$" within 3s; its output ends:`+"\nup\n") {
+		t.Fatalf("record run of a start that never gets ready: %v", err)
+	}
+
+	stderr, err = recordRun("--ready", `^\{"v": 3\}$`, "--timeout", "2m", "--name", "py", "-o", out,
 		ref, "--", "python3", "-c", `import json,sys; print(json.dumps({"v": sys.version_info[0]}))`)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	t.Logf("snapshotter record run: %v\n%s", err, stderr.String())
-	checkRecordRunCleanedUp(t, work)
-	if !strings.Contains(stderr.String(), "layer "+digest.FromBytes(layer.Blob).String()+"  lazy\n") ||
-		!strings.Contains(stderr.String(), "ready after") || !strings.Contains(stderr.String(), `{"v": 3}`) {
-		t.Fatalf("record run did not pull lazily, run python and see it ready:\n%s", stderr.String())
+	if !strings.Contains(stderr, "layer "+digest.FromBytes(layer.Blob).String()+"  lazy\n") ||
+		!strings.Contains(stderr, "ready after") || !strings.Contains(stderr, `{"v": 3}`) {
+		t.Fatalf("record run did not pull lazily, run python and see it ready:\n%s", stderr)
 	}
 	if !daemonRecords {
-		if err == nil || !strings.Contains(stderr.String(), "serves no access records") {
+		if err == nil || !strings.Contains(stderr, "serves no access records") {
 			t.Fatalf("record run against a daemon that does not record: %v, want the export to fail saying so", err)
 		}
 		if _, err := os.Stat(out); !os.IsNotExist(err) {
