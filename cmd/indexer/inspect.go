@@ -114,7 +114,10 @@ type indexEntry struct {
 	Platform string        `json:"platform"`
 	Manifest digest.Digest `json:"manifest"`
 	Ztocs    int           `json:"ztocs"`
-	Size     int64         `json:"size"`
+	// Prefetches counts prefetch artifacts, of the workloads named.
+	Prefetches    int      `json:"prefetches"`
+	PrefetchNames []string `json:"prefetchNames,omitempty"`
+	Size          int64    `json:"size"`
 	// Packs counts spanpull's pack blobs (heads and windows), PackSize
 	// their bytes.
 	Packs    int   `json:"packs"`
@@ -122,12 +125,29 @@ type indexEntry struct {
 }
 
 func newIndexEntry(s soci.IndexSummary) indexEntry {
-	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors, Size: s.Size,
+	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors - s.Prefetches, Size: s.Size,
+		Prefetches: s.Prefetches, PrefetchNames: s.PrefetchNames,
 		Packs: s.Packs, PackSize: s.PackSize}
 	if s.Platform != nil {
 		e.Platform = platforms.Format(*s.Platform)
 	}
 	return e
+}
+
+// prefetchColumn shows an index's prefetch artifacts in index ls: their
+// count and workload names ("-" for none).
+func prefetchColumn(e indexEntry) string {
+	if e.Prefetches == 0 {
+		return "-"
+	}
+	names := make([]string, len(e.PrefetchNames))
+	for i, n := range e.PrefetchNames {
+		names[i] = n
+		if n == "" {
+			names[i] = "(unnamed)"
+		}
+	}
+	return fmt.Sprintf("%d (%s)", e.Prefetches, strings.Join(names, ","))
 }
 
 func newIndexListCommand() *cobra.Command {
@@ -157,9 +177,9 @@ func newIndexListCommand() *cobra.Command {
 				return enc.Encode(entries)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tPACK BLOBS\tPACK BYTES\tIMAGE MANIFEST")
+			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tPREFETCH\tPACK BLOBS\tPACK BYTES\tIMAGE MANIFEST")
 			for _, e := range entries {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, e.Packs, e.PackSize, e.Manifest)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, prefetchColumn(e), e.Packs, e.PackSize, e.Manifest)
 			}
 			return w.Flush()
 		},

@@ -89,6 +89,20 @@ func TestPrefetchAttachV1(t *testing.T) {
 		}
 	}
 
+	// index ls: one index (the newest), its prefetch artifacts counted
+	// apart from its zTOCs.
+	ls := itMustRun(t, "index", "ls", "--plain-http", "--json", ref)
+	var entries []indexEntry
+	if err := json.Unmarshal([]byte(ls.Stdout), &entries); err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || entries[0].Digest != idx || entries[0].Ztocs != 1 || entries[0].Prefetches != 2 || strings.Join(entries[0].PrefetchNames, ",") != "web,default" {
+		t.Errorf("index ls --json: %+v", entries)
+	}
+	if ls := itMustRun(t, "index", "ls", "--plain-http", ref); !strings.Contains(ls.Stdout, " 2 (web,default) ") {
+		t.Errorf("index ls table lacks the prefetch column:\n%s", ls.Stdout)
+	}
+
 	// --json, and --name overriding the record's.
 	out = itMustRun(t, "prefetch", "attach", "--plain-http", "--json", "--name", "batch", ref, rec)
 	var r attachReport
