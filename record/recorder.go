@@ -317,6 +317,23 @@ func (l *LayerRecorder) Span(id ztoc.SpanID) {
 	})
 }
 
+// Range records the spans holding uncompressed bytes [off, off+n) of the
+// layer's tar stream, spans being the layer's span table (ztoc.Ztoc.Spans):
+// a reader of the stream (the FUSE filesystem's, not prefetch or fill)
+// calls it on every read. Bytes outside the spans are ignored.
+func (l *LayerRecorder) Range(spans []ztoc.Span, off, n int64) {
+	if l == nil || l.frozen.Load() || n <= 0 {
+		return
+	}
+	first, ok := ztoc.SpanForOffset(spans, off)
+	if !ok {
+		return
+	}
+	for id := first; int(id) < len(spans) && spans[id].UncompressedStart < off+n; id++ {
+		l.Span(id)
+	}
+}
+
 // Node records an access (open or read) of the file that node is in the
 // layer's filesystem (the first one counts); its path comes from
 // LayerInfo.Path.

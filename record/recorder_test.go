@@ -251,3 +251,25 @@ func TestConfig(t *testing.T) {
 		}
 	}
 }
+
+// Range records the spans a read of the tar stream covers.
+func TestRange(t *testing.T) {
+	s := NewStore(Options{})
+	defer s.Close()
+	spans := []ztoc.Span{
+		{ID: 0, UncompressedStart: 0, UncompressedEnd: 100},
+		{ID: 1, UncompressedStart: 100, UncompressedEnd: 200},
+		{ID: 2, UncompressedStart: 200, UncompressedEnd: 300},
+		{ID: 3, UncompressedStart: 300, UncompressedEnd: 350},
+	}
+	l := s.Layer(testImage, LayerInfo{Digest: testLayer1, Spans: len(spans)})
+	l.Range(spans, 250, 100) // spans 2, 3
+	l.Range(spans, 99, 2)    // spans 0, 1
+	l.Range(spans, 120, 0)   // nothing
+	l.Range(spans, 400, 10)  // past the stream
+	l.Range(spans, 150, 10)  // span 1 again
+	rec, _ := s.Record(testImage.Reference, "")
+	if ids := rec.Layers[0].SpanIDs(); !slices.Equal(ids, []ztoc.SpanID{2, 3, 0, 1}) {
+		t.Fatalf("spans %v", ids)
+	}
+}
