@@ -28,6 +28,8 @@ const (
 	startTimeout = 30 * time.Second
 	// stopGrace is how long each daemon gets to exit on SIGTERM.
 	stopGrace = 15 * time.Second
+	// exportTimeout bounds the export of the record from the daemon.
+	exportTimeout = 30 * time.Second
 )
 
 // daemonConfig is the part of the snapshotter's config file (its TOML

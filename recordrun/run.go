@@ -203,6 +203,8 @@ func (e *env) pull(ctx context.Context) (containerd.Image, error) {
 
 // export fetches the record of the image from the daemon.
 func (e *env) export(ctx context.Context) (*record.Record, error) {
+	ctx, cancel := context.WithTimeout(ctx, exportTimeout)
+	defer cancel()
 	rec, err := record.Export(ctx, e.metrics, e.ref, e.o.Name)
 	if err != nil {
 		return nil, err
