@@ -33,6 +33,9 @@ type Layer struct {
 type Prefetch struct {
 	// LayerDigest is the digest of the image layer the spans belong to.
 	LayerDigest digest.Digest
+	// Name is the workload the artifact was made for
+	// (AnnotationPrefetchName); "" for SOCI's unnamed artifacts.
+	Name string
 	// Blob is the prefetch JSON blob: Digest and Size are required.
 	Blob ocispec.Descriptor
 }
@@ -47,7 +50,9 @@ type BuildOptions struct {
 	// Layers are the zTOCs in image-layer order; unindexed layers are simply
 	// absent. At least one is required.
 	Layers []Layer
-	// Prefetches are optional prefetch artifacts, in layer order.
+	// Prefetches are optional prefetch artifacts, in layer order (one
+	// name after the other when there are several), at most one per name
+	// and layer.
 	Prefetches []Prefetch
 	// Packs are optional packs of the zTOCs in Layers, listed after
 	// everything SOCI reads (SOCI-FORMAT.md §1.8 keeps zTOCs first, in
@@ -57,6 +62,9 @@ type BuildOptions struct {
 	// BuildTool is written as the build-tool-identifier annotation; empty
 	// means ztoc.DefaultBuildToolIdentifier.
 	BuildTool string
+	// Supersedes, for a v1 index, names the index v1 of the same subject
+	// that this one replaces (AnnotationSupersedes).
+	Supersedes digest.Digest
 }
 
 // Built is a serialized SOCI index manifest.
@@ -93,6 +101,9 @@ func Build(opts BuildOptions) (*Built, error) {
 		Annotations: map[string]string{AnnotationBuildToolIdentifier: tool},
 	}
 	m.SchemaVersion = 2
+	if opts.Supersedes != "" {
+		m.Annotations[AnnotationSupersedes] = opts.Supersedes.String()
+	}
 	if s := opts.Subject; s != nil {
 		m.Subject = &ocispec.Descriptor{MediaType: s.MediaType, Digest: s.Digest, Size: s.Size}
 	}
@@ -154,6 +165,17 @@ func (opts BuildOptions) check() error {
 	if err := checkPacks(opts.Layers, opts.Packs); err != nil {
 		return fmt.Errorf("build soci index: %w", err)
 	}
+	if err := checkPrefetches(opts.Prefetches); err != nil {
+		return fmt.Errorf("build soci index: %w", err)
+	}
+	if opts.Supersedes != "" {
+		if opts.Version != V1 {
+			return errors.New("build soci index: only a v1 index supersedes another")
+		}
+		if err := opts.Supersedes.Validate(); err != nil {
+			return fmt.Errorf("build soci index: superseded index %q: %w", opts.Supersedes, err)
+		}
+	}
 	if s := opts.Subject; s != nil {
 		if err := checkDescriptor(*s); err != nil {
 			return fmt.Errorf("build soci index: subject: %w", err)
@@ -200,12 +222,34 @@ func (p Prefetch) descriptor() (ocispec.Descriptor, error) {
 	if err := checkDescriptor(p.Blob); err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	return ocispec.Descriptor{
-		MediaType:   MediaTypePrefetch,
-		Digest:      p.Blob.Digest,
-		Size:        p.Blob.Size,
-		Annotations: map[string]string{AnnotationImageLayerDigest: p.LayerDigest.String()},
-	}, nil
+	ann := map[string]string{AnnotationImageLayerDigest: p.LayerDigest.String()}
+	if p.Name != "" {
+		ann[AnnotationPrefetchName] = p.Name
+	}
+	return ocispec.Descriptor{MediaType: MediaTypePrefetch, Digest: p.Blob.Digest, Size: p.Blob.Size, Annotations: ann}, nil
+}
+
+// checkPrefetches checks that names are valid and that no layer has two
+// artifacts of one name.
+func checkPrefetches(ps []Prefetch) error {
+	type key struct {
+		name  string
+		layer digest.Digest
+	}
+	seen := make(map[key]bool, len(ps))
+	for _, p := range ps {
+		if p.Name != "" {
+			if err := ValidatePrefetchName(p.Name); err != nil {
+				return err
+			}
+		}
+		k := key{p.Name, p.LayerDigest}
+		if seen[k] {
+			return fmt.Errorf("two prefetch artifacts named %q for layer %s", p.Name, p.LayerDigest)
+		}
+		seen[k] = true
+	}
+	return nil
 }
 
 // checkDescriptor validates the digest and size of a content descriptor.

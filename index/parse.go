@@ -22,7 +22,8 @@ type Index struct {
 	Manifest ocispec.Manifest
 	// Layers are the zTOCs in manifest order.
 	Layers []Layer
-	// Prefetches are the prefetch artifacts in manifest order.
+	// Prefetches are the prefetch artifacts in manifest order, the first
+	// per name and layer (PrefetchNames, Prefetch, SelectPrefetch).
 	Prefetches []Prefetch
 	// Packs are spanpull's packs of the zTOCs, in manifest order; none in
 	// indexes built by SOCI or with packs turned off.
@@ -108,10 +109,16 @@ func Parse(b []byte) (*Index, error) {
 			}
 			ix.Layers = append(ix.Layers, l)
 		case MediaTypePrefetch:
-			ix.Prefetches = append(ix.Prefetches, Prefetch{
+			p := Prefetch{
 				LayerDigest: layer,
+				Name:        d.Annotations[AnnotationPrefetchName],
 				Blob:        ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size, Annotations: d.Annotations},
-			})
+			}
+			// A second artifact of one name for one layer is passed over:
+			// the first one is the one Prefetch returns.
+			if _, dup := ix.Prefetch(p.Name, layer); !dup {
+				ix.Prefetches = append(ix.Prefetches, p)
+			}
 		default:
 			// Unknown artifacts bound to a layer are kept in Manifest but
 			// not interpreted, so newer indexes still load.

@@ -71,7 +71,10 @@ type DiscoverOptions struct {
 //  2. for an image manifest, the v2 index its annotation names; for an
 //     image index, its SOCI index v2 descriptors in index order;
 //  3. the v1 referrers of the image manifest, or of every image manifest the
-//     image index lists, in index order (the registry's order within one).
+//     image index lists, in index order (the registry's order within one),
+//     leaving out those another referrer supersedes (a v1 index that
+//     "indexer prefetch attach" replaced: index.AnnotationSupersedes, which
+//     registries copy into referrers descriptors).
 //
 // This is the order a runtime tries them in. The sequence is lazy: the
 // referrers are asked for only when the consumer gets that far, so a runtime
@@ -107,7 +110,11 @@ func Discover(ctx context.Context, repo *registry.Repository, img Image, opts Di
 				yield(Found{}, fmt.Errorf("find SOCI indexes: %w", err))
 				return
 			}
+			superseded := supersededBy(refs)
 			for _, r := range refs {
+				if superseded[r.Digest] {
+					continue
+				}
 				f := Found{Index: r, Version: index.V1, Manifest: im.Digest, Platform: im.Platform, Source: SourceReferrers}
 				if !yield(f, nil) {
 					return
@@ -115,6 +122,18 @@ func Discover(ctx context.Context, repo *registry.Repository, img Image, opts Di
 			}
 		}
 	}
+}
+
+// supersededBy returns the referrers that another of refs names as
+// superseded.
+func supersededBy(refs []ocispec.Descriptor) map[digest.Digest]bool {
+	out := make(map[digest.Digest]bool)
+	for _, r := range refs {
+		if d, err := digest.Parse(r.Annotations[index.AnnotationSupersedes]); err == nil && d != r.Digest {
+			out[d] = true
+		}
+	}
+	return out
 }
 
 // namedIndexes returns the indexes img names itself (the annotation of an

@@ -17,6 +17,10 @@ type IndexSummary struct {
 	// prefetch artifacts), Size their total bytes.
 	Descriptors int
 	Size        int64
+	// Prefetches is how many of those are prefetch artifacts, and
+	// PrefetchNames their names (index.Index.PrefetchNames).
+	Prefetches    int
+	PrefetchNames []string
 	// Packs is the number of spanpull's pack blobs the index lists (heads
 	// and windows), PackSize their total bytes.
 	Packs    int
@@ -57,8 +61,10 @@ func list(ctx context.Context, repo *registry.Repository, img Image) ([]IndexSum
 		}
 		for _, p := range ix.Prefetches {
 			out[i].Descriptors++
+			out[i].Prefetches++
 			out[i].Size += p.Blob.Size
 		}
+		out[i].PrefetchNames = ix.PrefetchNames()
 		for _, p := range ix.Packs {
 			for _, d := range []ocispec.Descriptor{p.Head, p.Windows} {
 				if d.Digest != "" {

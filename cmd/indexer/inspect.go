@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -14,6 +15,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
+	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/span"
@@ -112,7 +114,10 @@ type indexEntry struct {
 	Platform string        `json:"platform"`
 	Manifest digest.Digest `json:"manifest"`
 	Ztocs    int           `json:"ztocs"`
-	Size     int64         `json:"size"`
+	// Prefetches counts prefetch artifacts, of the workloads named.
+	Prefetches    int      `json:"prefetches"`
+	PrefetchNames []string `json:"prefetchNames,omitempty"`
+	Size          int64    `json:"size"`
 	// Packs counts spanpull's pack blobs (heads and windows), PackSize
 	// their bytes.
 	Packs    int   `json:"packs"`
@@ -120,12 +125,29 @@ type indexEntry struct {
 }
 
 func newIndexEntry(s soci.IndexSummary) indexEntry {
-	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors, Size: s.Size,
+	e := indexEntry{Digest: s.Index.Digest, Version: s.Version.String(), Manifest: s.Manifest, Ztocs: s.Descriptors - s.Prefetches, Size: s.Size,
+		Prefetches: s.Prefetches, PrefetchNames: s.PrefetchNames,
 		Packs: s.Packs, PackSize: s.PackSize}
 	if s.Platform != nil {
 		e.Platform = platforms.Format(*s.Platform)
 	}
 	return e
+}
+
+// prefetchColumn shows an index's prefetch artifacts in index ls: their
+// count and workload names ("-" for none).
+func prefetchColumn(e indexEntry) string {
+	if e.Prefetches == 0 {
+		return "-"
+	}
+	names := make([]string, len(e.PrefetchNames))
+	for i, n := range e.PrefetchNames {
+		names[i] = n
+		if n == "" {
+			names[i] = "(unnamed)"
+		}
+	}
+	return fmt.Sprintf("%d (%s)", e.Prefetches, strings.Join(names, ","))
 }
 
 func newIndexListCommand() *cobra.Command {
@@ -155,9 +177,9 @@ func newIndexListCommand() *cobra.Command {
 				return enc.Encode(entries)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tPACK BLOBS\tPACK BYTES\tIMAGE MANIFEST")
+			fmt.Fprintln(w, "DIGEST\tVERSION\tPLATFORM\tZTOCS\tZTOC BYTES\tPREFETCH\tPACK BLOBS\tPACK BYTES\tIMAGE MANIFEST")
 			for _, e := range entries {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, e.Packs, e.PackSize, e.Manifest)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%d\t%d\t%s\n", e.Digest, e.Version, e.Platform, e.Ztocs, e.Size, prefetchColumn(e), e.Packs, e.PackSize, e.Manifest)
 			}
 			return w.Flush()
 		},
@@ -174,10 +196,13 @@ func newIndexInfoCommand() *cobra.Command {
 		Short: "Print one SOCI index manifest",
 		Long: `info prints a SOCI index manifest: REPO@DIGEST names the index itself; an
 image REF prints the image's index when it has exactly one (see "index ls").
-The zTOC descriptors come first; spanpull's pack blobs, if any, follow them
-(media types application/vnd.spanpull.ztoc.head.v1+zstd and
+The zTOC descriptors come first, then prefetch artifacts (see "prefetch
+attach"); spanpull's pack blobs, if any, follow them (media types
+application/vnd.spanpull.ztoc.head.v1+zstd and
 application/vnd.spanpull.ztoc.windows.v1, annotated with the layer and the
-zTOC they describe).`,
+zTOC they describe). When the index has prefetch artifacts, a table of them
+(name, layer, span ranges, spans) follows on stderr, so that stdout stays
+the manifest alone.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := digest.Parse(args[0]); err == nil {
@@ -202,10 +227,43 @@ zTOC they describe).`,
 				return err
 			}
 			out.WriteByte('\n')
-			_, err = out.WriteTo(cmd.OutOrStdout())
-			return err
+			if _, err = out.WriteTo(cmd.OutOrStdout()); err != nil {
+				return err
+			}
+			return printPrefetches(cmd.Context(), cmd.ErrOrStderr(), repo, b)
 		},
 	}
 	rf.add(cmd)
 	return cmd
+}
+
+// printPrefetches writes a table of the prefetch artifacts of index b to
+// w (stderr: stdout stays the manifest JSON alone, for scripts): name,
+// layer, span ranges and spans of each, read from the registry.
+func printPrefetches(ctx context.Context, w io.Writer, repo *registry.Repository, b []byte) error {
+	ix, err := index.Parse(b)
+	if err != nil || len(ix.Prefetches) == 0 {
+		return nil
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "prefetch artifacts (%s):\nNAME\tLAYER\tRANGES\tSPANS\tDIGEST\n", index.MediaTypePrefetch)
+	for _, p := range ix.Prefetches {
+		name := p.Name
+		if name == "" {
+			name = "(unnamed)"
+		}
+		ranges, spans := "unreadable", "-"
+		pb, err := repo.FetchBlobBytes(ctx, p.Blob, index.MaxPrefetchSize)
+		var a *index.PrefetchArtifact
+		if err == nil {
+			a, err = index.ParsePrefetch(pb)
+		}
+		if err != nil {
+			spans = err.Error()
+		} else {
+			ranges, spans = fmt.Sprint(len(a.PrefetchSpans)), fmt.Sprint(a.Spans())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, p.LayerDigest, ranges, spans, p.Blob.Digest)
+	}
+	return tw.Flush()
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"strings"
 	"testing"
@@ -75,7 +76,7 @@ func TestIndexInspect(t *testing.T) {
 					want[i].Packs++
 				}
 			}
-			if entries[i] != want[i] {
+			if !reflect.DeepEqual(entries[i], want[i]) {
 				t.Errorf("index ls entry %d: %+v, want %+v", i, entries[i], want[i])
 			}
 		}

@@ -34,7 +34,7 @@ containers after fetching only the bytes they read.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newZtocCommand(), newCreateCommand(), newConvertCommand(), newIndexCommand())
+	root.AddCommand(newZtocCommand(), newCreateCommand(), newConvertCommand(), newIndexCommand(), newPrefetchCommand())
 	return root
 }
 

@@ -7,24 +7,11 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
-	"github.com/containerd/containerd/v2/core/images"
-	"github.com/containerd/containerd/v2/core/remotes/docker"
-	hostsconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/snapshotters"
-	"github.com/containerd/errdefs"
-	"github.com/opencontainers/go-digest"
-	"github.com/opencontainers/image-spec/identity"
 	"github.com/spf13/cobra"
-	"oras.land/oras-go/v2/registry/remote/credentials"
 
-	"github.com/spanpull/spanpull/snapshotter"
+	"github.com/spanpull/spanpull/lazypull"
 )
-
-// LabelMode is set by the snapshotter on the snapshots it serves itself:
-// "lazy" (mounted from the zTOC) or "unpacked" (downloaded and unpacked
-// by the snapshotter because the layer has no zTOC).
-const labelMode = snapshotter.LabelMode
 
 func newPullCommand() *cobra.Command {
 	var (
@@ -76,87 +63,38 @@ func pull(ctx context.Context, w io.Writer, o pullOptions) error {
 	defer client.Close()
 	ctx = namespaces.WithNamespace(ctx, o.namespace)
 
-	// The same hosts (mirrors first) the snapshotter and containerd use.
-	hosts := func(host string) ([]docker.RegistryHost, error) {
-		ho := hostsconfig.HostOptions{Credentials: dockerCredentials}
-		if o.hostsDir != "" {
-			ho.HostDir = hostsconfig.HostDirFromRoot(o.hostsDir)
-		}
-		if o.plainHTTP || docker.IsLocalhost(host) {
-			ho.DefaultScheme = "http"
-		}
-		return hostsconfig.ConfigureHosts(ctx, ho)(host)
-	}
-	opts := []containerd.RemoteOpt{
-		containerd.WithPullUnpack,
-		containerd.WithPullSnapshotter(o.snapshotter),
-		containerd.WithResolver(docker.NewResolver(docker.ResolverOptions{Hosts: hosts})),
-		// The labels that let the snapshotter find the layer's zTOC.
-		containerd.WithImageHandlerWrapper(snapshotters.AppendInfoHandlerWrapper(o.ref)),
-	}
-	if o.platform != "" {
-		opts = append(opts, containerd.WithPlatform(o.platform))
-	}
 	start := time.Now()
-	img, err := client.Pull(ctx, o.ref, opts...)
-	if err != nil {
-		return fmt.Errorf("pull %s: %w", o.ref, err)
-	}
-	elapsed := time.Since(start)
-	diffIDs, err := img.RootFS(ctx)
+	img, err := lazypull.Pull(ctx, client, o.ref, lazypull.Options{
+		Snapshotter: o.snapshotter, Platform: o.platform, PlainHTTP: o.plainHTTP, HostsDir: o.hostsDir,
+	})
 	if err != nil {
 		return err
 	}
-	m, err := images.Manifest(ctx, client.ContentStore(), img.Target(), img.Platform())
+	elapsed := time.Since(start)
+	layers, err := lazypull.Report(ctx, client, img, o.snapshotter)
 	if err != nil {
-		return fmt.Errorf("read manifest of %s: %w", o.ref, err)
+		return err
 	}
-	var layers []digest.Digest
-	for _, l := range m.Layers {
-		layers = append(layers, l.Digest)
-	}
-	sn := client.SnapshotService(o.snapshotter)
-	cs := client.ContentStore()
-	chain := identity.ChainIDs(diffIDs)
-	counts := map[string]int{}
-	for i, id := range chain {
-		mode := "pulled by containerd"
-		if info, err := sn.Stat(ctx, id.String()); err == nil && info.Labels[labelMode] != "" {
-			mode = info.Labels[labelMode]
-		}
-		fetched := "not in containerd's content store"
-		if i < len(layers) {
-			if _, err := cs.Info(ctx, layers[i]); err == nil {
-				fetched = "in containerd's content store"
-			} else if !errdefs.IsNotFound(err) {
-				return err
-			}
-		}
-		counts[mode]++
-		layer := ""
-		if i < len(layers) {
-			layer = layers[i].String()
-		}
-		fmt.Fprintf(w, "layer %d  %s  %s (%s)\n", i+1, layer, mode, fetched)
-	}
-	fmt.Fprintf(w, "pulled %s in %s: %d lazy, %d unpacked by spanpull, %d pulled by containerd\n",
-		o.ref, elapsed.Round(time.Millisecond), counts["lazy"], counts["unpacked"], counts["pulled by containerd"])
+	printPullReport(w, o.ref, elapsed, layers)
 	return nil
 }
 
-// dockerCredentials looks a registry host up in Docker's config.json and
-// its credential helpers.
-func dockerCredentials(host string) (string, string, error) {
-	store, err := credentials.NewStoreFromDocker(credentials.StoreOptions{})
-	if err != nil {
-		return "", "", err
+// printPullReport prints a line per layer (how it is served, and whether
+// containerd holds its blob) and a summary line.
+func printPullReport(w io.Writer, ref string, elapsed time.Duration, layers []lazypull.Layer) {
+	counts := map[string]int{}
+	for i, l := range layers {
+		counts[l.Mode]++
+		fetched := "not in containerd's content store"
+		if l.InContentStore {
+			fetched = "in containerd's content store"
+		}
+		layer := ""
+		if l.Digest != "" {
+			layer = l.Digest.String()
+		}
+		fmt.Fprintf(w, "layer %d  %s  %s (%s)\n", i+1, layer, l.Mode, fetched)
 	}
-	c, err := store.Get(context.Background(), host)
-	if err != nil {
-		return "", "", err
-	}
-	if c.RefreshToken != "" {
-		return "", c.RefreshToken, nil
-	}
-	return c.Username, c.Password, nil
+	fmt.Fprintf(w, "pulled %s in %s: %d lazy, %d unpacked by spanpull, %d pulled by containerd\n",
+		ref, elapsed.Round(time.Millisecond), counts[lazypull.ModeLazy], counts[lazypull.ModeUnpacked], counts[lazypull.ModeContainerd])
 }

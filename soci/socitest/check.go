@@ -132,7 +132,8 @@ type Want struct {
 // artifactType, the `{}` config with the version's media type, subject
 // (v1) or none (v2), and one zTOC descriptor per indexed layer in image
 // order, whose zTOC (fetched from repo) describes that layer and
-// reproduces its files; then spanpull's packs, none or one per zTOC, each
+// reproduces its files; then prefetch artifacts, if any (not checked
+// here: CheckPrefetchBlob); then spanpull's packs, none or one per zTOC, each
 // restoring its zTOC. It returns the decoded manifest.
 func CheckIndex(t testing.TB, addr, repo string, indexDigest digest.Digest, v index.Version, subject *ocispec.Descriptor, want []Want) ocispec.Manifest {
 	t.Helper()
@@ -175,7 +176,7 @@ func CheckIndex(t testing.TB, addr, repo string, indexDigest digest.Digest, v in
 		layers = append(layers, w.Layer.Desc.Digest)
 	}
 	CheckSOCIReadable(t, b, layers)
-	if n := len(m.Layers) - len(Packs(m)); n != len(want) {
+	if n := len(m.Layers) - len(Packs(m)) - len(PrefetchDescriptors(m)); n != len(want) {
 		t.Fatalf("index has %d zTOCs, want %d: %s", n, len(want), b)
 	}
 	for i, w := range want {
