@@ -57,10 +57,7 @@ func mountTOC(t *testing.T, files []ztoc.FileMetadata, src StreamReader, opts Op
 	if os.Geteuid() != 0 {
 		t.Fatal("FUSE tests must run as root")
 	}
-	root, err := NewRoot(files, src, opts)
-	if err != nil {
-		t.Fatalf("NewRoot: %v", err)
-	}
+	root := newRoot(t, files, src, opts)
 	mnt := t.TempDir()
 	srv, err := Mount(context.Background(), mnt, root, MountOptions{})
 	if err != nil {
@@ -72,6 +69,20 @@ func mountTOC(t *testing.T, files []ztoc.FileMetadata, src StreamReader, opts Op
 		}
 	})
 	return mnt
+}
+
+// newRoot builds the Root of files served by src.
+func newRoot(t testing.TB, files []ztoc.FileMetadata, src StreamReader, opts Options) *Root {
+	t.Helper()
+	tree, err := NewTree(Files(files), opts.Logger)
+	if err != nil {
+		t.Fatalf("NewTree: %v", err)
+	}
+	root, err := NewRoot(tree, src, opts)
+	if err != nil {
+		t.Fatalf("NewRoot: %v", err)
+	}
+	return root
 }
 
 // mountLayer mounts the tar of entries, served from memory, on a new
