@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
@@ -101,4 +105,11 @@ func lstat(t *testing.T, p string) *syscall.Stat_t {
 		t.Fatalf("lstat: %v", err)
 	}
 	return &st
+}
+
+// testLogger returns a logger writing to w.
+func testLogger(w io.Writer) *log.Entry {
+	l := logrus.New()
+	l.SetOutput(w)
+	return logrus.NewEntry(l)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	stdlog "log"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -125,7 +126,27 @@ func mount(dir string, root *Root, opts MountOptions) (*Server, error) {
 		fs.closeOpens()
 		return nil, err
 	}
-	return start(dir, fs, srv, dev, maxWrite), nil
+	s := start(dir, fs, srv, dev, maxWrite)
+	if err := noPoll(dir); err != nil {
+		root.log.WithError(err).Warn("fusefs: could not tell the kernel that the mount does not poll")
+	}
+	return s, nil
+}
+
+// noPoll makes the kernel learn that the filesystem does not implement
+// poll, before this process opens a file of it: the Go runtime adds every
+// file it opens to its epoll set without releasing its processor, the
+// kernel then asks the server, and the server may need that processor to
+// answer (a deadlock go-fuse avoids for the mounts it makes itself, the
+// same way). go-fuse answers the special name it uses for this itself.
+func noPoll(dir string) error {
+	fd, err := unix.Open(filepath.Join(dir, ".go-fuse-epoll-hack"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	return err
 }
 
 // start serves srv and returns the Server.
