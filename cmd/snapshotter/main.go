@@ -38,7 +38,7 @@ and start it before containerd.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCommand(), newPullCommand())
+	root.AddCommand(newServeCommand(), newPullCommand(), newFDHolderCommand())
 	return root
 }
 
