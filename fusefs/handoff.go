@@ -69,10 +69,10 @@ var ErrTreeMismatch = errors.New("fusefs: the tree differs from the one the moun
 func (s *Server) Handoff() (*Handoff, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	select {
-	case <-s.stopped:
+	s.devMu.Lock()
+	defer s.devMu.Unlock()
+	if s.closed {
 		return nil, fmt.Errorf("handoff of %s: the server has stopped", s.dir)
-	default:
 	}
 	dev, err := dupFile(s.dev)
 	if err != nil {

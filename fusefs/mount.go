@@ -52,8 +52,11 @@ type Server struct {
 	fs  *fsys
 	srv *fuse.Server
 	// dev is this process's reference to the FUSE connection, which
-	// Handoff duplicates.
-	dev *os.File
+	// Handoff duplicates. devMu guards it (and the open table's file)
+	// against the closing when the server stops.
+	devMu  sync.Mutex
+	dev    *os.File
+	closed bool
 	// init is the kernel's INIT request, which a successor replays.
 	init     fuse.InitIn
 	maxWrite uint32
@@ -155,8 +158,11 @@ func start(dir string, fs *fsys, srv *fuse.Server, dev *os.File, maxWrite uint32
 		stopped: make(chan struct{})}
 	go func() {
 		srv.Serve()
+		s.devMu.Lock()
+		s.closed = true
 		s.dev.Close()
 		fs.closeOpens()
+		s.devMu.Unlock()
 		close(s.stopped)
 	}()
 	return s

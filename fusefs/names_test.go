@@ -27,6 +27,15 @@ import (
 // ztoc accepts.
 func tocFromTar(t *testing.T, tarball []byte) []ztoc.FileMetadata {
 	t.Helper()
+	files, err := tocOf(tarball)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
+}
+
+// tocOf is tocFromTar for the helper processes, which have no testing.T.
+func tocOf(tarball []byte) ([]ztoc.FileMetadata, error) {
 	types := map[byte]string{tar.TypeReg: ztoc.TypeReg, tar.TypeDir: ztoc.TypeDir, tar.TypeSymlink: ztoc.TypeSymlink,
 		tar.TypeLink: ztoc.TypeHardlink, tar.TypeChar: ztoc.TypeChar, tar.TypeBlock: ztoc.TypeBlock, tar.TypeFifo: ztoc.TypeFifo}
 	var files []ztoc.FileMetadata
@@ -43,10 +52,7 @@ func tocFromTar(t *testing.T, tarball []byte) []ztoc.FileMetadata {
 		files = append(files, f)
 		return nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return files
+	return files, err
 }
 
 // applyContainerd unpacks tarball as containerd unpacks a layer into an

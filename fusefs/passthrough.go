@@ -147,7 +147,7 @@ func (f *fsys) openFile(ctx context.Context, v *view, id uint64, i uint32, out *
 		t.mu.Unlock()
 	}
 	if backing > 0 {
-		out.OpenFlags, out.BackingID = fuse.FOPEN_PASSTHROUGH, backing
+		out.OpenFlags, out.BackingID = fuse.FOPEN_PASSTHROUGH|fuse.FOPEN_NOFLUSH, backing
 	}
 	return fuse.OK
 }
