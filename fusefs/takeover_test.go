@@ -61,17 +61,19 @@ func takeoverLayer() ([]byte, map[string][]byte, error) {
 }
 
 // blockingSource serves a tar from memory, but only n reads: the next one
-// says "blocked" on stdout and never returns, like a fetch from a registry
-// that hangs.
+// says "blocked" on stdout (after "ready") and never returns, like a fetch
+// from a registry that hangs.
 type blockingSource struct {
 	b     []byte
 	n     int64
 	reads atomic.Int64
+	ready chan struct{}
 }
 
 func (s *blockingSource) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	if s.reads.Add(1) > s.n {
-		if s.reads.Load() == s.n+1 {
+	if r := s.reads.Add(1); r > s.n {
+		if r == s.n+1 {
+			<-s.ready
 			fmt.Println("blocked")
 		}
 		select {}
@@ -112,7 +114,8 @@ func serveHelper() error {
 	if d := os.Getenv(envBacking); d != "" {
 		opts.Backing = backingDir(d)
 	}
-	root, err := NewRoot(tree, &blockingSource{b: tarball, n: n}, opts)
+	src := &blockingSource{b: tarball, n: n, ready: make(chan struct{})}
+	root, err := NewRoot(tree, src, opts)
 	if err != nil {
 		return err
 	}
@@ -141,6 +144,7 @@ func serveHelper() error {
 		}
 	}
 	fmt.Println("ready")
+	close(src.ready)
 	select {}
 }
 
@@ -253,7 +257,8 @@ func TestTakeover(t *testing.T) {
 	}
 	defer holder.Close()
 
-	// f47 has a local copy, read by passthrough.
+	// f47 has a local copy, read by passthrough; f46 is not read until
+	// the end.
 	backing := t.TempDir()
 	if err := os.WriteFile(filepath.Join(backing, "f47"), want["f47"], 0o644); err != nil {
 		t.Fatal(err)
@@ -278,7 +283,7 @@ func TestTakeover(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for pass := range 2 {
-			for i := range 47 {
+			for i := range 46 {
 				name := fmt.Sprintf("f%02d", i)
 				got, err := os.ReadFile(filepath.Join(mnt, name))
 				if err == nil && !bytes.Equal(got, want[name]) {
@@ -297,7 +302,7 @@ func TestTakeover(t *testing.T) {
 	first.kill(t)
 	second := startHelper(t, "resume", mnt, socket, backing, 0)
 	second.kill(t)
-	if n := reads.Load(); n >= 2*47 {
+	if n := reads.Load(); n >= 2*46 {
 		t.Fatalf("the reader finished (%d files) before the last takeover", n)
 	}
 	tree, err := NewTree(Files(tocFromTar(t, tarball)), nil)
@@ -338,6 +343,13 @@ func TestTakeover(t *testing.T) {
 			t.Errorf("f47, opened %s the takeovers, is not read from its backing file: %d bytes, %v",
 				map[*os.File]string{pinned: "before", again: "after"}[f], len(got), err)
 		}
+	}
+	// f46 gets a local copy only now: the last server registers it.
+	if err := os.WriteFile(filepath.Join(backing, "f46"), marker[:len(want["f46"])], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mnt, "f46")); err != nil || !bytes.Equal(got, marker[:len(want["f46"])]) {
+		t.Errorf("f46 is not read from the backing file the resumed server registered: %d bytes, %v", len(got), err)
 	}
 	pinned.Close()
 	again.Close()
