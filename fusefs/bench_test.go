@@ -43,7 +43,7 @@ func BenchmarkNewRoot(b *testing.B) {
 		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, err := NewRoot(files, &memSource{}, Options{}); err != nil {
+				if _, err := NewTree(Files(files), nil); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -54,11 +54,11 @@ func BenchmarkNewRoot(b *testing.B) {
 
 func TestSyntheticTOCBuilds(t *testing.T) {
 	files := syntheticTOC(2000)
-	tr, err := buildTree(files)
+	tr, err := NewTree(Files(files), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tr.nodes < 1900 {
-		t.Errorf("only %d nodes", tr.nodes)
+	if tr.Len() < 1900 {
+		t.Errorf("only %d nodes", tr.Len())
 	}
 }

@@ -7,7 +7,7 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// FuzzNewRoot feeds TOCs of arbitrary names, types and links: NewRoot
+// FuzzNewRoot feeds TOCs of arbitrary names, types and links: NewTree
 // either fails with an error or builds a tree whose counts add up.
 func FuzzNewRoot(f *testing.F) {
 	f.Add("a/b\x00dir\x00a/b/c\x00reg\x00d\x00hardlink:a/b/c\x00.wh.a\x00reg")
@@ -32,31 +32,36 @@ func FuzzNewRoot(f *testing.F) {
 			}
 			files = append(files, fm)
 		}
-		tr, err := buildTree(files)
+		tr, err := NewTree(Files(files), nil)
 		if err != nil {
 			return
 		}
 		// every node reachable has as many names as links to it
-		names := map[*node]uint32{}
-		var walk func(n *node)
-		walk = func(n *node) {
-			for _, name := range n.dir.names {
-				c := n.dir.children[name]
-				if c == nil || name == "" || strings.Contains(name, "/") || name == "." || name == ".." {
-					t.Fatalf("bad child %q -> %v", name, c)
+		names := map[uint32]uint32{}
+		reached := map[uint32]bool{0: true}
+		var walk func(d uint32)
+		walk = func(d uint32) {
+			for _, e := range tr.children(d) {
+				name := tr.name(&e)
+				if name == "" || strings.Contains(name, "/") || name == "." || name == ".." || e.parent != d {
+					t.Fatalf("bad child %q -> %d of %d", name, e.node, d)
 				}
-				if c.isDir() {
-					walk(c)
+				reached[e.node] = true
+				if tr.isDir(e.node) {
+					walk(e.node)
 				} else {
-					names[c]++
+					names[e.node]++
 				}
 			}
 		}
-		walk(tr.root)
+		walk(0)
 		for n, c := range names {
-			if n.nlink != c {
-				t.Fatalf("node %d has %d names but nlink %d", n.ino, c, n.nlink)
+			if tr.nodes[n].nlink != c {
+				t.Fatalf("node %d has %d names but nlink %d", n, c, tr.nodes[n].nlink)
 			}
+		}
+		if len(reached) != tr.Len() {
+			t.Fatalf("%d of %d nodes are reachable", len(reached), tr.Len())
 		}
 	})
 }

@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/containerd/log"
+	"github.com/sirupsen/logrus"
 
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
@@ -57,10 +61,7 @@ func mountTOC(t *testing.T, files []ztoc.FileMetadata, src StreamReader, opts Op
 	if os.Geteuid() != 0 {
 		t.Fatal("FUSE tests must run as root")
 	}
-	root, err := NewRoot(files, src, opts)
-	if err != nil {
-		t.Fatalf("NewRoot: %v", err)
-	}
+	root := newRoot(t, files, src, opts)
 	mnt := t.TempDir()
 	srv, err := Mount(context.Background(), mnt, root, MountOptions{})
 	if err != nil {
@@ -72,6 +73,20 @@ func mountTOC(t *testing.T, files []ztoc.FileMetadata, src StreamReader, opts Op
 		}
 	})
 	return mnt
+}
+
+// newRoot builds the Root of files served by src.
+func newRoot(t testing.TB, files []ztoc.FileMetadata, src StreamReader, opts Options) *Root {
+	t.Helper()
+	tree, err := NewTree(Files(files), opts.Logger)
+	if err != nil {
+		t.Fatalf("NewTree: %v", err)
+	}
+	root, err := NewRoot(tree, src, opts)
+	if err != nil {
+		t.Fatalf("NewRoot: %v", err)
+	}
+	return root
 }
 
 // mountLayer mounts the tar of entries, served from memory, on a new
@@ -90,4 +105,11 @@ func lstat(t *testing.T, p string) *syscall.Stat_t {
 		t.Fatalf("lstat: %v", err)
 	}
 	return &st
+}
+
+// testLogger returns a logger writing to w.
+func testLogger(w io.Writer) *log.Entry {
+	l := logrus.New()
+	l.SetOutput(w)
+	return logrus.NewEntry(l)
 }

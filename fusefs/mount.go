@@ -5,21 +5,32 @@ import (
 	"errors"
 	"fmt"
 	stdlog "log"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/containerd/log"
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
 // DefaultTimeout is how long the kernel may cache entries, attributes and
-// failed lookups by default: a layer never changes while it is mounted.
+// failed lookups by default: a layer never changes while it is mounted
+// (Server.Replace tells the kernel to forget what it cached).
 const DefaultTimeout = time.Hour
+
+// maxWrite is the largest request the kernel sends (reads included):
+// go-fuse's default, which sizes its request buffers. A successor reads
+// the value the mount was made with from the handoff state.
+const maxWrite = 128 << 10
+
+// fsType is the type of the mounts in /proc/mounts: fuse.<subtype>.
+const fsType = "fuse.spanpull"
 
 // MountOptions configure a FUSE mount.
 type MountOptions struct {
@@ -38,12 +49,22 @@ type MountOptions struct {
 // Server is a mounted layer.
 type Server struct {
 	dir string
+	fs  *fsys
 	srv *fuse.Server
+	// dev is this process's reference to the FUSE connection, which
+	// Handoff duplicates. devMu guards it (and the open table's file)
+	// against the closing when the server stops.
+	devMu  sync.Mutex
+	dev    *os.File
+	closed bool
+	// init is the kernel's INIT request, which a successor replays.
+	init     fuse.InitIn
+	maxWrite uint32
 	// stopped is closed when the server has stopped serving: the kernel
 	// dropped the connection.
 	stopped chan struct{}
 
-	mu        sync.Mutex
+	mu        sync.Mutex // Unmount, Replace, Handoff
 	unmounted bool
 }
 
@@ -54,6 +75,9 @@ const unmountWait = 5 * time.Second
 // Mount mounts root read-only on dir and serves it until Unmount. The
 // mount allows other users (containers run as any uid) and checks
 // permissions in the kernel from the modes of the layer.
+//
+// The mount is made with mount(2) on a /dev/fuse descriptor opened here,
+// and go-fuse serves that descriptor; Handoff passes it on.
 func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Server, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("mount layer at %s: %w", dir, err)
@@ -61,50 +85,118 @@ func Mount(ctx context.Context, dir string, root *Root, opts MountOptions) (*Ser
 	if !root.mounted.CompareAndSwap(false, true) {
 		return nil, fmt.Errorf("mount layer at %s: root is already mounted", dir)
 	}
-	fsName := opts.FsName
-	if fsName == "" {
-		fsName = "spanpull"
-	}
-	// go-fuse reports trouble (and, with Debug, every request) through
-	// standard library loggers: route them to the layer's logger. Its node
-	// diagnostics (inode number overrides, orphaned paths) are for
-	// debugging only.
-	serverLevel := logrus.WarnLevel
-	if opts.Debug {
-		serverLevel = logrus.DebugLevel
-	}
-	fo := &fs.Options{
-		Logger:          stdLogger(root.l.log, logrus.DebugLevel),
-		EntryTimeout:    timeout(opts.EntryTimeout),
-		AttrTimeout:     timeout(opts.AttrTimeout),
-		NegativeTimeout: timeout(opts.NegativeTimeout),
-		// Show modes as they are, 0000 included (go-fuse would
-		// otherwise turn 0000 into 0644).
-		NullPermissions: true,
-		MountOptions: fuse.MountOptions{
-			FsName:            fsName,
-			Name:              "spanpull",
-			AllowOther:        true,
-			DirectMount:       true,
-			DirectMountStrict: true,
-			// Read-only and no device access through this mount;
-			// setuid binaries keep working.
-			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NODEV,
-			Options:          []string{"default_permissions"},
-			Debug:            opts.Debug,
-			Logger:           stdLogger(root.l.log, serverLevel),
-		},
-	}
-	srv, err := fs.Mount(dir, root, fo)
+	s, err := mount(dir, root, opts)
 	if err != nil {
+		root.mounted.Store(false)
 		return nil, fmt.Errorf("mount layer at %s: %w", dir, err)
 	}
-	s := &Server{dir: dir, srv: srv, stopped: make(chan struct{})}
+	return s, nil
+}
+
+func mount(dir string, root *Root, opts MountOptions) (*Server, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return nil, err
+	}
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	// What go-fuse's direct mount passes, minus what only fusermount
+	// understands. Read-only and no device access through this mount;
+	// setuid binaries keep working.
+	data := fmt.Sprintf("fd=%d,rootmode=%o,user_id=%d,group_id=%d,max_read=%d,default_permissions,allow_other",
+		fd, st.Mode&unix.S_IFMT, os.Geteuid(), os.Getegid(), maxWrite)
+	if err := unix.Mount(fsName(opts), dir, fsType, unix.MS_RDONLY|unix.MS_NODEV, data); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	dev, err := dupFD(fd, "/dev/fuse")
+	if err != nil {
+		unix.Close(fd)
+		unix.Unmount(dir, unix.MNT_DETACH)
+		return nil, err
+	}
+	fs := newFS(&view{root: root, base: fuse.FUSE_ROOT_ID}, opts)
+	if fs.opens, err = newOpenTable(); err != nil {
+		root.log.WithError(err).Warn("fusefs: no FUSE passthrough for this mount")
+	}
+	// go-fuse takes over fd and answers the kernel's INIT.
+	srv, err := fuse.NewServer(fs, "/dev/fd/"+strconv.Itoa(fd), fuseOptions(root.log, opts, maxWrite))
+	if err != nil {
+		unix.Unmount(dir, unix.MNT_DETACH)
+		dev.Close()
+		fs.closeOpens()
+		return nil, err
+	}
+	s := start(dir, fs, srv, dev, maxWrite)
+	if err := noPoll(dir); err != nil {
+		root.log.WithError(err).Warn("fusefs: could not tell the kernel that the mount does not poll")
+	}
+	return s, nil
+}
+
+// noPoll makes the kernel learn that the filesystem does not implement
+// poll, before this process opens a file of it: the Go runtime adds every
+// file it opens to its epoll set without releasing its processor, the
+// kernel then asks the server, and the server may need that processor to
+// answer (a deadlock go-fuse avoids for the mounts it makes itself, the
+// same way). go-fuse answers the special name it uses for this itself.
+func noPoll(dir string) error {
+	fd, err := unix.Open(filepath.Join(dir, ".go-fuse-epoll-hack"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	return err
+}
+
+// start serves srv and returns the Server.
+func start(dir string, fs *fsys, srv *fuse.Server, dev *os.File, maxWrite uint32) *Server {
+	s := &Server{dir: dir, fs: fs, srv: srv, dev: dev, init: *srv.KernelSettings(), maxWrite: maxWrite,
+		stopped: make(chan struct{})}
 	go func() {
-		srv.Wait()
+		srv.Serve()
+		s.devMu.Lock()
+		s.closed = true
+		s.dev.Close()
+		fs.closeOpens()
+		s.devMu.Unlock()
 		close(s.stopped)
 	}()
-	return s, nil
+	return s
+}
+
+func (f *fsys) closeOpens() {
+	if f.opens != nil {
+		f.opens.close()
+	}
+}
+
+func fsName(opts MountOptions) string {
+	if opts.FsName == "" {
+		return "spanpull"
+	}
+	return opts.FsName
+}
+
+// fuseOptions returns go-fuse's options for a mount. go-fuse does not
+// mount: it is given the /dev/fuse descriptor as /dev/fd/N.
+func fuseOptions(logger *log.Entry, opts MountOptions, maxWrite uint32) *fuse.MountOptions {
+	// go-fuse reports trouble (and, with Debug, every request) through a
+	// standard library logger: route it to the layer's logger.
+	level := logrus.WarnLevel
+	if opts.Debug {
+		level = logrus.DebugLevel
+	}
+	return &fuse.MountOptions{
+		FsName:   fsName(opts),
+		Name:     "spanpull",
+		MaxWrite: int(maxWrite),
+		Debug:    opts.Debug,
+		Logger:   stdLogger(logger, level),
+	}
 }
 
 // stdLogger returns a standard library logger (what go-fuse logs to)
@@ -125,15 +217,18 @@ func (w entryWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func timeout(d time.Duration) *time.Duration {
-	switch {
-	case d == 0:
-		d = DefaultTimeout
-	case d < 0:
-		d = 0
+// dupFD duplicates descriptor fd as a file named name.
+func dupFD(fd int, name string) (*os.File, error) {
+	d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup: %w", err)
 	}
-	return &d
+	return os.NewFile(uintptr(d), name), nil
 }
+
+// dupFile duplicates f, which must be in blocking mode (as /dev/fuse
+// descriptors and memfds are here).
+func dupFile(f *os.File) (*os.File, error) { return dupFD(int(f.Fd()), f.Name()) }
 
 // Dir returns the mountpoint.
 func (s *Server) Dir() string { return s.dir }
@@ -178,3 +273,8 @@ func (s *Server) Unmount() error {
 // Wait blocks until the server stops, after Unmount or an unmount from
 // outside.
 func (s *Server) Wait() { <-s.stopped }
+
+// initBytes returns the bytes of an InitIn as the kernel sends them.
+func initBytes(in *fuse.InitIn) []byte {
+	return unsafe.Slice((*byte)(unsafe.Pointer(in)), unsafe.Sizeof(*in))
+}

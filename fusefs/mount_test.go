@@ -436,10 +436,7 @@ func TestStatfsAndReaddir(t *testing.T) {
 }
 
 func TestMountTwiceFails(t *testing.T) {
-	root, err := NewRoot(nil, &memSource{}, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root := newRoot(t, nil, &memSource{}, Options{})
 	srv, err := Mount(context.Background(), t.TempDir(), root, MountOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -450,7 +447,7 @@ func TestMountTwiceFails(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	root2, _ := NewRoot(nil, &memSource{}, Options{})
+	root2 := newRoot(t, nil, &memSource{}, Options{})
 	if _, err := Mount(ctx, t.TempDir(), root2, MountOptions{}); !errors.Is(err, context.Canceled) {
 		t.Errorf("Mount with a canceled context = %v", err)
 	}

@@ -144,10 +144,7 @@ func TestUnmount(t *testing.T) {
 	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte("data")))
 	files, _ := toctest.FromTar(t, layer)
 	newServer := func() *Server {
-		root, err := NewRoot(files, &memSource{b: layer, files: files}, Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
+		root := newRoot(t, files, &memSource{b: layer, files: files}, Options{})
 		srv, err := Mount(context.Background(), t.TempDir(), root, MountOptions{FsName: "sha256:abc"})
 		if err != nil {
 			t.Fatal(err)

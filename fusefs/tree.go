@@ -1,61 +1,94 @@
 package fusefs
 
 import (
-	"errors"
-	"fmt"
-	"math"
 	"sort"
 	"strings"
 	"syscall"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
+
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// Whiteout names of the OCI image spec (AUFS style).
-const (
-	whiteoutPrefix = ".wh."
-	// whiteoutMetaPrefix starts AUFS metadata names (.wh..wh.plnk and
-	// the like), which carry no file of the image and are skipped.
-	whiteoutMetaPrefix = whiteoutPrefix + whiteoutPrefix
-	// whiteoutOpaque marks its directory opaque.
-	whiteoutOpaque = whiteoutMetaPrefix + ".opq"
-	// OpaqueXattr is the xattr overlayfs reads to know that a lower
-	// directory hides the directories below it. An opaque directory
-	// reports it with the value "y".
-	OpaqueXattr = "trusted.overlay.opaque"
-)
+// Tree is the immutable image of a layer's TOC that a mount serves: every
+// node the layer's tar defines, after the name rules of containerd's
+// archive.Apply (see NewTree). It is built once and then only read, by
+// any number of requests at once.
+//
+// The layout is chosen for a million entries: one slice of fixed-size
+// nodes, one slice of directory entries (each directory's children are a
+// sorted run of it), every name and symlink target in one string, and the
+// rare data (xattrs, sparse maps) in a side table. A node's index in the
+// node slice is its identity: the root is 0, the others follow in the
+// order the TOC defines them, so the same TOC always gives the same
+// indexes (and node IDs, see Mount).
+type Tree struct {
+	nodes  []node
+	ents   []dirent
+	strs   string
+	extras []extra
+	// bytes is the total size of the files, for statfs.
+	bytes int64
+	// sum identifies the tree (see fingerprint): Resume refuses to serve
+	// a connection with a tree other than the one it was served with.
+	sum [32]byte
+}
 
-// Limits of the Linux device number encoding FUSE uses (new_encode_dev).
-const (
-	maxDevMajor = 1<<12 - 1
-	maxDevMinor = 1<<20 - 1
-)
-
-// node is one inode of the layer. Hardlinks share a node.
+// node is one inode of the layer. Hardlinks share a node. Some fields mean
+// different things for different types; the accessors below read them.
 type node struct {
-	ino  uint64
-	mode uint32 // S_IFMT bits | permission bits
-	uid  uint32
-	gid  uint32
-	// nlink counts the names of a non-directory; directories compute
-	// theirs from dir.subdirs.
-	nlink     uint32
-	rdev      uint32
-	mtimeNsec uint32
-	mtime     int64
+	mtime int64
 	// size is the data size of a regular file, the target length of a
 	// symlink.
 	size int64
-	// offset is where a regular file's data starts in the uncompressed
-	// tar stream.
-	offset int64
-	// sparse is the regular file itself when it is a GNU sparse file,
-	// whose bytes are not one run of the stream.
-	sparse   *ztoc.FileMetadata
-	target   string   // symlink target
-	xattrs   []xattr  // sorted by name
-	whiteout bool     // presents an OCI whiteout
-	dir      *dirData // non-nil for directories
+	// data is, for a regular file, where its data starts in the
+	// uncompressed tar stream; for a directory, the index of its first
+	// child in Tree.ents; for a symlink, the offset of its target in
+	// Tree.strs; for a device, its rdev.
+	data int64
+	// mode holds the S_IFMT and permission bits, plus the node flags.
+	mode   uint32
+	uid    uint32
+	gid    uint32
+	nlink  uint32
+	nsec   uint32
+	nchild uint32 // children of a directory
+	// ent is the directory entry of the node's first name (noEnt for the
+	// root); it gives the node's path.
+	ent uint32
+	// extra is 1 + the index of the node's rare data in Tree.extras, or 0.
+	extra uint32
+	// toc is the index of the TOC entry that defined the node (noEntry
+	// for directories made for the paths of other entries).
+	toc uint32
+}
+
+// Node flags, kept in node.mode above the bits the kernel sees.
+const (
+	modeBits     = 0o177777
+	flagOpaque   = 1 << 16 // directory hides the lower layers' one
+	flagWhiteout = 1 << 17 // node presents an OCI whiteout
+)
+
+const (
+	noEnt   = ^uint32(0)
+	noEntry = ^uint32(0)
+)
+
+// dirent names node in directory parent.
+type dirent struct {
+	name   uint32 // offset in Tree.strs
+	nlen   uint32
+	node   uint32
+	parent uint32
+}
+
+// extra is the rare data of a node.
+type extra struct {
+	xattrs []xattr // sorted by name
+	// sparse is the TOC entry of a GNU sparse file, whose data is not one
+	// run of the stream.
+	sparse *ztoc.FileMetadata
 }
 
 type xattr struct {
@@ -63,325 +96,156 @@ type xattr struct {
 	value string
 }
 
-type dirData struct {
-	children map[string]*node
-	// names lists children in the order they first appeared in the tar.
-	names   []string
-	opaque  bool
-	subdirs uint32
-}
+// Len returns the number of nodes (inodes) of the tree.
+func (t *Tree) Len() int { return len(t.nodes) }
 
-func (n *node) isDir() bool { return n.dir != nil }
+func (t *Tree) typ(i uint32) uint32  { return t.nodes[i].mode & syscall.S_IFMT }
+func (t *Tree) isDir(i uint32) bool  { return t.typ(i) == syscall.S_IFDIR }
+func (t *Tree) isReg(i uint32) bool  { return t.typ(i) == syscall.S_IFREG }
+func (t *Tree) opaque(i uint32) bool { return t.nodes[i].mode&flagOpaque != 0 }
 
-// tree is the in-memory image of a layer's TOC.
-type tree struct {
-	root    *node
-	nextIno uint64
-	// nodes counts the nodes currently reachable (for statfs).
-	nodes int
-	bytes int64
-}
+func (t *Tree) name(e *dirent) string { return t.strs[e.name : e.name+e.nlen] }
 
-// buildTree turns a TOC into a tree. Its cost is linear in the total
-// length of the names.
-func buildTree(files []ztoc.FileMetadata) (*tree, error) {
-	t := &tree{nextIno: 1}
-	t.root = t.newDir()
-	t.root.nlink = 1
-	var comps []string
-	for i := range files {
-		f := &files[i]
-		var err error
-		comps, err = splitName(comps[:0], f.Name)
-		if err == nil {
-			err = t.add(f, comps)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("tar entry %d %q: %w", i, f.Name, err)
-		}
-	}
-	t.finish(t.root)
-	return t, nil
-}
-
-// splitName appends the components of a tar name to comps. Leading "./",
-// "." components, repeated and trailing slashes are dropped; absolute
-// names and ".." components are refused since they would escape the layer.
-func splitName(comps []string, name string) ([]string, error) {
-	if name == "" {
-		return nil, errors.New("empty name")
-	}
-	if name[0] == '/' {
-		return nil, errors.New("absolute name")
-	}
-	for name != "" {
-		var c string
-		c, name, _ = strings.Cut(name, "/")
-		switch c {
-		case "", ".":
-		case "..":
-			return nil, errors.New(`name has a ".." component`)
-		default:
-			comps = append(comps, c)
-		}
-	}
-	return comps, nil
-}
-
-func (t *tree) newNode(mode uint32) *node {
-	n := &node{ino: t.nextIno, mode: mode}
-	t.nextIno++
-	return n
-}
-
-// newDir returns a directory with no entry of its own: 0755, root-owned.
-func (t *tree) newDir() *node {
-	n := t.newNode(syscall.S_IFDIR | 0o755)
-	n.dir = &dirData{children: make(map[string]*node)}
-	return n
-}
-
-// add adds TOC entry f, whose name has the components comps, to the tree.
-func (t *tree) add(f *ztoc.FileMetadata, comps []string) error {
-	for i, c := range comps {
-		if strings.HasPrefix(c, whiteoutMetaPrefix) && !(c == whiteoutOpaque && i == len(comps)-1) {
-			return nil // AUFS metadata, not part of the image
-		}
-	}
-	if len(comps) == 0 {
-		if f.Type != ztoc.TypeDir {
-			return fmt.Errorf("the layer root can only be a directory, not %q", f.Type)
-		}
-		setMeta(t.root, f)
+// children returns the entries of directory i, sorted by name.
+func (t *Tree) children(i uint32) []dirent {
+	n := &t.nodes[i]
+	if n.mode&syscall.S_IFMT != syscall.S_IFDIR {
 		return nil
 	}
-	parent, err := t.parentDir(comps)
-	if err != nil {
-		return err
+	return t.ents[n.data : n.data+int64(n.nchild)]
+}
+
+// child returns the node named name in directory i.
+func (t *Tree) child(i uint32, name string) (uint32, bool) {
+	es := t.children(i)
+	k := sort.Search(len(es), func(k int) bool { return t.name(&es[k]) >= name })
+	if k < len(es) && t.name(&es[k]) == name {
+		return es[k].node, true
 	}
-	base := comps[len(comps)-1]
-	if base == whiteoutOpaque {
-		parent.dir.opaque = true
-		return nil
+	return 0, false
+}
+
+// target returns the target of symlink i.
+func (t *Tree) target(i uint32) string {
+	n := &t.nodes[i]
+	return t.strs[n.data : n.data+n.size]
+}
+
+// path returns the path of node i (its first name for hardlinks), "" for
+// the root.
+func (t *Tree) path(i uint32) string {
+	var names []string
+	for i != 0 {
+		e := &t.ents[t.nodes[i].ent]
+		names = append(names, t.name(e))
+		i = e.parent
 	}
-	if name, ok := strings.CutPrefix(base, whiteoutPrefix); ok {
-		return t.addWhiteout(parent, name, f)
+	for l, r := 0, len(names)-1; l < r; l, r = l+1, r-1 {
+		names[l], names[r] = names[r], names[l]
 	}
-	switch f.Type {
-	case ztoc.TypeDir:
-		t.addDir(parent, base, f)
-		return nil
-	case ztoc.TypeHardlink:
-		return t.addHardlink(parent, base, f)
+	return strings.Join(names, "/")
+}
+
+func (t *Tree) xattrs(i uint32) []xattr {
+	if x := t.nodes[i].extra; x != 0 {
+		return t.extras[x-1].xattrs
 	}
-	n, err := t.newEntryNode(f)
-	if err != nil {
-		return err
-	}
-	setMeta(n, f)
-	t.link(parent, base, n)
 	return nil
 }
 
-// addWhiteout adds whiteout entry f, which hides parent/name of the lower
-// layers.
-func (t *tree) addWhiteout(parent *node, name string, f *ztoc.FileMetadata) error {
-	if name == "" || name == "." || name == ".." {
-		return fmt.Errorf("whiteout of %q", name)
+func (t *Tree) sparse(i uint32) *ztoc.FileMetadata {
+	if x := t.nodes[i].extra; x != 0 {
+		return t.extras[x-1].sparse
 	}
-	// A whiteout hides lower layers only: what this layer already holds
-	// under the name stays, and a directory stops showing the lower ones.
-	if old := parent.dir.children[name]; old != nil && !old.whiteout {
-		if old.isDir() {
-			old.dir.opaque = true
-		}
-		return nil
-	}
-	n := t.newNode(syscall.S_IFCHR)
-	setMeta(n, f)
-	n.mode = syscall.S_IFCHR // overlayfs whiteout: c 0 0, mode 0
-	n.whiteout = true
-	n.xattrs = nil
-	t.link(parent, name, n)
 	return nil
 }
 
-// addDir adds directory entry f as parent/name.
-func (t *tree) addDir(parent *node, name string, f *ztoc.FileMetadata) {
-	old := parent.dir.children[name]
-	if old != nil && old.isDir() {
-		// A directory entry for an existing directory updates its
-		// metadata and keeps its children (as tar does).
-		setMeta(old, f)
-		return
+// fill sets a to the attributes of node i, whose node ID is id.
+func (t *Tree) fill(i uint32, id uint64, a *fuse.Attr) {
+	n := &t.nodes[i]
+	*a = fuse.Attr{
+		Ino:     id,
+		Mode:    n.mode & modeBits,
+		Nlink:   n.nlink,
+		Owner:   fuse.Owner{Uid: n.uid, Gid: n.gid},
+		Blksize: 4096,
 	}
-	n := t.newDir()
-	if old != nil && old.whiteout {
-		n.dir.opaque = true
+	switch n.mode & syscall.S_IFMT {
+	case syscall.S_IFREG, syscall.S_IFLNK:
+		a.Size = uint64(n.size)
+		a.Blocks = (a.Size + 511) / 512
+	case syscall.S_IFCHR, syscall.S_IFBLK:
+		a.Rdev = uint32(n.data)
 	}
-	setMeta(n, f)
-	t.link(parent, name, n)
+	a.Mtime, a.Mtimensec = uint64(n.mtime), n.nsec
+	a.Atime, a.Atimensec = a.Mtime, a.Mtimensec
+	a.Ctime, a.Ctimensec = a.Mtime, a.Mtimensec
 }
 
-// addHardlink names the node of hardlink f's target parent/name too.
-func (t *tree) addHardlink(parent *node, name string, f *ztoc.FileMetadata) error {
-	target, err := t.lookup(f.Linkname)
-	if err != nil {
-		return fmt.Errorf("hardlink to %q: %w", f.Linkname, err)
+// getxattr returns the value of xattr name of node i.
+func (t *Tree) getxattr(i uint32, name string) (string, bool) {
+	if name == OpaqueXattr && t.opaque(i) {
+		return "y", true
 	}
-	if target.isDir() {
-		return fmt.Errorf("hardlink to directory %q", f.Linkname)
+	xs := t.xattrs(i)
+	k := sort.Search(len(xs), func(k int) bool { return xs[k].name >= name })
+	if k < len(xs) && xs[k].name == name {
+		return xs[k].value, true
 	}
-	t.link(parent, name, target)
-	return nil
+	return "", false
 }
 
-// newEntryNode returns the node of entry f, a regular file, symlink,
-// device or FIFO, without its metadata.
-func (t *tree) newEntryNode(f *ztoc.FileMetadata) (*node, error) {
-	switch f.Type {
-	case ztoc.TypeReg:
-		if f.UncompressedOffset < 0 || f.UncompressedSize < 0 || f.UncompressedOffset > math.MaxInt64-f.UncompressedSize {
-			return nil, fmt.Errorf("bad data range: offset %d, size %d", f.UncompressedOffset, f.UncompressedSize)
-		}
-		n := t.newNode(syscall.S_IFREG)
-		n.offset = f.UncompressedOffset
-		n.size = f.UncompressedSize
-		if _, ok := f.PAXRecords[ztoc.SparseMapRecord]; ok {
-			if _, err := f.Fragments(); err != nil {
-				return nil, err
-			}
-			n.sparse = f
-		}
-		return n, nil
-	case ztoc.TypeSymlink:
-		if f.Linkname == "" {
-			return nil, errors.New("symlink has no target")
-		}
-		n := t.newNode(syscall.S_IFLNK)
-		n.target = f.Linkname
-		n.size = int64(len(f.Linkname))
-		return n, nil
-	case ztoc.TypeChar, ztoc.TypeBlock:
-		if f.Devmajor < 0 || f.Devmajor > maxDevMajor || f.Devminor < 0 || f.Devminor > maxDevMinor {
-			return nil, fmt.Errorf("device number %d:%d out of range", f.Devmajor, f.Devminor)
-		}
-		mode := uint32(syscall.S_IFCHR)
-		if f.Type == ztoc.TypeBlock {
-			mode = syscall.S_IFBLK
-		}
-		n := t.newNode(mode)
-		maj, minor := uint32(f.Devmajor), uint32(f.Devminor)
-		n.rdev = minor&0xff | maj<<8 | (minor&^0xff)<<12
-		return n, nil
-	case ztoc.TypeFifo:
-		return t.newNode(syscall.S_IFIFO), nil
-	default:
-		return nil, fmt.Errorf("unsupported entry type %q", f.Type)
+// listxattr appends the xattr names of node i, each NUL-terminated, to p.
+func (t *Tree) listxattr(i uint32, p []byte) []byte {
+	hasOpaque := false
+	for _, x := range t.xattrs(i) {
+		p = append(append(p, x.name...), 0)
+		hasOpaque = hasOpaque || x.name == OpaqueXattr
 	}
+	if t.opaque(i) && !hasOpaque {
+		p = append(append(p, OpaqueXattr...), 0)
+	}
+	return p
 }
 
-// setMeta copies an entry's attributes (not its type) to n.
-func setMeta(n *node, f *ztoc.FileMetadata) {
-	n.mode = n.mode&syscall.S_IFMT | uint32(f.Mode)&0o7777
-	n.uid, n.gid = f.UID, f.GID
-	n.mtime, n.mtimeNsec = 0, 0
-	if !f.ModTime.IsZero() {
-		n.mtime, n.mtimeNsec = f.ModTime.Unix(), uint32(f.ModTime.Nanosecond())
-	}
-	n.xattrs = n.xattrs[:0]
-	for name, v := range f.Xattrs() {
-		n.xattrs = append(n.xattrs, xattr{name, v})
-	}
-	sort.Slice(n.xattrs, func(i, j int) bool { return n.xattrs[i].name < n.xattrs[j].name })
+// Entry is a node of a mounted layer as the daemon's hooks see it (see
+// Options). It is only valid during the call it is passed to.
+type Entry struct {
+	t *Tree
+	i uint32
 }
 
-// parentDir returns the directory that holds comps' last component,
-// synthesizing the missing ones.
-func (t *tree) parentDir(comps []string) (*node, error) {
-	d := t.root
-	for i, c := range comps[:len(comps)-1] {
-		child := d.dir.children[c]
-		switch {
-		case child == nil:
-			child = t.newDir()
-			t.link(d, c, child)
-		case child.whiteout:
-			// The layer deletes the lower directory and makes a new one.
-			child = t.newDir()
-			child.dir.opaque = true
-			t.link(d, c, child)
-		case !child.isDir():
-			return nil, fmt.Errorf("parent %q is not a directory", strings.Join(comps[:i+1], "/"))
-		}
-		d = child
+// Index returns the index in the TOC (archive order, from 0) of the entry
+// that defined the node, or -1 for a directory that only exists because
+// other entries are below it.
+func (e Entry) Index() int {
+	if x := e.t.nodes[e.i].toc; x != noEntry {
+		return int(x)
 	}
-	return d, nil
+	return -1
 }
 
-// lookup finds the node at a tar path.
-func (t *tree) lookup(name string) (*node, error) {
-	comps, err := splitName(nil, name)
-	if err != nil {
-		return nil, err
+// Path returns the path of the node in the layer, without a leading slash
+// (its first name for a file with hardlinks).
+func (e Entry) Path() string { return e.t.path(e.i) }
+
+// Offset returns where the data of a regular file starts in the layer's
+// uncompressed tar stream.
+func (e Entry) Offset() int64 {
+	if !e.t.isReg(e.i) {
+		return 0
 	}
-	n := t.root
-	for _, c := range comps {
-		if !n.isDir() {
-			return nil, errors.New("no such file")
-		}
-		n = n.dir.children[c]
-		if n == nil || n.whiteout {
-			return nil, errors.New("no such file")
-		}
-	}
-	return n, nil
+	return e.t.nodes[e.i].data
 }
 
-// link names n as parent/name, replacing what had that name.
-func (t *tree) link(parent *node, name string, n *node) {
-	n.nlink++
-	if old := parent.dir.children[name]; old != nil {
-		unlink(old)
-	} else {
-		parent.dir.names = append(parent.dir.names, name)
+// Size returns the size of a regular file.
+func (e Entry) Size() int64 {
+	if !e.t.isReg(e.i) {
+		return 0
 	}
-	parent.dir.children[name] = n
+	return e.t.nodes[e.i].size
 }
 
-// unlink drops one name of n, and of everything below n: hardlinks from
-// elsewhere into a replaced directory lose those names.
-func unlink(n *node) {
-	n.nlink--
-	if n.isDir() {
-		for _, c := range n.dir.children {
-			unlink(c)
-		}
-	}
-}
-
-// finish computes directory link counts and the totals statfs reports.
-func (t *tree) finish(d *node) {
-	linked := make(map[*node]bool)
-	var walk func(d *node)
-	walk = func(d *node) {
-		t.nodes++
-		d.dir.subdirs = 0
-		for _, c := range d.dir.children {
-			switch {
-			case c.isDir():
-				d.dir.subdirs++
-				walk(c)
-			case c.nlink > 1 && linked[c]:
-				// another name of a node already counted
-			default:
-				if c.nlink > 1 {
-					linked[c] = true
-				}
-				t.nodes++
-				t.bytes += c.size
-			}
-		}
-	}
-	walk(d)
-}
+// Sparse reports whether the node is a GNU sparse file, whose data is
+// not the run [Offset, Offset+Size) of the stream.
+func (e Entry) Sparse() bool { return e.t.sparse(e.i) != nil }

@@ -211,7 +211,12 @@ func (r *ztocResolver) Mount(ctx context.Context, dir string, labels map[string]
 	if err != nil {
 		return nil, err
 	}
-	root, err := fusefs.NewRoot(z.Files, layer, fusefs.Options{})
+	tree, err := fusefs.NewTree(fusefs.Files(z.Files), nil)
+	if err != nil {
+		layer.Close()
+		return nil, err
+	}
+	root, err := fusefs.NewRoot(tree, layer, fusefs.Options{})
 	if err != nil {
 		layer.Close()
 		return nil, err

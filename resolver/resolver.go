@@ -488,7 +488,12 @@ func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.
 	if err != nil {
 		return nil, err
 	}
-	root, err := fusefs.NewRoot(z.Files, layer, fusefs.Options{Logger: r.log})
+	tree, err := fusefs.NewTree(fusefs.Files(z.Files), r.log)
+	if err != nil {
+		layer.Close()
+		return nil, err
+	}
+	root, err := fusefs.NewRoot(tree, layer, fusefs.Options{Logger: r.log})
 	if err != nil {
 		layer.Close()
 		return nil, err

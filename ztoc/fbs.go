@@ -475,33 +475,9 @@ func (d *fbDecoder) stringAt(pos int64) (string, error) {
 
 // ztoc decodes the root Ztoc table.
 func (d *fbDecoder) ztoc() (*Ztoc, error) {
-	if err := d.need(0, 8); err != nil {
-		return nil, fmt.Errorf("too short for a flatbuffer: %w", err)
-	}
-	root, err := d.table(int64(binary.LittleEndian.Uint32(d.buf)))
+	z, root, toc, err := d.rootAndTOC()
 	if err != nil {
-		return nil, fmt.Errorf("root: %w", err)
-	}
-	z := &Ztoc{}
-	if z.Version, err = root.stringField(fbZtocVersion); err != nil {
-		return nil, fmt.Errorf("version: %w", err)
-	}
-	if z.BuildToolIdentifier, err = root.stringField(fbZtocBuildToolIdentifier); err != nil {
-		return nil, fmt.Errorf("build tool identifier: %w", err)
-	}
-	if z.CompressedArchiveSize, err = root.int64Field(fbZtocCompressedArchiveSize); err != nil {
-		return nil, fmt.Errorf("compressed archive size: %w", err)
-	}
-	if z.UncompressedArchiveSize, err = root.int64Field(fbZtocUncompressedArchiveSize); err != nil {
-		return nil, fmt.Errorf("uncompressed archive size: %w", err)
-	}
-
-	toc, ok, err := root.tableField(fbZtocTOC)
-	if err != nil {
-		return nil, fmt.Errorf("toc: %w", err)
-	}
-	if !ok {
-		return nil, errors.New("toc is missing")
+		return nil, err
 	}
 	files, err := toc.offsetVectorField(fbTOCMetadata)
 	if err != nil {
@@ -517,18 +493,59 @@ func (d *fbDecoder) ztoc() (*Ztoc, error) {
 		}
 		z.Files = append(z.Files, f)
 	}
-
-	ci, ok, err := root.tableField(fbZtocCompressionInfo)
-	if err != nil {
-		return nil, fmt.Errorf("compression info: %w", err)
-	}
-	if !ok {
-		return nil, errors.New("compression info is missing")
-	}
-	if err := d.compressionInfo(ci, &z.CompressionInfo); err != nil {
-		return nil, fmt.Errorf("compression info: %w", err)
+	if err := d.compressionInfoOf(root, z); err != nil {
+		return nil, err
 	}
 	return z, nil
+}
+
+// compressionInfoOf decodes the root table's CompressionInfo into z.
+func (d *fbDecoder) compressionInfoOf(root fbTable, z *Ztoc) error {
+	ci, ok, err := root.tableField(fbZtocCompressionInfo)
+	if err != nil {
+		return fmt.Errorf("compression info: %w", err)
+	}
+	if !ok {
+		return errors.New("compression info is missing")
+	}
+	if err := d.compressionInfo(ci, &z.CompressionInfo); err != nil {
+		return fmt.Errorf("compression info: %w", err)
+	}
+	return nil
+}
+
+// rootAndTOC decodes the root Ztoc table's scalar fields and opens its TOC
+// table (whose entries the caller decodes).
+func (d *fbDecoder) rootAndTOC() (*Ztoc, fbTable, fbTable, error) {
+	if err := d.need(0, 8); err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("too short for a flatbuffer: %w", err)
+	}
+	root, err := d.table(int64(binary.LittleEndian.Uint32(d.buf)))
+	if err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("root: %w", err)
+	}
+	z := &Ztoc{}
+	if z.Version, err = root.stringField(fbZtocVersion); err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("version: %w", err)
+	}
+	if z.BuildToolIdentifier, err = root.stringField(fbZtocBuildToolIdentifier); err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("build tool identifier: %w", err)
+	}
+	if z.CompressedArchiveSize, err = root.int64Field(fbZtocCompressedArchiveSize); err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("compressed archive size: %w", err)
+	}
+	if z.UncompressedArchiveSize, err = root.int64Field(fbZtocUncompressedArchiveSize); err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("uncompressed archive size: %w", err)
+	}
+
+	toc, ok, err := root.tableField(fbZtocTOC)
+	if err != nil {
+		return nil, fbTable{}, fbTable{}, fmt.Errorf("toc: %w", err)
+	}
+	if !ok {
+		return nil, fbTable{}, fbTable{}, errors.New("toc is missing")
+	}
+	return z, root, toc, nil
 }
 
 // file decodes the FileMetadata table at pos into f.

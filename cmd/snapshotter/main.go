@@ -38,7 +38,7 @@ and start it before containerd.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCommand(), newPullCommand(), newRecordCommand())
+	root.AddCommand(newServeCommand(), newPullCommand(), newRecordCommand(), newFDHolderCommand())
 	return root
 }
 
