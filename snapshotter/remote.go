@@ -45,14 +45,21 @@ type RemoteLayerResolver interface {
 
 // RemoteMount is a mounted remote layer.
 type RemoteMount interface {
-	// Unmount unmounts the layer and stops serving it, keeping what a
-	// later Mount of the same snapshot reuses (the daemon is stopping).
-	Unmount() error
+	// Release is called when the snapshotter closes (the daemon is
+	// stopping): the mount stops its background work. A mount that the
+	// next process can take over stays mounted, so containers keep
+	// reading through the restart; any other is unmounted. What a later
+	// Mount of the same snapshot reuses is kept.
+	Release() error
 	// Remove unmounts the layer and deletes what only this snapshot
 	// needed, such as cached data (the snapshot was removed).
 	Remove() error
-	// Labels are recorded on the committed snapshot, e.g. LabelMode.
+	// Labels are the layer's current labels, e.g. LabelMode and
+	// LabelVerified: recorded on the committed snapshot, and merged into
+	// what Stat reports, since some change while the layer is mounted.
 	Labels() map[string]string
+	// Usage is the local disk space the layer takes (cached data).
+	Usage() snapshots.Usage
 }
 
 // Labels the snapshotter reads and writes.
@@ -71,6 +78,11 @@ const (
 	// "lazy" (read on demand) or "unpacked" (downloaded and unpacked by
 	// the snapshotter itself).
 	LabelMode = "containerd.io/snapshot/spanpull.mode"
+	// LabelVerified says whether a lazily served layer has been checked
+	// against the image (its layer digest and diff_id): "unverified",
+	// "verified" or "quarantined" (its index was found wrong; reads fail
+	// until the layer is repaired from verified data).
+	LabelVerified = "containerd.io/snapshot/spanpull.verified"
 )
 
 // Prepare creates the active snapshot key on top of parent. When labels
@@ -250,19 +262,16 @@ func (s *Snapshotter) restoreRemote(ctx context.Context) error {
 // restoreConcurrency bounds the remote layers mounted at once on restart.
 const restoreConcurrency = 4
 
-// restoreOne mounts the remote layer of committed snapshot id again.
+// restoreOne mounts the remote layer of committed snapshot id again. The
+// old mount is left to the resolver: it takes the live connection over
+// when it can (containers reading the layer never notice the restart), and
+// replaces a dead mount otherwise.
 func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.Info) {
 	dir := s.upperPath(id)
 	l := s.log.WithField("snapshot", info.Name).WithField("layer", info.Labels[snapshotters.TargetLayerDigestLabel])
-	if err := unmountUnder(dir); err != nil {
-		l.WithError(err).Error("spanpull: remote layer: remove old mount")
-		return
-	}
 	if s.resolver == nil {
 		l.Error("spanpull: remote layer cannot be mounted: no remote layer resolver configured")
-		s.mu.Lock()
-		s.unrestored[id] = info.Name
-		s.mu.Unlock()
+		s.markUnrestored(id, info.Name)
 		return
 	}
 	rm, err := s.resolver.Mount(ctx, dir, info.Labels)
@@ -271,12 +280,21 @@ func (s *Snapshotter) restoreOne(ctx context.Context, id string, info snapshots.
 	}
 	if err != nil {
 		l.WithError(err).Error("spanpull: remote layer cannot be mounted again; its files are unreadable")
-		s.mu.Lock()
-		s.unrestored[id] = info.Name
-		s.mu.Unlock()
+		if uerr := unmountUnder(dir); uerr != nil {
+			l.WithError(uerr).Error("spanpull: remote layer: remove old mount")
+		}
+		s.markUnrestored(id, info.Name)
 		return
 	}
 	s.mu.Lock()
 	s.mounted[id] = rm
+	s.mu.Unlock()
+}
+
+// markUnrestored records that the remote layer of snapshot id could not be
+// mounted again (see Ready).
+func (s *Snapshotter) markUnrestored(id, name string) {
+	s.mu.Lock()
+	s.unrestored[id] = name
 	s.mu.Unlock()
 }

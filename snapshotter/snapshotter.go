@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -197,9 +198,37 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	return s, nil
 }
 
-// Stat returns the info of the active or committed snapshot key.
+// Stat returns the info of the active or committed snapshot key. The
+// labels of a remote layer this process serves include its current ones
+// (RemoteMount.Labels), such as whether it has been verified.
 func (s *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
-	return s.overlay.Stat(ctx, key)
+	var (
+		id   string
+		info snapshots.Info
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return snapshots.Info{}, err
+	}
+	if rm := s.remote(id); rm != nil {
+		if info.Labels == nil {
+			info.Labels = map[string]string{}
+		}
+		maps.Copy(info.Labels, rm.Labels())
+	}
+	return info, nil
+}
+
+// remote returns the remote mount this process made for snapshot id, or
+// nil.
+func (s *Snapshotter) remote(id string) RemoteMount {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.mounted[id]
 }
 
 // Update updates the labels (the only mutable field) of a snapshot.
@@ -207,9 +236,23 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 	return s.overlay.Update(ctx, info, fieldpaths...)
 }
 
-// Usage returns the disk usage of a snapshot. For a remote layer it is the
-// value recorded at commit: what is cached locally changes over time.
+// Usage returns the disk usage of a snapshot. For a remote layer it is
+// what the layer keeps on local disk now (cached data, which grows as the
+// layer is read and shrinks when the cache evicts), so that containerd's
+// image filesystem statistics and the kubelet's image GC see it.
 func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	var id string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, _, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		return snapshots.Usage{}, err
+	}
+	if rm := s.remote(id); rm != nil {
+		return rm.Usage(), nil
+	}
 	return s.overlay.Usage(ctx, key)
 }
 
@@ -353,9 +396,10 @@ func unmountUnder(dir string) error {
 	return nil
 }
 
-// Close releases the remote mounts this process made and closes the
-// metadata store. Snapshots survive: a new Snapshotter on the same root
-// mounts remote layers again.
+// Close releases the remote mounts this process made (RemoteMount.Release:
+// lazy layers stay mounted for the next process to take over) and closes
+// the metadata store. Snapshots survive: a new Snapshotter on the same root
+// serves remote layers again.
 func (s *Snapshotter) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -369,8 +413,8 @@ func (s *Snapshotter) Close() error {
 
 	var errs []error
 	for id, rm := range mounted {
-		if err := rm.Unmount(); err != nil {
-			errs = append(errs, fmt.Errorf("unmount remote layer of snapshot %s: %w", id, err))
+		if err := rm.Release(); err != nil {
+			errs = append(errs, fmt.Errorf("release remote layer of snapshot %s: %w", id, err))
 		}
 	}
 	if err := s.overlay.Close(); err != nil {

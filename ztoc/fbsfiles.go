@@ -66,3 +66,50 @@ func UnmarshalInfo(b []byte) (*Ztoc, error) {
 	}
 	return z, nil
 }
+
+// TOCReader reads the TOC entries of a zTOC flatbuffer one at a time, in
+// any order, without decoding the others: the runtime keeps a layer's TOC
+// as bytes (a file mapped into memory) rather than as a []FileMetadata,
+// and decodes an entry when it needs one (to check a file's tar header on
+// its first read). The bytes are checked as Unmarshal checks them when an
+// entry is decoded.
+type TOCReader struct {
+	d     *fbDecoder
+	z     *Ztoc
+	files []int64 // flatbuffer position of each entry
+}
+
+// NewTOCReader returns a reader over the TOC of the zTOC flatbuffer b,
+// which must stay unchanged while the reader is used.
+func NewTOCReader(b []byte) (*TOCReader, error) {
+	d := &fbDecoder{buf: b, budget: int64(len(b))}
+	z, _, toc, err := d.rootAndTOC()
+	if err != nil {
+		return nil, fmt.Errorf("decode zTOC: %w", err)
+	}
+	files, err := toc.offsetVectorField(fbTOCMetadata)
+	if err != nil {
+		return nil, fmt.Errorf("decode zTOC: toc: %w", err)
+	}
+	return &TOCReader{d: d, z: z, files: files}, nil
+}
+
+// Len returns the number of TOC entries.
+func (r *TOCReader) Len() int { return len(r.files) }
+
+// File decodes and checks entry i (archive order, from 0).
+func (r *TOCReader) File(i int) (*FileMetadata, error) {
+	if i < 0 || i >= len(r.files) {
+		return nil, fmt.Errorf("decode zTOC: no toc entry %d (there are %d)", i, len(r.files))
+	}
+	d := *r.d // a fresh budget: entries are decoded one by one, again and again
+	d.budget = int64(len(d.buf))
+	f := new(FileMetadata)
+	if err := d.file(r.files[i], f); err != nil {
+		return nil, fmt.Errorf("decode zTOC: toc entry %d: %w", i, err)
+	}
+	if err := r.z.validateFile(f); err != nil {
+		return nil, fmt.Errorf("decode zTOC: toc entry %d %q: %w", i, f.Name, err)
+	}
+	return f, nil
+}

@@ -61,6 +61,10 @@ type PackHead struct {
 	// reader gets a span's window with WindowRange and DecodeWindow. It
 	// passes Validate; Marshal refuses it (use Restore).
 	Ztoc *Ztoc
+	// TOC is a zTOC flatbuffer holding the layer's TOC (and no usable span
+	// table): what DecodeFiles and NewTOCReader read when Ztoc.Files is
+	// left out (UnmarshalPackHeadInfo).
+	TOC []byte
 
 	windows []packWindow // per span, gzip layers only
 	v1      bool         // the zTOC's checkpoint blob has the v1 layout
@@ -155,12 +159,25 @@ func isZero(b []byte) bool {
 // input yields an error, never a panic. The caller verifies b against its
 // descriptor digest first.
 func UnmarshalPackHead(b []byte) (*PackHead, error) {
+	return unmarshalPackHead(b, true)
+}
+
+// UnmarshalPackHeadInfo decodes a pack head like UnmarshalPackHead but
+// leaves Ztoc.Files nil: the entries stay in TOC, to be read with
+// DecodeFiles or NewTOCReader, so that a layer of a million files never
+// has its whole TOC decoded in memory. The entries are checked as they are
+// read.
+func UnmarshalPackHeadInfo(b []byte) (*PackHead, error) {
+	return unmarshalPackHead(b, false)
+}
+
+func unmarshalPackHead(b []byte, files bool) (*PackHead, error) {
 	limit := min(max(int64(len(b))*maxHeadExpansion, minHeadLimit), MaxPackHeadSize)
 	raw, err := zstdDecode(b, limit)
 	if err != nil {
 		return nil, fmt.Errorf("decode pack head: %w", err)
 	}
-	h, err := decodeHead(raw)
+	h, err := decodeHead(raw, files)
 	if err != nil {
 		return nil, fmt.Errorf("decode pack head: %w", err)
 	}

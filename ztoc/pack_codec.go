@@ -152,7 +152,7 @@ func appendSum(b []byte, d digest.Digest) []byte {
 }
 
 // decodeHead decodes a decompressed head.
-func decodeHead(raw []byte) (*PackHead, error) {
+func decodeHead(raw []byte, files bool) (*PackHead, error) {
 	r := &packReader{b: raw}
 	if magic := r.bytes(uint64(len(packMagic)), "magic"); r.err == nil && string(magic) != string(packMagic) {
 		return nil, fmt.Errorf("not a pack head (magic %q)", magic)
@@ -184,7 +184,12 @@ func decodeHead(raw []byte) (*PackHead, error) {
 		return nil, fmt.Errorf("unknown compression algorithm %d", alg)
 	}
 	h.v1 = flags&packFlagV1 != 0
-	stub, err := Unmarshal(stubBytes)
+	h.TOC = stubBytes
+	unmarshal := Unmarshal
+	if !files {
+		unmarshal = UnmarshalInfo
+	}
+	stub, err := unmarshal(stubBytes)
 	if err != nil {
 		return nil, fmt.Errorf("toc: %w", err)
 	}

@@ -49,7 +49,7 @@ func FuzzUnmarshalPackHead(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := UnmarshalPackHead(b)
 		checkFuzzedHead(t, h, err)
-		h, err = decodeHead(b)
+		h, err = decodeHead(b, true)
 		checkFuzzedHead(t, h, err)
 	})
 }
@@ -68,7 +68,7 @@ func checkFuzzedHead(t *testing.T, h *PackHead, err error) {
 	if err != nil {
 		t.Fatalf("a decoded head does not re-encode: %v", err)
 	}
-	h2, err := decodeHead(raw)
+	h2, err := decodeHead(raw, true)
 	if err != nil {
 		t.Fatalf("a re-encoded head does not decode: %v", err)
 	}

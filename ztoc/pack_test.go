@@ -106,6 +106,40 @@ func packOf(t testing.TB, z *Ztoc) (zb, head, windows []byte, h *PackHead) {
 // checkPack checks the pack of z: the head's zTOC equals z but for the
 // windows, every window decodes to z's, Restore gives z's bytes back, and
 // encoding is deterministic.
+// checkPackInfo checks that UnmarshalPackHeadInfo leaves the TOC out of
+// the Ztoc and that its TOC bytes yield z's entries, one by one (TOCReader)
+// and in a walk (DecodeFiles).
+func checkPackInfo(t *testing.T, head []byte, z *Ztoc) {
+	t.Helper()
+	h, err := UnmarshalPackHeadInfo(head)
+	if err != nil {
+		t.Fatalf("UnmarshalPackHeadInfo: %v", err)
+	}
+	if h.Ztoc.Files != nil {
+		t.Errorf("UnmarshalPackHeadInfo decoded %d entries", len(h.Ztoc.Files))
+	}
+	r, err := NewTOCReader(h.TOC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Len() != len(z.Files) {
+		t.Fatalf("TOCReader has %d entries, want %d", r.Len(), len(z.Files))
+	}
+	for i := r.Len() - 1; i >= 0; i-- {
+		f, err := r.File(i)
+		if err != nil || !reflect.DeepEqual(*f, z.Files[i]) {
+			t.Errorf("TOCReader entry %d = %+v, %v; want %+v", i, f, err, z.Files[i])
+		}
+	}
+	var walked []FileMetadata
+	if err := DecodeFiles(h.TOC, func(f *FileMetadata) error { walked = append(walked, *f); return nil }); err != nil || !reflect.DeepEqual(walked, z.Files) {
+		t.Errorf("DecodeFiles of the head's TOC: %v, entries equal: %v", err, reflect.DeepEqual(walked, z.Files))
+	}
+	if _, err := r.File(r.Len()); err == nil {
+		t.Errorf("TOCReader decoded an entry past the end")
+	}
+}
+
 func checkPack(t *testing.T, z *Ztoc) (zb, head, windows []byte) {
 	t.Helper()
 	zb, head, windows, h := packOf(t, z)
@@ -123,6 +157,7 @@ func checkPack(t *testing.T, z *Ztoc) (zb, head, windows []byte) {
 	if !reflect.DeepEqual(hz.Files, z.Files) || !reflect.DeepEqual(hz.SpanDigests, z.SpanDigests) || !reflect.DeepEqual(hz.Chunks, z.Chunks) {
 		t.Errorf("head's TOC, span digests or chunks differ")
 	}
+	checkPackInfo(t, head, z)
 	if got, err := hz.SpanSize(); err != nil || got != mustSpanSize(t, z) {
 		t.Errorf("head's span size %d, %v", got, err)
 	}
