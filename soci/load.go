@@ -43,6 +43,43 @@ type LayerIndex struct {
 	// PackErr says why the index's pack could not be used (the zTOC was
 	// used instead); nil when the pack was used or there is none.
 	PackErr error
+	// Blob is the blob Ztoc was decoded from (the pack head, or the zTOC),
+	// as fetched and verified: what a runtime stores to mount the layer
+	// again without the registry.
+	Blob []byte
+	// TOC is a zTOC flatbuffer holding the layer's TOC. Ztoc.Files is nil:
+	// the entries are read from TOC (Files, or ztoc.NewTOCReader) so that
+	// a layer of a million files is never decoded into memory at once.
+	TOC []byte
+}
+
+// Files calls fn with each TOC entry of the layer, in archive order,
+// decoding and checking them one at a time (ztoc.DecodeFiles).
+func (li *LayerIndex) Files(fn func(*ztoc.FileMetadata) error) error {
+	return ztoc.DecodeFiles(li.TOC, fn)
+}
+
+// DecodeLayerIndex decodes blob, a pack head (head is true) or a zTOC
+// that LoadLayer fetched before, into a LayerIndex (without Windows: a
+// head's windows come from the registry, see NewWindows). It is how a
+// runtime mounts a layer again from what it stored.
+func DecodeLayerIndex(blob []byte, head bool) (*LayerIndex, error) {
+	li := &LayerIndex{Blob: blob}
+	if head {
+		h, err := ztoc.UnmarshalPackHeadInfo(blob)
+		if err != nil {
+			return nil, err
+		}
+		li.Ztoc, li.TOC, li.ZtocDigest = h.Ztoc, h.TOC, h.ZtocDigest
+		li.Head = ocispec.Descriptor{MediaType: index.MediaTypePackHead, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
+		return li, nil
+	}
+	z, err := ztoc.UnmarshalInfo(blob)
+	if err != nil {
+		return nil, err
+	}
+	li.Ztoc, li.TOC, li.ZtocDigest = z, blob, digest.FromBytes(blob)
+	return li, nil
 }
 
 // LoadLayer loads the zTOC of image layer from the SOCI index ix of repo:
@@ -69,14 +106,14 @@ func LoadLayer(ctx context.Context, repo *registry.Repository, ix *index.Index, 
 	if err != nil {
 		return nil, fmt.Errorf("layer %s: fetch zTOC %s: %w", layer.Digest, zd.Digest, err)
 	}
-	z, err := ztoc.Unmarshal(b)
+	z, err := ztoc.UnmarshalInfo(b)
 	if err != nil {
 		return nil, fmt.Errorf("layer %s: zTOC %s: %w", layer.Digest, zd.Digest, err)
 	}
 	if z.CompressedArchiveSize != layer.Size {
 		return nil, fmt.Errorf("layer %s: zTOC %s describes %d compressed bytes, the layer has %d", layer.Digest, zd.Digest, z.CompressedArchiveSize, layer.Size)
 	}
-	li.Ztoc = z
+	li.Ztoc, li.Blob, li.TOC = z, b, b
 	return li, nil
 }
 
@@ -90,7 +127,7 @@ func (li *LayerIndex) loadPack(ctx context.Context, repo *registry.Repository, l
 	if d := digest.FromBytes(b); d != head.Digest {
 		return fmt.Errorf("pack head %s: content digest is %s", head.Digest, d)
 	}
-	h, err := ztoc.UnmarshalPackHead(b)
+	h, err := ztoc.UnmarshalPackHeadInfo(b)
 	if err != nil {
 		return fmt.Errorf("pack head %s: %w", head.Digest, err)
 	}
@@ -104,10 +141,8 @@ func (li *LayerIndex) loadPack(ctx context.Context, repo *registry.Repository, l
 	case h.WindowsSize > 0 && (windows.Digest != h.WindowsDigest || windows.Size != h.WindowsSize):
 		return fmt.Errorf("pack head %s names windows blob %s (%d bytes), the index lists %q (%d bytes)", head.Digest, h.WindowsDigest, h.WindowsSize, windows.Digest, windows.Size)
 	}
-	li.Ztoc, li.Head = h.Ztoc, head
-	if h.Ztoc.Algorithm == ztoc.Gzip {
-		li.Windows = &Windows{repo: repo, desc: windows, head: h}
-	}
+	li.Ztoc, li.Head, li.Blob, li.TOC = h.Ztoc, head, b, h.TOC
+	li.Windows = NewWindows(repo, windows, h)
 	return nil
 }
 
@@ -134,6 +169,16 @@ type Windows struct {
 type cachedWindow struct {
 	id  ztoc.SpanID
 	win []byte
+}
+
+// NewWindows returns the Windows of a layer whose pack head is h and whose
+// windows blob is windows in repo, or nil when the layer needs none (a tar
+// layer).
+func NewWindows(repo *registry.Repository, windows ocispec.Descriptor, h *ztoc.PackHead) *Windows {
+	if h.Ztoc.Algorithm != ztoc.Gzip {
+		return nil
+	}
+	return &Windows{repo: repo, desc: windows, head: h}
 }
 
 // Window returns the 32 KiB window of span id. The caller must not modify
