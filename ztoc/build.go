@@ -621,15 +621,10 @@ func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error)
 	if !ok {
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: unsupported type %q", hdr.Name, dataOffset, hdr.Typeflag)
 	}
-	// The same rule as the zTOC decoder's: a layer that could not be read
-	// back is not built.
-	if err := checkPath(hdr.Name); err != nil {
+	// The same rules as the zTOC decoder's (containerd's): a layer that
+	// could not be read back is not built.
+	if err := checkEntryNames(hdr.Name, typ, hdr.Linkname); err != nil {
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: %w", hdr.Name, dataOffset, err)
-	}
-	if typ == TypeHardlink {
-		if err := checkPath(hdr.Linkname); err != nil {
-			return FileMetadata{}, false, fmt.Errorf("hardlink %q at uncompressed offset %d: target %q: %w", hdr.Name, dataOffset, hdr.Linkname, err)
-		}
 	}
 	fm := FileMetadata{
 		Name:               hdr.Name,
