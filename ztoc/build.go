@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"hash"
 	"io"
-	"maps"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -568,26 +567,9 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 			}
 			return fmt.Errorf("read tar entry at uncompressed offset %d: %w", sr.pos, err)
 		}
-		fm, ok, err := fileMetadata(hdr, sr.pos)
+		fm, ok, err := tocEntry(hdr, sr.tap, sr.tapOverflow, sr.pos)
 		if err != nil {
 			return err
-		}
-		if ok && isSparse(hdr) {
-			if sr.tapOverflow {
-				return fmt.Errorf("sparse file %q at uncompressed offset %d: header too large", hdr.Name, sr.pos)
-			}
-			nums, err := sparseMap(hdr, sr.tap)
-			if err != nil {
-				return fmt.Errorf("sparse file %q at uncompressed offset %d: %w", hdr.Name, sr.pos, err)
-			}
-			fm.PAXRecords = maps.Clone(fm.PAXRecords)
-			if fm.PAXRecords == nil {
-				fm.PAXRecords = make(map[string]string, 1)
-			}
-			fm.PAXRecords[SparseMapRecord] = formatSparseList(nums)
-			if _, err := fm.Fragments(); err != nil {
-				return err
-			}
 		}
 		if ok {
 			t.files = append(t.files, fm)

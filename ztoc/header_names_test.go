@@ -131,6 +131,9 @@ func TestNameRulesMatchContainerd(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("containerd unpacks\n%v\nConfinedPath says\n%v", got, want)
 	}
+	if i, err := hdFirstFailure(z, tarball); err != nil {
+		t.Errorf("entry %d: %v", i, err)
+	}
 }
 
 // TestNameRulesRefused: the layers containerd refuses for their names are
