@@ -131,8 +131,21 @@ func CheckHeader(hdrBytes []byte, f *FileMetadata) error {
 // for entries that the TOC leaves out.
 func tocEntry(hdr *tar.Header, raw []byte, rawOverflow bool, dataOffset int64) (FileMetadata, bool, error) {
 	fm, ok, err := fileMetadata(hdr, dataOffset)
-	if err != nil || !ok || !isSparse(hdr) {
+	if err != nil || !ok {
 		return fm, ok, err
+	}
+	if !isSparse(hdr) {
+		if _, forged := fm.PAXRecords[SparseMapRecord]; forged {
+			// Only the builder writes this record: from the tar, it
+			// would make readers serve holes where containerd writes
+			// the file's data.
+			fm.PAXRecords = maps.Clone(fm.PAXRecords)
+			delete(fm.PAXRecords, SparseMapRecord)
+			if len(fm.PAXRecords) == 0 {
+				fm.PAXRecords = nil
+			}
+		}
+		return fm, true, nil
 	}
 	if rawOverflow {
 		return FileMetadata{}, false, fmt.Errorf("sparse file %q at uncompressed offset %d: header too large", hdr.Name, dataOffset)

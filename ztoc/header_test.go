@@ -1,6 +1,8 @@
 package ztoc
 
 import (
+	"archive/tar"
+	"bytes"
 	"errors"
 	"fmt"
 	"maps"
@@ -9,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
 
 // hdBuildTOC builds the zTOC of a plain tar stream: its TOC is the one
@@ -365,4 +369,33 @@ func TestCompareEntryEveryField(t *testing.T) {
 			t.Errorf("a change of field %s is not a mismatch", typ.Field(i).Name)
 		}
 	}
+}
+
+// TestSparseMapRecordFromTar: a PAX record named like the builder's
+// sparse map, on a file that is not sparse, is left out of the TOC:
+// readers would otherwise serve holes where containerd writes the data.
+func TestSparseMapRecordFromTar(t *testing.T) {
+	data := layertest.Text(3, 3000)
+	tarball := layertest.Tar(t, layertest.Entry{Header: tar.Header{Typeflag: tar.TypeReg, Name: "f", Mode: 0o644, Format: tar.FormatPAX,
+		PAXRecords: map[string]string{SparseMapRecord: "0,0", "SCHILY.xattr.user.a": "b"}}, Data: data})
+	z := hdBuildTOC(t, tarball)
+	f := &z.Files[0]
+	if _, ok := f.PAXRecords[SparseMapRecord]; ok || f.PAXRecords["SCHILY.xattr.user.a"] != "b" {
+		t.Fatalf("PAX records %v", f.PAXRecords)
+	}
+	r, err := cfNewReader(z, tarball)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	if _, err := r.WriteFile(&got, f); err != nil || !bytes.Equal(got.Bytes(), data) {
+		t.Fatalf("reads back %d bytes (%v), want the file's %d", got.Len(), err, len(data))
+	}
+	if i, err := hdFirstFailure(z, tarball); err != nil {
+		t.Fatalf("entry %d: %v", i, err)
+	}
+	// A zTOC that keeps the record does not describe the layer.
+	f.PAXRecords[SparseMapRecord] = "0,0"
+	_, err = hdFirstFailure(z, tarball)
+	hdCheckField(t, err, "pax")
 }
