@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -216,18 +217,30 @@ func recv(ctx context.Context, ch <-chan chunk) (c chunk, ok bool, err error) {
 	}
 }
 
-// bufferPool is a fixed set of reusable buffers; get blocks until one is free.
-type bufferPool struct{ free chan []byte }
+// bufferPool is a fixed set of reusable buffers; get blocks until one is
+// free. Buffers are allocated the first time they are needed, so a small
+// layer does not pay for the whole set.
+type bufferPool struct {
+	free chan []byte
+	size int
+	left atomic.Int32 // buffers not allocated yet
+}
 
 func newBufferPool(n, size int) *bufferPool {
-	p := &bufferPool{free: make(chan []byte, n)}
-	for range n {
-		p.free <- make([]byte, size)
-	}
+	p := &bufferPool{free: make(chan []byte, n), size: size}
+	p.left.Store(int32(n))
 	return p
 }
 
 func (p *bufferPool) get(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-p.free:
+		return b, nil
+	default:
+	}
+	if p.left.Add(-1) >= 0 {
+		return make([]byte, p.size), nil
+	}
 	select {
 	case b := <-p.free:
 		return b, nil

@@ -296,7 +296,10 @@ func (v *layerVerifier) checkGzip(ctx context.Context, first chunk, inputs <-cha
 		first.release()
 		return err
 	}
-	return checkInflate(ctx, first, inputs, stream, hashed, zi.Checkpoints)
+	// A small layer needs no 1 MiB output chunks (the chunk size does not
+	// change what is checked).
+	outSize := int(min(int64(outputChunkSize), max(v.z.UncompressedArchiveSize, 64<<10)))
+	return checkInflate(ctx, first, inputs, stream, hashed, zi.Checkpoints, outSize)
 }
 
 // hashStream hashes the uncompressed stream on its way from the inflate

@@ -25,17 +25,17 @@ type gzipChecker struct {
 }
 
 // checkInflate is VerifyLayer's inflate stage for a gzip layer: it
-// inflates the blob's chunks from in to out, checking the checkpoints
-// want, and hands each input chunk to hashed with the places where spans
-// start in it. It closes neither out nor hashed.
-func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, hashed chan<- hashChunk, want []Checkpoint) error {
+// inflates the blob's chunks from in to out (in chunks of outSize bytes),
+// checking the checkpoints want, and hands each input chunk to hashed with
+// the places where spans start in it. It closes neither out nor hashed.
+func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, hashed chan<- hashChunk, want []Checkpoint, outSize int) error {
 	inf, err := newInflater(windowBitsGzip)
 	if err != nil {
 		first.release()
 		return err
 	}
 	defer inf.close()
-	g := &gzipInflater{inf: inf, s: &spanRecorder{}, out: out, outPool: newBufferPool(outputChunks, WindowSize+outputChunkSize)}
+	g := &gzipInflater{inf: inf, s: &spanRecorder{}, out: out, outPool: newBufferPool(outputChunks, WindowSize+outSize)}
 	c := &gzipChecker{gzipInflater: g, want: want}
 	if g.cur, err = g.outPool.get(ctx); err != nil {
 		first.release()
