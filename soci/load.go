@@ -59,6 +59,19 @@ func (li *LayerIndex) Files(fn func(*ztoc.FileMetadata) error) error {
 	return ztoc.DecodeFiles(li.TOC, fn)
 }
 
+// FullZtoc returns the layer's zTOC with every TOC entry decoded in Files:
+// for tools that work on whole TOCs (resolving prefetch file lists), not
+// for a runtime holding many layers.
+func (li *LayerIndex) FullZtoc() (*ztoc.Ztoc, error) {
+	z := *li.Ztoc
+	z.Files = nil
+	err := li.Files(func(f *ztoc.FileMetadata) error {
+		z.Files = append(z.Files, *f)
+		return nil
+	})
+	return &z, err
+}
+
 // DecodeLayerIndex decodes blob, a pack head (head is true) or a zTOC
 // that LoadLayer fetched before, into a LayerIndex (without Windows: a
 // head's windows come from the registry, see NewWindows). It is how a

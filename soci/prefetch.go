@@ -300,11 +300,15 @@ func loadLayer(ctx context.Context, repo *registry.Repository, t *attachTarget, 
 	if err != nil {
 		return nil, err
 	}
-	spans, err := li.Ztoc.Spans()
+	z, err := li.FullZtoc()
 	if err != nil {
 		return nil, fmt.Errorf("layer %s: %w", layer, err)
 	}
-	return &loadedLayer{desc: t.manifest.Layers[i], z: li.Ztoc, spans: spans}, nil
+	spans, err := z.Spans()
+	if err != nil {
+		return nil, fmt.Errorf("layer %s: %w", layer, err)
+	}
+	return &loadedLayer{desc: t.manifest.Layers[i], z: z, spans: spans}, nil
 }
 
 // prefetchOrders returns the span order of every layer with spans to

@@ -9,8 +9,8 @@ import (
 	"fmt"
 	"hash"
 	"io"
-	"maps"
 	"math"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -249,18 +249,30 @@ func recv(ctx context.Context, ch <-chan chunk) (c chunk, ok bool, err error) {
 	}
 }
 
-// bufferPool is a fixed set of reusable buffers; get blocks until one is free.
-type bufferPool struct{ free chan []byte }
+// bufferPool is a fixed set of reusable buffers; get blocks until one is
+// free. Buffers are allocated the first time they are needed, so a small
+// layer does not pay for the whole set.
+type bufferPool struct {
+	free chan []byte
+	size int
+	left atomic.Int32 // buffers not allocated yet
+}
 
 func newBufferPool(n, size int) *bufferPool {
-	p := &bufferPool{free: make(chan []byte, n)}
-	for range n {
-		p.free <- make([]byte, size)
-	}
+	p := &bufferPool{free: make(chan []byte, n), size: size}
+	p.left.Store(int32(n))
 	return p
 }
 
 func (p *bufferPool) get(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-p.free:
+		return b, nil
+	default:
+	}
+	if p.left.Add(-1) >= 0 {
+		return make([]byte, p.size), nil
+	}
 	select {
 	case b := <-p.free:
 		return b, nil
@@ -695,26 +707,9 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 			}
 			return fmt.Errorf("read tar entry at uncompressed offset %d: %w", sr.pos, err)
 		}
-		fm, ok, err := fileMetadata(hdr, sr.pos)
+		fm, ok, err := tocEntry(hdr, sr.tap, sr.tapOverflow, sr.pos)
 		if err != nil {
 			return err
-		}
-		if ok && isSparse(hdr) {
-			if sr.tapOverflow {
-				return fmt.Errorf("sparse file %q at uncompressed offset %d: header too large", hdr.Name, sr.pos)
-			}
-			nums, err := sparseMap(hdr, sr.tap)
-			if err != nil {
-				return fmt.Errorf("sparse file %q at uncompressed offset %d: %w", hdr.Name, sr.pos, err)
-			}
-			fm.PAXRecords = maps.Clone(fm.PAXRecords)
-			if fm.PAXRecords == nil {
-				fm.PAXRecords = make(map[string]string, 1)
-			}
-			fm.PAXRecords[SparseMapRecord] = formatSparseList(nums)
-			if _, err := fm.Fragments(); err != nil {
-				return err
-			}
 		}
 		if ok {
 			t.files = append(t.files, fm)
@@ -748,15 +743,10 @@ func fileMetadata(hdr *tar.Header, dataOffset int64) (FileMetadata, bool, error)
 	if !ok {
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: unsupported type %q", hdr.Name, dataOffset, hdr.Typeflag)
 	}
-	// The same rule as the zTOC decoder's: a layer that could not be read
-	// back is not built.
-	if err := checkPath(hdr.Name); err != nil {
+	// The same rules as the zTOC decoder's (containerd's): a layer that
+	// could not be read back is not built.
+	if err := checkEntryNames(hdr.Name, typ, hdr.Linkname); err != nil {
 		return FileMetadata{}, false, fmt.Errorf("tar entry %q at uncompressed offset %d: %w", hdr.Name, dataOffset, err)
-	}
-	if typ == TypeHardlink {
-		if err := checkPath(hdr.Linkname); err != nil {
-			return FileMetadata{}, false, fmt.Errorf("hardlink %q at uncompressed offset %d: target %q: %w", hdr.Name, dataOffset, hdr.Linkname, err)
-		}
 	}
 	fm := FileMetadata{
 		Name:               hdr.Name,

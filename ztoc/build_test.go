@@ -909,27 +909,28 @@ func TestBuildBadInput(t *testing.T) {
 			t.Errorf("error %q does not wrap ErrUnsupportedCompression", err)
 		}
 	})
-	t.Run("unsafe-paths", func(t *testing.T) {
-		for _, c := range []struct{ name, link, re string }{
-			{"../x", "", `\.\.`},
-			{"a/../../x", "", `\.\.`},
-			{"/etc/x", "", `absolute`},
-			{"ok", "../../etc/passwd", `\.\.`},
-			{"ok2", "/etc/passwd", `absolute`},
+	t.Run("confined-paths", func(t *testing.T) {
+		// containerd confines these to the layer root (see ConfinedPath):
+		// they are indexed, with their raw names.
+		for _, c := range []struct{ name, link string }{
+			{"../x", ""},
+			{"a/../../x", ""},
+			{"/etc/x", ""},
+			{"ok", "../../etc/passwd"},
+			{"ok2", "/etc/passwd"},
 		} {
 			e := layertest.Reg(c.name, 0o644, nil)
 			if c.link != "" {
 				e = layertest.Hardlink(c.name, c.link)
 			}
-			bad := layertest.Tar(t, layertest.Reg("fine", 0o644, []byte("x")), e)
-			for _, blob := range [][]byte{bad, layertest.Gzip(t, bad, gzip.DefaultCompression)} {
-				err := cfBuildErr(t, blob, c.re)
-				want := c.name
-				if c.link != "" {
-					want = c.link
+			tarball := layertest.Tar(t, layertest.Reg("fine", 0o644, []byte("x")), e)
+			for _, blob := range [][]byte{tarball, layertest.Gzip(t, tarball, gzip.DefaultCompression)} {
+				z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: 16 << 10})
+				if err != nil {
+					t.Fatalf("%q -> %q: %v", c.name, c.link, err)
 				}
-				if !strings.Contains(err.Error(), want) {
-					t.Errorf("error %q does not name the path %q", err, want)
+				if f := z.Files[1]; f.Name != c.name || f.Linkname != c.link {
+					t.Errorf("entry %q -> %q, want %q -> %q", f.Name, f.Linkname, c.name, c.link)
 				}
 			}
 		}

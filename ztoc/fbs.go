@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math"
 	"sort"
-	"strings"
 	"time"
 
 	flatbuffers "github.com/google/flatbuffers/go"
@@ -569,10 +568,11 @@ func (d *fbDecoder) file(pos int64, f *FileMetadata) error {
 			return err
 		}
 	}
-	// Validate rejects these too; failing early keeps entries that are
-	// cheap to forge from piling up in memory.
-	if f.Name == "" || f.Type == "" {
-		return fmt.Errorf("entry without name or type (name %q, type %q)", f.Name, f.Type)
+	// Validate rejects this too; failing early keeps entries that are
+	// cheap to forge from piling up in memory. (An empty name is valid:
+	// containerd skips such an entry, see ConfinedPath.)
+	if f.Type == "" {
+		return fmt.Errorf("%q: entry without type", f.Name)
 	}
 	ints := []struct {
 		id  int
@@ -666,9 +666,13 @@ func (d *fbDecoder) compressionInfo(t fbTable, ci *CompressionInfo) error {
 // Validate checks that z is consistent and safe to serve: the version is
 // known, the checkpoints describe ordered spans covering the archive from
 // offset 0, there is one SHA-256 digest per span, and every TOC entry has a
-// known type, a safe relative path, and data inside the archive, in archive
-// order. Unmarshal and Marshal call it, so a zTOC that passes through
-// either can be used without further checks.
+// known type, a name that containerd would unpack (see ConfinedPath:
+// absolute names and ".." components are confined to the root, not
+// refused), and data inside the archive, in archive order. Unmarshal and
+// Marshal call it, so a zTOC that passes through either is safe to use.
+// It does not prove the zTOC describes its layer: HeaderRange and
+// CheckHeader bind entries to the layer's tar headers, and VerifyLayer
+// checks a whole layer.
 func (z *Ztoc) Validate() error {
 	if z.Version != Version {
 		return fmt.Errorf("unsupported zTOC version %q (want %q)", z.Version, Version)
@@ -715,13 +719,8 @@ func (z *Ztoc) validateFile(f *FileMetadata) error {
 	default:
 		return fmt.Errorf("unknown entry type %q", f.Type)
 	}
-	if err := checkPath(f.Name); err != nil {
-		return fmt.Errorf("name: %w", err)
-	}
-	if f.Type == TypeHardlink {
-		if err := checkPath(f.Linkname); err != nil {
-			return fmt.Errorf("hardlink target %q: %w", f.Linkname, err)
-		}
+	if err := checkEntryNames(f.Name, f.Type, f.Linkname); err != nil {
+		return err
 	}
 	if f.UncompressedOffset < 0 || f.UncompressedOffset > z.UncompressedArchiveSize {
 		return fmt.Errorf("data offset %d is outside the %d-byte archive", f.UncompressedOffset, z.UncompressedArchiveSize)
@@ -735,25 +734,6 @@ func (z *Ztoc) validateFile(f *FileMetadata) error {
 	}
 	if stored > z.UncompressedArchiveSize-f.UncompressedOffset {
 		return fmt.Errorf("data [%d, +%d) runs past the end of the %d-byte archive", f.UncompressedOffset, stored, z.UncompressedArchiveSize)
-	}
-	return nil
-}
-
-// checkPath rejects tar paths that could escape the layer root: empty,
-// absolute, containing a ".." component, or containing NUL.
-func checkPath(p string) error {
-	switch {
-	case p == "":
-		return errors.New("empty path")
-	case strings.HasPrefix(p, "/"):
-		return errors.New("absolute path")
-	case strings.IndexByte(p, 0) >= 0:
-		return errors.New("path contains NUL")
-	}
-	for _, c := range strings.Split(p, "/") {
-		if c == ".." {
-			return errors.New(`path has a ".." component`)
-		}
 	}
 	return nil
 }

@@ -89,7 +89,7 @@ func TestPackFuzzCorpus(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzUnmarshalPackHead")
 	for name, b := range packFuzzSeeds(t) {
 		path := filepath.Join(dir, "seed-"+name)
-		want := marshalCorpusFile(b)
+		want := marshalCorpusFile(t, b)
 		if *updateFuzzCorpus {
 			if err := os.MkdirAll(dir, 0o755); err != nil {
 				t.Fatal(err)
