@@ -61,8 +61,12 @@ type DiscoverOptions struct {
 	// Explicit is an index digest named out of band, tried first.
 	Explicit digest.Digest
 	// SkipReferrers leaves out the v1 referrers, which cost one registry
-	// request per image manifest.
+	// request per image manifest, and which anyone who can push to the
+	// repository can add without changing the image's digest.
 	SkipReferrers bool
+	// SkipV2 leaves out the v2 indexes the image names (the annotation of
+	// an image manifest, the SOCI index descriptors of an image index).
+	SkipV2 bool
 }
 
 // Discover yields the SOCI indexes of img, in this order:
@@ -96,6 +100,9 @@ func Discover(ctx context.Context, repo *registry.Repository, img Image, opts Di
 			return
 		}
 		for _, f := range named {
+			if opts.SkipV2 {
+				break
+			}
 			if !yield(f, nil) {
 				return
 			}

@@ -130,6 +130,14 @@ func TestDiscover(t *testing.T) {
 			{v1a, index.V1, x.amd.Desc.Digest, "", soci.SourceReferrers},
 		})
 		check("without referrers", discover(t, r, root(t, r, "multi"), soci.DiscoverOptions{SkipReferrers: true}), nil)
+		check("v1 only", discover(t, r, root(t, r, ra.String()), soci.DiscoverOptions{SkipV2: true}), nil)
+		check("v2 only", discover(t, r, root(t, r, "multi-soci"), soci.DiscoverOptions{SkipReferrers: true}), []foundKey{
+			{v2a, index.V2, ra, "linux/amd64", soci.SourceImageIndex},
+			{v2b, index.V2, rb, "linux/arm64", soci.SourceImageIndex},
+		})
+		check("no v2", discover(t, r, root(t, r, x.amd.Desc.Digest.String()), soci.DiscoverOptions{SkipV2: true}), []foundKey{
+			{v1a, index.V1, x.amd.Desc.Digest, "", soci.SourceReferrers},
+		})
 		check("plain", discover(t, r, root(t, r, "plain"), soci.DiscoverOptions{}), nil)
 
 		// Laziness: through a recording proxy, stopping at the annotation

@@ -47,6 +47,8 @@ type LayerIndex struct {
 	// as fetched and verified: what a runtime stores to mount the layer
 	// again without the registry.
 	Blob []byte
+	// Pack is the decoded pack head (nil when Ztoc came from the zTOC).
+	Pack *ztoc.PackHead
 	// TOC is a zTOC flatbuffer holding the layer's TOC. Ztoc.Files is nil:
 	// the entries are read from TOC (Files, or ztoc.NewTOCReader) so that
 	// a layer of a million files is never decoded into memory at once.
@@ -83,7 +85,7 @@ func DecodeLayerIndex(blob []byte, head bool) (*LayerIndex, error) {
 		if err != nil {
 			return nil, err
 		}
-		li.Ztoc, li.TOC, li.ZtocDigest = h.Ztoc, h.TOC, h.ZtocDigest
+		li.Ztoc, li.TOC, li.ZtocDigest, li.Pack = h.Ztoc, h.TOC, h.ZtocDigest, h
 		li.Head = ocispec.Descriptor{MediaType: index.MediaTypePackHead, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
 		return li, nil
 	}
@@ -154,7 +156,7 @@ func (li *LayerIndex) loadPack(ctx context.Context, repo *registry.Repository, l
 	case h.WindowsSize > 0 && (windows.Digest != h.WindowsDigest || windows.Size != h.WindowsSize):
 		return fmt.Errorf("pack head %s names windows blob %s (%d bytes), the index lists %q (%d bytes)", head.Digest, h.WindowsDigest, h.WindowsSize, windows.Digest, windows.Size)
 	}
-	li.Ztoc, li.Head, li.Blob, li.TOC = h.Ztoc, head, b, h.TOC
+	li.Ztoc, li.Head, li.Blob, li.TOC, li.Pack = h.Ztoc, head, b, h.TOC, h
 	li.Windows = NewWindows(repo, windows, h)
 	return nil
 }
@@ -174,6 +176,7 @@ type Windows struct {
 	head *ztoc.PackHead
 
 	fetched atomic.Int64
+	onFetch atomic.Pointer[func(int64)]
 	flight  singleflight.Group
 	mu      sync.Mutex
 	cache   []cachedWindow // most recently used last
@@ -219,6 +222,9 @@ func (w *Windows) fetch(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 		compressed = make([]byte, n)
 		got, err := w.repo.ReadAt(ctx, w.desc, compressed, off)
 		w.fetched.Add(int64(got))
+		if fn := w.onFetch.Load(); fn != nil {
+			(*fn)(int64(got))
+		}
 		if err != nil {
 			return nil, fmt.Errorf("window of span %d: read [%d, %d) of %s: %w", id, off, off+n, w.desc.Digest, err)
 		}
@@ -249,6 +255,10 @@ func (w *Windows) cached(id ztoc.SpanID) ([]byte, bool) {
 	}
 	return nil, false
 }
+
+// OnFetch makes fn learn the size of every read of the windows blob (for a
+// runtime's byte counters).
+func (w *Windows) OnFetch(fn func(n int64)) { w.onFetch.Store(&fn) }
 
 // Fetched returns how many bytes of the windows blob were read so far.
 func (w *Windows) Fetched() int64 { return w.fetched.Load() }

@@ -32,6 +32,33 @@ type RemoteLayer struct {
 	ImageRef string `json:"imageRef"`
 	// Mountpoint is where the layer's FUSE filesystem is mounted.
 	Mountpoint string `json:"mountpoint"`
+	// HeadDigest, when set, says that the layer is mounted from the pack
+	// head of its zTOC (the stored blob) rather than from the zTOC, and
+	// WindowsDigest and WindowsSize name the pack's windows blob.
+	HeadDigest    digest.Digest `json:"headDigest,omitempty"`
+	WindowsDigest digest.Digest `json:"windowsDigest,omitempty"`
+	WindowsSize   int64         `json:"windowsSize,omitempty"`
+	// LayerSize and LayerMediaType describe the layer blob, as the image
+	// manifest does.
+	LayerSize      int64  `json:"layerSize,omitempty"`
+	LayerMediaType string `json:"layerMediaType,omitempty"`
+	// ManifestDigest is the image manifest the layer was mounted for, and
+	// DiffID the layer's uncompressed digest from that image's config:
+	// with LayerDigest, what the layer is verified against.
+	ManifestDigest digest.Digest `json:"manifestDigest,omitempty"`
+	DiffID         digest.Digest `json:"diffID,omitempty"`
+	// Verification is the layer's last known verification state
+	// ("unverified", "verified", "quarantined").
+	Verification string `json:"verification,omitempty"`
+}
+
+// BlobDigest is the digest of the stored blob the layer is mounted from:
+// its pack head, or else its zTOC.
+func (l *RemoteLayer) BlobDigest() digest.Digest {
+	if l.HeadDigest != "" {
+		return l.HeadDigest
+	}
+	return l.ZtocDigest
 }
 
 func (l *RemoteLayer) validate() error {
@@ -41,7 +68,11 @@ func (l *RemoteLayer) validate() error {
 	for _, d := range []struct {
 		name string
 		d    digest.Digest
-	}{{"layer", l.LayerDigest}, {"zTOC", l.ZtocDigest}, {"index", l.IndexDigest}} {
+	}{{"layer", l.LayerDigest}, {"zTOC", l.ZtocDigest}, {"index", l.IndexDigest}, {"head", l.HeadDigest},
+		{"windows", l.WindowsDigest}, {"manifest", l.ManifestDigest}, {"diff ID", l.DiffID}} {
+		if d.d == "" && d.name != "layer" && d.name != "zTOC" && d.name != "index" {
+			continue // optional
+		}
 		if err := d.d.Validate(); err != nil {
 			return fmt.Errorf("%s digest %q: %w", d.name, d.d, err)
 		}
@@ -97,13 +128,14 @@ func (m *MetaStore) ztocPath(d digest.Digest) string {
 }
 
 // PutLayer records a remote layer (replacing the record of the same key)
-// and stores its zTOC blob, which must match l.ZtocDigest.
-func (m *MetaStore) PutLayer(ctx context.Context, l RemoteLayer, ztocBlob []byte) error {
+// and stores the blob it is mounted from, which must match l.BlobDigest().
+func (m *MetaStore) PutLayer(ctx context.Context, l RemoteLayer, blob []byte) error {
 	if err := l.validate(); err != nil {
 		return fmt.Errorf("record remote layer %q: %w", l.Key, err)
 	}
-	if got := l.ZtocDigest.Algorithm().FromBytes(ztocBlob); got != l.ZtocDigest {
-		return fmt.Errorf("record remote layer %q: zTOC blob has digest %s, want %s", l.Key, got, l.ZtocDigest)
+	bd := l.BlobDigest()
+	if got := bd.Algorithm().FromBytes(blob); got != bd {
+		return fmt.Errorf("record remote layer %q: zTOC blob has digest %s, want %s", l.Key, got, bd)
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("record remote layer %q: %w", l.Key, err)
@@ -115,8 +147,8 @@ func (m *MetaStore) PutLayer(ctx context.Context, l RemoteLayer, ztocBlob []byte
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	// Written every time (atomically), so that a damaged copy heals.
-	if err := atomicfile.WriteFile(m.ztocsDir, l.ZtocDigest.Encoded(), ztocBlob); err != nil {
-		return fmt.Errorf("record remote layer %q: store zTOC %s: %w", l.Key, l.ZtocDigest, err)
+	if err := atomicfile.WriteFile(m.ztocsDir, bd.Encoded(), blob); err != nil {
+		return fmt.Errorf("record remote layer %q: store zTOC %s: %w", l.Key, bd, err)
 	}
 	var old *RemoteLayer
 	err = m.db.Update(func(tx *bolt.Tx) error {
@@ -132,8 +164,35 @@ func (m *MetaStore) PutLayer(ctx context.Context, l RemoteLayer, ztocBlob []byte
 	if err != nil {
 		return fmt.Errorf("record remote layer %q: %w", l.Key, err)
 	}
-	if old != nil && old.ZtocDigest != l.ZtocDigest {
-		return m.pruneZtoc(old.ZtocDigest)
+	if old != nil && old.BlobDigest() != bd {
+		return m.pruneZtoc(old.BlobDigest())
+	}
+	return nil
+}
+
+// SetVerification records the verification state of the layer of key.
+func (m *MetaStore) SetVerification(ctx context.Context, key, state string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	err := m.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketLayers)
+		v := b.Get([]byte(key))
+		if v == nil {
+			return ErrNotFound
+		}
+		var l RemoteLayer
+		if err := json.Unmarshal(v, &l); err != nil {
+			return err
+		}
+		l.Verification = state
+		nv, err := json.Marshal(l)
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte(key), nv)
+	})
+	if err != nil {
+		return fmt.Errorf("record verification of remote layer %q: %w", key, err)
 	}
 	return nil
 }
@@ -199,7 +258,7 @@ func (m *MetaStore) DeleteLayer(ctx context.Context, key string) error {
 	if err != nil {
 		return fmt.Errorf("delete remote layer %q: %w", key, err)
 	}
-	return m.pruneZtoc(l.ZtocDigest)
+	return m.pruneZtoc(l.BlobDigest())
 }
 
 // pruneZtoc deletes a zTOC blob that no record uses. m.mu must be held.
@@ -208,7 +267,7 @@ func (m *MetaStore) pruneZtoc(d digest.Digest) error {
 	err := m.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketLayers).ForEach(func(k, v []byte) error {
 			var l RemoteLayer
-			if json.Unmarshal(v, &l) == nil && l.ZtocDigest == d {
+			if json.Unmarshal(v, &l) == nil && l.BlobDigest() == d {
 				used = true
 			}
 			return nil
@@ -226,8 +285,18 @@ func (m *MetaStore) pruneZtoc(d digest.Digest) error {
 	return nil
 }
 
-// Ztoc returns a stored zTOC blob, checked against its digest, or an
-// error wrapping ErrNotFound.
+// BlobPath is the file holding stored blob d (a zTOC or a pack head) while
+// a record uses it: the runtime maps it into memory rather than keeping a
+// copy. The file must not be written.
+func (m *MetaStore) BlobPath(d digest.Digest) (string, error) {
+	if err := d.Validate(); err != nil {
+		return "", fmt.Errorf("stored blob %q: %w", d, err)
+	}
+	return m.ztocPath(d), nil
+}
+
+// Ztoc returns a stored blob (a zTOC or a pack head), checked against its
+// digest, or an error wrapping ErrNotFound.
 func (m *MetaStore) Ztoc(ctx context.Context, d digest.Digest) ([]byte, error) {
 	if err := d.Validate(); err != nil {
 		return nil, fmt.Errorf("read zTOC %q: %w", d, err)
