@@ -35,8 +35,9 @@ const ensureWait = 10 * time.Second
 // Ensure connects to the holder serving socketPath, starting one first
 // when none answers: the command argv (for the daemon, its own binary
 // with the hidden fd-holder subcommand), in a session of its own so that
-// it outlives the caller, with stderr inherited and "/" as its working
-// directory. Starting a second holder is harmless: it finds the first
+// it outlives the caller, logging to socketPath+".log" (not to the
+// caller's stderr, which may be a pipe that dies with the caller) and
+// with "/" as its working directory. Starting a second holder is harmless: it finds the first
 // one's lock and exits.
 func Ensure(ctx context.Context, socketPath string, argv []string) (*Client, error) {
 	if c, err := Dial(ctx, socketPath); err == nil {
@@ -47,7 +48,12 @@ func Ensure(ctx context.Context, socketPath string, argv []string) (*Client, err
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	cmd.Stderr = os.Stderr
+	logFile, err := os.OpenFile(socketPath+".log", os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("fdstore: holder log: %w", err)
+	}
+	defer logFile.Close() // the holder has its own copy
+	cmd.Stderr = logFile
 	cmd.Dir = "/"
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("fdstore: start holder: %w", err)

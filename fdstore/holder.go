@@ -34,6 +34,10 @@ type ServeOptions struct {
 // ErrRunning is returned by Serve when another holder serves the socket.
 var ErrRunning = errors.New("fdstore: another holder serves the socket")
 
+// PIDFile is the file that names the process ID of the holder serving
+// socketPath (its lock file).
+func PIDFile(socketPath string) string { return socketPath + ".lock" }
+
 // Serve runs a holder on a unix socket at socketPath until ctx is done or
 // no client has been connected for the grace period, and then aborts the
 // FUSE connections it holds and closes everything. It returns ErrRunning
@@ -49,7 +53,7 @@ func Serve(ctx context.Context, socketPath string, opts ServeOptions) error {
 	// The daemon that started us may be gone, and stderr with it: a write
 	// to a closed pipe must fail, not kill the holder.
 	signal.Ignore(syscall.SIGPIPE)
-	lock, err := os.OpenFile(socketPath+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := os.OpenFile(PIDFile(socketPath), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return fmt.Errorf("fdstore: %w", err)
 	}
@@ -59,6 +63,10 @@ func Serve(ctx context.Context, socketPath string, opts ServeOptions) error {
 			return ErrRunning
 		}
 		return fmt.Errorf("fdstore: lock %s: %w", lock.Name(), err)
+	}
+	// The lock file names the holder, for operators and tests (PIDFile).
+	if err := lock.Truncate(0); err == nil {
+		fmt.Fprintf(lock, "%d\n", os.Getpid())
 	}
 	if err := os.Remove(socketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("fdstore: %w", err)

@@ -17,6 +17,7 @@ import (
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/moby/sys/mountinfo"
@@ -264,17 +265,20 @@ type fuseMount struct {
 	layer *span.Layer
 }
 
-func (m *fuseMount) Unmount() error {
+// Release unmounts: this resolver keeps no connection for a successor.
+func (m *fuseMount) Release() error {
 	defer m.layer.Close()
 	return m.srv.Unmount()
 }
 
-// Remove is Unmount: this resolver caches nothing.
-func (m *fuseMount) Remove() error { return m.Unmount() }
+// Remove is Release: this resolver caches nothing.
+func (m *fuseMount) Remove() error { return m.Release() }
 
 func (m *fuseMount) Labels() map[string]string {
 	return map[string]string{snapshotter.LabelMode: "lazy"}
 }
+
+func (m *fuseMount) Usage() snapshots.Usage { return snapshots.Usage{} }
 
 // TestContainerd16LazyPullRun is the remote-snapshot protocol end to end on
 // containerd 1.6: a client-side pull with the remote-snapshot labels (as

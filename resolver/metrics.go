@@ -1,6 +1,7 @@
 package resolver
 
 import (
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,6 +28,14 @@ type Metrics struct {
 	classFailures *prometheus.CounterVec
 	prefetchUse   *prometheus.CounterVec
 	cacheWrites   prometheus.Counter
+	// Verification of lazy layers.
+	layerStates  *prometheus.GaugeVec
+	quarantines  prometheus.Counter
+	headerChecks prometheus.Counter
+	headerBytes  prometheus.Counter
+
+	mu     sync.Mutex
+	states map[string]string // by snapshot key: the state each served layer is counted in
 }
 
 // metricsSubsystem is the resolver's part of its metric names:
@@ -70,10 +79,20 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			"Prefetched spans, by outcome: hit (read later) or waste (never read before the layer was unmounted)."), []string{"outcome"}),
 		cacheWrites: prometheus.NewCounter(counter("span_cache_write_failures_total",
 			"Verified span bytes the disk cache could not take (full disk, over budget); served from memory.")),
+		layerStates: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: snapshotter.MetricsNamespace, Subsystem: metricsSubsystem,
+			Name: "layers", Help: "Lazy layers served now, by verification state (unverified, verified, quarantined)."}, []string{"state"}),
+		quarantines: prometheus.NewCounter(counter("quarantines_total",
+			"Lazy layers quarantined because their index did not match the layer.")),
+		headerChecks: prometheus.NewCounter(counter("header_checks_total",
+			"Files whose tar header was checked against their TOC entry before their first byte was served.")),
+		headerBytes: prometheus.NewCounter(counter("header_check_bytes_total",
+			"Uncompressed tar header bytes read to check files against their TOC entries.")),
+		states: make(map[string]string),
 	}
 	for _, c := range []prometheus.Collector{m.bytesFetched, m.spansFetched, m.verifyFailed, m.cacheHits,
 		m.readLatency, m.readErrors, m.layersMounted, m.fallbacks,
-		m.classSpans, m.classBytes, m.classFailures, m.prefetchUse, m.cacheWrites} {
+		m.classSpans, m.classBytes, m.classFailures, m.prefetchUse, m.cacheWrites,
+		m.layerStates, m.quarantines, m.headerChecks, m.headerBytes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -158,5 +177,38 @@ func (m *Metrics) layerMounted(mode string) {
 func (m *Metrics) fallback(reason string) {
 	if m != nil {
 		m.fallbacks.WithLabelValues(reason).Inc()
+	}
+}
+
+// layerState counts the layer of snapshot key in verification state state
+// ("" when it is no longer served).
+func (m *Metrics) layerState(key, state string) {
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if old, ok := m.states[key]; ok {
+		m.layerStates.WithLabelValues(old).Dec()
+		delete(m.states, key)
+	}
+	if state != "" {
+		m.states[key] = state
+		m.layerStates.WithLabelValues(state).Inc()
+	}
+}
+
+// quarantined counts a quarantined layer.
+func (m *Metrics) quarantined() {
+	if m != nil {
+		m.quarantines.Inc()
+	}
+}
+
+// headerChecked counts a file's header check that read n header bytes.
+func (m *Metrics) headerChecked(n int64) {
+	if m != nil {
+		m.headerChecks.Inc()
+		m.headerBytes.Add(float64(n))
 	}
 }

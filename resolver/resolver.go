@@ -1,34 +1,51 @@
 // Package resolver is the snapshotter's SOCI resolver: it mounts the layers
-// of SOCI-indexed images lazily. It finds an image's SOCI index, fetches the
-// zTOC of each layer and serves the layer as a read-only FUSE filesystem
-// whose reads fetch only the spans they cover. Layers of an indexed image
-// that have no zTOC are downloaded, verified and unpacked locally, so that
-// containerd never has to fetch anything for the image.
+// of SOCI-indexed images lazily. It finds an image's SOCI index, loads each
+// layer's TOC (from the index's compact pack head when there is one, else
+// from the zTOC) and serves the layer as a read-only FUSE filesystem whose
+// reads fetch only the spans they cover (package span), behind the
+// recorded prefetch and ahead of a background fill that completes the
+// layer. Layers of an indexed image that have no zTOC are downloaded,
+// verified and unpacked locally, so that containerd never has to fetch
+// anything for the image.
+//
+// Trust: see verify.go. A lazy layer is bound to the image, not to its
+// index: files are checked against their tar headers on first read, the
+// whole layer against the layer digest and diff_id once it is local, and a
+// layer whose index lies is quarantined and repaired.
+//
+// Restarts: see holder.go. Every lazy layer's FUSE connection is kept in an
+// fd holder process; a new daemon takes the live connections over, so a
+// crash, kill or upgrade of the daemon is invisible to the containers
+// reading lazy layers (a read waits until the new daemon answers it).
 package resolver
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/continuity/fs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/sirupsen/logrus"
 	"oras.land/oras-go/v2/registry/remote/auth"
 
-	"github.com/spanpull/spanpull/fusefs"
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/record"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/snapshotter"
 	"github.com/spanpull/spanpull/soci"
@@ -83,10 +100,31 @@ type Config struct {
 	// fill.
 	FillDelay time.Duration
 	FillRate  int64
-	// CacheMaxBytes bounds the span cache (compressed span bytes on disk,
-	// LRU across layers). Zero means span.DefaultMaxBytes: 10% of the
+	// CacheMaxBytes bounds what lazy layers keep on disk: the span cache
+	// (compressed span bytes, LRU across layers) and the local files of
+	// verified layers. Zero means span.DefaultMaxBytes: 10% of the
 	// filesystem holding Root.
 	CacheMaxBytes int64
+	// IndexSources lists the kinds of SOCI index the resolver trusts to
+	// find an image's index: "v2" (named by the image itself, so pinned by
+	// the image digest) and "v1" (referrers, which anyone who can push to
+	// the repository can add). Nil means DefaultIndexSources.
+	IndexSources []string
+	// PrefetchName names the recorded prefetch to use when an index has
+	// several (one per workload); empty: the first.
+	PrefetchName string
+	// Records, when set, records the files and spans each layer's start
+	// reads (package record), for recorded prefetch.
+	Records *record.Store
+	// Holder keeps FUSE connections across daemon restarts.
+	Holder HolderConfig
+	// NoEntryBinding turns off the check of each file's tar header against
+	// its TOC entry before its first read (a diagnostic setting: it trades
+	// the per-file binding for a few header bytes per file).
+	NoEntryBinding bool
+	// NoLocalFiles keeps verified layers from being unpacked to local
+	// files for passthrough reads (a diagnostic setting).
+	NoLocalFiles bool
 	// IndexCacheTTL is how long an image's index (or its absence) is
 	// remembered. Zero means DefaultIndexCacheTTL.
 	IndexCacheTTL time.Duration
@@ -114,6 +152,10 @@ const (
 	maxZtocSize = 1 << 30
 )
 
+// DefaultIndexSources trusts both kinds of SOCI index (v2 first): see
+// Config.IndexSources and the README's trust model.
+var DefaultIndexSources = []string{"v2", "v1"}
+
 // DefaultConfig returns the defaults of every tunable field of Config (Root
 // is left empty): what the daemon runs with when its config file sets
 // nothing.
@@ -123,6 +165,7 @@ func DefaultConfig() Config {
 		FillDelay:     DefaultFillDelay,
 		FillRate:      DefaultFillRate,
 		IndexCacheTTL: DefaultIndexCacheTTL,
+		IndexSources:  DefaultIndexSources,
 	}
 }
 
@@ -145,6 +188,11 @@ type Resolver struct {
 	// recently inflated spans.
 	sched *span.Scheduler
 	mem   *span.MemoryCache
+	// files are the local copies of verified layers' files; maxBytes the
+	// budget they share with spans.
+	files    *localFiles
+	maxBytes int64
+	holder   *holder
 
 	mu sync.Mutex
 	// images is keyed by repository and image manifest digest: the same
@@ -156,7 +204,8 @@ type Resolver struct {
 
 var _ snapshotter.RemoteLayerResolver = (*Resolver)(nil)
 
-// New opens the resolver's state under cfg.Root.
+// New opens the resolver's state under cfg.Root and connects to its fd
+// holder (starting one if needed), whose connections Mount takes over.
 func New(cfg Config) (*Resolver, error) {
 	if cfg.IndexCacheTTL <= 0 {
 		cfg.IndexCacheTTL = DefaultIndexCacheTTL
@@ -164,75 +213,113 @@ func New(cfg Config) (*Resolver, error) {
 	if cfg.FillRate == 0 {
 		cfg.FillRate = DefaultFillRate
 	}
+	if cfg.IndexSources == nil {
+		cfg.IndexSources = DefaultIndexSources
+	}
+	for _, src := range cfg.IndexSources {
+		if src != "v1" && src != "v2" {
+			return nil, fmt.Errorf("index source %q: want v1 or v2", src)
+		}
+	}
 	logger := cfg.Logger
 	if logger == nil {
 		logger = logrus.NewEntry(logrus.New())
 	}
-	meta, err := store.OpenMetaStore(filepath.Join(cfg.Root, "meta"))
-	if err != nil {
+	r := &Resolver{cfg: cfg, log: logger, images: make(map[string]*imageIndex), repos: make(map[string]cachedRepo)}
+	if err := r.open(); err != nil {
+		r.Close()
 		return nil, err
 	}
-	maxBytes := cfg.CacheMaxBytes
-	if maxBytes == 0 {
-		if maxBytes, err = span.DefaultMaxBytes(cfg.Root); err != nil {
-			meta.Close()
-			return nil, err
+	return r, nil
+}
+
+// open opens the resolver's stores and caches.
+func (r *Resolver) open() (err error) {
+	if r.meta, err = store.OpenMetaStore(filepath.Join(r.cfg.Root, "meta")); err != nil {
+		return err
+	}
+	if r.maxBytes = r.cfg.CacheMaxBytes; r.maxBytes == 0 {
+		if r.maxBytes, err = span.DefaultMaxBytes(r.cfg.Root); err != nil {
+			return err
 		}
 	}
-	spans, err := span.OpenCache(filepath.Join(cfg.Root, "cache"), span.CacheOptions{MaxBytes: maxBytes})
-	if err != nil {
-		meta.Close()
-		return nil, err
+	if r.spans, err = span.OpenCache(filepath.Join(r.cfg.Root, "cache"), span.CacheOptions{MaxBytes: r.maxBytes}); err != nil {
+		return err
 	}
-	sched := span.NewScheduler(span.SchedulerOptions{FillDelay: cfg.FillDelay, FillRate: max(cfg.FillRate, 0)})
-	return &Resolver{cfg: cfg, log: logger, meta: meta, spans: spans, sched: sched, mem: span.NewMemoryCache(span.DefaultMemoryBytes),
-		images: make(map[string]*imageIndex), repos: make(map[string]cachedRepo)}, nil
+	if r.files, err = openLocalFiles(filepath.Join(r.cfg.Root, "files")); err != nil {
+		return err
+	}
+	r.sched = span.NewScheduler(span.SchedulerOptions{FillDelay: r.cfg.FillDelay, FillRate: max(r.cfg.FillRate, 0)})
+	r.mem = span.NewMemoryCache(span.DefaultMemoryBytes)
+	if r.holder, err = openHolder(context.Background(), r.cfg.Holder, r.log); err != nil {
+		// Lazy layers still work; only a restart of the daemon would
+		// break the containers reading them.
+		r.log.WithError(err).Error("spanpull: no fd holder: lazy layers will not survive a restart of the daemon")
+	}
+	return nil
 }
 
 // Close releases the resolver's state. Mounts must be released first.
-func (r *Resolver) Close() error { return r.meta.Close() }
+func (r *Resolver) Close() error {
+	var errs []error
+	if r.holder != nil {
+		errs = append(errs, r.holder.close())
+	}
+	if r.meta != nil {
+		errs = append(errs, r.meta.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Restored implements snapshotter's restore hook: every remembered layer
+// has been mounted again, so the connections left in the fd holder that
+// no snapshot claimed belong to layers removed meanwhile: they are ended.
+func (r *Resolver) Restored(ctx context.Context) error {
+	return r.holder.dropLeft(ctx)
+}
 
 // errNoIndex says that an image has no SOCI index at all.
 var errNoIndex = errors.New("no SOCI index (no index label, no v2 annotation, no v1 referrer)")
 
-// imageIndex is what the resolver learned about one image: its manifest
-// and its SOCI index, or why it has none.
+// imageIndex is what the resolver learned about one image: its manifest,
+// the diff_ids of its config and its SOCI index, or why it has none.
 type imageIndex struct {
 	once sync.Once
 	// expires is when the entry must be looked up again (zero while the
 	// lookup runs); guarded by Resolver.mu.
 	expires  time.Time
+	digest   digest.Digest // of the image manifest
 	manifest *ocispec.Manifest
+	diffIDs  []digest.Digest // nil when the config could not be read
 	index    *index.Index
 	indexDig digest.Digest
 	err      error
 }
 
-// Mount implements snapshotter.RemoteLayerResolver.
-func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
-	layerDigest, err := digest.Parse(labels[snapshotters.TargetLayerDigestLabel])
-	if err != nil {
-		return nil, fmt.Errorf("no valid layer digest label: %w", snapshotter.ErrNoRemote)
+// diffID returns the diff_id of the manifest's layer i, or "".
+func (img *imageIndex) diffID(i int) digest.Digest {
+	if i < len(img.diffIDs) && len(img.diffIDs) == len(img.manifest.Layers) {
+		return img.diffIDs[i]
 	}
-	// A snapshot mounted before (daemon restart): its zTOC is on disk, so
-	// no registry round trip is needed until a span is missing.
+	return ""
+}
+
+// Mount implements snapshotter.RemoteLayerResolver. A snapshot mounted
+// before (the daemon restarted) is served again from what was stored, and
+// takes over the live FUSE connection of the previous daemon when the fd
+// holder has it.
+func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]string) (snapshotter.RemoteMount, error) {
+	layerDigest, err := layerDigestOf(labels, snapshotters.TargetLayerDigestLabel)
+	if err != nil {
+		return nil, err
+	}
 	if rec, err := r.meta.GetLayer(ctx, dir); err == nil && rec.LayerDigest == layerDigest {
-		zb, err := r.meta.Ztoc(ctx, rec.ZtocDigest)
-		if err != nil {
-			return nil, err
-		}
-		z, err := ztoc.Unmarshal(zb)
-		if err != nil {
-			return nil, fmt.Errorf("stored zTOC %s: %w", rec.ZtocDigest, err)
-		}
-		desc := ocispec.Descriptor{Digest: layerDigest, Size: z.CompressedArchiveSize}
-		return r.mountLazy(ctx, dir, rec.ImageRef, desc, z)
+		return r.remount(ctx, rec)
 	}
 	if names, err := readDirNames(dir); err == nil && len(names) > 0 {
 		// Unpacked locally before a restart: the files are all there.
-		return localMount{}, nil
+		return localMount{dir}, nil
 	}
-
 	imageRef := labels[snapshotters.TargetRefLabel]
 	if imageRef == "" {
 		return nil, fmt.Errorf("no image reference label: %w", snapshotter.ErrNoRemote)
@@ -242,46 +329,128 @@ func (r *Resolver) Mount(ctx context.Context, dir string, labels map[string]stri
 		r.cfg.Metrics.fallback(fallbackReason(img.err))
 		return nil, fmt.Errorf("%s: %w: %w", imageRef, img.err, snapshotter.ErrNoRemote)
 	}
-	var desc ocispec.Descriptor
-	for _, l := range img.manifest.Layers {
-		if l.Digest == layerDigest {
-			desc = l
-		}
-	}
-	if desc.Digest == "" {
+	i := slices.IndexFunc(img.manifest.Layers, func(d ocispec.Descriptor) bool { return d.Digest == layerDigest })
+	if i < 0 {
 		r.cfg.Metrics.fallback("layer_not_in_manifest")
 		return nil, fmt.Errorf("layer %s is not in the manifest of %s: %w", layerDigest, imageRef, snapshotter.ErrNoRemote)
 	}
-	zdesc, ok := img.index.Ztoc(layerDigest)
-	if !ok {
+	desc := img.manifest.Layers[i]
+	if _, ok := img.index.Ztoc(layerDigest); !ok {
 		if err := r.unpack(ctx, dir, imageRef, desc); err != nil {
 			r.cfg.Metrics.fallback("unpack_failed")
 			return nil, err
 		}
 		r.cfg.Metrics.layerMounted("unpacked")
-		return localMount{}, nil
+		return localMount{dir}, nil
 	}
-	z, zb, err := r.fetchZtoc(ctx, imageRef, zdesc)
+	l, err := r.mountNew(ctx, dir, imageRef, img, i)
+	if err != nil {
+		return nil, err
+	}
+	r.cfg.Metrics.layerMounted("lazy")
+	return l, nil
+}
+
+// mountNew mounts layer i of img lazily on dir: it loads the layer's TOC,
+// records the layer, mounts it and starts its prefetch and fill.
+func (r *Resolver) mountNew(ctx context.Context, dir, imageRef string, img *imageIndex, i int) (*lazyLayer, error) {
+	desc := img.manifest.Layers[i]
+	repo, err := r.repo(imageRef)
+	if err != nil {
+		return nil, err
+	}
+	li, err := soci.LoadLayer(ctx, repo, img.index, desc, maxZtocSize)
+	if li != nil {
+		r.cfg.Metrics.fetched("ztoc", li.Fetched)
+	}
 	if err != nil {
 		r.cfg.Metrics.fallback("ztoc_unavailable")
 		return nil, err
 	}
-	if z.CompressedArchiveSize != desc.Size {
-		r.cfg.Metrics.fallback("ztoc_mismatch")
-		return nil, fmt.Errorf("zTOC %s describes a %d-byte layer, layer %s has %d bytes: %w", zdesc.Digest, z.CompressedArchiveSize, layerDigest, desc.Size, snapshotter.ErrNoRemote)
+	if li.PackErr != nil {
+		r.log.WithError(li.PackErr).WithField("layer", desc.Digest).Warn("spanpull: the layer's pack is unusable; mounting it from its zTOC")
 	}
-	rec := store.RemoteLayer{Key: dir, LayerDigest: layerDigest, ZtocDigest: zdesc.Digest, IndexDigest: img.indexDig, ImageRef: imageRef, Mountpoint: dir}
-	if err := r.meta.PutLayer(ctx, rec, zb); err != nil {
+	rec := store.RemoteLayer{Key: dir, LayerDigest: desc.Digest, ZtocDigest: li.ZtocDigest, IndexDigest: img.indexDig,
+		ImageRef: imageRef, Mountpoint: dir, HeadDigest: li.Head.Digest, LayerSize: desc.Size, LayerMediaType: desc.MediaType,
+		ManifestDigest: img.digest, DiffID: img.diffID(i), Verification: stateUnverified}
+	if _, w, ok := img.index.Pack(desc.Digest); ok && li.Head.Digest != "" {
+		rec.WindowsDigest, rec.WindowsSize = w.Digest, w.Size
+	}
+	if err := r.meta.PutLayer(ctx, rec, li.Blob); err != nil {
 		return nil, err
 	}
-	m, err := r.mountLazy(ctx, dir, imageRef, desc, z)
+	l, err := r.openLazy(rec, li, repo)
+	if err == nil {
+		err = l.serve(ctx, dir)
+		if err != nil {
+			l.closeParts()
+		}
+	}
 	if err != nil {
 		r.meta.DeleteLayer(context.WithoutCancel(ctx), dir)
 		r.cfg.Metrics.fallback("mount_failed")
 		return nil, err
 	}
-	r.cfg.Metrics.layerMounted("lazy")
-	return m, nil
+	l.recorder = r.cfg.Records.Layer(record.Image{Reference: imageRef, Manifest: img.digest},
+		record.LayerInfo{Digest: desc.Digest, Spans: li.Ztoc.NumSpans()})
+	r.cfg.Metrics.layerState(dir, stateUnverified)
+	l.start(r.prefetch(ctx, repo, img, desc.Digest, li.Ztoc.NumSpans()))
+	return l, nil
+}
+
+// remount serves the layer of record rec again, after a restart: from the
+// stored zTOC or pack head, taking over the live FUSE connection when the
+// fd holder has it.
+func (r *Resolver) remount(ctx context.Context, rec store.RemoteLayer) (*lazyLayer, error) {
+	blob, err := r.meta.Ztoc(ctx, rec.BlobDigest())
+	if err != nil {
+		return nil, err
+	}
+	li, err := soci.DecodeLayerIndex(blob, rec.HeadDigest != "")
+	if err != nil {
+		return nil, fmt.Errorf("stored index of layer %s: %w", rec.LayerDigest, err)
+	}
+	repo, err := r.repo(rec.ImageRef)
+	if err != nil {
+		return nil, err
+	}
+	if li.Pack != nil {
+		li.Windows = soci.NewWindows(repo, ocispec.Descriptor{MediaType: index.MediaTypePackWindows, Digest: rec.WindowsDigest, Size: rec.WindowsSize}, li.Pack)
+	}
+	if rec.LayerSize == 0 { // a record of an older version
+		rec.LayerSize = li.Ztoc.CompressedArchiveSize
+	}
+	l, err := r.openLazy(rec, li, repo)
+	if err != nil {
+		return nil, err
+	}
+	if err := l.serve(ctx, rec.Key); err != nil {
+		l.closeParts()
+		return nil, err
+	}
+	r.cfg.Metrics.layerState(rec.Key, l.state.Load().(string))
+	l.start(nil)
+	return l, nil
+}
+
+// prefetch returns the spans of layer that img's index says to prefetch
+// (the recorded prefetch named Config.PrefetchName, else the first), in
+// priority order, or none. A prefetch artifact that cannot be used is
+// logged and ignored: the layer is still lazy.
+func (r *Resolver) prefetch(ctx context.Context, repo *registry.Repository, img *imageIndex, layer digest.Digest, numSpans int) []ztoc.SpanID {
+	name, ok := index.SelectPrefetch(img.index, r.cfg.PrefetchName)
+	if !ok {
+		return nil
+	}
+	if _, ok := img.index.Prefetch(name, layer); !ok {
+		return nil
+	}
+	ids, err := soci.LoadPrefetch(ctx, repo, img.index, layer, name, numSpans)
+	if err != nil {
+		r.log.WithError(err).WithField("layer", layer).Warn("spanpull: recorded prefetch ignored")
+		return nil
+	}
+	return ids
 }
 
 // image returns what is known of the image, finding its index once per
@@ -301,7 +470,11 @@ func (r *Resolver) image(ctx context.Context, ref string, labels map[string]stri
 	}
 	r.mu.Unlock()
 	img.once.Do(func() {
+		img.digest = md
 		img.manifest, img.index, img.indexDig, img.err = r.findIndex(ctx, ref, md, labels[LabelIndexDigest])
+		if img.err == nil {
+			img.diffIDs = r.diffIDs(ctx, ref, img.manifest)
+		}
 		// An index, or the certainty that there is none, is kept for the
 		// TTL; a failure to find out (registry down, canceled request) is
 		// not: the next layer asks again.
@@ -346,7 +519,7 @@ func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, 
 	if err != nil {
 		return nil, nil, "", fmt.Errorf("image manifest %s: %w", md, err)
 	}
-	var opts soci.DiscoverOptions
+	opts := soci.DiscoverOptions{SkipV2: !slices.Contains(r.cfg.IndexSources, "v2"), SkipReferrers: !slices.Contains(r.cfg.IndexSources, "v1")}
 	if d, err := digest.Parse(explicit); err == nil {
 		opts.Explicit = d
 	}
@@ -358,6 +531,30 @@ func (r *Resolver) findIndex(ctx context.Context, ref string, md digest.Digest, 
 		return nil, nil, "", err
 	}
 	return m, ix, found.Index.Digest, nil
+}
+
+// maxConfigSize bounds an image config fetched for its diff_ids.
+const maxConfigSize = 4 << 20
+
+// diffIDs returns the diff_ids of the image config of m, against which its
+// lazy layers are verified once complete; nil (with a warning) when the
+// config cannot be read: the layers are then served, but never verified.
+func (r *Resolver) diffIDs(ctx context.Context, ref string, m *ocispec.Manifest) []digest.Digest {
+	repo, err := r.repo(ref)
+	if err == nil {
+		var b []byte
+		if b, err = repo.FetchBlobBytes(ctx, m.Config, maxConfigSize); err == nil {
+			var cfg ocispec.Image
+			if err = json.Unmarshal(b, &cfg); err == nil && len(cfg.RootFS.DiffIDs) == len(m.Layers) {
+				return cfg.RootFS.DiffIDs
+			}
+			if err == nil {
+				err = fmt.Errorf("config lists %d diff_ids for %d layers", len(cfg.RootFS.DiffIDs), len(m.Layers))
+			}
+		}
+	}
+	r.log.WithError(err).WithField("image", ref).Warn("spanpull: image config unreadable: its lazy layers cannot be verified")
+	return nil
 }
 
 // repoName returns the repository part (host/path) of an image reference.
@@ -446,137 +643,24 @@ func (r *Resolver) plainHTTP(host string) bool {
 	return false
 }
 
-func (r *Resolver) fetchZtoc(ctx context.Context, ref string, d ocispec.Descriptor) (*ztoc.Ztoc, []byte, error) {
-	repo, err := r.repo(ref)
-	if err != nil {
-		return nil, nil, err
-	}
-	b, err := repo.FetchBlobBytes(ctx, d, maxZtocSize)
-	r.cfg.Metrics.fetched("ztoc", int64(len(b)))
-	if err != nil {
-		return nil, nil, fmt.Errorf("fetch zTOC %s: %w", d.Digest, err)
-	}
-	z, err := ztoc.Unmarshal(b)
-	if err != nil {
-		return nil, nil, fmt.Errorf("zTOC %s: %w", d.Digest, err)
-	}
-	return z, b, nil
-}
+// localMount is a layer unpacked into the snapshot directory dir: nothing
+// is mounted, nothing needs releasing. It was verified while unpacked.
+type localMount struct{ dir string }
 
-// mountLazy serves layer desc from its zTOC on dir and starts its
-// background fill.
-func (r *Resolver) mountLazy(ctx context.Context, dir, ref string, desc ocispec.Descriptor, z *ztoc.Ztoc) (*lazyMount, error) {
-	repo, err := r.repo(ref)
-	if err != nil {
-		return nil, err
-	}
-	blob, err := repo.BlobReader(desc)
-	if err != nil {
-		return nil, err
-	}
-	var lm span.Metrics
-	if r.cfg.Metrics != nil {
-		lm = r.cfg.Metrics
-	}
-	layer, err := span.NewLayer(desc.Digest, z, blob, span.Options{
-		Cache:        r.spans,
-		Memory:       r.mem,
-		Scheduler:    r.sched,
-		FetchTimeout: r.cfg.FetchTimeout,
-		Metrics:      lm,
-	})
-	if err != nil {
-		return nil, err
-	}
-	tree, err := fusefs.NewTree(fusefs.Files(z.Files), r.log)
-	if err != nil {
-		layer.Close()
-		return nil, err
-	}
-	root, err := fusefs.NewRoot(tree, layer, fusefs.Options{Logger: r.log})
-	if err != nil {
-		layer.Close()
-		return nil, err
-	}
-	srv, err := fusefs.Mount(ctx, dir, root, fusefs.MountOptions{})
-	if err != nil {
-		layer.Close()
-		return nil, err
-	}
-	fillCtx, stopFill := context.WithCancel(context.Background())
-	m := &lazyMount{r: r, dir: dir, layer: desc.Digest, srv: srv, l: layer, stopFill: stopFill, fillDone: make(chan struct{})}
-	go func() {
-		defer close(m.fillDone)
-		if r.cfg.FillRate < 0 {
-			return
-		}
-		// The scheduler holds the fill back (FillDelay, demand reads).
-		if err := layer.Fill(fillCtx); err != nil && fillCtx.Err() == nil {
-			r.log.WithField("layer", desc.Digest).WithError(err).Warn("spanpull: background fill stopped")
-		}
-	}()
-	return m, nil
-}
-
-// lazyMount is a layer served over FUSE from its zTOC.
-type lazyMount struct {
-	r        *Resolver
-	dir      string
-	layer    digest.Digest
-	srv      *fusefs.Server
-	l        *span.Layer
-	stopFill context.CancelFunc
-	fillDone chan struct{}
-	once     sync.Once
-	err      error
-}
-
-// Unmount stops the layer's background fill and unmounts it, keeping its
-// zTOC and cached spans for the next start of the daemon.
-func (m *lazyMount) Unmount() error {
-	m.once.Do(func() {
-		m.stopFill()
-		<-m.fillDone
-		m.err = m.srv.Unmount()
-		m.l.Close()
-	})
-	return m.err
-}
-
-// Remove unmounts the layer and deletes what only it needed: its record,
-// its zTOC (unless shared) and its cached spans (unless another snapshot
-// serves the same layer).
-func (m *lazyMount) Remove() error {
-	err := m.Unmount()
-	ctx := context.Background()
-	if derr := m.r.meta.DeleteLayer(ctx, m.dir); derr != nil && !errors.Is(derr, store.ErrNotFound) {
-		err = errors.Join(err, derr)
-	}
-	layers, lerr := m.r.meta.ListLayers(ctx)
-	if lerr != nil {
-		return errors.Join(err, lerr)
-	}
-	for _, l := range layers {
-		if l.LayerDigest == m.layer {
-			return err
-		}
-	}
-	return errors.Join(err, m.r.spans.RemoveLayer(ctx, m.layer))
-}
-
-// Labels implements snapshotter.RemoteMount.
-func (m *lazyMount) Labels() map[string]string {
-	return map[string]string{snapshotter.LabelMode: "lazy"}
-}
-
-// localMount is a layer unpacked into the snapshot directory: nothing is
-// mounted, nothing needs releasing.
-type localMount struct{}
-
-func (localMount) Unmount() error { return nil }
+func (localMount) Release() error { return nil }
 func (localMount) Remove() error  { return nil }
 func (localMount) Labels() map[string]string {
-	return map[string]string{snapshotter.LabelMode: "unpacked"}
+	return map[string]string{snapshotter.LabelMode: "unpacked", snapshotter.LabelVerified: stateVerified}
+}
+
+// Usage is the disk space of the unpacked files, as containerd's overlayfs
+// snapshotter measures it.
+func (m localMount) Usage() snapshots.Usage {
+	u, err := fs.DiskUsage(context.Background(), m.dir)
+	if err != nil {
+		return snapshots.Usage{}
+	}
+	return snapshots.Usage{Inodes: u.Inodes, Size: u.Size}
 }
 
 // unpack downloads a layer that has no zTOC, verifies it against its

@@ -43,6 +43,13 @@ type RemoteLayerResolver interface {
 	Mount(ctx context.Context, dir string, labels map[string]string) (RemoteMount, error)
 }
 
+// RestoreNotifier is implemented by a RemoteLayerResolver that wants to
+// know when the snapshotter has mounted every remembered remote layer
+// again at start (for example to drop what no snapshot claimed).
+type RestoreNotifier interface {
+	Restored(ctx context.Context) error
+}
+
 // RemoteMount is a mounted remote layer.
 type RemoteMount interface {
 	// Release is called when the snapshotter closes (the daemon is
@@ -256,6 +263,11 @@ func (s *Snapshotter) restoreRemote(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
+	if n, ok := s.resolver.(RestoreNotifier); ok {
+		if err := n.Restored(ctx); err != nil {
+			s.log.WithError(err).Warn("spanpull: after mounting remote layers again")
+		}
+	}
 	return nil
 }
 

@@ -47,6 +47,10 @@ func (r *bindResolver) Mount(ctx context.Context, dir string, labels map[string]
 	if !ok {
 		return nil, fmt.Errorf("layer %s: %w", labels[snapshotters.TargetLayerDigestLabel], ErrNoRemote)
 	}
+	// Like a real resolver: a mount left on dir by a previous process is
+	// the resolver's to take over or replace.
+	for unix.Unmount(dir, unix.MNT_DETACH) == nil {
+	}
 	if err := unix.Mount(src, dir, "", unix.MS_BIND, ""); err != nil {
 		return nil, fmt.Errorf("bind %s: %w", src, err)
 	}
@@ -69,11 +73,14 @@ type bindMount struct {
 	dir string
 }
 
-func (m *bindMount) Remove() error { return m.Unmount() }
+func (m *bindMount) Remove() error { return m.Release() }
 
 func (m *bindMount) Labels() map[string]string { return map[string]string{LabelMode: "lazy"} }
 
-func (m *bindMount) Unmount() error {
+func (m *bindMount) Usage() snapshots.Usage { return snapshots.Usage{Size: 4096} }
+
+// Release unmounts: a bind mount cannot outlive the test's resolver.
+func (m *bindMount) Release() error {
 	m.r.mu.Lock()
 	defer m.r.mu.Unlock()
 	if !m.r.live[m.dir] {

@@ -12,6 +12,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
 
+	"github.com/spanpull/spanpull/record"
 	"github.com/spanpull/spanpull/resolver"
 )
 
@@ -50,6 +51,18 @@ type config struct {
 	Remote remoteConfig `toml:"remote"`
 	// CRI configures the CRI image service proxy.
 	CRI criConfig `toml:"cri"`
+	// Cache bounds what lazy layers keep on disk.
+	Cache cacheConfig `toml:"cache"`
+	// Record configures the access records of recorded prefetch.
+	Record record.Config `toml:"record"`
+}
+
+// cacheConfig is the [cache] table.
+type cacheConfig struct {
+	// MaxBytes bounds the cached span bytes and the local files of
+	// verified lazy layers, together (least recently used spans are
+	// evicted first). Zero: 10% of the filesystem holding root.
+	MaxBytes int64 `toml:"max_bytes"`
 }
 
 // criConfig is the [cri] table: the CRI image service proxy that gives the
@@ -97,6 +110,17 @@ type remoteConfig struct {
 	// FillRateBytes bounds the background fill of one layer, in
 	// compressed bytes per second; negative disables background fill.
 	FillRateBytes int64 `toml:"fill_rate_bytes"`
+	// IndexSources lists the SOCI index kinds trusted to find an image's
+	// index: "v2" (named by the image, pinned by its digest) and "v1"
+	// (referrers, which anyone who can push to the repository can add).
+	IndexSources []string `toml:"index_sources"`
+	// Prefetch names the recorded prefetch to use when an image's index
+	// has several; empty: the first.
+	Prefetch string `toml:"prefetch"`
+	// VerifyFiles checks each file's tar header against its TOC entry
+	// before its first byte is served (the per-file binding). Turning it
+	// off is a diagnostic setting.
+	VerifyFiles bool `toml:"verify_files"`
 }
 
 // defaultConfig is the configuration before the config file and flags
@@ -114,7 +138,10 @@ func defaultConfig() config {
 			FetchTimeoutSeconds: int(rd.FetchTimeout / time.Second),
 			FillDelaySeconds:    int(rd.FillDelay / time.Second),
 			FillRateBytes:       rd.FillRate,
+			IndexSources:        rd.IndexSources,
+			VerifyFiles:         !rd.NoEntryBinding,
 		},
+		Record: record.DefaultConfig(),
 	}
 }
 
@@ -130,6 +157,14 @@ func (c config) resolverConfig() resolver.Config {
 	rc.FetchTimeout = time.Duration(c.Remote.FetchTimeoutSeconds) * time.Second
 	rc.FillDelay = time.Duration(c.Remote.FillDelaySeconds) * time.Second
 	rc.FillRate = c.Remote.FillRateBytes
+	rc.CacheMaxBytes = c.Cache.MaxBytes
+	rc.IndexSources = c.Remote.IndexSources
+	rc.PrefetchName = c.Remote.Prefetch
+	rc.NoEntryBinding = !c.Remote.VerifyFiles
+	rc.Holder = resolver.HolderConfig{Socket: filepath.Join(filepath.Dir(c.Address), "fd-holder.sock")}
+	if exe, err := os.Executable(); err == nil {
+		rc.Holder.Argv = []string{exe, "fd-holder", "--socket", rc.Holder.Socket}
+	}
 	return rc
 }
 
@@ -180,6 +215,17 @@ func (c config) validate() error {
 	}
 	if c.CRI.ImageServiceProxy != "" && c.CRI.ImageServiceProxy == c.Address {
 		return errors.New("config: cri.image_service_proxy and address are the same socket")
+	}
+	for _, src := range c.Remote.IndexSources {
+		if src != "v1" && src != "v2" {
+			return fmt.Errorf("config: remote.index_sources: %q is not v1 or v2", src)
+		}
+	}
+	if c.Cache.MaxBytes < 0 {
+		return fmt.Errorf("config: cache.max_bytes must not be negative")
+	}
+	if err := c.Record.Validate(); err != nil {
+		return fmt.Errorf("config: record: %w", err)
 	}
 	if _, err := logrus.ParseLevel(c.LogLevel); err != nil {
 		return fmt.Errorf("config: log_level %q: %w", c.LogLevel, err)

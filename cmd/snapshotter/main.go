@@ -63,13 +63,25 @@ Config file keys: address, root, metrics_address, log_level, async_remove
 (bool), mount_options (list of extra overlayfs options); in a [remote]
 table (lazy pulling): disable, plain_http, insecure, config_path
 (containerd's registry hosts.toml directory, default /etc/containerd/certs.d),
-docker_config, fetch_timeout_seconds, fill_delay_seconds, fill_rate_bytes;
-in a [cri] table: image_service_proxy (socket of the CRI image service
-proxy, for the kubelet's --image-service-endpoint; empty: off) and
+docker_config, fetch_timeout_seconds, fill_delay_seconds, fill_rate_bytes,
+index_sources (trusted SOCI index kinds, default ["v2", "v1"]), prefetch
+(name of the recorded prefetch to use), verify_files (check each file's
+tar header before its first read, default true); in a [cache] table:
+max_bytes (disk budget of cached spans and local files, default 10% of the
+filesystem); in a [record] table: disable, window_seconds, max_entries; in
+a [cri] table: image_service_proxy (socket of the CRI image service proxy,
+for the kubelet's --image-service-endpoint; empty: off) and
 containerd_cri_socket (default /run/containerd/containerd.sock).
 
+Restarts: lazy layers stay mounted when the daemon stops. Their FUSE
+connections are kept by a small fd-holder process (started here, socket
+fd-holder.sock next to the address), and the next daemon takes them over:
+containers reading lazy layers see no error across a crash, kill or
+upgrade of the daemon. Under systemd use KillMode=process (deploy/).
+
 With --metrics-address, /healthz answers while the daemon runs and /readyz
-once its sockets serve and every remote layer it remembers is mounted.`,
+once its sockets serve and every remote layer it remembers is mounted;
+/record?image=REF serves access records (snapshotter record export).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg, err := loadConfig(configPath, cmd.Flags().Changed("config"))

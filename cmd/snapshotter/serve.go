@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/spanpull/spanpull/criproxy"
+	"github.com/spanpull/spanpull/record"
 	"github.com/spanpull/spanpull/resolver"
 	"github.com/spanpull/spanpull/snapshotter"
 )
@@ -71,7 +72,9 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	if cfg.CRI.ImageServiceProxy != "" {
 		creds = criproxy.NewStore()
 	}
-	sn, closeSnapshotter, err := openSnapshotter(ctx, cfg, reg, logger, creds)
+	records := newRecords(cfg.Record, logger)
+	defer records.Close()
+	sn, closeSnapshotter, err := openSnapshotter(ctx, cfg, reg, logger, creds, records)
 	if err != nil {
 		return err
 	}
@@ -98,7 +101,7 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 			return err
 		}
 	}
-	metrics, err := serveMetrics(cfg.MetricsAddress, reg, readiness(cfg, sn), errc, logger)
+	metrics, err := serveMetrics(cfg.MetricsAddress, reg, readiness(cfg, sn), records, errc, logger)
 	if err != nil {
 		srv.Stop()
 		cri.stop()
@@ -118,14 +121,26 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	return runErr
 }
 
+// newRecords returns the store of the access records of lazily mounted
+// layers (for recorded prefetch), or nil when recording is off.
+func newRecords(c record.Config, logger *log.Entry) *record.Store {
+	if c.Disable {
+		return nil
+	}
+	opts := c.Options()
+	opts.OnFrozen = func(img record.Image) { record.LogReady(logger, img) }
+	return record.NewStore(opts)
+}
+
 // openSnapshotter opens the snapshotter under cfg.Root and, unless lazy
 // pulling is disabled, the resolver that serves its remote layers.
 // release closes both, the snapshotter first: it releases the mounts the
 // resolver serves.
 //
 // creds, when not nil, holds the credentials of CRI pulls: the resolver
-// tries them first for an image's registry requests.
-func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer, logger *log.Entry, creds *criproxy.Store) (_ *snapshotter.Snapshotter, release func(), err error) {
+// tries them first for an image's registry requests. records, when not
+// nil, receives the access records of lazily mounted layers.
+func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer, logger *log.Entry, creds *criproxy.Store, records *record.Store) (_ *snapshotter.Snapshotter, release func(), err error) {
 	opts := []snapshotter.Opt{snapshotter.WithMetrics(reg), snapshotter.WithLogger(logger)}
 	if cfg.AsyncRemove {
 		opts = append(opts, snapshotter.WithAsyncRemove())
@@ -142,6 +157,7 @@ func openSnapshotter(ctx context.Context, cfg config, reg prometheus.Registerer,
 		rc := cfg.resolverConfig()
 		rc.Metrics = rm
 		rc.Logger = logger
+		rc.Records = records
 		if creds != nil {
 			rc.ImageCredentials = creds.ImageCredentials
 		}
@@ -217,10 +233,11 @@ func newSnapshotsServer(sn *snapshotter.Snapshotter, m rpcMetrics, logger *log.E
 	return srv
 }
 
-// serveMetrics serves reg's metrics on /metrics, and /healthz and /readyz
-// (ready), at addr until shutdown, reporting a failure to errc. An empty
-// addr serves nothing (nil server).
-func serveMetrics(addr string, reg *prometheus.Registry, ready func(context.Context) error, errc chan<- error, logger *log.Entry) (*http.Server, error) {
+// serveMetrics serves reg's metrics on /metrics, /healthz and /readyz
+// (ready), and the access records of records on record.HandlerPath, at
+// addr until shutdown, reporting a failure to errc. An empty addr serves
+// nothing (nil server).
+func serveMetrics(addr string, reg *prometheus.Registry, ready func(context.Context) error, records *record.Store, errc chan<- error, logger *log.Entry) (*http.Server, error) {
 	if addr == "" {
 		return nil, nil
 	}
@@ -231,6 +248,9 @@ func serveMetrics(addr string, reg *prometheus.Registry, ready func(context.Cont
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	healthHandlers(mux, ready)
+	if records != nil {
+		mux.Handle(record.HandlerPath, record.Handler(records))
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -272,7 +272,7 @@ func (e *env) stopSnapshotter() error {
 	if e.snap == nil {
 		return nil
 	}
-	err := e.snap.Stop(20 * time.Second)
+	err := e.snap.Shutdown()
 	e.snap = nil
 	if uerr := testenv.UnmountUnder(e.snapRoot); uerr != nil {
 		return errors.Join(err, uerr)

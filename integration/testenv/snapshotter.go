@@ -5,14 +5,20 @@ package testenv
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
+	"github.com/spanpull/spanpull/fdstore"
 	"github.com/spanpull/spanpull/internal/testutil/proc"
 )
 
@@ -117,8 +123,60 @@ func StartSnapshotter(t testing.TB, dir string, c SnapshotterConfig) *Snapshotte
 	if err != nil {
 		t.Fatal(err)
 	}
-	cleanupProcess(t, sn.Process, func() error { return sn.Stop(snapshotterGrace) })
+	cleanupProcess(t, sn.Process, sn.Shutdown)
 	return sn
+}
+
+// Shutdown stops the daemon and what outlives it on purpose: its fd
+// holder, which keeps the FUSE connections of lazy layers for the next
+// daemon, and those lazy mounts, detached. Calling it again is harmless.
+func (sn *Snapshotter) Shutdown() error {
+	err := sn.Stop(snapshotterGrace)
+	return errors.Join(err, StopFDHolder(filepath.Join(filepath.Dir(sn.Socket), "fd-holder.sock")), detachFUSEMounts(sn.Root))
+}
+
+// StopFDHolder kills the fd holder serving socket (named in its PID file),
+// if one runs. With it go the FUSE connections it keeps: their mounts fail
+// reads from then on and can be detached.
+func StopFDHolder(socket string) error {
+	b, err := os.ReadFile(fdstore.PIDFile(socket))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return nil // no holder ever wrote its PID
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("stop fd holder %d: %w", pid, err)
+	}
+	for range 100 { // it exits at once: wait, so its connections are gone
+		if syscall.Kill(pid, 0) != nil {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
+// detachFUSEMounts detaches the FUSE mounts below root.
+func detachFUSEMounts(root string) error {
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, m := range mounts {
+		if strings.HasPrefix(m.FSType, "fuse") {
+			if err := syscall.Unmount(m.Mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) {
+				errs = append(errs, fmt.Errorf("detach %s: %w", m.Mountpoint, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func dialUnix(sock string) error {
