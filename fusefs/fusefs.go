@@ -84,15 +84,21 @@ type Options struct {
 	// node is closed; fusefs closes the returned file. A nil file means
 	// reads go to the StreamReader.
 	Backing func(ctx context.Context, e Entry) (*os.File, error)
-	// VerifyEntry, when set, is called once per regular file before the
-	// first byte of it is served (before a passthrough open, or before
-	// the first read). An error fails that read, and every later one,
-	// with EIO, and is logged once. An error while ctx is canceled is
-	// not remembered.
+	// VerifyEntry, when set, is called per regular file before the first
+	// byte of it is served (before a passthrough open, or before the first
+	// read), until it succeeds or rejects the entry. An error fails that
+	// read with EIO; one wrapping ErrRejected fails every later read too,
+	// and is logged once.
 	VerifyEntry func(ctx context.Context, e Entry) error
 	// Observer, when set, sees opens and reads.
 	Observer Observer
 }
+
+// ErrRejected marks a VerifyEntry error that is a verdict: the entry does
+// not match the layer, and every later read of it fails too. Any other
+// error (the bytes to check could not be read) fails the read at hand
+// only, and the check runs again on the next read.
+var ErrRejected = errors.New("entry failed verification")
 
 // Root is a layer ready to be served: its tree, where its bytes come from,
 // and the hooks of the daemon. A Root is mounted once, by Mount, Resume or
@@ -159,7 +165,9 @@ func (r *Root) verify(ctx context.Context, i uint32) (err error, first bool) {
 	defer v.mu.Unlock()
 	if !v.done {
 		err := r.opts.VerifyEntry(ctx, r.entry(i))
-		if err != nil && ctx.Err() != nil {
+		if err != nil && !errors.Is(err, ErrRejected) {
+			// Not a verdict (the bytes could not be read): the next
+			// read tries again.
 			return err, true
 		}
 		v.done, v.err = true, err

@@ -3,6 +3,7 @@ package fusefs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -57,7 +58,7 @@ func TestVerifyEntryAndObserver(t *testing.T) {
 				if e.Index() != 1 || e.Offset() != files[1].UncompressedOffset || e.Size() != 6 || e.Sparse() {
 					t.Errorf("bad: index %d offset %d size %d", e.Index(), e.Offset(), e.Size())
 				}
-				return errors.New("tar header does not match the TOC")
+				return fmt.Errorf("tar header does not match the TOC: %w", ErrRejected)
 			}
 			return nil
 		},
@@ -106,8 +107,9 @@ func TestVerifyEntryAndObserver(t *testing.T) {
 	}
 }
 
-// TestVerifyCanceled checks that a verification that fails because its
-// request was canceled is tried again.
+// TestVerifyCanceled checks that a verification that fails without a
+// verdict (its request was canceled, the bytes could not be read) is tried
+// again, and that a success is remembered.
 func TestVerifyCanceled(t *testing.T) {
 	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte("data")))
 	files, _ := toctest.FromTar(t, layer)
@@ -127,5 +129,22 @@ func TestVerifyCanceled(t *testing.T) {
 	}
 	if err, _ := r.verify(context.Background(), i); err != nil || calls != 2 {
 		t.Errorf("a successful verification is not remembered (%d calls)", calls)
+	}
+
+	// An I/O error fails the read at hand only.
+	calls = 0
+	flaky := newRoot(t, files, plainSource(layer), Options{VerifyEntry: func(ctx context.Context, e Entry) error {
+		calls++
+		if calls == 1 {
+			return errors.New("registry down")
+		}
+		return nil
+	}})
+	j, _ := flaky.tree.child(0, "f")
+	if err, _ := flaky.verify(context.Background(), j); err == nil {
+		t.Fatal("verify: the hook's I/O error is lost")
+	}
+	if err, _ := flaky.verify(context.Background(), j); err != nil || calls != 2 {
+		t.Errorf("verify after an I/O error: %v after %d calls, want success after 2", err, calls)
 	}
 }

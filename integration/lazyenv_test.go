@@ -283,9 +283,22 @@ func (e *lazyEnv) storedZtoc(t *testing.T) (*ztoc.Ztoc, []ztoc.Span) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The daemon stores the blob it mounted the layer from: the pack head
+	// of the zTOC when the index has one (the zTOC is then rebuilt with the
+	// windows blob from the registry's storage), else the zTOC.
 	z, err := ztoc.Unmarshal(b)
 	if err != nil {
-		t.Fatal(err)
+		h, herr := ztoc.UnmarshalPackHead(b)
+		if herr != nil {
+			t.Fatalf("stored blob is neither a zTOC (%v) nor a pack head (%v)", err, herr)
+		}
+		windows, err := os.ReadFile(e.reg.BlobPath(h.WindowsDigest))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if z, _, err = h.Restore(windows); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if z.CompressedArchiveSize != e.layerDesc.Size {
 		t.Fatalf("stored zTOC is for a %d-byte layer, want %d", z.CompressedArchiveSize, e.layerDesc.Size)

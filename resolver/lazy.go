@@ -98,6 +98,7 @@ func (r *Resolver) openLazy(rec store.RemoteLayer, li *soci.LayerIndex, repo *re
 	var windows span.WindowSource
 	if li.Windows != nil {
 		li.Windows.OnFetch(func(n int64) { r.cfg.Metrics.fetched("window", n) })
+		li.Windows.KeepIn(r.windowsDir(rec))
 		windows = li.Windows
 	}
 	sl, err := r.newSpanLayer(repo, l.layerDesc(), &z, windows)
@@ -317,17 +318,24 @@ func (l *lazyLayer) Usage() snapshots.Usage {
 	return snapshots.Usage{Size: n}
 }
 
-// removeUnused deletes the cached spans, local files and stored TOC of
-// rec's layer when no other record uses them.
+// windowsDir keeps the checkpoint windows of rec's layer fetched from its
+// pack's windows blob.
+func (r *Resolver) windowsDir(rec store.RemoteLayer) string {
+	return filepath.Join(r.cfg.Root, "windows", rec.WindowsDigest.Encoded())
+}
+
+// removeUnused deletes the cached spans, windows, local files and stored
+// TOC of rec's layer when no other record uses them.
 func (r *Resolver) removeUnused(ctx context.Context, rec store.RemoteLayer) error {
 	layers, err := r.meta.ListLayers(ctx)
 	if err != nil {
 		return err
 	}
-	layerUsed, headUsed := false, false
+	layerUsed, headUsed, windowsUsed := false, false, false
 	for _, o := range layers {
 		layerUsed = layerUsed || o.LayerDigest == rec.LayerDigest
 		headUsed = headUsed || rec.HeadDigest != "" && o.HeadDigest == rec.HeadDigest
+		windowsUsed = windowsUsed || rec.WindowsDigest != "" && o.WindowsDigest == rec.WindowsDigest
 	}
 	var errs []error
 	if !headUsed && rec.HeadDigest != "" {
@@ -335,6 +343,9 @@ func (r *Resolver) removeUnused(ctx context.Context, rec store.RemoteLayer) erro
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
+	}
+	if !windowsUsed && rec.WindowsDigest != "" {
+		errs = append(errs, os.RemoveAll(r.windowsDir(rec)))
 	}
 	if !layerUsed {
 		errs = append(errs, r.spans.RemoveLayer(ctx, rec.LayerDigest), r.files.remove(rec.LayerDigest))
@@ -358,7 +369,7 @@ func (s streamReader) ReadAt(ctx context.Context, p []byte, off int64) (int, err
 }
 
 // errQuarantined fails the reads of a layer whose index was found to lie.
-var errQuarantined = errors.New("layer is quarantined: its index does not match the layer")
+var errQuarantined = fmt.Errorf("layer is quarantined: its index does not match the layer: %w", fusefs.ErrRejected)
 
 // observer feeds the files a workload opens to the layer's recorder.
 type observer struct{ l *lazyLayer }

@@ -10,8 +10,10 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/fusefs"
+	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/store"
 	"github.com/spanpull/spanpull/ztoc"
@@ -106,7 +108,7 @@ func (l *lazyLayer) completed(ctx context.Context) {
 		l.log.Warn("spanpull: layer complete but not verifiable: its image's diff_id is unknown")
 		return
 	}
-	z, err := l.fullZtoc()
+	z, err := l.fullZtoc(ctx)
 	if err != nil {
 		l.log.WithError(err).Warn("spanpull: layer verification: read the TOC")
 		return
@@ -141,8 +143,14 @@ func (l *lazyLayer) completed(ctx context.Context) {
 	l.unpackFiles(ctx, rc)
 }
 
-// fullZtoc returns the layer's zTOC with every TOC entry decoded.
-func (l *lazyLayer) fullZtoc() (*ztoc.Ztoc, error) {
+// fullZtoc returns the layer's zTOC with every TOC entry decoded and every
+// checkpoint's window: for a layer mounted from a pack head, the zTOC the
+// head was made from, rebuilt with the pack's windows blob (fetched whole)
+// and checked against the zTOC digest of the index.
+func (l *lazyLayer) fullZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
+	if l.rec.HeadDigest != "" {
+		return l.restoreZtoc(ctx)
+	}
 	z := *l.z.Load()
 	z.Files = make([]ztoc.FileMetadata, 0, l.tocr.Len())
 	err := ztoc.DecodeFiles(l.toc.Bytes(), func(f *ztoc.FileMetadata) error {
@@ -150,6 +158,32 @@ func (l *lazyLayer) fullZtoc() (*ztoc.Ztoc, error) {
 		return nil
 	})
 	return &z, err
+}
+
+// restoreZtoc rebuilds the zTOC of a layer mounted from a pack head.
+func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
+	b, err := l.r.meta.Ztoc(ctx, l.rec.HeadDigest)
+	if err != nil {
+		return nil, err
+	}
+	h, err := ztoc.UnmarshalPackHead(b)
+	if err != nil {
+		return nil, err
+	}
+	var windows []byte
+	if h.WindowsSize > 0 {
+		repo, err := l.r.repo(l.rec.ImageRef)
+		if err != nil {
+			return nil, err
+		}
+		windows, err = repo.FetchBlobBytes(ctx, ocispec.Descriptor{MediaType: index.MediaTypePackWindows, Digest: h.WindowsDigest, Size: h.WindowsSize}, h.WindowsSize)
+		l.r.cfg.Metrics.fetched("window", int64(len(windows)))
+		if err != nil {
+			return nil, fmt.Errorf("fetch the pack's windows blob: %w", err)
+		}
+	}
+	z, _, err := h.Restore(windows)
+	return z, err
 }
 
 // unpackFiles writes the files of the verified layer, read from blob (its

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 
@@ -12,6 +15,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/atomicfile"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -177,6 +181,7 @@ type Windows struct {
 
 	fetched atomic.Int64
 	onFetch atomic.Pointer[func(int64)]
+	dir     atomic.Pointer[string] // keeps fetched windows on disk
 	flight  singleflight.Group
 	mu      sync.Mutex
 	cache   []cachedWindow // most recently used last
@@ -214,8 +219,40 @@ func (w *Windows) Window(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 	return v.([]byte), nil
 }
 
+// KeepIn makes w keep every window it fetches in directory dir (created
+// when needed), as the compressed bytes of the windows blob, and look
+// there before fetching: a layer whose spans are cached then reads without
+// the registry, also after a restart. Kept windows are checked against the
+// head like fetched ones.
+func (w *Windows) KeepIn(dir string) { w.dir.Store(&dir) }
+
+// kept returns the compressed window of span id kept on disk, if any.
+func (w *Windows) kept(id ztoc.SpanID) ([]byte, bool) {
+	dir := w.dir.Load()
+	if dir == nil {
+		return nil, false
+	}
+	b, err := os.ReadFile(filepath.Join(*dir, strconv.Itoa(int(id))))
+	return b, err == nil
+}
+
+// keep stores compressed window bytes of span id on disk (best effort: a
+// window that cannot be kept is fetched again when needed).
+func (w *Windows) keep(id ztoc.SpanID, compressed []byte) {
+	dir := w.dir.Load()
+	if dir == nil || os.MkdirAll(*dir, 0o700) != nil {
+		return
+	}
+	_ = atomicfile.WriteFile(*dir, strconv.Itoa(int(id)), compressed)
+}
+
 // fetch reads, verifies and decodes the window of span id, and caches it.
 func (w *Windows) fetch(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
+	if b, ok := w.kept(id); ok {
+		if win, err := w.head.DecodeWindow(id, b); err == nil {
+			return w.remember(id, win), nil
+		}
+	}
 	off, n := w.head.WindowRange(id)
 	var compressed []byte
 	if n > 0 {
@@ -233,13 +270,21 @@ func (w *Windows) fetch(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("windows blob %s: %w", w.desc.Digest, err)
 	}
+	if n > 0 {
+		w.keep(id, compressed)
+	}
+	return w.remember(id, win), nil
+}
+
+// remember puts window win of span id in the memory cache and returns it.
+func (w *Windows) remember(id ztoc.SpanID, win []byte) []byte {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if len(w.cache) == windowCacheSize {
 		w.cache = append(w.cache[:0], w.cache[1:]...)
 	}
 	w.cache = append(w.cache, cachedWindow{id, win})
-	return win, nil
+	return win
 }
 
 // cached returns the cached window of span id, marking it recently used.

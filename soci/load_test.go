@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 
@@ -227,5 +228,66 @@ func TestLoadLayerDebian(t *testing.T) {
 	}
 	if _, err := li.Windows.Window(context.Background(), ztoc.SpanID(n/2)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestWindowsKeepIn: windows kept on disk serve without the registry (a
+// second Windows over the same directory, as after a restart), a kept
+// window that no longer matches the head is fetched again, and a window
+// neither kept nor reachable fails.
+func TestWindowsKeepIn(t *testing.T) {
+	ctx := context.Background()
+	up := registrytest.StartDistribution(t)
+	proxy := socitest.StartProxy(t, up)
+	f := newLoadFixture(t, proxy.Addr, "keep", soci.Options{})
+	gz := f.layers[0]
+	z, _ := f.ztocOf(t, "keep", gz)
+	want, err := z.Spans()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	open := func(addr string) *soci.Windows {
+		li, err := soci.LoadLayer(ctx, repoAt(t, proxy.Addr, "keep"), f.ix, gz.Desc, 1<<30)
+		if err != nil {
+			t.Fatal(err)
+		}
+		head, windows, _ := f.ix.Pack(gz.Desc.Digest)
+		if head.Digest == "" {
+			t.Fatal("no pack")
+		}
+		w := soci.NewWindows(repoAt(t, addr, "keep"), windows, li.Pack)
+		w.KeepIn(dir)
+		return w
+	}
+	w := open(proxy.Addr)
+	for i := 1; i < len(want); i++ {
+		if b, err := w.Window(ctx, ztoc.SpanID(i)); err != nil || !bytes.Equal(b, want[i].Window) {
+			t.Fatalf("window %d: %v", i, err)
+		}
+	}
+	// A registry that is not there: every window comes from the disk.
+	offline := open("127.0.0.1:1")
+	for i := 1; i < len(want); i++ {
+		if b, err := offline.Window(ctx, ztoc.SpanID(i)); err != nil || !bytes.Equal(b, want[i].Window) {
+			t.Fatalf("kept window %d without the registry: %v", i, err)
+		}
+	}
+	if offline.Fetched() != 0 {
+		t.Errorf("%d bytes fetched for kept windows", offline.Fetched())
+	}
+	// A damaged kept window is not used: fetched again, and fixed on disk.
+	if err := os.WriteFile(filepath.Join(dir, "1"), []byte("damaged"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := open("127.0.0.1:1").Window(ctx, 1); err == nil {
+		t.Fatal("a damaged kept window was served without the registry")
+	}
+	fresh := open(proxy.Addr)
+	if b, err := fresh.Window(ctx, 1); err != nil || !bytes.Equal(b, want[1].Window) || fresh.Fetched() == 0 {
+		t.Fatalf("damaged kept window: %v, fetched %d bytes", err, fresh.Fetched())
+	}
+	if b, err := open("127.0.0.1:1").Window(ctx, 1); err != nil || !bytes.Equal(b, want[1].Window) {
+		t.Fatalf("window 1 kept again after the refetch: %v", err)
 	}
 }

@@ -116,12 +116,29 @@ func (l *Layer) Fill(ctx context.Context) error {
 			return err
 		}
 		if l.Complete() {
+			l.fillWindows(ctx)
 			return nil
 		}
 		if err := waitChange(ctx, nil, pause); err != nil {
 			return err
 		}
 		pause = min(2*pause, time.Minute)
+	}
+}
+
+// fillWindows asks Options.Windows once for the window of every span
+// whose window is not in the span table, so that a window source that
+// keeps what it fetches (soci.Windows.KeepIn) has every window of a
+// complete layer, which then reads without the registry. Failures are
+// left to the reads that need the window.
+func (l *Layer) fillWindows(ctx context.Context) {
+	if l.opts.Windows == nil {
+		return
+	}
+	for _, s := range l.spans {
+		if s.Window == nil && ctx.Err() == nil {
+			_, _ = l.opts.Windows.Window(ctx, s.ID)
+		}
 	}
 }
 

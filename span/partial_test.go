@@ -367,3 +367,35 @@ func BenchmarkLayerColdRead4KChunks(b *testing.B) {
 		})
 	}
 }
+
+// TestFillFetchesWindows: a fill that completes a layer loaded without
+// its windows also asks the window source for the window of every span, so
+// that a source keeping what it fetches lets the layer read offline.
+func TestFillFetchesWindows(t *testing.T) {
+	tarball := readerTar(t, 10)
+	blob := gzipCLI("-6")(t, tarball)
+	z := build(t, blob, 16<<10)
+	spans := mustSpans(t, z)
+	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{}}
+	for _, s := range spans {
+		ws.windows[s.ID] = bytes.Clone(s.Window)
+	}
+	cache, err := OpenCache(t.TempDir(), CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := NewLayer(digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for i := range l.spans {
+		l.spans[i].Window = nil
+	}
+	if err := l.Fill(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Complete() || len(ws.calls) != len(spans) {
+		t.Fatalf("after Fill: complete %v, windows of %d spans asked for (%v), want all %d", l.Complete(), len(ws.calls), ws.calls, len(spans))
+	}
+}
