@@ -31,7 +31,7 @@ import (
 // serves it on /record. Until it does, "record run" goes through the
 // whole run and then fails to export, and this test checks exactly that.
 // TODO(lead): set to true when serve wires the recorder.
-const daemonRecords = false
+const daemonRecords = true
 
 // TestRecordRunPython is the CI step end to end on real parts: the Debian
 // + python3 image in docker-registry, converted by the indexer CLI, then
