@@ -54,12 +54,15 @@ func render(t *testing.T, args ...string) (*corev1.ConfigMap, *appsv1.DaemonSet)
 	return decode(t, out)
 }
 
-// decode strictly decodes a multi-document manifest of one ConfigMap and
-// one DaemonSet.
+// decode strictly decodes a multi-document manifest of one ConfigMap, the
+// daemon's DaemonSet and the fd holder's DaemonSet (nil when disabled).
 func decode(t *testing.T, manifest []byte) (*corev1.ConfigMap, *appsv1.DaemonSet) {
+	cm, ds, _ := decodeAll(t, manifest)
+	return cm, ds
+}
+
+func decodeAll(t *testing.T, manifest []byte) (cm *corev1.ConfigMap, ds, holder *appsv1.DaemonSet) {
 	t.Helper()
-	var cm *corev1.ConfigMap
-	var ds *appsv1.DaemonSet
 	for _, doc := range strings.Split(string(manifest), "\n---") {
 		if strings.TrimSpace(stripComments(doc)) == "" {
 			continue
@@ -74,8 +77,13 @@ func decode(t *testing.T, manifest []byte) (*corev1.ConfigMap, *appsv1.DaemonSet
 			cm = &corev1.ConfigMap{}
 			obj = cm
 		case "apps/v1 DaemonSet":
-			ds = &appsv1.DaemonSet{}
-			obj = ds
+			d := &appsv1.DaemonSet{}
+			obj = d
+			if strings.Contains(doc, "app.kubernetes.io/component: fd-holder") {
+				holder = d
+			} else {
+				ds = d
+			}
 		default:
 			t.Fatalf("unexpected object %s %s", meta.APIVersion, meta.Kind)
 		}
@@ -86,7 +94,7 @@ func decode(t *testing.T, manifest []byte) (*corev1.ConfigMap, *appsv1.DaemonSet
 	if cm == nil || ds == nil {
 		t.Fatalf("manifest lacks the ConfigMap or the DaemonSet:\n%s", manifest)
 	}
-	return cm, ds
+	return cm, ds, holder
 }
 
 func stripComments(doc string) string {
@@ -106,8 +114,8 @@ func TestDaemonSet(t *testing.T) {
 		t.Fatal("ConfigMap has no config.toml")
 	}
 	spec := ds.Spec.Template.Spec
-	if !spec.HostPID || !spec.HostNetwork {
-		t.Error("the pod needs hostPID (the fd-holder outlives the container) and hostNetwork (probes on the node)")
+	if spec.HostPID || !spec.HostNetwork {
+		t.Error("the pod needs hostNetwork (probes on the node) and not hostPID (the fd holder is a DaemonSet of its own)")
 	}
 	if len(spec.Containers) != 1 {
 		t.Fatalf("%d containers, want 1", len(spec.Containers))
@@ -162,6 +170,37 @@ func TestDaemonSet(t *testing.T) {
 	if !strings.HasSuffix(c.Image, ":v9") || c.Resources.Limits.Memory().String() != "3Gi" ||
 		len(ds.Spec.Template.Spec.Tolerations) != 1 || ds.Spec.Template.Spec.Tolerations[0].Key != "gpu" {
 		t.Fatalf("values not applied: image %s, limits %v, tolerations %v", c.Image, c.Resources.Limits, ds.Spec.Template.Spec.Tolerations)
+	}
+}
+
+// TestFDHolderDaemonSet: the fd holder outlives rollouts of the daemon (a
+// DaemonSet of its own, replaced only when its pods are deleted), shares
+// the daemon's socket directory, and the daemon's config waits for it
+// instead of starting one in its own pod.
+func TestFDHolderDaemonSet(t *testing.T) {
+	cm, ds, holder := decodeAll(t, helm(t, "template", "spanpull", chart, "--namespace", "spanpull-system"))
+	if holder == nil {
+		t.Fatal("no fd-holder DaemonSet")
+	}
+	if holder.Spec.UpdateStrategy.Type != appsv1.OnDeleteDaemonSetStrategyType {
+		t.Errorf("fd holder update strategy %q, want OnDelete", holder.Spec.UpdateStrategy.Type)
+	}
+	c := holder.Spec.Template.Spec.Containers[0]
+	if strings.Join(c.Command, " ") != "snapshotter fd-holder --socket /run/spanpull/fd-holder.sock --grace 5m" {
+		t.Errorf("fd holder command %q", c.Command)
+	}
+	if len(c.VolumeMounts) != 1 || c.VolumeMounts[0].MountPath != "/run/spanpull" {
+		t.Errorf("fd holder mounts %+v, want the run directory", c.VolumeMounts)
+	}
+	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType {
+		t.Errorf("daemon update strategy %q", ds.Spec.UpdateStrategy.Type)
+	}
+	conf := cm.Data["config.toml"]
+	if !strings.Contains(conf, `fd_holder_socket = "/run/spanpull/fd-holder.sock"`) || !strings.Contains(conf, "start_fd_holder = false") {
+		t.Errorf("the daemon's config does not use the holder DaemonSet:\n%s", conf)
+	}
+	if _, _, h := decodeAll(t, helm(t, "template", "spanpull", chart, "--set", "fdHolder.enabled=false")); h != nil {
+		t.Error("fdHolder.enabled=false still renders the holder")
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/log"
@@ -24,9 +25,16 @@ type HolderConfig struct {
 	// are unmounted when the resolver is released and mounted anew.
 	Socket string
 	// Argv starts a holder when none answers on Socket (the daemon's own
-	// binary with its hidden fd-holder subcommand).
+	// binary with its hidden fd-holder subcommand). Empty: the holder is
+	// run by someone else (on Kubernetes, a DaemonSet of its own that a
+	// rollout of the daemon does not restart), and the resolver waits up
+	// to ExternalWait for it to answer.
 	Argv []string
 }
+
+// ExternalWait bounds how long the resolver waits for a holder it does not
+// start itself.
+const ExternalWait = time.Minute
 
 // holder is the resolver's side of the fd holder: the connections a
 // previous daemon left there, waiting to be taken over, and the client
@@ -45,7 +53,7 @@ func openHolder(ctx context.Context, cfg HolderConfig, logger *log.Entry) (*hold
 	if cfg.Socket == "" {
 		return nil, nil
 	}
-	c, err := fdstore.Ensure(ctx, cfg.Socket, cfg.Argv)
+	c, err := connectHolder(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("fd holder: %w", err)
 	}
@@ -59,6 +67,27 @@ func openHolder(ctx context.Context, cfg HolderConfig, logger *log.Entry) (*hold
 		h.left[e.Key] = e
 	}
 	return h, nil
+}
+
+// connectHolder connects to the holder of cfg, starting it when cfg says
+// how, else waiting for it.
+func connectHolder(ctx context.Context, cfg HolderConfig) (*fdstore.Client, error) {
+	if len(cfg.Argv) > 0 {
+		return fdstore.Ensure(ctx, cfg.Socket, cfg.Argv)
+	}
+	ctx, cancel := context.WithTimeout(ctx, ExternalWait)
+	defer cancel()
+	for {
+		c, err := fdstore.Dial(ctx, cfg.Socket)
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no holder answers on %s: %w", cfg.Socket, err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 // take returns the connection a previous daemon left for dir, if any; the

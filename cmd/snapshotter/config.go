@@ -117,6 +117,15 @@ type remoteConfig struct {
 	// Prefetch names the recorded prefetch to use when an image's index
 	// has several; empty: the first.
 	Prefetch string `toml:"prefetch"`
+	// FDHolderSocket is the socket of the fd holder that keeps the FUSE
+	// connections of lazy layers across restarts of the daemon; empty:
+	// fd-holder.sock next to the daemon's socket.
+	FDHolderSocket string `toml:"fd_holder_socket"`
+	// StartFDHolder makes the daemon start the holder when none answers
+	// (a process of its own session; under systemd, KillMode=process
+	// keeps it across restarts). Off when the holder runs on its own (the
+	// Kubernetes chart's holder DaemonSet): the daemon then waits for it.
+	StartFDHolder bool `toml:"start_fd_holder"`
 	// VerifyFiles checks each file's tar header against its TOC entry
 	// before its first byte is served (the per-file binding). Turning it
 	// off is a diagnostic setting.
@@ -140,6 +149,7 @@ func defaultConfig() config {
 			FillRateBytes:       rd.FillRate,
 			IndexSources:        rd.IndexSources,
 			VerifyFiles:         !rd.NoEntryBinding,
+			StartFDHolder:       true,
 		},
 		Record: record.DefaultConfig(),
 	}
@@ -161,8 +171,11 @@ func (c config) resolverConfig() resolver.Config {
 	rc.IndexSources = c.Remote.IndexSources
 	rc.PrefetchName = c.Remote.Prefetch
 	rc.NoEntryBinding = !c.Remote.VerifyFiles
-	rc.Holder = resolver.HolderConfig{Socket: filepath.Join(filepath.Dir(c.Address), "fd-holder.sock")}
-	if exe, err := os.Executable(); err == nil {
+	rc.Holder = resolver.HolderConfig{Socket: c.Remote.FDHolderSocket}
+	if rc.Holder.Socket == "" {
+		rc.Holder.Socket = filepath.Join(filepath.Dir(c.Address), "fd-holder.sock")
+	}
+	if exe, err := os.Executable(); err == nil && c.Remote.StartFDHolder {
 		rc.Holder.Argv = []string{exe, "fd-holder", "--socket", rc.Holder.Socket}
 	}
 	return rc
