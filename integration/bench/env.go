@@ -18,6 +18,12 @@ import (
 	"syscall"
 	"time"
 
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/internal/testutil/proc"
 	"github.com/spanpull/spanpull/registry/registrytest"
@@ -55,6 +61,10 @@ type env struct {
 	snapRoot       string
 	snapStarts     int
 	containerd     *testenv.Containerd
+	// client talks to containerd for the bookkeeping between runs (one
+	// connection, not a ctr process per call); the measured pulls and
+	// runs use ctr.
+	client *containerd.Client
 }
 
 func (e *env) onClose(f func() error) { e.cleanups = append(e.cleanups, f) }
@@ -255,15 +265,10 @@ func httpOK(ctx context.Context, url string) error {
 	return nil
 }
 
-// startSnapshotter writes the daemon's config and starts it with an empty
-// root. fill enables background fill with the daemon's defaults.
-func (e *env) startSnapshotter(ctx context.Context, fill bool) error {
-	var b strings.Builder
-	fmt.Fprintf(&b, "log_level = \"info\"\n[remote]\n  plain_http = [%q]\n  fetch_timeout_seconds = 120\n", e.proxyAddr)
-	if !fill {
-		b.WriteString("  fill_rate_bytes = -1\n")
-	}
-	e.snapConfig = b.String()
+// startSnapshotter starts the daemon with its defaults and an empty root
+// (every run restarts it with the settings of its mode, see cold).
+func (e *env) startSnapshotter(ctx context.Context) error {
+	e.snapConfig = daemonConfig(e.proxyAddr, daemonSettings{})
 	e.onClose(func() error { return e.stopSnapshotter() })
 	return e.restartSnapshotter(ctx)
 }
@@ -305,12 +310,13 @@ func (e *env) restartSnapshotter(ctx context.Context) error {
 		// snapshot is prepared and removed: listing snapshots would be
 		// answered from containerd's own metadata, without the daemon.
 		probe := fmt.Sprintf("bench-probe-%d", e.snapStarts)
+		sn := e.client.SnapshotService(snapshotterName)
+		nsctx := namespaces.WithNamespace(ctx, ctrNamespace)
 		err := proc.WaitReady(ctx, e.containerd.Process, 60*time.Second, func() error {
-			if _, err := e.containerd.Run(ctx, "snapshots", "--snapshotter", snapshotterName, "prepare", probe); err != nil {
+			if _, err := sn.Prepare(nsctx, probe, ""); err != nil {
 				return err
 			}
-			_, err := e.containerd.Run(ctx, "snapshots", "--snapshotter", snapshotterName, "rm", probe)
-			return err
+			return sn.Remove(nsctx, probe)
 		})
 		if err != nil {
 			return fmt.Errorf("containerd reconnecting to the restarted snapshotter: %w", err)
@@ -334,6 +340,10 @@ func (e *env) startContainerd(ctx context.Context) error {
 	e.containerd = cd
 	// Cleanups run last-in first-out: images go before containerd does.
 	e.onClose(cd.Close)
+	if e.client, err = containerd.New(cd.Socket, containerd.WithDefaultNamespace(ctrNamespace)); err != nil {
+		return fmt.Errorf("containerd client: %w", err)
+	}
+	e.onClose(e.client.Close)
 	e.onClose(func() error {
 		if cd.Exited() {
 			return nil
@@ -346,17 +356,37 @@ func (e *env) startContainerd(ctx context.Context) error {
 }
 
 // removeAll kills and deletes every task and container and deletes every
-// image synchronously (garbage collection then removes their content and
-// snapshots).
+// image, the last synchronously (as ctr images rm --sync does: garbage
+// collection then removes their content and snapshots).
 func (e *env) removeAll(ctx context.Context) error {
-	errs := []error{e.containerd.RemoveContainers(ctx)}
-	out, err := e.containerd.Run(ctx, "images", "ls", "-q")
+	ctx = namespaces.WithNamespace(ctx, ctrNamespace)
+	var errs []error
+	cs, err := e.client.Containers(ctx)
 	if err != nil {
-		errs = append(errs, err)
+		errs = append(errs, fmt.Errorf("list containers: %w", err))
 	}
-	if refs := strings.Fields(out); len(refs) > 0 {
-		if _, err := e.containerd.Run(ctx, append([]string{"images", "rm", "--sync"}, refs...)...); err != nil {
-			errs = append(errs, err)
+	for _, c := range cs {
+		if t, err := c.Task(ctx, nil); err == nil {
+			if _, err := t.Delete(ctx, containerd.WithProcessKill); err != nil {
+				errs = append(errs, fmt.Errorf("delete task %s: %w", c.ID(), err))
+			}
+		}
+		if err := c.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+			errs = append(errs, fmt.Errorf("delete container %s: %w", c.ID(), err))
+		}
+	}
+	is := e.client.ImageService()
+	imgs, err := is.List(ctx)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("list images: %w", err))
+	}
+	for i, img := range imgs {
+		var opts []images.DeleteOpt
+		if i == len(imgs)-1 {
+			opts = append(opts, images.SynchronousDelete())
+		}
+		if err := is.Delete(ctx, img.Name, opts...); err != nil {
+			errs = append(errs, fmt.Errorf("delete image %s: %w", img.Name, err))
 		}
 	}
 	return errors.Join(errs...)
@@ -365,20 +395,21 @@ func (e *env) removeAll(ctx context.Context) error {
 // leftovers lists content and snapshots still in containerd after
 // removeAll; a cold run needs none.
 func (e *env) leftovers(ctx context.Context) (string, error) {
+	ctx = namespaces.WithNamespace(ctx, ctrNamespace)
 	var b strings.Builder
-	out, err := e.containerd.Run(ctx, "content", "ls", "-q")
-	if err != nil {
-		return "", err
+	blobs := 0
+	if err := e.client.ContentStore().Walk(ctx, func(content.Info) error { blobs++; return nil }); err != nil {
+		return "", fmt.Errorf("list content: %w", err)
 	}
-	if n := len(strings.Fields(out)); n > 0 {
-		fmt.Fprintf(&b, "%d content blobs; ", n)
+	if blobs > 0 {
+		fmt.Fprintf(&b, "%d content blobs; ", blobs)
 	}
 	for _, sn := range []string{"overlayfs", snapshotterName} {
-		out, err := e.containerd.Run(ctx, "snapshots", "--snapshotter", sn, "ls")
-		if err != nil {
-			return "", err
+		n := 0
+		if err := e.client.SnapshotService(sn).Walk(ctx, func(context.Context, snapshots.Info) error { n++; return nil }); err != nil {
+			return "", fmt.Errorf("list %s snapshots: %w", sn, err)
 		}
-		if n := len(strings.Split(strings.TrimSpace(out), "\n")) - 1; n > 0 {
+		if n > 0 {
 			fmt.Fprintf(&b, "%d %s snapshots; ", n, sn)
 		}
 	}

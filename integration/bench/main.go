@@ -1,26 +1,34 @@
 //go:build linux
 
 // Command bench measures lazy pulling against full pulling on a shaped
-// link: time from the start of the pull to a container's first output line
-// and bytes fetched from the registry, for spanpull's snapshotter (lazy)
-// and containerd's own pull into overlayfs (full), on the same registry in
-// the same run. It needs root: it creates a network namespace, starts
+// link: time from the start of the pull to a container's ready line (its
+// first output line), bytes fetched from the registry before that line and
+// in all, range GETs, and the daemon's memory, for spanpull's snapshotter
+// with its defaults (lazy), with a recorded start attached (lazy+prefetch)
+// and two diagnostic settings, against containerd's own pull into
+// overlayfs (full), on the same registry in the same run. A second
+// benchmark (-mode read) reads every file of a fully fetched, verified
+// lazy layer, and random 4 KiB blocks of it, against the same files on
+// overlayfs. It needs root: it creates a network namespace, starts
 // containerd 1.6 and mounts file systems.
 //
 // Set-up, all below one temporary directory and undone on exit by PID
 // (also on failure or SIGINT): docker-registry inside a network namespace
 // behind a veth pair (198.18.0.0/30) with tbf on both ends for the link
 // rate; a delay proxy in the namespace in front of it for the round-trip
-// time (the kernel has no netem), which also counts the bytes every pull
-// fetches; spanpull's snapshotter; containerd 1.6 with it as a proxy
-// plugin. Every run is cold: images, content and snapshots removed, the
-// snapshotter restarted on an empty root, the page cache dropped.
+// time (the kernel has no netem), which also counts the bytes and HTTP
+// requests every pull sends; spanpull's snapshotter; containerd 1.6 with
+// it as a proxy plugin. Every run is cold: images, content and snapshots
+// removed, the snapshotter restarted on an empty root with its mode's
+// settings, the page cache dropped.
 //
 // It is a module of its own (its charts need gonum), run from its
 // directory or through scripts/bench-lazy.sh:
 //
 //	cd integration/bench && go run . -out ../../docs/bench
-//	go run . -workloads python -links unshaped,100mbit -runs 3
+//	go run . -workloads python -links unshaped,100mbit -runs 3 -mode pull
+//	go run . -mode read -workloads large
+//	go run . -estimate
 //	go run . -smoke -out /tmp/smoke
 //
 // Outputs in -out: results.json (every run, medians, machine), bench-lazy.md
@@ -43,24 +51,54 @@ import (
 	"time"
 
 	"golang.org/x/mod/modfile"
+	"golang.org/x/sync/errgroup"
 )
 
 // options are the harness's flags.
 type options struct {
-	Workloads      []string      `json:"workloads"`
-	Links          []string      `json:"links"`
-	RTT            time.Duration `json:"-"`
-	RTTms          float64       `json:"rtt_ms"`
-	Runs           int           `json:"runs"`
-	SlowRuns       int           `json:"slow_runs"`
-	BackgroundFill bool          `json:"background_fill"`
-	SpanSize       int64         `json:"span_size,omitempty"`
-	Smoke          bool          `json:"smoke"`
+	// Bench lists the benchmarks: pull (the matrix of modes) and read.
+	Bench     []string      `json:"benchmarks"`
+	Workloads []string      `json:"workloads"`
+	Links     []string      `json:"links"`
+	Modes     []string      `json:"modes"`
+	RTT       time.Duration `json:"-"`
+	RTTms     float64       `json:"rtt_ms"`
+	Runs      int           `json:"runs"`
+	// SlowRuns is the number of runs of the large image on links slower
+	// than 100mbit (0: none).
+	SlowRuns int `json:"slow_runs"`
+	// Settle waits, after each run of a daemon-default lazy mode, for
+	// the fill and the layer's verification.
+	Settle        bool          `json:"settle"`
+	SettleTimeout time.Duration `json:"-"`
+	SpanSize      int64         `json:"span_size,omitempty"`
+	// The read benchmark: passes, random reads per pass, and whether the
+	// fill runs unthrottled from mount to reach a verified layer sooner.
+	ReadRuns     int  `json:"read_runs"`
+	RandomReads  int  `json:"random_reads"`
+	ReadFastFill bool `json:"read_fast_fill"`
+	Smoke        bool `json:"smoke"`
 
 	out, cache, tmp     string
 	snapshotter, indexr string
-	keep                bool
+	keep, estimate      bool
 }
+
+// has says whether benchmark b was asked for.
+func (o options) has(b string) bool {
+	for _, x := range o.Bench {
+		if x == b {
+			return true
+		}
+	}
+	return false
+}
+
+// Benchmarks of -mode.
+const (
+	benchPull = "pull"
+	benchRead = "read"
+)
 
 func main() {
 	log.SetFlags(log.Ltime)
@@ -78,6 +116,10 @@ func main() {
 		}
 		log.Fatal(err)
 	}
+	if o.estimate {
+		fmt.Println(describeEstimate(o))
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := benchmark(ctx, o); err != nil {
@@ -90,14 +132,21 @@ func main() {
 func parseFlags(args []string) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	benchFlag := fs.String("mode", "pull,read", "benchmarks to run: pull (time to ready and bytes per mode), read (reading a fully fetched lazy layer against overlayfs)")
 	workloadsFlag := fs.String("workloads", "python,large", "comma-separated workloads: python, large")
-	linksFlag := fs.String("links", "unshaped,1gbit,100mbit,20mbit", "comma-separated link rates (tc units, e.g. 100mbit) or unshaped")
+	linksFlag := fs.String("links", "unshaped,100mbit,20mbit", "comma-separated link rates (tc units, e.g. 100mbit) or unshaped")
+	modesFlag := fs.String("modes", strings.Join(allModes, ","), "pull modes (full is always run): "+strings.Join(allModes, ", "))
 	fs.DurationVar(&o.RTT, "rtt", 20*time.Millisecond, "round-trip time added on shaped links (unshaped: none)")
 	fs.IntVar(&o.Runs, "runs", 3, "cold runs per workload, link and mode (the median is reported)")
-	fs.IntVar(&o.SlowRuns, "slow-runs", 0, "runs of the large workload on links slower than 100mbit (0: -runs)")
-	fs.BoolVar(&o.BackgroundFill, "background-fill", false, "let the snapshotter fetch whole layers in the background (default config); off measures what the workload needs")
-	fs.Int64Var(&o.SpanSize, "span-size", 0, "span size the images are indexed with (0: the indexer's default, 4 MiB)")
-	fs.BoolVar(&o.Smoke, "smoke", false, "tiny configuration for tests: python workload, unshaped, 1 run")
+	fs.IntVar(&o.SlowRuns, "slow-runs", 0, "runs of the large workload on links slower than 100mbit (0: skip them; a full pull takes minutes there)")
+	fs.BoolVar(&o.Settle, "settle", true, "after each lazy and lazy+prefetch run, wait for the background fill and the layer's verification (peak RSS over the whole fill)")
+	fs.DurationVar(&o.SettleTimeout, "settle-timeout", 15*time.Minute, "give up waiting for a lazy layer's verification after this long")
+	fs.Int64Var(&o.SpanSize, "span-size", 0, "span size the images are indexed with, with their packs (0: the indexer's default, 4 MiB; e.g. 1048576)")
+	fs.IntVar(&o.ReadRuns, "read-runs", 3, "passes of the read benchmark per file system (the median is reported)")
+	fs.IntVar(&o.RandomReads, "random-reads", 2000, "random 4 KiB reads per pass of the read benchmark")
+	fs.BoolVar(&o.ReadFastFill, "read-fast-fill", false, "read benchmark: start the fill at mount, unthrottled (fill_delay_seconds = 0), to reach a verified layer sooner; reads of a verified layer do not depend on it")
+	fs.BoolVar(&o.Smoke, "smoke", false, "tiny configuration for tests: python workload, unshaped, every mode once, one fast-filled read pass")
+	fs.BoolVar(&o.estimate, "estimate", false, "print how long the benchmark is expected to take, and exit")
 	fs.StringVar(&o.out, "out", "bench-out", "directory for results.json, bench-lazy.md and the PNG charts")
 	cache := os.Getenv("SPANPULL_CACHE")
 	if cache == "" {
@@ -114,24 +163,37 @@ func parseFlags(args []string) (options, error) {
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	o.Workloads, o.Links = splitList(*workloadsFlag), splitList(*linksFlag)
+	o.Bench, o.Workloads, o.Links = splitList(*benchFlag), splitList(*workloadsFlag), splitList(*linksFlag)
+	var err error
+	if o.Modes, err = parseModes(*modesFlag); err != nil {
+		return o, err
+	}
 	if o.Smoke {
-		o.Workloads, o.Links, o.Runs, o.SlowRuns = []string{"python"}, []string{"unshaped"}, 1, 1
+		o.Bench, o.Workloads, o.Links, o.Modes = []string{benchPull, benchRead}, []string{"python"}, []string{"unshaped"}, allModes
+		o.Runs, o.SlowRuns, o.Settle = 1, 0, false
+		o.ReadRuns, o.RandomReads, o.ReadFastFill = 1, 500, true
 	}
-	if o.Runs < 1 || o.SlowRuns < 0 {
-		return o, errors.New("-runs must be at least 1 and -slow-runs not negative")
+	return o, o.check()
+}
+
+// check rejects flag values the benchmark cannot run with.
+func (o *options) check() error {
+	if o.Runs < 1 || o.SlowRuns < 0 || o.ReadRuns < 1 || o.RandomReads < 1 {
+		return errors.New("-runs, -read-runs and -random-reads must be at least 1 and -slow-runs not negative")
 	}
-	if o.SlowRuns == 0 {
-		o.SlowRuns = o.Runs
-	}
-	if o.RTT < 0 {
-		return o, errors.New("-rtt must not be negative")
+	if o.RTT < 0 || o.SettleTimeout <= 0 {
+		return errors.New("-rtt must not be negative and -settle-timeout must be positive")
 	}
 	o.RTTms = float64(o.RTT) / float64(time.Millisecond)
+	for _, b := range o.Bench {
+		if b != benchPull && b != benchRead {
+			return fmt.Errorf("unknown -mode %q (want pull or read)", b)
+		}
+	}
 	known := workloads(o.cache)
 	for _, w := range o.Workloads {
 		if _, ok := known[w]; !ok {
-			return o, fmt.Errorf("unknown workload %q (want python or large)", w)
+			return fmt.Errorf("unknown workload %q (want python or large)", w)
 		}
 	}
 	for _, l := range o.Links {
@@ -139,13 +201,13 @@ func parseFlags(args []string) (options, error) {
 			continue
 		}
 		if _, err := parseRate(l); err != nil {
-			return o, err
+			return err
 		}
 	}
-	if len(o.Workloads) == 0 || len(o.Links) == 0 {
-		return o, errors.New("-workloads and -links must not be empty")
+	if len(o.Bench) == 0 || len(o.Workloads) == 0 || len(o.Links) == 0 {
+		return errors.New("-mode, -workloads and -links must not be empty")
 	}
-	return o, nil
+	return nil
 }
 
 func splitList(s string) []string {
@@ -159,7 +221,8 @@ func splitList(s string) []string {
 }
 
 // runsFor is the number of runs of a cell: -slow-runs for the large image
-// on links slower than 100 Mbit/s, where one full pull takes minutes.
+// on links slower than 100 Mbit/s, where one full pull takes minutes (0
+// skips them).
 func (o options) runsFor(w, link string) int {
 	if w == "large" && link != "unshaped" {
 		if bits, err := parseRate(link); err == nil && bits < 100e6 {
@@ -197,6 +260,7 @@ func benchmark(ctx context.Context, o options) (err error) {
 		return errors.New("the benchmark creates a network namespace, runs containerd and mounts file systems: run it as root")
 	}
 	begin := time.Now()
+	log.Print(describeEstimate(o))
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
 	}
@@ -232,18 +296,19 @@ func benchmark(ctx context.Context, o options) (err error) {
 	rep := &report{Started: begin, Command: strings.Join(append([]string{"cd integration/bench && go run ."}, os.Args[1:]...), " "), Options: o, Images: map[string]imageInfo{}}
 	rep.Machine = machineInfo(ctx, repo)
 	rep.Registry = e.proxyAddr
-	imgs := map[string]image{}
-	for _, w := range ws {
-		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
-		img, err := e.pushImage(ctx, w)
-		if err != nil {
+	imgs, err := e.setupImages(ctx, o, ws, rep)
+	if err != nil {
+		return err
+	}
+	if o.has(benchPull) {
+		if err := e.runMatrix(ctx, o, ws, imgs, rep); err != nil {
 			return err
 		}
-		imgs[w.Name] = img
-		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd}
 	}
-	if err := e.runMatrix(ctx, o, ws, imgs, rep); err != nil {
-		return err
+	if o.has(benchRead) {
+		if err := e.runReads(ctx, o, ws, imgs, rep); err != nil {
+			return err
+		}
 	}
 	rep.summarize(o)
 	rep.Seconds = time.Since(begin).Seconds()
@@ -259,9 +324,44 @@ func benchmark(ctx context.Context, o options) (err error) {
 	return nil
 }
 
-// start builds the binaries the flags do not name and starts the
-// registry, the snapshotter and containerd.
+// setupImages pushes and indexes every workload's image and, when
+// lazy+prefetch is measured, records its start and attaches it.
+func (e *env) setupImages(ctx context.Context, o options, ws []workload, rep *report) (map[string]image, error) {
+	imgs := map[string]image{}
+	prefetch := o.has(benchPull) && contains(o.Modes, modeLazyPrefetch)
+	for _, w := range ws {
+		t := time.Now()
+		log.Printf("pushing and indexing %s (%s)", w.Name, w.Layer)
+		img, err := e.pushImage(ctx, w)
+		if err != nil {
+			return nil, err
+		}
+		if prefetch {
+			log.Printf("recording the start of %s and attaching it", w.Name)
+			if err := e.recordPrefetch(ctx, w, &img); err != nil {
+				return nil, err
+			}
+		}
+		imgs[w.Name] = img
+		rep.Images[w.Name] = imageInfo{Full: img.Full, Lazy: img.Lazy, LazyPrefetch: img.LazyPrefetch, ChainID: img.ChainID,
+			Bytes: img.Bytes, LayerBytes: img.LayerBytes, Command: w.Cmd, SetupSeconds: time.Since(t).Seconds()}
+	}
+	return imgs, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// start builds the binaries the flags do not name (in parallel) and
+// starts the registry, the snapshotter and containerd.
 func (e *env) start(ctx context.Context, o options, repo string) error {
+	var g errgroup.Group
 	for _, b := range []struct {
 		dst  *string
 		flag string
@@ -274,22 +374,29 @@ func (e *env) start(ctx context.Context, o options, repo string) error {
 		*b.dst = filepath.Join(e.dir, "bin", b.pkg)
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", *b.dst, "./cmd/"+b.pkg)
 		cmd.Dir = repo
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("go build ./cmd/%s: %w\n%s", b.pkg, err, out)
-		}
+		g.Go(func() error {
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return fmt.Errorf("go build ./cmd/%s: %w\n%s", b.pkg, err, out)
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	e.spanSize = o.SpanSize
 	if err := e.startRegistry(ctx); err != nil {
 		return err
 	}
-	if err := e.startSnapshotter(ctx, o.BackgroundFill); err != nil {
+	if err := e.startSnapshotter(ctx); err != nil {
 		return err
 	}
 	return e.startContainerd(ctx)
 }
 
-// runMatrix measures every workload on every link, alternating which
-// mode goes first, and writes results.json after every run.
+// runMatrix measures every workload on every link in every mode, rotating
+// which mode goes first from run to run, and writes results.json after
+// every run.
 func (e *env) runMatrix(ctx context.Context, o options, ws []workload, imgs map[string]image, rep *report) error {
 	for _, link := range o.Links {
 		rate, rtt := link, o.RTT
@@ -301,15 +408,13 @@ func (e *env) runMatrix(ctx context.Context, o options, ws []workload, imgs map[
 		}
 		for _, w := range ws {
 			for n := 1; n <= o.runsFor(w.Name, link); n++ {
-				modes := []string{modeFull, modeLazy}
-				if n%2 == 0 {
-					modes = []string{modeLazy, modeFull}
-				}
-				for _, m := range modes {
+				k := (n - 1) % len(o.Modes)
+				order := append(append([]string{}, o.Modes[k:]...), o.Modes[:k]...)
+				for _, m := range order {
 					if err := ctx.Err(); err != nil {
 						return err
 					}
-					r := e.measure(ctx, w, imgs[w.Name], link, m, n)
+					r := e.measure(ctx, o, w, imgs[w.Name], link, m, n)
 					logRun(r)
 					rep.Runs = append(rep.Runs, r)
 					if err := rep.writeJSON(o.out); err != nil {
@@ -341,9 +446,15 @@ func logRun(r runResult) {
 		log.Printf("%s %s %s run %d FAILED: %s", r.Workload, r.Link, r.Mode, r.Run, r.Error)
 		return
 	}
-	log.Printf("%s %s %s run %d: first line %.2f s (pull %.2f s), %.1f MB fetched, daemon RSS %.0f MiB CPU %.2f s",
-		r.Workload, r.Link, r.Mode, r.Run, r.FirstLineSeconds, r.PullSeconds, float64(r.BytesFetched)/1e6,
-		float64(r.DaemonPeakRSS)/(1<<20), r.DaemonCPUSeconds)
+	log.Printf("%s %s %s run %d: ready %.2f s (pull %.2f s), %.1f MB before ready (%d range GETs), %.1f MB at exit, daemon RSS %.0f MiB CPU %.2f s",
+		r.Workload, r.Link, r.Mode, r.Run, r.ReadySeconds, r.PullSeconds, float64(r.Before.Down)/1e6, r.Before.RangeGets,
+		float64(r.Exit.Down)/1e6, float64(r.DaemonPeakRSS)/(1<<20), r.DaemonCPUSeconds)
+	if r.Settled != nil {
+		log.Printf("  settled (layer verified) after %.1f s, %.1f MB in all", r.SettledSeconds, float64(r.Settled.Down)/1e6)
+	}
+	if r.SettleError != "" {
+		log.Printf("  SETTLE FAILED: %s", r.SettleError)
+	}
 }
 
 func (rep *report) writeJSON(dir string) error {

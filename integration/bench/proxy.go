@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -33,6 +34,8 @@ type delayProxy struct {
 	up       atomic.Int64 // bytes client -> upstream
 	down     atomic.Int64 // bytes upstream -> client
 	conns    atomic.Int64 // accepted connections
+	requests atomic.Int64 // HTTP requests clients sent
+	ranged   atomic.Int64 // of which GETs with a Range header
 
 	mu   sync.Mutex
 	live map[net.Conn]struct{}
@@ -45,6 +48,10 @@ type proxyStats struct {
 	Up, Down int64
 	// Conns counts accepted client connections.
 	Conns int64
+	// Requests counts the HTTP requests clients sent, RangeGets the GETs
+	// among them that asked for a byte range (span, window and chunk
+	// fetches; a full pull asks for none).
+	Requests, RangeGets int64
 	// DelayMS is the current one-way delay.
 	DelayMS float64
 }
@@ -58,6 +65,7 @@ func newDelayProxy(upstream string, oneWay time.Duration) *delayProxy {
 func (p *delayProxy) stats() proxyStats {
 	return proxyStats{
 		Up: p.up.Load(), Down: p.down.Load(), Conns: p.conns.Load(),
+		Requests: p.requests.Load(), RangeGets: p.ranged.Load(),
 		DelayMS: float64(p.delay.Load()) / 1e6,
 	}
 }
@@ -73,6 +81,8 @@ func (p *delayProxy) reset() {
 	p.up.Store(0)
 	p.down.Store(0)
 	p.conns.Store(0)
+	p.requests.Store(0)
+	p.ranged.Store(0)
 }
 
 func (p *delayProxy) track(c net.Conn, add bool) {
@@ -108,10 +118,11 @@ func (p *delayProxy) handle(client net.Conn) {
 	}
 	p.track(client, true)
 	p.track(up, true)
+	reqs := p.parseRequests()
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.pipe(up, client, &p.up) }()
-	go func() { defer wg.Done(); p.pipe(client, up, &p.down) }()
+	go func() { defer wg.Done(); p.pipe(up, client, &p.up, reqs) }()
+	go func() { defer wg.Done(); p.pipe(client, up, &p.down, nil) }()
 	wg.Wait()
 	p.track(client, false)
 	p.track(up, false)
@@ -131,8 +142,9 @@ type chunk struct {
 // was read. A reader goroutine timestamps chunks into a queue; this
 // goroutine writes each when it is due, so reads go on while earlier data
 // waits: the delay adds latency, not a throughput limit (up to the queue's
-// budget in flight). The count is taken when a chunk is written.
-func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64) {
+// budget in flight). The count is taken when a chunk is written. A non-nil
+// observe sees every chunk as it is read and is closed at the end of src.
+func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64, observe io.WriteCloser) {
 	q := make(chan chunk, 4096)
 	// At most inFlight bytes wait in the queue: enough for 10 Gbit/s at a
 	// 10 ms one-way delay, while a slow (shaped) receiver still pushes
@@ -144,11 +156,17 @@ func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64) {
 		for {
 			buf := make([]byte, 64<<10)
 			n, err := src.Read(buf)
+			if n > 0 && observe != nil {
+				_, _ = observe.Write(buf[:n])
+			}
 			if n > 0 {
 				_ = budget.Acquire(context.Background(), int64(n))
 				q <- chunk{data: buf[:n], due: time.Now().Add(time.Duration(p.delay.Load()))}
 			}
 			if err != nil {
+				if observe != nil {
+					_ = observe.Close()
+				}
 				q <- chunk{eof: true, due: time.Now().Add(time.Duration(p.delay.Load()))}
 				return
 			}
@@ -180,6 +198,52 @@ func (p *delayProxy) pipe(dst, src net.Conn, count *atomic.Int64) {
 			dst.Close()
 		}
 	}
+}
+
+// requestParser counts the HTTP/1.1 requests in the bytes a client sends
+// (registries are reached over plain HTTP here): its goroutine parses what
+// Write is given and ends when Close is called, which waits for it.
+type requestParser struct {
+	pw   *io.PipeWriter
+	done chan struct{}
+}
+
+// parseRequests starts a parser that counts into p's request counters.
+// A stream it cannot parse is drained, never blocking the proxy.
+func (p *delayProxy) parseRequests() *requestParser {
+	pr, pw := io.Pipe()
+	rp := &requestParser{pw: pw, done: make(chan struct{})}
+	go func() {
+		defer close(rp.done)
+		br := bufio.NewReader(pr)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				break
+			}
+			p.requests.Add(1)
+			if req.Method == http.MethodGet && req.Header.Get("Range") != "" {
+				p.ranged.Add(1)
+			}
+			_, err = io.Copy(io.Discard, req.Body)
+			req.Body.Close()
+			if err != nil {
+				break
+			}
+		}
+		_, _ = io.Copy(io.Discard, pr)
+	}()
+	return rp
+}
+
+// Write hands the parser bytes the client sent.
+func (rp *requestParser) Write(b []byte) (int, error) { return rp.pw.Write(b) }
+
+// Close ends the stream and waits for the parser to finish.
+func (rp *requestParser) Close() error {
+	err := rp.pw.Close()
+	<-rp.done
+	return err
 }
 
 // controlHandler serves the proxy's control API: GET /stats, POST /reset,

@@ -6,9 +6,13 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -176,6 +180,9 @@ func TestParseFlags(t *testing.T) {
 	if len(o.Workloads) != 1 || o.Workloads[0] != "python" || len(o.Links) != 1 || o.Links[0] != "unshaped" || o.Runs != 1 {
 		t.Errorf("smoke options %+v", o)
 	}
+	if len(o.Modes) != len(allModes) || len(o.Bench) != 2 || o.Settle || !o.ReadFastFill || o.ReadRuns != 1 {
+		t.Errorf("smoke options %+v: want every mode, both benchmarks, no settling, one fast-filled read pass", o)
+	}
 	o, err = parseFlags([]string{"-runs", "3", "-slow-runs", "1"})
 	if err != nil {
 		t.Fatal(err)
@@ -183,9 +190,72 @@ func TestParseFlags(t *testing.T) {
 	if o.runsFor("large", "20mbit") != 1 || o.runsFor("large", "100mbit") != 3 || o.runsFor("python", "20mbit") != 3 {
 		t.Errorf("runsFor with -slow-runs 1: %d %d %d", o.runsFor("large", "20mbit"), o.runsFor("large", "100mbit"), o.runsFor("python", "20mbit"))
 	}
-	for _, bad := range [][]string{{"-links", "fast"}, {"-workloads", "nope"}, {"-runs", "0"}, {"extra"}} {
+	o, err = parseFlags(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.runsFor("large", "20mbit") != 0 || !o.Settle || len(o.Links) != 3 || len(o.Workloads) != 2 || !o.has(benchRead) {
+		t.Errorf("defaults %+v: want the large image skipped at 20mbit, settling, both images, three links, the read benchmark", o)
+	}
+	o, err = parseFlags([]string{"-modes", "lazy+prefetch", "-mode", "pull"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(o.Modes, ",") != "full,lazy+prefetch" || o.has(benchRead) {
+		t.Errorf("-modes lazy+prefetch -mode pull: %v %v", o.Modes, o.Bench)
+	}
+	for _, bad := range [][]string{{"-links", "fast"}, {"-workloads", "nope"}, {"-runs", "0"}, {"extra"},
+		{"-modes", "lazy,eager"}, {"-mode", "write"}, {"-random-reads", "0"}, {"-settle-timeout", "0s"}} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("parseFlags(%q) accepted", bad)
 		}
+	}
+}
+
+// TestProxyCountsRequests sends plain and ranged requests through the
+// proxy on one keep-alive connection, as the daemon does, and checks the
+// counts.
+func TestProxyCountsRequests(t *testing.T) {
+	blob := bytes.Repeat([]byte("0123456789"), 1000)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.ServeContent(w, r, "blob", time.Time{}, bytes.NewReader(blob))
+	}))
+	t.Cleanup(srv.Close)
+	p, addr := startProxy(t, srv.Listener.Addr().String(), 0)
+	hc := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}}
+	t.Cleanup(hc.CloseIdleConnections)
+	get := func(method, rng string) {
+		t.Helper()
+		req, err := http.NewRequest(method, "http://"+addr+"/v2/blob", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rng != "" {
+			req.Header.Set("Range", rng)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	get(http.MethodHead, "")
+	get(http.MethodGet, "")
+	for i := range 3 {
+		get(http.MethodGet, fmt.Sprintf("bytes=%d-%d", 100*i, 100*i+99))
+	}
+	hc.CloseIdleConnections()
+	// The counts are taken as the requests pass; wait for the last one.
+	deadline := time.Now().Add(5 * time.Second)
+	for p.stats().Requests < 5 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if s := p.stats(); s.Requests != 5 || s.RangeGets != 3 || s.Conns != 1 {
+		t.Errorf("stats %+v, want 5 requests, 3 range GETs, 1 connection", s)
+	}
+	p.reset()
+	if s := p.stats(); s.Requests != 0 || s.RangeGets != 0 {
+		t.Errorf("stats after reset %+v", s)
 	}
 }

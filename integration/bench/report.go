@@ -24,48 +24,103 @@ type report struct {
 	Machine machine              `json:"machine"`
 	Images  map[string]imageInfo `json:"images"`
 	// Registry is the address pulls go to (the delay proxy).
-	Registry string      `json:"registry"`
-	Runs     []runResult `json:"runs"`
-	Cells    []cell      `json:"cells"`
-	Targets  []target    `json:"targets"`
+	Registry string       `json:"registry"`
+	Runs     []runResult  `json:"runs"`
+	Reads    []readResult `json:"reads,omitempty"`
+	Cells    []cell       `json:"cells"`
+	ReadSums []readSum    `json:"read_summaries,omitempty"`
+	Targets  []target     `json:"targets"`
 }
 
 // imageInfo describes a workload's image.
 type imageInfo struct {
-	Full string `json:"full_ref"`
-	Lazy string `json:"lazy_ref"`
+	Full         string `json:"full_ref"`
+	Lazy         string `json:"lazy_ref"`
+	LazyPrefetch string `json:"lazy_prefetch_ref,omitempty"`
+	ChainID      string `json:"chain_id"`
 	// Bytes is the compressed image (layers, config, manifest).
 	Bytes      int64    `json:"bytes"`
 	LayerBytes int64    `json:"layer_bytes"`
 	Command    []string `json:"command"`
+	// SetupSeconds is the push, index, record and attach, unshaped.
+	SetupSeconds float64 `json:"setup_s"`
 }
 
-// cell holds the medians of one workload on one link.
+// cell holds one workload on one link: the medians of every mode.
 type cell struct {
-	Workload string `json:"workload"`
-	Link     string `json:"link"`
-	Runs     int    `json:"runs"`
-	Failed   int    `json:"failed_runs"`
-	// Time to the first line, median seconds, and lazy/full.
-	FullSeconds float64 `json:"full_s"`
-	LazySeconds float64 `json:"lazy_s"`
-	TimeRatio   float64 `json:"time_ratio"`
-	// Pull shares of those times.
-	FullPullSeconds float64 `json:"full_pull_s"`
-	LazyPullSeconds float64 `json:"lazy_pull_s"`
-	// Bytes the registry sent, median, and lazy as a share of the
-	// compressed image.
-	FullBytes        int64   `json:"full_bytes"`
-	LazyBytes        int64   `json:"lazy_bytes"`
-	ImageBytes       int64   `json:"image_bytes"`
-	LazyPercent      float64 `json:"lazy_percent_of_image"`
-	LazySpanBytes    float64 `json:"lazy_span_bytes"`
-	LazyZtocBytes    float64 `json:"lazy_ztoc_bytes"`
-	LazySpansFetched float64 `json:"lazy_spans_fetched"`
-	// The snapshotter during the lazy runs: largest peak RSS and median
-	// CPU seconds.
+	Workload   string     `json:"workload"`
+	Link       string     `json:"link"`
+	ImageBytes int64      `json:"image_bytes"`
+	Modes      []modeCell `json:"modes"`
+}
+
+// modeCell is the medians of one mode's successful runs in a cell.
+type modeCell struct {
+	Mode   string `json:"mode"`
+	Runs   int    `json:"runs"`
+	Failed int    `json:"failed_runs"`
+	// Time to the ready line, its pull share and the exit, seconds;
+	// TimeRatio is ReadySeconds over full's.
+	ReadySeconds float64 `json:"ready_s"`
+	PullSeconds  float64 `json:"pull_s"`
+	ExitSeconds  float64 `json:"exit_s"`
+	TimeRatio    float64 `json:"time_ratio"`
+	// Bytes the registry sent by the ready line (and as a share of the
+	// compressed image) and by the container's exit; HTTP requests and
+	// range GETs by the ready line and by the exit.
+	BytesBeforeReady   int64   `json:"bytes_before_ready"`
+	PercentBeforeReady float64 `json:"percent_of_image_before_ready"`
+	BytesAtExit        int64   `json:"bytes_at_exit"`
+	RequestsBefore     float64 `json:"requests_before_ready"`
+	RangeGetsBefore    float64 `json:"range_gets_before_ready"`
+	RangeGetsAtExit    float64 `json:"range_gets_at_exit"`
+	// Settled runs: time to the layer's verification and bytes by then;
+	// Unsettled runs waited for it in vain.
+	Settled        int     `json:"settled_runs"`
+	Unsettled      int     `json:"unsettled_runs"`
+	SettledSeconds float64 `json:"settled_s,omitempty"`
+	BytesSettled   int64   `json:"bytes_settled,omitempty"`
+	// What the daemon had fetched by the ready line, by kind (index: pack
+	// head or zTOC; windows of the pack) and class, and the tar header
+	// bytes it read to check files.
+	IndexBytes    float64 `json:"index_bytes_before_ready"`
+	WindowBytes   float64 `json:"window_bytes_before_ready"`
+	DemandBytes   float64 `json:"demand_bytes_before_ready"`
+	PrefetchBytes float64 `json:"prefetch_bytes_before_ready"`
+	FillBytes     float64 `json:"fill_bytes_before_ready"`
+	HeaderBytes   float64 `json:"header_check_bytes_before_ready"`
+	// The daemon and its fd holder: largest peak RSS over the runs,
+	// median CPU seconds, read at the end of each run.
 	DaemonPeakRSS    int64   `json:"daemon_peak_rss_bytes"`
+	HolderPeakRSS    int64   `json:"holder_peak_rss_bytes"`
 	DaemonCPUSeconds float64 `json:"daemon_cpu_s"`
+}
+
+// mode returns the cell's figures for mode m.
+func (c cell) mode(m string) (modeCell, bool) {
+	for _, mc := range c.Modes {
+		if mc.Mode == m && mc.Runs > 0 {
+			return mc, true
+		}
+	}
+	return modeCell{}, false
+}
+
+// readSum is the medians of the read benchmark of one image.
+type readSum struct {
+	Workload string `json:"workload"`
+	Passes   int    `json:"passes"`
+	Files    int    `json:"files"`
+	Bytes    int64  `json:"bytes"`
+	// By file system (fsOverlay, fsSpanpull): median MB/s and median
+	// random 4 KiB latency (and its p99) over the passes.
+	MBps         map[string]float64 `json:"mb_per_s"`
+	MedianMicros map[string]float64 `json:"median_us"`
+	P99Micros    map[string]float64 `json:"p99_us"`
+	// ThroughputRatio is spanpull's MB/s over overlayfs's, LatencyRatio
+	// spanpull's median latency over overlayfs's.
+	ThroughputRatio float64 `json:"throughput_ratio"`
+	LatencyRatio    float64 `json:"latency_ratio"`
 }
 
 // target is one goal the issues set.
@@ -149,210 +204,4 @@ func median(v []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-func (rep *report) failedRuns() int {
-	n := 0
-	for _, r := range rep.Runs {
-		if r.Error != "" {
-			n++
-		}
-	}
-	return n
-}
-
-// summarize computes the cells (medians of the successful runs) and checks
-// the targets.
-func (rep *report) summarize(o options) {
-	rep.Cells = nil
-	for _, w := range o.Workloads {
-		for _, l := range o.Links {
-			c := cell{Workload: w, Link: l, ImageBytes: rep.Images[w].Bytes}
-			var ft, lt, fp, lp, fb, lb, span, ztoc, spans, cpu []float64
-			for _, r := range rep.Runs {
-				if r.Workload != w || r.Link != l {
-					continue
-				}
-				if r.Error != "" {
-					c.Failed++
-					continue
-				}
-				switch r.Mode {
-				case modeFull:
-					ft, fp, fb = append(ft, r.FirstLineSeconds), append(fp, r.PullSeconds), append(fb, float64(r.BytesFetched))
-				case modeLazy:
-					c.Runs++
-					lt, lp, lb = append(lt, r.FirstLineSeconds), append(lp, r.PullSeconds), append(lb, float64(r.BytesFetched))
-					span = append(span, r.SnapshotterMetrics[`spanpull_resolver_fetched_bytes_total{kind="span"}`])
-					ztoc = append(ztoc, r.SnapshotterMetrics[`spanpull_resolver_fetched_bytes_total{kind="ztoc"}`])
-					spans = append(spans, r.SnapshotterMetrics["spanpull_resolver_spans_fetched_total"])
-					cpu = append(cpu, r.DaemonCPUSeconds)
-					c.DaemonPeakRSS = max(c.DaemonPeakRSS, r.DaemonPeakRSS)
-				}
-			}
-			if len(ft) == 0 && len(lt) == 0 {
-				if c.Failed > 0 {
-					rep.Cells = append(rep.Cells, c)
-				}
-				continue
-			}
-			c.FullSeconds, c.LazySeconds = median(ft), median(lt)
-			c.FullPullSeconds, c.LazyPullSeconds = median(fp), median(lp)
-			c.FullBytes, c.LazyBytes = int64(median(fb)), int64(median(lb))
-			c.LazySpanBytes, c.LazyZtocBytes, c.LazySpansFetched = median(span), median(ztoc), median(spans)
-			c.DaemonCPUSeconds = median(cpu)
-			if c.FullSeconds > 0 {
-				c.TimeRatio = c.LazySeconds / c.FullSeconds
-			}
-			if c.ImageBytes > 0 {
-				c.LazyPercent = 100 * float64(c.LazyBytes) / float64(c.ImageBytes)
-			}
-			rep.Cells = append(rep.Cells, c)
-		}
-	}
-	rep.Targets = nil
-	find := func(w, l string) (cell, bool) {
-		for _, c := range rep.Cells {
-			if c.Workload == w && c.Link == l && c.FullSeconds > 0 && c.LazySeconds > 0 {
-				return c, true
-			}
-		}
-		return cell{}, false
-	}
-	ratio := func(w, l string, goal float64) {
-		if c, ok := find(w, l); ok {
-			rep.Targets = append(rep.Targets, target{
-				Name: fmt.Sprintf("%s image, %s: lazy/full time to first line", w, linkLabel(l, o)), Goal: fmt.Sprintf("<= %.2fx", goal),
-				Measured: fmt.Sprintf("%.2fx", c.TimeRatio), Value: c.TimeRatio, Met: c.TimeRatio <= goal,
-			})
-		}
-	}
-	share := func(w, l string, goal float64, strict bool) {
-		if c, ok := find(w, l); ok {
-			op, met := "<=", c.LazyPercent <= goal
-			if strict {
-				op, met = "<", c.LazyPercent < goal
-			}
-			rep.Targets = append(rep.Targets, target{
-				Name: fmt.Sprintf("%s image, %s: lazy bytes / compressed image", w, linkLabel(l, o)), Goal: fmt.Sprintf("%s %.0f%%", op, goal),
-				Measured: fmt.Sprintf("%.1f%%", c.LazyPercent), Value: c.LazyPercent, Met: met,
-			})
-		}
-	}
-	ratio("python", "100mbit", 0.35)
-	share("python", "100mbit", 30, true)
-	ratio("large", "100mbit", 0.2)
-	share("large", "100mbit", 25, false)
-	for _, w := range o.Workloads {
-		ratio(w, "unshaped", 1.2)
-	}
-}
-
-// linkLabel names a link with its round-trip time.
-func linkLabel(l string, o options) string {
-	if l == "unshaped" {
-		return "unshaped"
-	}
-	return fmt.Sprintf("%s + %g ms RTT", l, o.RTTms)
-}
-
-func mb(b float64) string { return fmt.Sprintf("%.1f MB", b/1e6) }
-
-// markdown renders the section for BENCHMARKS.md.
-func (rep *report) markdown() string {
-	o := rep.Options
-	var b strings.Builder
-	fmt.Fprintf(&b, "## Lazy pull vs full pull (scripts/bench-lazy.sh)\n\n")
-	fmt.Fprintf(&b, "Time from the start of the pull to the container's first output line, and bytes the registry sent, "+
-		"median of cold runs (runs column). **Full**: `ctr image pull` into overlayfs, then `ctr run`. "+
-		"**Lazy**: `snapshotter pull` (SOCI index from `indexer convert`), then `ctr run --snapshotter spanpull`. "+
-		"Same registry, same run, modes alternating. Links: tbf on both ends of a veth pair to a network namespace "+
-		"holding docker-registry, plus %g ms RTT from a delay proxy (unshaped: no tbf, no delay). "+
-		"Bytes are counted in that proxy for both modes (HTTP responses, headers included). "+
-		"Background fill: %s. Span size: %s.\n\n", o.RTTms, map[bool]string{true: "on (daemon defaults)", false: "off (fill_rate_bytes = -1), so lazy bytes are what the workload needs"}[o.BackgroundFill],
-		map[bool]string{true: fmt.Sprintf("%d bytes (`indexer convert --span-size %d`)", o.SpanSize, o.SpanSize), false: "the indexer's default, 4 MiB"}[o.SpanSize > 0])
-	fmt.Fprintf(&b, "| workload | link | runs | full (s) | lazy (s) | lazy/full | bytes full | bytes lazy | lazy %% of image |\n")
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|\n")
-	for _, c := range rep.Cells {
-		runs := fmt.Sprint(c.Runs)
-		if c.Failed > 0 {
-			runs += fmt.Sprintf(" (%d failed)", c.Failed)
-		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %.2f | %.2f | %.2fx | %s | %s | %.1f%% |\n", c.Workload, linkLabel(c.Link, o), runs,
-			c.FullSeconds, c.LazySeconds, c.TimeRatio, mb(float64(c.FullBytes)), mb(float64(c.LazyBytes)), c.LazyPercent)
-	}
-	b.WriteString("\nImages (one gzip layer each, linux/amd64):\n\n")
-	names := make([]string, 0, len(rep.Images))
-	for n := range rep.Images {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		im := rep.Images[n]
-		fmt.Fprintf(&b, "- %s: %s compressed; command `%s`\n", n, mb(float64(im.Bytes)), strings.Join(quoteArgs(im.Command), " "))
-	}
-
-	b.WriteString("\nPull share of the time to first line, and what the snapshotter fetched (lazy, medians):\n\n")
-	b.WriteString("| workload | link | full pull (s) | lazy pull (s) | spans fetched | span bytes | zTOC bytes |\n|---|---|---|---|---|---|---|\n")
-	for _, c := range rep.Cells {
-		fmt.Fprintf(&b, "| %s | %s | %.2f | %.2f | %.0f | %s | %s |\n", c.Workload, linkLabel(c.Link, o),
-			c.FullPullSeconds, c.LazyPullSeconds, c.LazySpansFetched, mb(c.LazySpanBytes), mb(c.LazyZtocBytes))
-	}
-
-	b.WriteString("\n### Snapshotter daemon (lazy runs; it starts empty for every run)\n\n")
-	b.WriteString("Peak RSS is VmHWM from /proc/PID/status (largest over the runs), CPU is user + system time from /proc/PID/stat (median), both read at the container's exit.\n\n")
-	b.WriteString("| workload | link | peak RSS | CPU (s) |\n|---|---|---|---|\n")
-	for _, c := range rep.Cells {
-		fmt.Fprintf(&b, "| %s | %s | %.1f MiB | %.2f |\n", c.Workload, linkLabel(c.Link, o), float64(c.DaemonPeakRSS)/(1<<20), c.DaemonCPUSeconds)
-	}
-
-	if len(rep.Targets) > 0 {
-		b.WriteString("\n### Targets set by the issues\n\n| target | goal | measured | met |\n|---|---|---|---|\n")
-		for _, t := range rep.Targets {
-			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", t.Name, t.Goal, t.Measured, map[bool]string{true: "yes", false: "**no**"}[t.Met])
-		}
-	}
-
-	m := rep.Machine
-	b.WriteString("\n### Machine\n\n")
-	fmt.Fprintf(&b, "- kernel %s; CPU %s, %d cores; RAM %s\n", m.Kernel, m.CPU, m.Cores, m.RAM)
-	fmt.Fprintf(&b, "- %s; %s; %s; %s\n", m.Containerd, m.Runc, m.Go, m.Registry)
-	fmt.Fprintf(&b, "- spanpull %s; page cache %s\n", m.SpanpullRev, m.DropCacheNote)
-	fmt.Fprintf(&b, "- %s, took %.0f s\n", rep.Started.UTC().Format(time.RFC3339), rep.Seconds)
-
-	b.WriteString("\n### Commands\n\n```\n")
-	fmt.Fprintf(&b, "# harness\n%s\n", rep.Command)
-	fmt.Fprintf(&b, "# REG=%s (the delay proxy in the registry's namespace), SOCK=containerd 1.6's socket, W=workload\n", rep.Registry)
-	b.WriteString("# full, timed from before the pull to ctr run's first stdout line\n")
-	b.WriteString("ctr -a $SOCK -n bench images pull --plain-http $REG/bench/$W:image\n")
-	b.WriteString("ctr -a $SOCK -n bench run --rm $REG/bench/$W:image $ID $CMD\n")
-	b.WriteString("# lazy\n")
-	b.WriteString("snapshotter pull -a $SOCK -n bench --plain-http $REG/bench/$W:image-soci\n")
-	b.WriteString("ctr -a $SOCK -n bench run --rm --snapshotter spanpull $REG/bench/$W:image-soci $ID $CMD\n")
-	b.WriteString("# before every run\n")
-	b.WriteString("ctr tasks/containers rm; ctr images rm --sync (GC removes content and snapshots; checked empty)\n")
-	b.WriteString("snapshotter serve restarted with an empty --root; proxy counters reset, its connections closed\n")
-	b.WriteString("sync; echo 3 > /proc/sys/vm/drop_caches\n")
-	b.WriteString("# image set-up (once, unshaped)\n")
-	b.WriteString("push the cached layer as a linux/amd64 OCI image (go-containerregistry), then\n")
-	b.WriteString("indexer convert --plain-http $REG/bench/$W:image $REG/bench/$W:image-soci\n")
-	b.WriteString("```\n")
-	if names := rep.chartNames(); len(names) > 0 {
-		b.WriteString("\n")
-		for _, n := range names {
-			fmt.Fprintf(&b, "![%s](%s)\n", strings.TrimSuffix(n, ".png"), n)
-		}
-	}
-	return b.String()
-}
-
-func quoteArgs(args []string) []string {
-	out := make([]string, len(args))
-	for i, a := range args {
-		if strings.ContainsAny(a, " \"'();") {
-			a = "'" + a + "'"
-		}
-		out[i] = a
-	}
-	return out
 }
