@@ -105,6 +105,10 @@ type Config struct {
 	// verified layers. Zero means span.DefaultMaxBytes: 10% of the
 	// filesystem holding Root.
 	CacheMaxBytes int64
+	// MemoryBytes bounds the inflated (and unwritable compressed) spans
+	// kept in memory across layers (span.MemoryCache). Zero means
+	// span.DefaultMemoryBytes; negative: none.
+	MemoryBytes int64
 	// IndexSources lists the kinds of SOCI index the resolver trusts to
 	// find an image's index: "v2" (named by the image itself, so pinned by
 	// the image digest) and "v1" (referrers, which anyone who can push to
@@ -167,6 +171,17 @@ func DefaultConfig() Config {
 		IndexCacheTTL: DefaultIndexCacheTTL,
 		IndexSources:  DefaultIndexSources,
 	}
+}
+
+// memoryBytes is the size of the memory cache c asks for.
+func (c Config) memoryBytes() int64 {
+	switch {
+	case c.MemoryBytes == 0:
+		return span.DefaultMemoryBytes
+	case c.MemoryBytes < 0:
+		return 0
+	}
+	return c.MemoryBytes
 }
 
 // registryStallTimeout is how long a registry request may make no progress
@@ -250,7 +265,7 @@ func (r *Resolver) open() (err error) {
 		return err
 	}
 	r.sched = span.NewScheduler(span.SchedulerOptions{FillDelay: r.cfg.FillDelay, FillRate: max(r.cfg.FillRate, 0)})
-	r.mem = span.NewMemoryCache(span.DefaultMemoryBytes)
+	r.mem = span.NewMemoryCache(r.cfg.memoryBytes())
 	if r.holder, err = openHolder(context.Background(), r.cfg.Holder, r.log); err != nil {
 		// Lazy layers still work; only a restart of the daemon would
 		// break the containers reading them.

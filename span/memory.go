@@ -7,9 +7,11 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// DefaultMemoryBytes bounds a MemoryCache that Options leave unset: a few
-// 4 MiB spans of each of the layers a container starts from.
-const DefaultMemoryBytes = 64 << 20
+// DefaultMemoryBytes is the size of the daemon's MemoryCache unless its
+// config says otherwise: eight inflated 4 MiB spans, enough for the spans
+// a container start reads in turn, and small enough that the daemon's
+// peak RSS stays under 100 MiB (BENCHMARKS.md) with the fetches in flight.
+const DefaultMemoryBytes = 32 << 20
 
 // MemoryCache keeps recently inflated spans in memory, across the layers
 // of a daemon, so that a run of small reads in one span (a file read 128

@@ -23,6 +23,10 @@ const (
 	defaultAddress    = "/run/spanpull/snapshotter.sock"
 	defaultRoot       = "/var/lib/spanpull"
 	defaultLogLevel   = "info"
+	// defaultMemoryLimit is the Go runtime's soft memory limit: with the
+	// ~25 MiB of mapped program text, the daemon's RSS stays near 100 MiB
+	// however much garbage the span loads make (BENCHMARKS.md).
+	defaultMemoryLimit = 72 << 20
 	// defaultRegistryConfigPath is where containerd's own configs keep
 	// registry host configuration (hosts.toml) by convention.
 	defaultRegistryConfigPath = "/etc/containerd/certs.d"
@@ -45,6 +49,11 @@ type config struct {
 	// AsyncRemove defers deleting removed snapshots to containerd's
 	// garbage collection (Cleanup), like containerd's overlayfs plugin.
 	AsyncRemove bool `toml:"async_remove"`
+	// MemoryLimitBytes is the Go runtime's soft memory limit
+	// (runtime/debug.SetMemoryLimit): the garbage collector works harder
+	// as the daemon's heap nears it. Zero: defaultMemoryLimit; negative:
+	// none. The GOMEMLIMIT environment variable, when set, wins.
+	MemoryLimitBytes int64 `toml:"memory_limit_bytes"`
 	// MountOptions are extra overlayfs mount options.
 	MountOptions []string `toml:"mount_options"`
 	// Remote tunes lazy pulling of SOCI-indexed layers.
@@ -63,6 +72,10 @@ type cacheConfig struct {
 	// verified lazy layers, together (least recently used spans are
 	// evicted first). Zero: 10% of the filesystem holding root.
 	MaxBytes int64 `toml:"max_bytes"`
+	// MemoryBytes bounds the inflated spans kept in memory across layers,
+	// so that a run of small reads inflates a span once. Zero: the
+	// default (span.DefaultMemoryBytes); negative: none.
+	MemoryBytes int64 `toml:"memory_bytes"`
 }
 
 // criConfig is the [cri] table: the CRI image service proxy that gives the
@@ -138,10 +151,11 @@ type remoteConfig struct {
 func defaultConfig() config {
 	rd := resolver.DefaultConfig()
 	return config{
-		Address:  defaultAddress,
-		Root:     defaultRoot,
-		LogLevel: defaultLogLevel,
-		CRI:      criConfig{ContainerdCRISocket: defaultContainerdCRISocket},
+		Address:          defaultAddress,
+		Root:             defaultRoot,
+		LogLevel:         defaultLogLevel,
+		MemoryLimitBytes: defaultMemoryLimit,
+		CRI:              criConfig{ContainerdCRISocket: defaultContainerdCRISocket},
 		Remote: remoteConfig{
 			ConfigPath:          defaultRegistryConfigPath,
 			FetchTimeoutSeconds: int(rd.FetchTimeout / time.Second),
@@ -168,6 +182,7 @@ func (c config) resolverConfig() resolver.Config {
 	rc.FillDelay = time.Duration(c.Remote.FillDelaySeconds) * time.Second
 	rc.FillRate = c.Remote.FillRateBytes
 	rc.CacheMaxBytes = c.Cache.MaxBytes
+	rc.MemoryBytes = c.Cache.MemoryBytes
 	rc.IndexSources = c.Remote.IndexSources
 	rc.PrefetchName = c.Remote.Prefetch
 	rc.NoEntryBinding = !c.Remote.VerifyFiles

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -64,6 +65,7 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 		return err
 	}
 	ctx = log.WithLogger(ctx, logger)
+	setMemoryLimit(cfg.MemoryLimitBytes, logger)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -231,6 +233,22 @@ func newSnapshotsServer(sn *snapshotter.Snapshotter, m rpcMetrics, logger *log.E
 	// For readiness checks through the socket (/readyz).
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 	return srv
+}
+
+// setMemoryLimit sets the Go runtime's soft memory limit to limit (zero:
+// defaultMemoryLimit; negative: none), unless GOMEMLIMIT set one.
+func setMemoryLimit(limit int64, logger *log.Entry) {
+	if os.Getenv("GOMEMLIMIT") != "" {
+		return
+	}
+	switch {
+	case limit == 0:
+		limit = defaultMemoryLimit
+	case limit < 0:
+		return
+	}
+	debug.SetMemoryLimit(limit)
+	logger.WithField("bytes", limit).Debug("Go memory limit")
 }
 
 // serveMetrics serves reg's metrics on /metrics, /healthz and /readyz
