@@ -44,6 +44,10 @@ type config struct {
 	// MetricsAddress is a TCP host:port serving Prometheus /metrics; empty
 	// means no metrics endpoint.
 	MetricsAddress string `toml:"metrics_address"`
+	// DebugAddress is a TCP host:port serving the Go runtime's profiles
+	// (/debug/pprof/); empty (the default) means none. Keep it on
+	// loopback: profiles show the daemon's memory.
+	DebugAddress string `toml:"debug_address"`
 	// LogLevel is one of trace, debug, info, warn, error.
 	LogLevel string `toml:"log_level"`
 	// AsyncRemove defers deleting removed snapshots to containerd's

@@ -203,6 +203,12 @@ func TestServe(t *testing.T) {
 	}
 	metricsAddr := ml.Addr().String()
 	ml.Close()
+	dl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	debugAddr := dl.Addr().String()
+	dl.Close()
 
 	// An explicit --config that is missing: the daemon refuses to start.
 	stop := runServe(t, "--config", filepath.Join(dir, "missing.toml"),
@@ -212,7 +218,7 @@ func TestServe(t *testing.T) {
 	}
 
 	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte("root = \""+root+"\"\nlog_level = \"warn\"\n"), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte("root = \""+root+"\"\nlog_level = \"warn\"\ndebug_address = \""+debugAddr+"\"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	stop = runServe(t, "--config", cfgPath, "--address", sock, "--metrics-address", metricsAddr)
@@ -257,6 +263,16 @@ func TestServe(t *testing.T) {
 	}
 	if !strings.Contains(string(body), `spanpull_snapshotter_remote_prepares_total{result="mounted"} 0`) {
 		t.Fatalf("metrics lack the snapshotter's own:\n%s", body)
+	}
+
+	resp, err = http.Get("http://" + debugAddr + "/debug/pprof/heap?debug=1")
+	if err != nil {
+		t.Fatalf("debug address: %v", err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "heap profile:") {
+		t.Fatalf("debug_address: GET /debug/pprof/heap: %s\n%.300s", resp.Status, body)
 	}
 
 	if err := stop(); err != nil {

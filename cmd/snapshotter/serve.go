@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -104,8 +105,12 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 		}
 	}
 	metrics, err := serveMetrics(cfg.MetricsAddress, reg, readiness(cfg, sn), records, errc, logger)
+	var debugSrv *http.Server
+	if err == nil {
+		debugSrv, err = serveDebug(cfg.DebugAddress, errc, logger)
+	}
 	if err != nil {
-		srv.Stop()
+		shutdown(srv, []*http.Server{metrics}, logger)
 		cri.stop()
 		return err
 	}
@@ -119,7 +124,7 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 		logger.WithError(runErr).Error("server failed, shutting down")
 	}
 	cri.stop()
-	shutdown(srv, metrics, logger)
+	shutdown(srv, []*http.Server{metrics, debugSrv}, logger)
 	return runErr
 }
 
@@ -256,32 +261,52 @@ func setMemoryLimit(limit int64, logger *log.Entry) {
 // addr until shutdown, reporting a failure to errc. An empty addr serves
 // nothing (nil server).
 func serveMetrics(addr string, reg *prometheus.Registry, ready func(context.Context) error, records *record.Store, errc chan<- error, logger *log.Entry) (*http.Server, error) {
-	if addr == "" {
-		return nil, nil
-	}
-	ml, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics listener: %w", err)
-	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	healthHandlers(mux, ready)
 	if records != nil {
 		mux.Handle(record.HandlerPath, record.Handler(records))
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return serveHTTP("metrics", addr, mux, errc, logger)
+}
+
+// serveDebug serves the Go runtime's profiles (net/http/pprof) at addr,
+// as containerd's [debug] address does: how an operator finds out where
+// the daemon's memory or CPU goes. An empty addr serves nothing.
+func serveDebug(addr string, errc chan<- error, logger *log.Entry) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return serveHTTP("debug", addr, mux, errc, logger)
+}
+
+// serveHTTP serves h at the TCP address addr until shutdown, reporting a
+// failure to errc; name says which server in logs and errors. An empty
+// addr serves nothing (nil server).
+func serveHTTP(name, addr string, h http.Handler, errc chan<- error, logger *log.Entry) (*http.Server, error) {
+	if addr == "" {
+		return nil, nil
+	}
+	ml, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s listener: %w", name, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			errc <- fmt.Errorf("serve metrics: %w", err)
+			errc <- fmt.Errorf("serve %s: %w", name, err)
 		}
 	}()
-	logger.WithField("address", ml.Addr().String()).Info("serving metrics")
+	logger.WithField("address", ml.Addr().String()).Info("serving " + name)
 	return srv, nil
 }
 
 // shutdown stops the snapshots API server, letting in-flight calls finish
-// for up to shutdownGrace, and the metrics server (if any).
-func shutdown(srv *grpc.Server, metrics *http.Server, logger *log.Entry) {
+// for up to shutdownGrace, and the HTTP servers (nil ones are skipped).
+func shutdown(srv *grpc.Server, servers []*http.Server, logger *log.Entry) {
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()
@@ -293,13 +318,15 @@ func shutdown(srv *grpc.Server, metrics *http.Server, logger *log.Entry) {
 		srv.Stop()
 		<-stopped
 	}
-	if metrics == nil {
-		return
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
-	if err := metrics.Shutdown(ctx); err != nil {
-		logger.WithError(err).Warn("stop metrics server")
+	for _, s := range servers {
+		if s == nil {
+			continue
+		}
+		if err := s.Shutdown(ctx); err != nil {
+			logger.WithError(err).Warn("stop HTTP server")
+		}
 	}
 }
 
