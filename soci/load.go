@@ -199,7 +199,7 @@ func NewWindows(repo *registry.Repository, windows ocispec.Descriptor, h *ztoc.P
 	if h.Ztoc.Algorithm != ztoc.Gzip {
 		return nil
 	}
-	return &Windows{repo: repo, desc: windows, head: h}
+	return &Windows{repo: repo, desc: windows, head: h.WindowTable()}
 }
 
 // Window returns the 32 KiB window of span id. The caller must not modify

@@ -200,7 +200,21 @@ func zstdDecode(b []byte, limit int64) ([]byte, error) {
 	if int64(len(out)) > limit {
 		return nil, fmt.Errorf("zstd: decompresses to more than %d bytes", limit)
 	}
+	if cap(out) > len(out)+len(out)/8 {
+		// DecodeAll grows its output a megabyte at a time: a 32 KiB
+		// window kept for the layer's lifetime would hold on to all of it.
+		out = append([]byte(nil), out...)
+	}
 	return out, nil
+}
+
+// WindowTable returns a copy of h with only what WindowRange and
+// DecodeWindow need: the TOC and the zTOC's tables, most of a decoded
+// head's bytes, are left out, so that a window reader that lives as long
+// as a mounted layer does not keep them in memory.
+func (h *PackHead) WindowTable() *PackHead {
+	return &PackHead{ZtocDigest: h.ZtocDigest, ZtocSize: h.ZtocSize, WindowsDigest: h.WindowsDigest, WindowsSize: h.WindowsSize,
+		Ztoc: &Ztoc{CompressionInfo: CompressionInfo{Algorithm: h.Ztoc.Algorithm}}, windows: h.windows, v1: h.v1}
 }
 
 // WindowRange returns where span id's compressed window lies in the

@@ -385,3 +385,32 @@ func TestUnmarshalPackHeadHostile(t *testing.T) {
 		}
 	}
 }
+
+// TestPackWindowTable: the trimmed head that window readers keep decodes
+// every window as the full head does, and holds neither the TOC nor the
+// zTOC's tables.
+func TestPackWindowTable(t *testing.T) {
+	_, head, windows, _ := packOf(t, packTestGzip(t, true))
+	h, err := UnmarshalPackHeadInfo(head)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wt := h.WindowTable()
+	if wt.TOC != nil || wt.Ztoc.SpanDigests != nil || wt.Ztoc.Chunks != nil || wt.Ztoc.windowless != nil {
+		t.Fatalf("window table keeps more than the windows: %+v", wt.Ztoc)
+	}
+	for id := range SpanID(h.Ztoc.NumSpans()) {
+		off, n := h.WindowRange(id)
+		if woff, wn := wt.WindowRange(id); woff != off || wn != n {
+			t.Fatalf("span %d: window range [%d,+%d), full head [%d,+%d)", id, woff, wn, off, n)
+		}
+		want, err := h.DecodeWindow(id, windows[off:off+n])
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := wt.DecodeWindow(id, windows[off:off+n])
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("span %d: window table decodes %d bytes (%v), full head %d", id, len(got), err, len(want))
+		}
+	}
+}
