@@ -300,7 +300,12 @@ func (l *lazyLayer) fetchBlob(ctx context.Context) (*os.File, error) {
 		return nil, err
 	}
 	defer rc.Close()
-	f, err := os.CreateTemp(filepath.Join(l.r.cfg.Root, "tocs"), "repair-*")
+	dir := filepath.Join(l.r.cfg.Root, "tocs")
+	// Only layers mounted from a pack head have made it yet.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(dir, "repair-*")
 	if err != nil {
 		return nil, err
 	}
