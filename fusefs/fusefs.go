@@ -165,7 +165,11 @@ func (r *Root) verify(ctx context.Context, i uint32) (err error, first bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if !v.done {
-		err := r.opts.VerifyEntry(ctx, r.entry(i))
+		// Not canceled when the kernel interrupts the request (its caller
+		// got a signal: a Go program gets SIGURG all the time, runc's
+		// init while it execs through a symlink too): the kernel still
+		// waits for the answer, and the verdict serves every later read.
+		err := r.opts.VerifyEntry(context.WithoutCancel(ctx), r.entry(i))
 		if err != nil && !errors.Is(err, ErrRejected) {
 			// Not a verdict (the bytes could not be read): the next
 			// read tries again.
