@@ -37,8 +37,10 @@ type Options struct {
 
 // Compare reports with t.Errorf every difference between the tree at got
 // and the tree at want, the roots' own attributes aside. want is the
-// reference (containerd's unpacking), got the tree under test.
-func Compare(t testing.TB, want, got string, opts Options) {
+// reference (containerd's unpacking), got the tree under test. It returns
+// how many entries of want it compared, for the caller to check that the
+// walk saw the tree it meant.
+func Compare(t testing.TB, want, got string, opts Options) int {
 	t.Helper()
 	seen := map[string]bool{}
 	inodes := map[uint64]uint64{}
@@ -69,6 +71,7 @@ func Compare(t testing.TB, want, got string, opts Options) {
 	if err != nil {
 		t.Fatalf("walk the reference tree: %v", err)
 	}
+	n := len(seen) - 1 // the root is not compared
 	err = filepath.WalkDir(got, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -81,6 +84,7 @@ func Compare(t testing.TB, want, got string, opts Options) {
 	if err != nil {
 		t.Fatalf("walk the tree under test: %v", err)
 	}
+	return n
 }
 
 // compareEntry compares the entry rel, at wp in the reference and gp in

@@ -67,7 +67,9 @@ func TestCompare(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			rec := &recorder{TB: t}
-			Compare(rec, want, tree(t, c.edit), Options{})
+			if n := Compare(rec, want, tree(t, c.edit), Options{}); n != 4 {
+				t.Errorf("%d entries compared, want 4", n)
+			}
 			switch {
 			case c.diff == "" && len(rec.errs) != 0:
 				t.Errorf("identical trees: %q", rec.errs)
