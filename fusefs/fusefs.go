@@ -86,7 +86,8 @@ type Options struct {
 	Backing func(ctx context.Context, e Entry) (*os.File, error)
 	// VerifyEntry, when set, is called per regular file before the first
 	// byte of it is served (before a passthrough open, or before the first
-	// read), until it succeeds or rejects the entry. An error fails that
+	// read), and per symlink before its target is first read, until it
+	// succeeds or rejects the entry. An error fails that
 	// read with EIO; one wrapping ErrRejected fails every later read too,
 	// and is logged once.
 	VerifyEntry func(ctx context.Context, e Entry) error
@@ -147,7 +148,7 @@ type verification struct {
 	ok     atomic.Bool
 }
 
-// verify runs VerifyEntry for regular file i once, and reports its result
+// verify runs VerifyEntry for regular file or symlink i once, and reports its result
 // and whether this is the first time a failure is reported.
 func (r *Root) verify(ctx context.Context, i uint32) (err error, first bool) {
 	if r.opts.VerifyEntry == nil {
@@ -164,7 +165,11 @@ func (r *Root) verify(ctx context.Context, i uint32) (err error, first bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if !v.done {
-		err := r.opts.VerifyEntry(ctx, r.entry(i))
+		// Not canceled when the kernel interrupts the request (its caller
+		// got a signal: a Go program gets SIGURG all the time, runc's
+		// init while it execs through a symlink too): the kernel still
+		// waits for the answer, and the verdict serves every later read.
+		err := r.opts.VerifyEntry(context.WithoutCancel(ctx), r.entry(i))
 		if err != nil && !errors.Is(err, ErrRejected) {
 			// Not a verdict (the bytes could not be read): the next
 			// read tries again.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
+	"github.com/spanpull/spanpull/internal/testutil/treediff"
 )
 
 // layerEntries has an entry of every kind the filesystem must present.
@@ -169,11 +171,11 @@ func TestMountMatchesGNUTar(t *testing.T) {
 				t.Errorf("%s: readlink %q, %v; GNU tar %q", rel, fl, err, gl)
 			}
 		} else {
-			gx, fx := xattrs(t, p), xattrs(t, filepath.Join(mnt, rel))
+			gx, fx := treediff.Xattrs(t, p), treediff.Xattrs(t, filepath.Join(mnt, rel))
 			if _, err := os.Lstat(filepath.Join(p, ".wh..wh..opq")); err == nil {
 				gx[OpaqueXattr] = "y"
 			}
-			if !equalMaps(gx, fx) {
+			if !maps.Equal(gx, fx) {
 				t.Errorf("%s: xattrs %q, GNU tar %q", rel, fx, gx)
 			}
 		}
@@ -248,48 +250,6 @@ func getxattr(t *testing.T, p, name string) string {
 		return ""
 	}
 	return string(buf[:n])
-}
-
-func xattrs(t *testing.T, p string) map[string]string {
-	t.Helper()
-	sz, err := unix.Llistxattr(p, nil)
-	if err != nil {
-		t.Fatalf("listxattr %s: %v", p, err)
-	}
-	buf := make([]byte, sz)
-	n, err := unix.Llistxattr(p, buf)
-	if err != nil {
-		t.Fatalf("listxattr %s: %v", p, err)
-	}
-	m := map[string]string{}
-	for _, name := range strings.Split(string(buf[:n]), "\x00") {
-		if name == "" {
-			continue
-		}
-		vsz, err := unix.Lgetxattr(p, name, nil)
-		if err != nil {
-			t.Fatalf("getxattr %s %s: %v", p, name, err)
-		}
-		v := make([]byte, vsz)
-		vn, err := unix.Lgetxattr(p, name, v)
-		if err != nil {
-			t.Fatalf("getxattr %s %s: %v", p, name, err)
-		}
-		m[name] = string(v[:vn])
-	}
-	return m
-}
-
-func equalMaps(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 func TestReadOnly(t *testing.T) {

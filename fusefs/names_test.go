@@ -4,12 +4,8 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"io"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/archive"
 
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/treediff"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -219,111 +216,39 @@ func TestNameRulesRejectAsContainerd(t *testing.T) {
 // (what containerd unpacked), the root's own attributes aside.
 func compareTrees(t *testing.T, want, got string) {
 	t.Helper()
-	seen := map[string]bool{}
-	inodes := map[uint64]uint64{}
-	err := filepath.WalkDir(want, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(want, p)
-		seen[rel] = true
-		if rel == "." {
-			return nil
-		}
-		w, g := lstat(t, p), new(syscall.Stat_t)
-		if err := syscall.Lstat(filepath.Join(got, rel), g); err != nil {
-			t.Errorf("%s: containerd has it, the mount: %v", rel, err)
-			return nil
-		}
-		compareEntry(t, rel, p, filepath.Join(got, rel), w, g)
-		if prev, ok := inodes[w.Ino]; ok && prev != g.Ino {
-			t.Errorf("%s: inode %d, but its hardlinks have %d", rel, g.Ino, prev)
-		}
-		inodes[w.Ino] = g.Ino
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = filepath.WalkDir(got, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if rel, _ := filepath.Rel(got, p); !seen[rel] {
-			t.Errorf("%s is in the mount, containerd did not unpack it", rel)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	treediff.Compare(t, want, got, treediff.Options{Mtime: containerdMtime, SkipXattr: containerdRefuses})
 }
 
-func compareEntry(t *testing.T, rel, wp, gp string, w, g *syscall.Stat_t) {
-	t.Helper()
-	if w.Mode != g.Mode || w.Uid != g.Uid || w.Gid != g.Gid || w.Rdev != g.Rdev || w.Nlink != g.Nlink {
-		t.Errorf("%s: mode %o owner %d:%d rdev %#x nlink %d; containerd: mode %o owner %d:%d rdev %#x nlink %d",
-			rel, g.Mode, g.Uid, g.Gid, g.Rdev, g.Nlink, w.Mode, w.Uid, w.Gid, w.Rdev, w.Nlink)
-	}
-	// containerd gives what it makes itself (parent directories,
-	// whiteouts) the current time; the mount shows 0 for the directories
-	// and the tar's time for the whiteouts. Everything from the tar has
-	// the tar's time on both sides.
+// containerdMtime checks an entry's mtime against containerd's: containerd
+// gives what it makes itself (parent directories, whiteouts) the current
+// time; the mount shows 0 for the directories and the tar's time for the
+// whiteouts. Everything from the tar has the tar's time on both sides.
+func containerdMtime(rel string, w, g *syscall.Stat_t) string {
 	wt, gt := time.Unix(w.Mtim.Unix()), time.Unix(g.Mtim.Unix())
 	switch {
 	case wt.Equal(layertest.ModTime):
 		if g.Mtim != w.Mtim {
-			t.Errorf("%s: mtime %v, containerd %v", rel, gt, wt)
+			return fmt.Sprintf("mtime %v, containerd %v", gt, wt)
 		}
 	case w.Mode&syscall.S_IFMT == syscall.S_IFDIR:
 		if g.Mtim.Sec != 0 || g.Mtim.Nsec != 0 {
-			t.Errorf("%s: a directory made for its children has mtime %v, want 0", rel, gt)
+			return fmt.Sprintf("a directory made for its children has mtime %v, want 0", gt)
 		}
 	case w.Mode == syscall.S_IFCHR && w.Rdev == 0:
 		if !gt.Equal(layertest.ModTime) {
-			t.Errorf("%s: a whiteout has mtime %v, want the tar's %v", rel, gt, layertest.ModTime)
+			return fmt.Sprintf("a whiteout has mtime %v, want the tar's %v", gt, layertest.ModTime)
 		}
 	default:
-		t.Errorf("%s: containerd gave it the time %v, not the tar's", rel, wt)
+		return fmt.Sprintf("containerd gave it the time %v, not the tar's", wt)
 	}
-	switch w.Mode & syscall.S_IFMT {
-	case syscall.S_IFLNK:
-		wl, _ := os.Readlink(wp)
-		if gl, err := os.Readlink(gp); err != nil || gl != wl {
-			t.Errorf("%s: readlink %q, %v; containerd %q", rel, gl, err, wl)
-		}
-		return
-	case syscall.S_IFREG:
-		if w.Size != g.Size || fileHash(t, wp) != fileHash(t, gp) {
-			t.Errorf("%s: content differs (%d bytes, containerd %d)", rel, g.Size, w.Size)
-		}
-	}
-	// containerd refuses trusted.* xattrs from a tar; fusefs shows them
-	// (TestMountMatchesGNUTar), except that both mark opaque directories.
-	gx := xattrs(t, gp)
-	for k := range gx {
-		if strings.HasPrefix(k, "trusted.") && k != OpaqueXattr {
-			delete(gx, k)
-		}
-	}
-	if wx := xattrs(t, wp); !equalMaps(wx, gx) {
-		t.Errorf("%s: xattrs %q, containerd %q", rel, gx, wx)
-	}
+	return ""
 }
 
-func fileHash(t *testing.T, p string) string {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Errorf("open %s: %v", p, err)
-		return ""
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Errorf("read %s: %v", p, err)
-	}
-	return fmt.Sprintf("%x", h.Sum(nil))
+// containerdRefuses reports whether containerd leaves the xattr name of a
+// tar out: it refuses trusted.* xattrs from a tar, which fusefs shows
+// (TestMountMatchesGNUTar), except that both mark opaque directories.
+func containerdRefuses(name string) bool {
+	return strings.HasPrefix(name, "trusted.") && name != OpaqueXattr
 }
 
 // TestNameRulesOfTree checks how the rules place entries, at the tree

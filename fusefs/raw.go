@@ -255,6 +255,15 @@ func (f *fsys) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.
 	if v.root.tree.typ(i) != syscall.S_IFLNK {
 		return nil, fuse.EINVAL
 	}
+	// A symlink's target is content, like a file's bytes: a forged one
+	// sends whoever follows it to another file.
+	if err, first := v.root.verify(&fuse.Context{Caller: h.Caller, Cancel: cancel}, i); err != nil {
+		if first {
+			v.root.log.WithFields(log.Fields{"path": v.root.tree.path(i), "ino": h.NodeId}).WithError(err).
+				Error("fusefs: symlink failed verification; reading it fails")
+		}
+		return nil, fuse.EIO
+	}
 	return []byte(v.root.tree.target(i)), fuse.OK
 }
 

@@ -55,6 +55,10 @@ type lazyLayer struct {
 
 	recorder *record.LayerRecorder
 	state    atomic.Value // string: stateUnverified, ...
+	// checking is set while checkIndex runs; lastCheck is when the last
+	// one started (UnixNano), see suspect.
+	checking  atomic.Bool
+	lastCheck atomic.Int64
 
 	ctx    context.Context // background work: prefetch, fill, verification
 	cancel context.CancelFunc
@@ -365,7 +369,11 @@ func (s streamReader) ReadAt(ctx context.Context, p []byte, off int64) (int, err
 		return 0, errQuarantined
 	}
 	s.l.recorder.Range(s.spans.Spans(), off, int64(len(p)))
-	return s.spans.ReadAt(ctx, p, off)
+	n, err := s.spans.ReadAt(ctx, p, off)
+	if err != nil {
+		s.l.suspect(err)
+	}
+	return n, err
 }
 
 // errQuarantined fails the reads of a layer whose index was found to lie.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
@@ -68,6 +69,7 @@ func (l *lazyLayer) verifyEntry(ctx context.Context, e fusefs.Entry) error {
 	if err == nil {
 		hdr := make([]byte, end-start)
 		if _, err = l.spans.Load().ReadAt(ctx, hdr, start); err != nil {
+			l.suspect(err)
 			return fmt.Errorf("read the tar header of %s: %w", e.Path(), err)
 		}
 		l.r.cfg.Metrics.headerChecked(int64(len(hdr)))
@@ -222,6 +224,74 @@ func (l *lazyLayer) setState(s string) {
 	}
 }
 
+// suspectInterval is how long after checking a layer's index against the
+// whole blob (suspect) bytes that fail their digest again lead to another
+// check: a registry that keeps sending bad bytes costs one blob fetch per
+// interval, not one per read.
+const suspectInterval = time.Minute
+
+// suspect is called when span bytes did not match their digest (err): the
+// registry sent bad bytes, or the index lies about the layer (a span or
+// chunk digest it gives is not the layer's). Only the whole blob, fetched
+// and checked against the layer digest, tells which; in the background,
+// one check at a time, the layer's index is verified against it
+// (checkIndex). A lying index gets the layer quarantined and repaired;
+// without this its reads would fail forever, also for every image that
+// shares the snapshot.
+func (l *lazyLayer) suspect(err error) {
+	if !errors.Is(err, ztoc.ErrSpanDigest) || l.state.Load() != stateUnverified || l.ctx.Err() != nil {
+		return
+	}
+	last := l.lastCheck.Load()
+	if last != 0 && time.Since(time.Unix(0, last)) < suspectInterval || !l.checking.CompareAndSwap(false, true) {
+		return
+	}
+	l.lastCheck.Store(time.Now().UnixNano())
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		defer l.checking.Store(false)
+		l.checkIndex(l.ctx, err)
+	}()
+}
+
+// checkIndex fetches the layer's blob (verified against the layer digest)
+// and verifies the layer's index against it, after a span digest
+// mismatch (cause). A mismatch quarantines the layer.
+func (l *lazyLayer) checkIndex(ctx context.Context, cause error) {
+	lg := l.log.WithField("cause", cause.Error())
+	if l.rec.DiffID == "" {
+		lg.Warn("spanpull: span bytes do not match the index; the layer cannot be checked: its image's diff_id is unknown")
+		return
+	}
+	z, err := l.fullZtoc(ctx)
+	if err != nil {
+		lg.WithError(err).Warn("spanpull: span bytes do not match the index; read the TOC to check it")
+		return
+	}
+	blob, err := l.fetchBlob(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			lg.WithError(err).Warn("spanpull: span bytes do not match the index; the layer blob to check it against cannot be fetched")
+		}
+		return
+	}
+	defer os.Remove(blob.Name())
+	defer blob.Close()
+	_, err = ztoc.VerifyLayer(ctx, io.NewSectionReader(blob, 0, l.rec.LayerSize), z, ztoc.LayerDigests{Blob: l.rec.LayerDigest, DiffID: l.rec.DiffID})
+	var mismatch *ztoc.MismatchError
+	switch {
+	case errors.As(err, &mismatch) && mismatch.Part != ztoc.PartLayerDigest && mismatch.Part != ztoc.PartDiffID:
+		l.quarantine(err)
+	case err != nil:
+		if ctx.Err() == nil {
+			lg.WithError(err).Warn("spanpull: span bytes do not match the index; checking the index against the layer failed")
+		}
+	default:
+		lg.Info("spanpull: span bytes did not match the index, but the index matches the layer: the registry sent bad bytes")
+	}
+}
+
 // quarantine stops serving the layer from its index (reads fail with EIO)
 // and starts its repair. Only the first mismatch is logged.
 func (l *lazyLayer) quarantine(cause error) {
@@ -300,7 +370,12 @@ func (l *lazyLayer) fetchBlob(ctx context.Context) (*os.File, error) {
 		return nil, err
 	}
 	defer rc.Close()
-	f, err := os.CreateTemp(filepath.Join(l.r.cfg.Root, "tocs"), "repair-*")
+	dir := filepath.Join(l.r.cfg.Root, "tocs")
+	// Only layers mounted from a pack head have made it yet.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(dir, "repair-*")
 	if err != nil {
 		return nil, err
 	}

@@ -62,8 +62,9 @@ type RemoteMount interface {
 	// needed, such as cached data (the snapshot was removed).
 	Remove() error
 	// Labels are the layer's current labels, e.g. LabelMode and
-	// LabelVerified: recorded on the committed snapshot, and merged into
-	// what Stat reports, since some change while the layer is mounted.
+	// LabelVerified: recorded on the committed snapshot (all but
+	// LabelVerified, see liveLabels), and merged into what Stat reports,
+	// since some change while the layer is mounted.
 	Labels() map[string]string
 	// Usage is the local disk space the layer takes (cached data).
 	Usage() snapshots.Usage
@@ -91,6 +92,14 @@ const (
 	// until the layer is repaired from verified data).
 	LabelVerified = "containerd.io/snapshot/spanpull.verified"
 )
+
+// liveLabels are the labels of a remote layer that change while it is
+// mounted. They are not recorded on the committed snapshot, only merged
+// into what Stat reports: containerd copies the recorded labels of a
+// snapshot that Prepare committed into its own metadata, whose labels win
+// over the snapshotter's in every Stat, so a recorded LabelVerified would
+// read "unverified" forever.
+var liveLabels = map[string]bool{LabelVerified: true}
 
 // Prepare creates the active snapshot key on top of parent. When labels
 // name a target snapshot (LabelSnapshotRef) and a layer digest
@@ -174,7 +183,9 @@ func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, label
 
 	own := map[string]string{LabelRemote: remoteValue}
 	for k, v := range rm.Labels() {
-		own[k] = v
+		if !liveLabels[k] {
+			own[k] = v
+		}
 	}
 	copts := append(append([]snapshots.Opt(nil), opts...), snapshots.WithLabels(own))
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {

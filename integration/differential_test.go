@@ -1,0 +1,113 @@
+//go:build linux
+
+package integration
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"golang.org/x/sys/unix"
+
+	"github.com/spanpull/spanpull/internal/testutil/treediff"
+)
+
+// TestLazyTreeMatchesOverlayfs is the differential test of the lazy path
+// on a real layer: the Debian + python3 image is pulled once by
+// containerd into its own overlayfs snapshotter and once lazily through
+// spanpull, and the tree of a read-only view of each snapshot, mounted as
+// containerd would mount it under a container, must be the same: every
+// path, type, mode, owner, device, link count, mtime, xattr, link target,
+// hard link and file content.
+func TestLazyTreeMatchesOverlayfs(t *testing.T) {
+	e := newLazyEnv(t, lazyPythonConfig)
+	start := time.Now()
+	src, _ := e.pushPython(t, "py/diff", "src")
+	ref := e.reg.Addr + "/py/diff:soci"
+	e.indexer(t, "convert", src, ref)
+	if out := e.pull(t, ref); !hasLine(out, "layer", "1", e.layerDesc.Digest.String(), "lazy") {
+		t.Fatalf("layer not lazy:\n%s", out)
+	}
+	e.cd.MustRun(t, "image", "pull", "--plain-http", "--snapshotter", "overlayfs", src)
+
+	client, err := containerd.New(e.cd.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	// The image's only layer: its chain ID is its diff ID.
+	want := e.mountView(t, client, "overlayfs", e.layer.DiffID.String())
+	got := e.mountView(t, client, "spanpull", e.layer.DiffID.String())
+	// The tree under test is the lazy layer, served over FUSE.
+	var fs unix.Statfs_t
+	if err := unix.Statfs(got, &fs); err != nil || fs.Type != unix.FUSE_SUPER_MAGIC {
+		t.Fatalf("spanpull's view is not a FUSE mount (statfs: type %#x, %v)", fs.Type, err)
+	}
+	pulled := time.Now()
+	n := treediff.Compare(t, want, got, treediff.Options{})
+	t.Logf("%d entries compared; pulls %v, comparison %v", n, pulled.Sub(start).Round(time.Millisecond), time.Since(pulled).Round(time.Millisecond))
+	// The layer holds Debian and python3: a comparison of fewer entries
+	// walked something else.
+	if n < 5000 {
+		t.Errorf("%d entries compared, the layer has many more", n)
+	}
+}
+
+// mountView makes a read-only view of the committed snapshot parent of
+// snapshotter (under a lease, so that containerd's garbage collector
+// leaves it alone), mounts it with the mounts the snapshotter gives for it
+// (as for a container's root file system) on a new directory and returns
+// that directory. Cleanup unmounts it and removes the view and the lease.
+func (e *lazyEnv) mountView(t *testing.T, client *containerd.Client, snapshotter, parent string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(e.nsContext(), time.Minute)
+	defer cancel()
+	ctx, done, err := client.WithLease(ctx, leases.WithExpiration(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanup := func(ctx context.Context) {
+		if err := done(context.WithoutCancel(ctx)); err != nil {
+			t.Errorf("remove the lease of %s's view: %v", snapshotter, err)
+		}
+	}
+	sn := client.SnapshotService(snapshotter)
+	key := "diff-view-" + snapshotter
+	mounts, err := sn.View(ctx, key, parent)
+	if err != nil {
+		cleanup(ctx)
+		t.Fatalf("view of %s's snapshot %s: %v", snapshotter, parent, err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(e.nsContext(), time.Minute)
+		defer cancel()
+		if err := sn.Remove(ctx, key); err != nil {
+			t.Errorf("remove %s's view: %v", snapshotter, err)
+		}
+		cleanup(ctx)
+	})
+	target := t.TempDir()
+	if err := mount.All(mounts, target); err != nil {
+		t.Fatalf("mount %s's view %+v: %v", snapshotter, mounts, err)
+	}
+	t.Cleanup(func() {
+		if err := mount.UnmountAll(target, 0); err != nil {
+			t.Errorf("unmount %s: %v", target, err)
+		}
+	})
+	t.Logf("%s view: %+v", snapshotter, mounts)
+	return target
+}
+
+// nsContext is a context in the namespace of the env's ctr calls.
+func (e *lazyEnv) nsContext() context.Context {
+	ns := e.cd.Namespace
+	if ns == "" {
+		ns = namespaces.Default
+	}
+	return namespaces.WithNamespace(context.Background(), ns)
+}
