@@ -24,6 +24,7 @@ import (
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/record"
+	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/soci/socitest"
@@ -394,12 +395,8 @@ func checkUpstreamPrefetch(t *testing.T, ref string, layer digest.Digest, want i
 	if err != nil || len(list) != 1 {
 		t.Fatalf("indexes of %s: %v %v", ref, list, err)
 	}
-	u, err := url.Parse("http://" + ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	name := strings.SplitN(strings.TrimPrefix(u.Path, "/"), ":", 2)[0]
-	b, _, ok := socitest.Manifest(t, u.Host, name, list[0].Index.Digest.String())
+	host, name := hostAndName(repo)
+	b, _, ok := socitest.Manifest(t, host, name, list[0].Index.Digest.String())
 	if !ok {
 		t.Fatalf("index %s not in %s", list[0].Index.Digest, name)
 	}
@@ -412,7 +409,7 @@ func checkUpstreamPrefetch(t *testing.T, ref string, layer digest.Digest, want i
 		if p.Annotations[index.AnnotationImageLayerDigest] != layer.String() {
 			t.Errorf("prefetch descriptor %s names layer %q, want %s", p.Digest, p.Annotations[index.AnnotationImageLayerDigest], layer)
 		}
-		socitest.CheckPrefetchBlob(t, socitest.Blob(t, u.Host, name, p.Digest))
+		socitest.CheckPrefetchBlob(t, socitest.Blob(t, host, name, p.Digest))
 	}
 }
 
@@ -420,14 +417,20 @@ func checkUpstreamPrefetch(t *testing.T, ref string, layer digest.Digest, want i
 // SOCI index, as pushed.
 func indexedZtoc(t *testing.T, ref string, layer digest.Digest) *ztoc.Ztoc {
 	t.Helper()
-	_, _, _, ix := pythonLayer(t, ref)
+	repo, _, _, ix := pythonLayer(t, ref)
 	d, ok := ix.Ztoc(layer)
 	if !ok {
 		t.Fatalf("layer %s is not indexed", layer)
 	}
-	host, rest, _ := strings.Cut(ref, "/")
-	name, _, _ := strings.Cut(rest, ":")
+	host, name := hostAndName(repo)
 	return socitest.FetchZtoc(t, host, name, d)
+}
+
+// hostAndName splits repo's name into the registry's host:port and the
+// repository's name in it, as socitest takes them.
+func hostAndName(repo *registry.Repository) (host, name string) {
+	host, name, _ = strings.Cut(repo.Name(), "/")
+	return host, name
 }
 
 // fileSpans returns the spans holding the tar headers and data of the
