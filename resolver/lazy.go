@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -234,9 +235,14 @@ func (l *lazyLayer) start(prefetch []ztoc.SpanID) {
 	go func() {
 		defer l.wg.Done()
 		if len(prefetch) > 0 {
-			if err := l.spans.Load().Prefetch(l.ctx, prefetch); err != nil && l.ctx.Err() == nil {
-				l.log.WithError(err).Warn("spanpull: recorded prefetch stopped")
+			start := time.Now()
+			if err := l.spans.Load().Prefetch(l.ctx, prefetch); err != nil {
+				if l.ctx.Err() == nil {
+					l.log.WithError(err).Warn("spanpull: recorded prefetch stopped")
+				}
+				return
 			}
+			l.log.WithFields(log.Fields{"spans": len(prefetch), "duration": time.Since(start)}).Debug("spanpull: recorded prefetch done")
 		}
 	}()
 	if l.r.cfg.FillRate < 0 {

@@ -465,6 +465,7 @@ func (r *Resolver) prefetch(ctx context.Context, repo *registry.Repository, img 
 		r.log.WithError(err).WithField("layer", layer).Warn("spanpull: recorded prefetch ignored")
 		return nil
 	}
+	r.log.WithFields(log.Fields{"layer": layer, "name": name, "spans": len(ids)}).Debug("spanpull: recorded prefetch")
 	return ids
 }
 

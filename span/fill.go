@@ -11,7 +11,8 @@ import (
 
 // Prefetch fetches the spans ids (whole, in this order of priority) that
 // are not held yet, a few at a time (SchedulerOptions.PrefetchFetches),
-// beside the demand fetches of every layer and ahead of any fill. It
+// beside the demand fetches of every layer and ahead of any fill, each
+// with its window (Options.Windows) when the zTOC lacks it. It
 // returns when each was fetched or failed, or ctx ended, or the layer was
 // closed. A failed prefetch is not an error (the span is left to demand
 // reads; Metrics.FetchFailed counts it): Prefetch fails only for an id
@@ -43,10 +44,29 @@ func (l *Layer) Prefetch(ctx context.Context, ids []ztoc.SpanID) error {
 		go func() {
 			defer wg.Done()
 			defer release()
-			_, _ = l.loadWhole(ctx, ClassPrefetch, id)
+			l.prefetchSpan(ctx, id)
 		}()
 	}
 	return nil
+}
+
+// prefetchSpan loads span id whole and, beside it, its window when the
+// zTOC does not hold it: a read of a prefetched span must not wait on the
+// registry for its window.
+func (l *Layer) prefetchSpan(ctx context.Context, id ztoc.SpanID) {
+	s := l.spans[id]
+	var wg sync.WaitGroup
+	if needsWindow(l.z, s) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wctx, cancel := context.WithTimeout(ctx, l.opts.FetchTimeout)
+			defer cancel()
+			_, _ = l.window(wctx, s) // a failure is left to the read
+		}()
+	}
+	_, _ = l.loadWhole(ctx, ClassPrefetch, id)
+	wg.Wait()
 }
 
 // bind returns a context that also ends when the layer is closed.
