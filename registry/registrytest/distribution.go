@@ -15,7 +15,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // DistributionBinary is where Debian installs docker-registry;

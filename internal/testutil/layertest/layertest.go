@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // ModTime is the fixed modification time of generated entries and trees.
