@@ -9,7 +9,6 @@ import (
 	"compress/gzip"
 	"context"
 	"io"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"testing"
@@ -17,86 +16,9 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
-
-// randomBytes returns n deterministic pseudo-random (incompressible) bytes.
-func randomBytes(seed uint64, n int) []byte {
-	var s [32]byte
-	for i := range 8 {
-		s[i] = byte(seed >> (8 * i))
-	}
-	b := make([]byte, n)
-	_, _ = rand.NewChaCha8(s).Read(b)
-	return b
-}
-
-// readerTar is a tar whose files all differ with seed but whose layout
-// does not: two seeds give tars of the same size.
-func readerTar(t testing.TB, seed uint64) []byte {
-	t.Helper()
-	mtime := time.Date(2021, 2, 3, 4, 5, 6, 0, time.UTC)
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	write := func(h tar.Header, data []byte) {
-		h.ModTime, h.Format, h.Size = mtime, tar.FormatUSTAR, int64(len(data))
-		if err := tw.WriteHeader(&h); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755}, nil)
-	for _, f := range []struct {
-		name string
-		seed uint64 // 0: empty file
-		size int
-	}{{"r/a", 1, 100000}, {"r/b", 2, 300000}, {"r/empty", 0, 0}, {"r/c", 3, 50000}, {"r/d", 4, 200000}, {"r/tiny", 5, 10}} {
-		var data []byte
-		if f.seed > 0 {
-			data = randomBytes(seed*10+f.seed, f.size)
-		}
-		write(tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: 0o644}, data)
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-// storedGzip gzips without compression: the blob's size depends only on
-// the tar's size.
-func storedGzip(t testing.TB, b []byte) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := zw.Write(b); err != nil {
-		t.Fatal(err)
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-// gzipCLI compresses with the gzip command (-n leaves out FNAME), whose
-// deflate stream is not Go's.
-func gzipCLI(level string) func(testing.TB, []byte) []byte {
-	return func(t testing.TB, b []byte) []byte {
-		t.Helper()
-		cmd := exec.Command("gzip", "-n", level, "-c")
-		cmd.Stdin = bytes.NewReader(b)
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("gzip %s: %v", level, err)
-		}
-		return out
-	}
-}
 
 // readerLayers are the layer flavours of the read tests.
 var readerLayers = []struct {
@@ -104,8 +26,8 @@ var readerLayers = []struct {
 	compress func(testing.TB, []byte) []byte
 }{
 	{"tar", func(_ testing.TB, b []byte) []byte { return b }},
-	{"gzip-stored", storedGzip},
-	{"gzip-6", gzipCLI("-6")},
+	{"gzip-stored", func(t testing.TB, b []byte) []byte { return layertest.Gzip(t, b, gzip.NoCompression) }},
+	{"gzip-6", func(t testing.TB, b []byte) []byte { return layertest.GzipCommand(t, b, "-6") }},
 }
 
 // fileContents reads every regular file of tarball with archive/tar.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -17,7 +18,7 @@ import (
 // often without memory.
 func TestLayerSequentialReadsInflateOnce(t *testing.T) {
 	tarball := textTar(t)
-	blob := gzipCLI("-6")(t, tarball)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 256<<10)
 	cache, err := OpenCache(t.TempDir(), CacheOptions{})
 	if err != nil {

@@ -30,7 +30,7 @@ import (
 func chunkedLayer(t *testing.T) (*ztoc.Ztoc, []byte, []byte) {
 	t.Helper()
 	tarball := textTar(t)
-	blob := gzipCLI("-6")(t, tarball)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 256<<10)
 	addChunks(t, z, blob, 2048)
 	return z, blob, tarball
@@ -263,8 +263,8 @@ func (w *windowSource) Window(ctx context.Context, id ztoc.SpanID) ([]byte, erro
 // TestLayerWindowsFromSource: spans without a window get it from
 // Options.Windows, once per span, in parallel with the span's bytes.
 func TestLayerWindowsFromSource(t *testing.T) {
-	tarball := readerTar(t, 10)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 10)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	spans := mustSpans(t, z)
 	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{},
@@ -372,8 +372,8 @@ func BenchmarkLayerColdRead4KChunks(b *testing.B) {
 // its windows also asks the window source for the window of every span, so
 // that a source keeping what it fetches lets the layer read offline.
 func TestFillFetchesWindows(t *testing.T) {
-	tarball := readerTar(t, 10)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 10)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	spans := mustSpans(t, z)
 	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{}}

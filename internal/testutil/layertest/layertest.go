@@ -126,6 +126,26 @@ func Random(seed uint64, n int) []byte {
 	return b
 }
 
+// SeededTar is the read tests' layer: a directory of pseudo-random
+// (incompressible) files, an empty one among them, whose contents all
+// differ with seed but whose layout does not, so that two seeds give tars
+// of the same size.
+func SeededTar(t testing.TB, seed uint64) []byte {
+	t.Helper()
+	reg := func(name string, data []byte) Entry {
+		return Entry{Header: tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, ModTime: ModTime, Format: tar.FormatUSTAR}, Data: data}
+	}
+	return Tar(t,
+		Entry{Header: tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755, ModTime: ModTime, Format: tar.FormatUSTAR}},
+		reg("r/a", Random(seed*10+1, 100000)),
+		reg("r/b", Random(seed*10+2, 300000)),
+		reg("r/empty", []byte{}),
+		reg("r/c", Random(seed*10+3, 50000)),
+		reg("r/d", Random(seed*10+4, 200000)),
+		reg("r/tiny", Random(seed*10+5, 10)),
+	)
+}
+
 // Text returns n bytes of deterministic compressible text.
 func Text(seed, n int) []byte {
 	var b bytes.Buffer
