@@ -9,8 +9,10 @@ import (
 	"compress/gzip"
 	"context"
 	"io"
+	"math/rand/v2"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 
@@ -112,4 +114,48 @@ func debianLayer(t testing.TB) string {
 		t.Fatalf("build the Debian layer: %v\n%s", err, out)
 	}
 	return path
+}
+
+// debianZtoc opens the Debian layer (closed when the test ends) and builds
+// its zTOC with the default options (4 MiB spans).
+func debianZtoc(tb testing.TB) (*os.File, *ztoc.Ztoc) {
+	tb.Helper()
+	f, err := os.Open(debianLayer(tb))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { f.Close() })
+	z, _, err := ztoc.Build(tb.Context(), f, ztoc.BuildOptions{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return f, z
+}
+
+// coldReads4K reads a random 4 KiB range of z's stream through a fresh
+// Layer over blob per iteration, as a cold read (fetch, verify and inflate
+// of the span(s) it falls in, up to the bytes the read needs), and reports
+// the median latency of the reads (median-ns) besides the mean time per
+// iteration (ns/op), which also counts opening and closing the Layer.
+func coldReads4K(b *testing.B, d digest.Digest, z *ztoc.Ztoc, blob BlobReader) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	p := make([]byte, 4096)
+	var lat []time.Duration
+	for b.Loop() {
+		l, err := NewLayer(d, z, blob, Options{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
+		start := time.Now()
+		if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
+			b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
+		}
+		lat = append(lat, time.Since(start))
+		l.Close()
+	}
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
+	}
 }

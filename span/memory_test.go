@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"os"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -60,16 +59,7 @@ func TestLayerSequentialReadsInflateOnce(t *testing.T) {
 // and without a MemoryCache: without one, every read of a file re-inflates
 // its span from the checkpoint.
 func BenchmarkLayerReadFilesWarm(b *testing.B) {
-	path := debianLayer(b)
-	f, err := os.Open(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	z, _, err := ztoc.Build(b.Context(), f, ztoc.BuildOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	f, z := debianZtoc(b)
 	cache, err := OpenCache(b.TempDir(), CacheOptions{})
 	if err != nil {
 		b.Fatal(err)

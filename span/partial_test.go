@@ -11,8 +11,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -325,16 +323,8 @@ func (b *countingBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, er
 // local file, verify, inflate up to the read) and the compressed bytes it
 // fetched.
 func BenchmarkLayerColdRead4KChunks(b *testing.B) {
-	f, err := os.Open(debianLayer(b))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	blob, err := io.ReadAll(f)
-	if err != nil {
-		b.Fatal(err)
-	}
-	z, _, err := ztoc.Build(b.Context(), bytes.NewReader(blob), ztoc.BuildOptions{})
+	f, z := debianZtoc(b)
+	blob, err := io.ReadAll(io.NewSectionReader(f, 0, z.CompressedArchiveSize))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -344,25 +334,8 @@ func BenchmarkLayerColdRead4KChunks(b *testing.B) {
 			if chunkSize > 0 {
 				addChunks(b, z, blob, chunkSize)
 			}
-			rng := rand.New(rand.NewPCG(3, 4))
-			p := make([]byte, 4096)
-			var lat []time.Duration
 			cb := &countingBlob{BlobReader: LocalBlob(bytes.NewReader(blob))}
-			for b.Loop() {
-				l, err := NewLayer("", z, cb, Options{})
-				if err != nil {
-					b.Fatal(err)
-				}
-				off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
-				start := time.Now()
-				if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
-					b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
-				}
-				lat = append(lat, time.Since(start))
-				l.Close()
-			}
-			slices.Sort(lat)
-			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
+			coldReads4K(b, "", z, cb)
 			b.ReportMetric(float64(cb.n.Load())/float64(b.N), "fetched-B/op")
 		})
 	}

@@ -11,11 +11,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
-	"sort"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -276,37 +273,8 @@ func TestLayerWriteFileErrors(t *testing.T) {
 // the reads (median-ns) besides the mean time per iteration (ns/op), which
 // also counts opening and closing the Layer.
 func BenchmarkLayerReadRandom4K(b *testing.B) {
-	path := debianLayer(b)
-	f, err := os.Open(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	z, _, err := ztoc.Build(b.Context(), f, ztoc.BuildOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	rng := rand.New(rand.NewPCG(3, 4))
-	p := make([]byte, 4096)
-	var lat []time.Duration
-	b.ResetTimer()
-	for b.Loop() {
-		l, err := NewLayer(digest.FromString("debian"), z, LocalBlob(f), Options{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
-		start := time.Now()
-		if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
-			b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
-		}
-		lat = append(lat, time.Since(start))
-		l.Close()
-	}
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	if len(lat) > 0 {
-		b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
-	}
+	f, z := debianZtoc(b)
+	coldReads4K(b, digest.FromString("debian"), z, LocalBlob(f))
 }
 
 // TestLayerConcurrent: one Layer serves concurrent reads of the stream and
