@@ -1,8 +1,6 @@
 package ztoc
 
 import (
-	"bytes"
-	"os"
 	"path/filepath"
 	"reflect"
 	"testing"
@@ -88,23 +86,6 @@ func checkFuzzedHead(t *testing.T, h *PackHead, err error) {
 func TestPackFuzzCorpus(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzUnmarshalPackHead")
 	for name, b := range packFuzzSeeds(t) {
-		path := filepath.Join(dir, "seed-"+name)
-		want := marshalCorpusFile(t, b)
-		if *updateFuzzCorpus {
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(path, want, 0o644); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		got, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatalf("%v (run go test ./ztoc -run TestPackFuzzCorpus -update-fuzz-corpus)", err)
-		}
-		if !bytes.Equal(got, want) {
-			t.Errorf("%s is stale (run go test ./ztoc -run TestPackFuzzCorpus -update-fuzz-corpus)", path)
-		}
+		checkSeedFile(t, filepath.Join(dir, "seed-"+name), marshalCorpusFile(t, b), "run go test ./ztoc -run TestPackFuzzCorpus -update-fuzz-corpus")
 	}
 }
