@@ -11,15 +11,7 @@ import (
 // each as it is published (zstd) and as the decoder behind zstd reads it.
 func packFuzzSeeds(t testing.TB) map[string][]byte {
 	t.Helper()
-	v1 := packTestGzip(t, false)
-	zi, err := UnmarshalGzipZinfo(v1.Checkpoints)
-	if err != nil {
-		t.Fatal(err)
-	}
-	zi.V1 = true
-	if v1.Checkpoints, err = MarshalGzipZinfo(zi); err != nil {
-		t.Fatal(err)
-	}
+	v1 := vfForgeCheckpoints(t, packTestGzip(t, false), func(zi *GzipZinfo) { zi.V1 = true })
 	seeds := make(map[string][]byte)
 	for name, z := range map[string]*Ztoc{
 		"gzip-chunks":   packTestGzip(t, true),
