@@ -32,14 +32,8 @@ func TestSpanPrimitives(t *testing.T) {
 	for _, l := range cfReaderLayers {
 		t.Run(l.name, func(t *testing.T) {
 			blob := l.compress(t, tarball)
-			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: 16 << 10})
-			if err != nil {
-				t.Fatal(err)
-			}
-			spans, err := z.Spans()
-			if err != nil {
-				t.Fatal(err)
-			}
+			z, r := cfMustReader(t, blob, 16<<10)
+			spans := r.spans
 			for _, s := range spans {
 				comp := blob[s.CompressedStart:s.CompressedEnd]
 				if err := z.VerifySpan(s, comp); err != nil {
