@@ -211,6 +211,19 @@ func PushIndex(t testing.TB, addr, repo, tag string, docker bool, imgs ...Image)
 	return ocispec.Descriptor{MediaType: idx.MediaType, Digest: digest.FromBytes(b), Size: int64(len(b))}, b
 }
 
+// PushMultiPlatform pushes an untagged linux/amd64 image of the layers
+// amd and an untagged linux/arm64 image of the layers arm to addr/repo,
+// and an image index of the two (a Docker manifest list, with Docker
+// manifests, when docker is set) tagged tag: the multi-platform image the
+// index, convert and inspect tests start from.
+func PushMultiPlatform(t testing.TB, addr, repo, tag string, docker bool, amd, arm []Layer) (a, b Image) {
+	t.Helper()
+	a = PushImage(t, addr, repo, "", "linux/amd64", docker, amd...)
+	b = PushImage(t, addr, repo, "", "linux/arm64", docker, arm...)
+	PushIndex(t, addr, repo, tag, docker, a, b)
+	return a, b
+}
+
 // Registry is a running registry under test.
 type Registry struct {
 	Name string
