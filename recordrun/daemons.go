@@ -67,7 +67,7 @@ func (e *env) startSnapshotter(ctx context.Context) error {
 	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
 		return err
 	}
-	if e.metrics, err = freeLoopbackAddr(); err != nil {
+	if e.metrics, err = proc.FreeLoopbackAddr(); err != nil {
 		return err
 	}
 	e.snapSocket = filepath.Join(e.dir, "snapshotter.sock")

@@ -3,7 +3,6 @@ package recordrun
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os/exec"
 	"sort"
 	"time"
@@ -48,15 +47,4 @@ func unmountUnder(dir string) error {
 		return fmt.Errorf("%d mounts left below %s, first %s", len(left), dir, left[0].Mountpoint)
 	}
 	return nil
-}
-
-// freeLoopbackAddr returns a loopback address with a port nobody listens
-// on right now.
-func freeLoopbackAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
 }
