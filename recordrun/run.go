@@ -27,6 +27,7 @@ import (
 	"github.com/distribution/reference"
 
 	"github.com/spanpull/spanpull/internal/proc"
+	"github.com/spanpull/spanpull/internal/unmount"
 	"github.com/spanpull/spanpull/lazypull"
 	"github.com/spanpull/spanpull/record"
 )
@@ -248,7 +249,7 @@ func (e *env) close(failed bool) error {
 	}
 	// Whatever else names the directory (a daemon's helper processes).
 	errs = append(errs, proc.KillMatching(proc.Under(e.dir)))
-	if err := unmountUnder(e.dir); err != nil {
+	if err := unmount.Under(e.dir); err != nil {
 		return errors.Join(append(errs, err)...) // never delete through a mount
 	}
 	errs = append(errs, os.RemoveAll(e.dir))
