@@ -13,7 +13,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -150,18 +149,6 @@ func WaitReady(ctx context.Context, p *Process, timeout time.Duration, ready fun
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// FreeLoopbackAddr returns a 127.0.0.1 address with a port nobody listens
-// on right now, for a daemon about to be started to listen on (another
-// process may take the port in between; the daemon then fails to start).
-func FreeLoopbackAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("find a free loopback port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
 }
 
 // Output runs a command to completion with stdin (none when nil) and env
