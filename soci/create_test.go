@@ -30,14 +30,7 @@ import (
 // referrer, and the observer is told about every layer once.
 func TestCreateLayerKinds(t *testing.T) {
 	const spanSize = 128 << 10
-	layers := []socitest.Layer{
-		socitest.GzipLayer(1, 400<<10, socitest.OCIGzip),
-		socitest.GzipLayer(2, 40<<10, socitest.OCIGzip),
-		socitest.ZstdLayer(3, 300<<10),
-		socitest.TarLayer(4, 500<<10),
-		socitest.GzipLayer(5, 60<<10, socitest.OCIGzip),
-		socitest.GzipLayer(6, 700<<10, socitest.OCIGzip),
-	}
+	layers := socitest.LayerKinds()
 	indexed := []socitest.Want{{Layer: layers[0], SpanSize: spanSize}, {Layer: layers[3], SpanSize: spanSize}, {Layer: layers[5], SpanSize: spanSize}}
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
 		img := socitest.PushImage(t, reg.Addr, "kinds", "v1", "linux/amd64", false, layers...)

@@ -22,14 +22,7 @@ import (
 // finishes (indexed; reused, from the registry or the local cache; skipped,
 // with the reason worded with the flag) and a line per index pushed.
 func TestCreateOutput(t *testing.T) {
-	layers := []socitest.Layer{
-		socitest.GzipLayer(1, 400<<10, socitest.OCIGzip),
-		socitest.GzipLayer(2, 40<<10, socitest.OCIGzip),
-		socitest.ZstdLayer(3, 300<<10),
-		socitest.TarLayer(4, 500<<10),
-		socitest.GzipLayer(5, 60<<10, socitest.OCIGzip),
-		socitest.GzipLayer(6, 700<<10, socitest.OCIGzip),
-	}
+	layers := socitest.LayerKinds()
 	addr := startReferrers(t)
 	img := socitest.PushImage(t, addr, "kinds", "v1", "linux/amd64", false, layers...)
 	cache := t.TempDir()

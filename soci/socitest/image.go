@@ -114,6 +114,23 @@ func TarLayer(seed uint64, size int64) Layer {
 	return NewLayer(OCITar, raw, digest.FromBytes(raw), files)
 }
 
+// LayerKinds are one layer of each kind the indexer treats differently,
+// with a minimum layer size of about 200 KB (the small layers are 40 and
+// 60 KiB, the large ones 400 KiB and more): [0] a large gzip
+// layer and [3] a tar layer, indexed; [1] and [4] small gzip layers,
+// skipped as small; [2] a zstd layer, skipped by media type; [5] another
+// large gzip layer, indexed.
+func LayerKinds() []Layer {
+	return []Layer{
+		GzipLayer(1, 400<<10, OCIGzip),
+		GzipLayer(2, 40<<10, OCIGzip),
+		ZstdLayer(3, 300<<10),
+		TarLayer(4, 500<<10),
+		GzipLayer(5, 60<<10, OCIGzip),
+		GzipLayer(6, 700<<10, OCIGzip),
+	}
+}
+
 // ZstdLayer makes a blob labelled as a zstd layer (zstd magic, random
 // bytes): the indexer must skip it by media type without reading it.
 func ZstdLayer(seed uint64, size int) Layer {
