@@ -174,32 +174,49 @@ func (l Layer) validate() error {
 	if err := l.Digest.Validate(); err != nil {
 		return fmt.Errorf("digest: %w", err)
 	}
-	spans := make(map[ztoc.SpanID]bool, len(l.Spans))
-	var last int64
+	spans := newOrderCheck[ztoc.SpanID]("spans", len(l.Spans))
 	for i, s := range l.Spans {
-		switch {
-		case s.ID < 0:
+		if s.ID < 0 {
 			return fmt.Errorf("spans[%d]: negative span ID %d", i, s.ID)
-		case spans[s.ID]:
-			return fmt.Errorf("spans[%d]: span %d listed twice", i, s.ID)
-		case s.AtMicros < last:
-			return fmt.Errorf("spans[%d]: at_us %d before the previous entry's %d", i, s.AtMicros, last)
 		}
-		spans[s.ID], last = true, s.AtMicros
+		if err := spans.next(i, s.ID, fmt.Sprintf("span %d", s.ID), s.AtMicros); err != nil {
+			return err
+		}
 	}
-	files := make(map[string]bool, len(l.Files))
-	last = 0
+	files := newOrderCheck[string]("files", len(l.Files))
 	for i, f := range l.Files {
-		switch {
-		case f.Path == "" || CleanPath(f.Path) != f.Path:
+		if f.Path == "" || CleanPath(f.Path) != f.Path {
 			return fmt.Errorf("files[%d]: path %q is not a cleaned absolute path", i, f.Path)
-		case files[f.Path]:
-			return fmt.Errorf("files[%d]: %s listed twice", i, f.Path)
-		case f.AtMicros < last:
-			return fmt.Errorf("files[%d]: at_us %d before the previous entry's %d", i, f.AtMicros, last)
 		}
-		files[f.Path], last = true, f.AtMicros
+		if err := files.next(i, f.Path, f.Path, f.AtMicros); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+// orderCheck checks the rule a layer's span and file lists share: each
+// entry names a key once, at a time no earlier than the entry before.
+type orderCheck[K comparable] struct {
+	list string // the list's JSON name, for errors
+	seen map[K]bool
+	last int64
+}
+
+func newOrderCheck[K comparable](list string, n int) *orderCheck[K] {
+	return &orderCheck[K]{list: list, seen: make(map[K]bool, n)}
+}
+
+// next checks entry i of the list, with key (named name in errors) at
+// atMicros.
+func (c *orderCheck[K]) next(i int, key K, name string, atMicros int64) error {
+	switch {
+	case c.seen[key]:
+		return fmt.Errorf("%s[%d]: %s listed twice", c.list, i, name)
+	case atMicros < c.last:
+		return fmt.Errorf("%s[%d]: at_us %d before the previous entry's %d", c.list, i, atMicros, c.last)
+	}
+	c.seen[key], c.last = true, atMicros
 	return nil
 }
 

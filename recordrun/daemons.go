@@ -10,12 +10,13 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
-	"strings"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/distribution/reference"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // Names and bounds of the daemons Run starts.
@@ -47,7 +48,7 @@ type daemonConfig struct {
 // startSnapshotter starts "BIN serve" with its socket, root, config and
 // log in e.dir and metrics on a free loopback port, and waits until both
 // serve.
-func (e *env) startSnapshotter() error {
+func (e *env) startSnapshotter(ctx context.Context) error {
 	var cfg daemonConfig
 	cfg.Remote.FillRateBytes = -1
 	cfg.Remote.ConfigPath = e.o.HostsDir
@@ -66,16 +67,16 @@ func (e *env) startSnapshotter() error {
 	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
 		return err
 	}
-	if e.metrics, err = freeLoopbackAddr(); err != nil {
+	if e.metrics, err = proc.FreeLoopbackAddr(); err != nil {
 		return err
 	}
 	e.snapSocket = filepath.Join(e.dir, "snapshotter.sock")
 	cmd := exec.Command(e.o.Snapshotter, "serve", "--config", cfgPath, "--address", e.snapSocket,
 		"--root", filepath.Join(e.dir, "snapshotter-root"), "--metrics-address", e.metrics, "--log-level", "info")
-	if e.snap, err = startProcess(e.dir, "snapshotter", cmd); err != nil {
+	if e.snap, err = proc.Start(e.dir, "snapshotter", cmd); err != nil {
 		return err
 	}
-	return waitReady(e.snap, startTimeout, func() error {
+	return proc.WaitReady(ctx, e.snap, startTimeout, func() error {
 		c, err := net.DialTimeout("unix", e.snapSocket, time.Second)
 		if err != nil {
 			return err
@@ -147,33 +148,17 @@ func (e *env) startContainerd(ctx context.Context) error {
 		return err
 	}
 	cmd := exec.Command(bin, "--config", cfgPath)
-	cmd.Env = append(envWithout("PATH"), "PATH="+filepath.Dir(bin)+string(os.PathListSeparator)+os.Getenv("PATH"))
-	if e.containerd, err = startProcess(e.dir, "containerd", cmd); err != nil {
+	cmd.Env = append(proc.EnvWithout("PATH"), "PATH="+filepath.Dir(bin)+string(os.PathListSeparator)+os.Getenv("PATH"))
+	if e.containerd, err = proc.Start(e.dir, "containerd", cmd); err != nil {
 		return err
 	}
 	if e.client, err = containerd.New(socket, containerd.WithDefaultNamespace(namespace)); err != nil {
 		return err
 	}
-	return waitReady(e.containerd, startTimeout, func() error {
+	return proc.WaitReady(ctx, e.containerd, startTimeout, func() error {
 		vctx, cancel := context.WithTimeout(ctx, time.Second)
 		defer cancel()
 		_, err := e.client.Version(vctx)
 		return err
 	})
-}
-
-// envWithout returns this process's environment without the named
-// variables.
-func envWithout(drop ...string) []string {
-	var env []string
-next:
-	for _, kv := range os.Environ() {
-		for _, d := range drop {
-			if strings.HasPrefix(kv, d+"=") {
-				continue next
-			}
-		}
-		env = append(env, kv)
-	}
-	return env
 }

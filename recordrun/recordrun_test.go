@@ -2,6 +2,7 @@ package recordrun
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // The ready pattern matches whole lines, also across writes and as an
@@ -123,26 +126,26 @@ func TestOptionsDefaults(t *testing.T) {
 // killed after the grace period.
 func TestProcessStop(t *testing.T) {
 	dir := t.TempDir()
-	p, err := startProcess(dir, "sleeper", exec.Command("sleep", "60"))
+	p, err := proc.Start(dir, "sleeper", exec.Command("sleep", "60"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.stop(5 * time.Second); err != nil {
+	if err := stop(p, 5*time.Second); err != nil {
 		t.Fatalf("stop: %v", err)
 	}
-	p, err = startProcess(dir, "stubborn", exec.Command("sh", "-c", "trap '' TERM; echo up; sleep 60"))
+	p, err = proc.Start(dir, "stubborn", exec.Command("sh", "-c", "trap '' TERM; echo up; sleep 60"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := waitReady(p, 5*time.Second, func() error {
-		if !strings.Contains(p.logTail(100), "up") {
+	if err := proc.WaitReady(context.Background(), p, 5*time.Second, func() error {
+		if !strings.Contains(p.LogTail(100), "up") {
 			return os.ErrNotExist
 		}
 		return nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.stop(200 * time.Millisecond); err == nil || !strings.Contains(err.Error(), "killed") {
+	if err := stop(p, 200*time.Millisecond); err == nil || !strings.Contains(err.Error(), "killed") {
 		t.Fatalf("stop of a process ignoring SIGTERM: %v", err)
 	}
 }

@@ -26,6 +26,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/distribution/reference"
 
+	"github.com/spanpull/spanpull/internal/proc"
+	"github.com/spanpull/spanpull/internal/unmount"
 	"github.com/spanpull/spanpull/lazypull"
 	"github.com/spanpull/spanpull/record"
 )
@@ -124,7 +126,7 @@ type env struct {
 	ref string // o.Image, normalized
 	dir string
 
-	snap, containerd *process
+	snap, containerd *proc.Process
 	snapSocket       string
 	containerdSocket string
 	metrics          string // the daemon's metrics address
@@ -152,7 +154,7 @@ func Run(ctx context.Context, o Options) (rec *record.Record, err error) {
 	}
 	defer func() { err = errors.Join(err, e.close(err != nil)) }()
 	ctx = namespaces.WithNamespace(ctx, namespace)
-	if err := e.startSnapshotter(); err != nil {
+	if err := e.startSnapshotter(ctx); err != nil {
 		return nil, err
 	}
 	if err := e.startContainerd(ctx); err != nil {
@@ -233,22 +235,21 @@ func (e *env) close(failed bool) error {
 		cancel()
 		errs = append(errs, e.client.Close())
 	}
-	for _, p := range []*process{e.containerd, e.snap} {
+	for _, p := range []*proc.Process{e.containerd, e.snap} {
 		if p == nil {
 			continue
 		}
 		if failed {
-			fmt.Fprintf(e.o.Log, "--- %s log (end) ---\n%s\n", p.name, p.logTail(4<<10))
+			fmt.Fprintf(e.o.Log, "--- %s log (end) ---\n%s\n", p.Name, p.LogTail(4<<10))
 		}
-		errs = append(errs, p.stop(stopGrace))
+		errs = append(errs, stop(p, stopGrace))
 		if p == e.containerd { // its shims outlive it by design
-			socket := e.containerdSocket
-			errs = append(errs, killWithArg(func(a string) bool { return a == socket }))
+			errs = append(errs, proc.KillWithArg(e.containerdSocket))
 		}
 	}
 	// Whatever else names the directory (a daemon's helper processes).
-	errs = append(errs, killWithArg(under(e.dir)))
-	if err := unmountUnder(e.dir); err != nil {
+	errs = append(errs, proc.KillMatching(proc.Under(e.dir)))
+	if err := unmount.Under(e.dir); err != nil {
 		return errors.Join(append(errs, err)...) // never delete through a mount
 	}
 	errs = append(errs, os.RemoveAll(e.dir))

@@ -23,9 +23,7 @@ func TestConvert(t *testing.T) {
 	arm := socitest.GzipLayer(82, 260<<10, socitest.DockerGzip)
 	small := socitest.GzipLayer(83, 20<<10, socitest.DockerGzip)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
-		a := socitest.PushImage(t, reg.Addr, "src", "", "linux/amd64", true, shared, amd, small)
-		b := socitest.PushImage(t, reg.Addr, "src", "", "linux/arm64", true, shared, arm)
-		socitest.PushIndex(t, reg.Addr, "src", "list", true, a, b)
+		a, b := socitest.PushMultiPlatform(t, reg.Addr, "src", "list", true, []socitest.Layer{shared, amd, small}, []socitest.Layer{shared, arm})
 		single := socitest.PushImage(t, reg.Addr, "src", "single", "linux/amd64", true, amd)
 
 		proxy := socitest.StartProxy(t, reg.Addr)

@@ -30,14 +30,7 @@ import (
 // referrer, and the observer is told about every layer once.
 func TestCreateLayerKinds(t *testing.T) {
 	const spanSize = 128 << 10
-	layers := []socitest.Layer{
-		socitest.GzipLayer(1, 400<<10, socitest.OCIGzip),
-		socitest.GzipLayer(2, 40<<10, socitest.OCIGzip),
-		socitest.ZstdLayer(3, 300<<10),
-		socitest.TarLayer(4, 500<<10),
-		socitest.GzipLayer(5, 60<<10, socitest.OCIGzip),
-		socitest.GzipLayer(6, 700<<10, socitest.OCIGzip),
-	}
+	layers := socitest.LayerKinds()
 	indexed := []socitest.Want{{Layer: layers[0], SpanSize: spanSize}, {Layer: layers[3], SpanSize: spanSize}, {Layer: layers[5], SpanSize: spanSize}}
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
 		img := socitest.PushImage(t, reg.Addr, "kinds", "v1", "linux/amd64", false, layers...)
@@ -307,10 +300,7 @@ type platformsRun struct {
 }
 
 func (p *platformsRun) push(repo string) (socitest.Image, socitest.Image) {
-	a := socitest.PushImage(p.t, p.reg.Addr, repo, "", "linux/amd64", false, p.shared, p.amd)
-	b := socitest.PushImage(p.t, p.reg.Addr, repo, "", "linux/arm64", false, p.shared, p.arm)
-	socitest.PushIndex(p.t, p.reg.Addr, repo, "multi", false, a, b)
-	return a, b
+	return socitest.PushMultiPlatform(p.t, p.reg.Addr, repo, "multi", false, []socitest.Layer{p.shared, p.amd}, []socitest.Layer{p.shared, p.arm})
 }
 
 func (p *platformsRun) create(repo string, opts soci.Options) outcome {
@@ -717,9 +707,7 @@ func TestCreatePartialFailure(t *testing.T) {
 	amd := socitest.GzipLayer(140, 150<<10, socitest.OCIGzip)
 	arm := socitest.GzipLayer(141, 150<<10, socitest.OCIGzip)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
-		a := socitest.PushImage(t, reg.Addr, "partial", "", "linux/amd64", false, amd)
-		b := socitest.PushImage(t, reg.Addr, "partial", "", "linux/arm64", false, arm)
-		socitest.PushIndex(t, reg.Addr, "partial", "v1", false, a, b)
+		a, b := socitest.PushMultiPlatform(t, reg.Addr, "partial", "v1", false, []socitest.Layer{amd}, []socitest.Layer{arm})
 		proxy := socitest.StartProxy(t, reg.Addr)
 		proxy.Corrupt(arm.Desc.Digest, 100)
 		out := tryCreate(t, proxy.Addr+"/partial:v1", soci.Options{MinLayerSize: 1000, AllPlatforms: true})
@@ -844,9 +832,7 @@ func TestCreateDockerManifestList(t *testing.T) {
 	amd := socitest.GzipLayer(180, 120<<10, socitest.DockerGzip)
 	arm := socitest.GzipLayer(181, 130<<10, socitest.DockerGzip)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
-		a := socitest.PushImage(t, reg.Addr, "dlist", "", "linux/amd64", true, amd)
-		b := socitest.PushImage(t, reg.Addr, "dlist", "", "linux/arm64", true, arm)
-		socitest.PushIndex(t, reg.Addr, "dlist", "v1", true, a, b)
+		a, b := socitest.PushMultiPlatform(t, reg.Addr, "dlist", "v1", true, []socitest.Layer{amd}, []socitest.Layer{arm})
 		res := create(t, reg.Addr+"/dlist:v1", soci.Options{MinLayerSize: 1000, AllPlatforms: true})
 		if len(res.Platforms) != 2 {
 			t.Fatalf("platforms %+v", res.Platforms)

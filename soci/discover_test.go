@@ -37,9 +37,8 @@ func newIndexed(t *testing.T, reg socitest.Registry) *indexed {
 	t.Helper()
 	shared := socitest.GzipLayer(300, 150<<10, socitest.OCIGzip)
 	x := &indexed{reg: reg}
-	x.amd = socitest.PushImage(t, reg.Addr, "img", "", "linux/amd64", false, shared, socitest.TarLayer(301, 200<<10))
-	x.arm = socitest.PushImage(t, reg.Addr, "img", "", "linux/arm64", false, shared, socitest.GzipLayer(302, 180<<10, socitest.OCIGzip))
-	socitest.PushIndex(t, reg.Addr, "img", "multi", false, x.amd, x.arm)
+	x.amd, x.arm = socitest.PushMultiPlatform(t, reg.Addr, "img", "multi", false,
+		[]socitest.Layer{shared, socitest.TarLayer(301, 200<<10)}, []socitest.Layer{shared, socitest.GzipLayer(302, 180<<10, socitest.OCIGzip)})
 	x.plain = socitest.PushImage(t, reg.Addr, "img", "plain", "linux/amd64", false, socitest.GzipLayer(303, 100<<10, socitest.OCIGzip))
 	opts := soci.Options{MinLayerSize: 1000, AllPlatforms: true}
 	x.v1 = create(t, reg.Addr+"/img:multi", opts)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -50,8 +51,8 @@ func diskBytes(t *testing.T, dir string) int64 {
 // that the cache never holds more than maxBytes. It returns the metrics
 // and the size of the layer.
 func readUnderPressure(t *testing.T, root string, maxBytes int64) (*recMetrics, int64) {
-	tarball := readerTar(t, 11)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 11)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	cache, err := OpenCache(root, CacheOptions{MaxBytes: maxBytes})
 	if err != nil {
@@ -154,7 +155,7 @@ func (zeroReader) Read(p []byte) (int, error) {
 // TestLayerFillMakesComplete: after Fill the cache holds every byte of the
 // blob (header, spans, trailer) and OpenBlob streams exactly the blob.
 func TestLayerFillMakesComplete(t *testing.T) {
-	tarball := readerTar(t, 12)
+	tarball := layertest.SeededTar(t, 12)
 	for _, k := range readerLayers {
 		t.Run(k.name, func(t *testing.T) {
 			blob := k.compress(t, tarball)
@@ -196,8 +197,8 @@ func TestLayerFillMakesComplete(t *testing.T) {
 // TestLayerFillStopsWhenCacheFull: Fill of a layer larger than the budget
 // ends with ErrCacheFull instead of fetching forever.
 func TestLayerFillStopsWhenCacheFull(t *testing.T) {
-	tarball := readerTar(t, 13)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 13)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	cache, err := OpenCache(t.TempDir(), CacheOptions{MaxBytes: int64(len(blob)) / 2})
 	if err != nil {

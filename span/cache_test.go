@@ -16,6 +16,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/spanpull/spanpull/internal/atomicfile"
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -26,26 +27,6 @@ var (
 
 func spanData(layer digest.Digest, id ztoc.SpanID) []byte {
 	return bytes.Repeat([]byte(fmt.Sprintf("%s/%d;", layer.Encoded()[:8], id)), 1000+int(id))
-}
-
-// files lists the regular files under dir, relative to it.
-func files(t *testing.T, dir string) []string {
-	t.Helper()
-	var out []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if !d.IsDir() {
-			rel, _ := filepath.Rel(dir, p)
-			out = append(out, rel)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
 }
 
 func openFDs(t *testing.T) int {
@@ -80,7 +61,7 @@ func TestCache(t *testing.T) {
 	if err := c.Put(ctx, layerA, 3, spanData(layerA, 3)); err != nil {
 		t.Fatalf("Put again: %v", err)
 	}
-	if got := files(t, filepath.Join(root, "spans", layerA.Encoded())); strings.Join(got, ",") != "0,1,2,3,4" {
+	if got := dirtest.Files(t, filepath.Join(root, "spans", layerA.Encoded())); strings.Join(got, ",") != "0,1,2,3,4" {
 		t.Errorf("layer dir holds %v", got)
 	}
 	b, err := c.Get(ctx, layerB, 4)
@@ -112,7 +93,7 @@ func TestCache(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, "spans", layerA.Encoded())); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("layer dir still there: %v", err)
 	}
-	if got := files(t, root); len(got) != 5 || !strings.HasPrefix(got[0], filepath.Join("spans", layerB.Encoded())) {
+	if got := dirtest.Files(t, root); len(got) != 5 || !strings.HasPrefix(got[0], filepath.Join("spans", layerB.Encoded())) {
 		t.Errorf("after RemoveLayer the cache holds %v", got)
 	}
 	if c.Has(layerA, 0) {
@@ -132,7 +113,7 @@ func TestCache(t *testing.T) {
 	if err := c.RemoveLayer(ctx, layerB); err != nil {
 		t.Fatal(err)
 	}
-	if got := files(t, root); len(got) != 0 {
+	if got := dirtest.Files(t, root); len(got) != 0 {
 		t.Errorf("cache holds %v after removing every layer", got)
 	}
 }
@@ -180,7 +161,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 	if _, err := OpenCache(root, CacheOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if got := files(t, dir); strings.Join(got, ",") != "0" {
+	if got := dirtest.Files(t, dir); strings.Join(got, ",") != "0" {
 		t.Errorf("after reopening: %v", got)
 	}
 }
@@ -225,7 +206,7 @@ func TestCacheConcurrent(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	for _, f := range files(t, root) {
+	for _, f := range dirtest.Files(t, root) {
 		if strings.Contains(f, atomicfile.TempPrefix) {
 			t.Errorf("temporary file left: %s", f)
 		}
@@ -331,7 +312,7 @@ func TestCacheReopen(t *testing.T) {
 	if c.Usage(layerA) != 2000 || c.Size() != 2500 {
 		t.Fatalf("usage %d, size %d after reopening", c.Usage(layerA), c.Size())
 	}
-	if got := files(t, filepath.Join(root, "spans", layerA.Encoded())); strings.Join(got, ",") != "1,3" {
+	if got := dirtest.Files(t, filepath.Join(root, "spans", layerA.Encoded())); strings.Join(got, ",") != "1,3" {
 		t.Fatalf("layer a's files after reopening: %v", got)
 	}
 }

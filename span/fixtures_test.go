@@ -12,91 +12,15 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
-
-// randomBytes returns n deterministic pseudo-random (incompressible) bytes.
-func randomBytes(seed uint64, n int) []byte {
-	var s [32]byte
-	for i := range 8 {
-		s[i] = byte(seed >> (8 * i))
-	}
-	b := make([]byte, n)
-	_, _ = rand.NewChaCha8(s).Read(b)
-	return b
-}
-
-// readerTar is a tar whose files all differ with seed but whose layout
-// does not: two seeds give tars of the same size.
-func readerTar(t testing.TB, seed uint64) []byte {
-	t.Helper()
-	mtime := time.Date(2021, 2, 3, 4, 5, 6, 0, time.UTC)
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	write := func(h tar.Header, data []byte) {
-		h.ModTime, h.Format, h.Size = mtime, tar.FormatUSTAR, int64(len(data))
-		if err := tw.WriteHeader(&h); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755}, nil)
-	for _, f := range []struct {
-		name string
-		seed uint64 // 0: empty file
-		size int
-	}{{"r/a", 1, 100000}, {"r/b", 2, 300000}, {"r/empty", 0, 0}, {"r/c", 3, 50000}, {"r/d", 4, 200000}, {"r/tiny", 5, 10}} {
-		var data []byte
-		if f.seed > 0 {
-			data = randomBytes(seed*10+f.seed, f.size)
-		}
-		write(tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: 0o644}, data)
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-// storedGzip gzips without compression: the blob's size depends only on
-// the tar's size.
-func storedGzip(t testing.TB, b []byte) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := zw.Write(b); err != nil {
-		t.Fatal(err)
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-// gzipCLI compresses with the gzip command (-n leaves out FNAME), whose
-// deflate stream is not Go's.
-func gzipCLI(level string) func(testing.TB, []byte) []byte {
-	return func(t testing.TB, b []byte) []byte {
-		t.Helper()
-		cmd := exec.Command("gzip", "-n", level, "-c")
-		cmd.Stdin = bytes.NewReader(b)
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("gzip %s: %v", level, err)
-		}
-		return out
-	}
-}
 
 // readerLayers are the layer flavours of the read tests.
 var readerLayers = []struct {
@@ -104,8 +28,8 @@ var readerLayers = []struct {
 	compress func(testing.TB, []byte) []byte
 }{
 	{"tar", func(_ testing.TB, b []byte) []byte { return b }},
-	{"gzip-stored", storedGzip},
-	{"gzip-6", gzipCLI("-6")},
+	{"gzip-stored", func(t testing.TB, b []byte) []byte { return layertest.Gzip(t, b, gzip.NoCompression) }},
+	{"gzip-6", func(t testing.TB, b []byte) []byte { return layertest.GzipCommand(t, b, "-6") }},
 }
 
 // fileContents reads every regular file of tarball with archive/tar.
@@ -190,4 +114,48 @@ func debianLayer(t testing.TB) string {
 		t.Fatalf("build the Debian layer: %v\n%s", err, out)
 	}
 	return path
+}
+
+// debianZtoc opens the Debian layer (closed when the test ends) and builds
+// its zTOC with the default options (4 MiB spans).
+func debianZtoc(tb testing.TB) (*os.File, *ztoc.Ztoc) {
+	tb.Helper()
+	f, err := os.Open(debianLayer(tb))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { f.Close() })
+	z, _, err := ztoc.Build(tb.Context(), f, ztoc.BuildOptions{})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return f, z
+}
+
+// coldReads4K reads a random 4 KiB range of z's stream through a fresh
+// Layer over blob per iteration, as a cold read (fetch, verify and inflate
+// of the span(s) it falls in, up to the bytes the read needs), and reports
+// the median latency of the reads (median-ns) besides the mean time per
+// iteration (ns/op), which also counts opening and closing the Layer.
+func coldReads4K(b *testing.B, d digest.Digest, z *ztoc.Ztoc, blob BlobReader) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	p := make([]byte, 4096)
+	var lat []time.Duration
+	for b.Loop() {
+		l, err := NewLayer(d, z, blob, Options{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
+		start := time.Now()
+		if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
+			b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
+		}
+		lat = append(lat, time.Since(start))
+		l.Close()
+	}
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
+	}
 }

@@ -4,11 +4,11 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"os"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -17,7 +17,7 @@ import (
 // often without memory.
 func TestLayerSequentialReadsInflateOnce(t *testing.T) {
 	tarball := textTar(t)
-	blob := gzipCLI("-6")(t, tarball)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 256<<10)
 	cache, err := OpenCache(t.TempDir(), CacheOptions{})
 	if err != nil {
@@ -59,16 +59,7 @@ func TestLayerSequentialReadsInflateOnce(t *testing.T) {
 // and without a MemoryCache: without one, every read of a file re-inflates
 // its span from the checkpoint.
 func BenchmarkLayerReadFilesWarm(b *testing.B) {
-	path := debianLayer(b)
-	f, err := os.Open(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	z, _, err := ztoc.Build(b.Context(), f, ztoc.BuildOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	f, z := debianZtoc(b)
 	cache, err := OpenCache(b.TempDir(), CacheOptions{})
 	if err != nil {
 		b.Fatal(err)

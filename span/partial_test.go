@@ -11,8 +11,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,7 +28,7 @@ import (
 func chunkedLayer(t *testing.T) (*ztoc.Ztoc, []byte, []byte) {
 	t.Helper()
 	tarball := textTar(t)
-	blob := gzipCLI("-6")(t, tarball)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 256<<10)
 	addChunks(t, z, blob, 2048)
 	return z, blob, tarball
@@ -263,8 +261,8 @@ func (w *windowSource) Window(ctx context.Context, id ztoc.SpanID) ([]byte, erro
 // TestLayerWindowsFromSource: spans without a window get it from
 // Options.Windows, once per span, in parallel with the span's bytes.
 func TestLayerWindowsFromSource(t *testing.T) {
-	tarball := readerTar(t, 10)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 10)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	spans := mustSpans(t, z)
 	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{},
@@ -325,16 +323,8 @@ func (b *countingBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, er
 // local file, verify, inflate up to the read) and the compressed bytes it
 // fetched.
 func BenchmarkLayerColdRead4KChunks(b *testing.B) {
-	f, err := os.Open(debianLayer(b))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	blob, err := io.ReadAll(f)
-	if err != nil {
-		b.Fatal(err)
-	}
-	z, _, err := ztoc.Build(b.Context(), bytes.NewReader(blob), ztoc.BuildOptions{})
+	f, z := debianZtoc(b)
+	blob, err := io.ReadAll(io.NewSectionReader(f, 0, z.CompressedArchiveSize))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -344,25 +334,8 @@ func BenchmarkLayerColdRead4KChunks(b *testing.B) {
 			if chunkSize > 0 {
 				addChunks(b, z, blob, chunkSize)
 			}
-			rng := rand.New(rand.NewPCG(3, 4))
-			p := make([]byte, 4096)
-			var lat []time.Duration
 			cb := &countingBlob{BlobReader: LocalBlob(bytes.NewReader(blob))}
-			for b.Loop() {
-				l, err := NewLayer("", z, cb, Options{})
-				if err != nil {
-					b.Fatal(err)
-				}
-				off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
-				start := time.Now()
-				if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
-					b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
-				}
-				lat = append(lat, time.Since(start))
-				l.Close()
-			}
-			slices.Sort(lat)
-			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
+			coldReads4K(b, "", z, cb)
 			b.ReportMetric(float64(cb.n.Load())/float64(b.N), "fetched-B/op")
 		})
 	}
@@ -372,8 +345,8 @@ func BenchmarkLayerColdRead4KChunks(b *testing.B) {
 // its windows also asks the window source for the window of every span, so
 // that a source keeping what it fetches lets the layer read offline.
 func TestFillFetchesWindows(t *testing.T) {
-	tarball := readerTar(t, 10)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 10)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	spans := mustSpans(t, z)
 	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{}}

@@ -11,14 +11,12 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
-	"sort"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -26,7 +24,7 @@ import (
 // fails with ErrSpanDigest and never passes on the other layer's bytes.
 func TestLayerMismatchedBlob(t *testing.T) {
 	ctx := context.Background()
-	tarA, tarB := readerTar(t, 1), readerTar(t, 2)
+	tarA, tarB := layertest.SeededTar(t, 1), layertest.SeededTar(t, 2)
 	want := fileContents(t, tarA)
 	for _, l := range readerLayers[:2] {
 		t.Run(l.name, func(t *testing.T) {
@@ -66,7 +64,7 @@ func TestLayerMismatchedBlob(t *testing.T) {
 // correct bytes; reads of other spans are unaffected.
 func TestLayerCorruptSpanInFiles(t *testing.T) {
 	ctx := context.Background()
-	tarball := readerTar(t, 3)
+	tarball := layertest.SeededTar(t, 3)
 	want := fileContents(t, tarball)
 	for _, l := range readerLayers {
 		t.Run(l.name, func(t *testing.T) {
@@ -123,7 +121,7 @@ func TestLayerCorruptSpanInFiles(t *testing.T) {
 // truncated layer fail with a clear error; earlier spans still read.
 func TestLayerTruncatedBlob(t *testing.T) {
 	ctx := context.Background()
-	tarball := readerTar(t, 4)
+	tarball := layertest.SeededTar(t, 4)
 	want := fileContents(t, tarball)
 	for _, l := range readerLayers {
 		t.Run(l.name, func(t *testing.T) {
@@ -165,7 +163,7 @@ func TestLayerTruncatedBlob(t *testing.T) {
 // tar stream, including ranges across spans and at the end.
 func TestLayerReadAt(t *testing.T) {
 	ctx := context.Background()
-	tarball := readerTar(t, 5)
+	tarball := layertest.SeededTar(t, 5)
 	for _, l := range readerLayers {
 		for _, spanSize := range []int64{16 << 10, 100000} {
 			t.Run(fmt.Sprintf("%s/%d", l.name, spanSize), func(t *testing.T) {
@@ -213,7 +211,7 @@ func TestLayerReadAt(t *testing.T) {
 // TestLayerFetchSpan: the one fetch path reads exactly each span's
 // compressed bytes, and Prefetch refuses spans the layer does not have.
 func TestLayerFetchSpan(t *testing.T) {
-	tarball := readerTar(t, 6)
+	tarball := layertest.SeededTar(t, 6)
 	for _, l := range readerLayers {
 		t.Run(l.name, func(t *testing.T) {
 			blob := l.compress(t, tarball)
@@ -249,7 +247,7 @@ func (w failWriter) Write([]byte) (int, error) { return 0, w.err }
 // passes on the writer's error.
 func TestLayerWriteFileErrors(t *testing.T) {
 	ctx := context.Background()
-	blob := readerTar(t, 7)
+	blob := layertest.SeededTar(t, 7)
 	z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
 	dir, err := z.Lookup("r")
 	if err != nil {
@@ -275,44 +273,15 @@ func TestLayerWriteFileErrors(t *testing.T) {
 // the reads (median-ns) besides the mean time per iteration (ns/op), which
 // also counts opening and closing the Layer.
 func BenchmarkLayerReadRandom4K(b *testing.B) {
-	path := debianLayer(b)
-	f, err := os.Open(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	z, _, err := ztoc.Build(b.Context(), f, ztoc.BuildOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	rng := rand.New(rand.NewPCG(3, 4))
-	p := make([]byte, 4096)
-	var lat []time.Duration
-	b.ResetTimer()
-	for b.Loop() {
-		l, err := NewLayer(digest.FromString("debian"), z, LocalBlob(f), Options{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		off := rng.Int64N(z.UncompressedArchiveSize - int64(len(p)))
-		start := time.Now()
-		if n, err := l.ReadAt(b.Context(), p, off); n != len(p) || err != nil {
-			b.Fatalf("ReadAt(%d) = %d, %v", off, n, err)
-		}
-		lat = append(lat, time.Since(start))
-		l.Close()
-	}
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	if len(lat) > 0 {
-		b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "median-ns")
-	}
+	f, z := debianZtoc(b)
+	coldReads4K(b, digest.FromString("debian"), z, LocalBlob(f))
 }
 
 // TestLayerConcurrent: one Layer serves concurrent reads of the stream and
 // of files (as the FUSE file system does); run with -race.
 func TestLayerConcurrent(t *testing.T) {
-	tarball := readerTar(t, 8)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 8)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	want := fileContents(t, tarball)
 	for _, withCache := range []bool{false, true} {

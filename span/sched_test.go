@@ -14,6 +14,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -49,8 +50,8 @@ func (h *holds) release(id ztoc.SpanID) {
 // over it and a Layer with a cache, sched and metrics.
 func schedLayer(t *testing.T, sched *Scheduler, opts Options) (*Layer, *recBlob, *recMetrics, []byte) {
 	t.Helper()
-	tarball := readerTar(t, 9)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 9)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	rb := newRecBlob(blob)
 	m := newRecMetrics()
@@ -289,8 +290,8 @@ func (b *flakyBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error
 // TestFillRetriesFailedFetches: fetches that fail end a fill pass after a
 // few in a row; the next pass, after a pause, completes the layer.
 func TestFillRetriesFailedFetches(t *testing.T) {
-	tarball := readerTar(t, 14)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 14)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	cache, err := OpenCache(t.TempDir(), CacheOptions{})
 	if err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,27 +11,9 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
-)
 
-// files lists the regular files under dir, relative to it.
-func files(t *testing.T, dir string) []string {
-	t.Helper()
-	var out []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if !d.IsDir() {
-			rel, _ := filepath.Rel(dir, p)
-			out = append(out, rel)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
+)
 
 func remote(key string, ztocBlob []byte) RemoteLayer {
 	return RemoteLayer{
@@ -118,7 +99,7 @@ func TestMetaStore(t *testing.T) {
 	if err := m.DeleteLayer(ctx, "k3"); err != nil {
 		t.Fatal(err)
 	}
-	if got := files(t, filepath.Join(root, "ztocs")); len(got) != 0 {
+	if got := dirtest.Files(t, filepath.Join(root, "ztocs")); len(got) != 0 {
 		t.Errorf("zTOC files left: %v", got)
 	}
 }

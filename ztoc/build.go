@@ -401,6 +401,18 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 	}
 	defer inf.close()
 	g := &gzipInflater{inf: inf, spanSize: spanSize, s: s, out: out, outPool: newBufferPool(outputChunks, WindowSize+outputChunkSize), nextCut: math.MaxInt64}
+	if err := g.run(ctx, first, in, hashed, g.inflateChunk); err != nil {
+		return err
+	}
+	return g.finish(ctx)
+}
+
+// run starts g's output with an empty history window, then inflates first
+// and each chunk from in with inflateChunk (the builder's walk or the
+// verifier's), handing each input chunk to hashed once it is inflated. It
+// leaves the end of the stream (finish) to the caller.
+func (g *gzipInflater) run(ctx context.Context, first chunk, in <-chan chunk, hashed chan<- hashChunk, inflateChunk func(context.Context, []byte, *hashChunk) error) error {
+	var err error
 	if g.cur, err = g.outPool.get(ctx); err != nil {
 		first.release()
 		return err
@@ -410,7 +422,7 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 	c, ok := first, true
 	for ok {
 		hc := hashChunk{c: c, start: g.totIn}
-		if err := g.inflateChunk(ctx, c.data, &hc); err != nil {
+		if err := inflateChunk(ctx, c.data, &hc); err != nil {
 			c.release()
 			return err
 		}
@@ -424,7 +436,7 @@ func inflateStream(ctx context.Context, first chunk, in <-chan chunk, out chan<-
 			return err
 		}
 	}
-	return g.finish(ctx)
+	return nil
 }
 
 // gzipInflater is the state of inflateStream between input chunks.
@@ -512,16 +524,9 @@ func (g *gzipInflater) step(ctx context.Context, data []byte, hc *hashChunk) (co
 			out, flush = out[:min(int64(len(out)), room)], zNoFlush
 		}
 	}
-	consumed, produced, ret, dt := g.inf.inflate(data, out, flush)
-	g.totIn += int64(consumed)
-	g.totOut += int64(produced)
-	g.pos += produced
-	switch ret {
-	case zOK, zBufError:
-	case zStreamEnd:
-		g.memberDone = true
-	default:
-		return 0, 0, ret, fmt.Errorf("gzip data at compressed offset %d: %w", g.totIn, g.inf.errInflate(ret))
+	consumed, produced, ret, dt, err := g.inflate(data, out, flush)
+	if err != nil {
+		return 0, 0, ret, err
 	}
 	if !g.memberDone && dt&128 != 0 && dt&64 == 0 && (g.totOut == 0 && len(g.s.checkpoints) == 0 || g.totOut-g.lastOut > g.spanSize) {
 		g.checkpoint(uint8(dt&7), hc)
@@ -532,6 +537,25 @@ func (g *gzipInflater) step(ctx context.Context, data []byte, hc *hashChunk) (co
 		}
 	}
 	return consumed, produced, ret, nil
+}
+
+// inflate runs zlib inflate once from data into out (which starts at
+// g.cur[g.pos:]) and counts what it consumed and produced; a member's end
+// sets memberDone. It returns zlib's return code and data_type, and an
+// error for a corrupt stream.
+func (g *gzipInflater) inflate(data, out []byte, flush int) (consumed, produced, ret, dt int, err error) {
+	consumed, produced, ret, dt = g.inf.inflate(data, out, flush)
+	g.totIn += int64(consumed)
+	g.totOut += int64(produced)
+	g.pos += produced
+	switch ret {
+	case zOK, zBufError:
+	case zStreamEnd:
+		g.memberDone = true
+	default:
+		return consumed, produced, ret, dt, fmt.Errorf("gzip data at compressed offset %d: %w", g.totIn, g.inf.errInflate(ret))
+	}
+	return consumed, produced, ret, dt, nil
 }
 
 // drain runs inflate without new input until nothing more comes out, so

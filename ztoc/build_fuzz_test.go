@@ -46,41 +46,50 @@ func FuzzBuild(f *testing.F) {
 				t.Fatalf("Build accepted gzip data that compress/gzip rejects: %v", err)
 			}
 		}
-		entries, end, err := cfReadTarHeaders(tarball)
-		if err != nil {
-			t.Fatalf("Build accepted a tar that archive/tar rejects: %v", err)
-		}
-		if z.UncompressedArchiveSize != end || z.CompressedArchiveSize != int64(len(data)) {
-			t.Fatalf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(data), end)
-		}
-		if len(z.Files) != len(entries) {
-			t.Fatalf("TOC has %d entries, archive/tar reads %d", len(z.Files), len(entries))
-		}
-		r, err := cfNewReader(z, data)
-		if err != nil {
-			t.Fatalf("NewReader on the built zTOC: %v", err)
-		}
-		for i, e := range entries {
-			f := &z.Files[i]
-			if f.Name != e.name || f.Type != e.typ || f.UncompressedSize != e.size {
-				t.Fatalf("entry %d: TOC %q %s %d bytes, archive/tar %q %s %d bytes", i, f.Name, f.Type, f.UncompressedSize, e.name, e.typ, e.size)
-			}
-			if f.Type != TypeReg || e.size > cfFuzzMaxFile {
-				continue
-			}
-			h := sha256.New()
-			if _, err := r.WriteFile(h, f); err != nil {
-				t.Fatalf("WriteFile(%q): %v", f.Name, err)
-			}
-			if got := h.Sum(nil); !bytes.Equal(got, e.sum) {
-				t.Fatalf("entry %d %q: contents through the zTOC differ from archive/tar's", i, f.Name)
-			}
-		}
+		cfCheckServes(t, "Build", z, data, tarball)
 		if _, z2 := roundTrip(t, z); !reflect.DeepEqual(withoutChunks(z), z2) {
 			t.Fatal("built zTOC changes through Marshal/Unmarshal")
 		}
 		cfCheckChunks(t, z, data, tarball)
 	})
+}
+
+// cfCheckServes checks that z, which accepter (Build or VerifyLayer)
+// accepted for the layer blob whose tar stream is tarball, serves exactly
+// that layer: the same entries as archive/tar reads, the same file
+// contents.
+func cfCheckServes(t *testing.T, accepter string, z *Ztoc, blob, tarball []byte) {
+	t.Helper()
+	entries, end, err := cfReadTarHeaders(tarball)
+	if err != nil {
+		t.Fatalf("%s accepted a tar that archive/tar rejects: %v", accepter, err)
+	}
+	if z.UncompressedArchiveSize != end || z.CompressedArchiveSize != int64(len(blob)) {
+		t.Fatalf("sizes %d/%d, the layer's %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(blob), end)
+	}
+	if len(z.Files) != len(entries) {
+		t.Fatalf("TOC has %d entries, archive/tar reads %d", len(z.Files), len(entries))
+	}
+	r, err := cfNewReader(z, blob)
+	if err != nil {
+		t.Fatalf("NewReader on the zTOC %s accepted: %v", accepter, err)
+	}
+	for i, e := range entries {
+		f := &z.Files[i]
+		if f.Name != e.name || f.Type != e.typ || f.UncompressedSize != e.size {
+			t.Fatalf("entry %d: TOC %q %s %d bytes, archive/tar %q %s %d bytes", i, f.Name, f.Type, f.UncompressedSize, e.name, e.typ, e.size)
+		}
+		if f.Type != TypeReg || e.size > cfFuzzMaxFile {
+			continue
+		}
+		h := sha256.New()
+		if _, err := r.WriteFile(h, f); err != nil {
+			t.Fatalf("WriteFile(%q): %v", f.Name, err)
+		}
+		if !bytes.Equal(h.Sum(nil), e.sum) {
+			t.Fatalf("entry %d %q: contents through the zTOC differ from archive/tar's", i, f.Name)
+		}
+	}
 }
 
 // cfFuzzEntry is archive/tar's reading of one entry: name, TOC type, size

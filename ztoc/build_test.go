@@ -751,10 +751,7 @@ func TestBuildGolden(t *testing.T) {
 	for _, g := range goldens {
 		t.Run(g.File, func(t *testing.T) {
 			want := readGolden(t, g.File)
-			blob := tarball
-			if g.Gzip {
-				blob = tgz
-			}
+			blob := g.layer(tgz, tarball)
 			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: g.SpanSize, BuildToolIdentifier: SOCIBuildToolIdentifier})
 			if err != nil {
 				t.Fatal(err)
@@ -799,14 +796,7 @@ func TestReadGolden(t *testing.T) {
 	listing := cfList(t, tgzPath)
 	for _, g := range goldens {
 		t.Run(g.File, func(t *testing.T) {
-			z, err := Unmarshal(readGolden(t, g.File))
-			if err != nil {
-				t.Fatal(err)
-			}
-			blob := tarball
-			if g.Gzip {
-				blob = tgz
-			}
+			z, blob := g.decode(t), g.layer(tgz, tarball)
 			cfCheckSpans(t, z, blob, g.SpanSize)
 			r, err := cfNewReader(z, blob)
 			if err != nil {

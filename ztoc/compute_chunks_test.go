@@ -23,14 +23,8 @@ func TestComputeChunks(t *testing.T) {
 	for _, c := range cfCompressionsNamed(t, "tar", "gzip-6", "gzip-stored", "gzip-multi-tiny", "pigz") {
 		t.Run(c.name, func(t *testing.T) {
 			blob := c.compress(t, tarball)
-			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: 16 << 10})
-			if err != nil {
-				t.Fatal(err)
-			}
-			spans, err := z.Spans()
-			if err != nil {
-				t.Fatal(err)
-			}
+			z, r := cfMustReader(t, blob, 16<<10)
+			spans := r.spans
 			stream := cfUncompressed(t, blob)
 			for _, s := range spans {
 				comp := blob[s.CompressedStart:s.CompressedEnd]

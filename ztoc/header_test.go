@@ -87,10 +87,7 @@ func TestCheckHeaderLayers(t *testing.T) {
 func TestCheckHeaderSOCIGolden(t *testing.T) {
 	_, tarball := goldenLayers(t)
 	for _, g := range goldens {
-		z, err := Unmarshal(readGolden(t, g.File))
-		if err != nil {
-			t.Fatal(err)
-		}
+		z := g.decode(t)
 		if i, err := hdFirstFailure(z, tarball); err != nil {
 			t.Errorf("%s: entry %d %q: %v", g.File, i, z.Files[i].Name, err)
 		}

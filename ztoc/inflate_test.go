@@ -6,48 +6,13 @@ package ztoc
 // blobs) are package span's tests.
 
 import (
-	"archive/tar"
 	"bytes"
 	"compress/gzip"
 	"errors"
 	"testing"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
-
-// cfReaderTar is a tar whose files all differ with seed but whose layout
-// does not: two seeds give tars of the same size.
-func cfReaderTar(t testing.TB, seed uint64) []byte {
-	t.Helper()
-	reg := func(name string, data []byte) cfEntry {
-		return cfEntry{tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, ModTime: cfTimeBase, Format: tar.FormatUSTAR}, data}
-	}
-	return cfWriteTar(t, []cfEntry{
-		{hdr: tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755, ModTime: cfTimeBase, Format: tar.FormatUSTAR}},
-		reg("r/a", cfRandom(seed*10+1, 100000)),
-		reg("r/b", cfRandom(seed*10+2, 300000)),
-		reg("r/empty", []byte{}),
-		reg("r/c", cfRandom(seed*10+3, 50000)),
-		reg("r/d", cfRandom(seed*10+4, 200000)),
-		reg("r/tiny", cfRandom(seed*10+5, 10)),
-	})
-}
-
-// cfStoredGzip gzips without compression: the blob's size depends only on
-// the tar's size.
-func cfStoredGzip(t testing.TB, b []byte) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	zw, err := gzip.NewWriterLevel(&buf, gzip.NoCompression)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := zw.Write(b); err != nil {
-		t.Fatal(err)
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
 
 // cfReaderLayers are the layer flavours of the reader tests.
 var cfReaderLayers = []struct {
@@ -55,26 +20,20 @@ var cfReaderLayers = []struct {
 	compress func(testing.TB, []byte) []byte
 }{
 	{"tar", func(_ testing.TB, b []byte) []byte { return b }},
-	{"gzip-stored", cfStoredGzip},
-	{"gzip-6", func(t testing.TB, b []byte) []byte { return cfGzipCLI("-6")(t, b) }},
+	{"gzip-stored", func(t testing.TB, b []byte) []byte { return layertest.Gzip(t, b, gzip.NoCompression) }},
+	{"gzip-6", cfGzipCLI("-6")},
 }
 
 // TestSpanPrimitives exercises VerifySpan and InflateSpan: each span's
 // compressed bytes verify, and inflate to its part of the stream from its
 // checkpoint alone.
 func TestSpanPrimitives(t *testing.T) {
-	tarball := cfReaderTar(t, 6)
+	tarball := layertest.SeededTar(t, 6)
 	for _, l := range cfReaderLayers {
 		t.Run(l.name, func(t *testing.T) {
 			blob := l.compress(t, tarball)
-			z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: 16 << 10})
-			if err != nil {
-				t.Fatal(err)
-			}
-			spans, err := z.Spans()
-			if err != nil {
-				t.Fatal(err)
-			}
+			z, r := cfMustReader(t, blob, 16<<10)
+			spans := r.spans
 			for _, s := range spans {
 				comp := blob[s.CompressedStart:s.CompressedEnd]
 				if err := z.VerifySpan(s, comp); err != nil {

@@ -196,7 +196,7 @@ func cfCompressionsNamed(t testing.TB, names ...string) []cfCompression {
 	return cs
 }
 
-// cfEntry, cfWriteTar, cfRandom and cfTimeBase keep reader_test.go, which
+// cfEntry, cfWriteTar and cfTimeBase keep reader_test.go, which
 // is rewritten separately, compiling; new tests use layertest directly.
 type cfEntry struct {
 	hdr  tar.Header
@@ -212,7 +212,4 @@ func cfWriteTar(t testing.TB, entries []cfEntry) []byte {
 	return layertest.Tar(t, es...)
 }
 
-var (
-	cfRandom   = layertest.Random
-	cfTimeBase = layertest.ModTime
-)
+var cfTimeBase = layertest.ModTime

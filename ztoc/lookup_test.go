@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
 
 // cfMustReader builds blob's zTOC and a cfReader over blob.
@@ -24,7 +26,7 @@ func cfMustReader(t testing.TB, blob []byte, spanSize int64) (*Ztoc, *cfReader) 
 // TestLookup: Lookup names the missing path, and cleans the paths it is
 // asked for.
 func TestLookup(t *testing.T) {
-	blob := cfReaderTar(t, 7)
+	blob := layertest.SeededTar(t, 7)
 	z, _, err := cfBuild(t, blob, BuildOptions{SpanSize: 16 << 10})
 	if err != nil {
 		t.Fatal(err)

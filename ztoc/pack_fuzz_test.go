@@ -1,8 +1,6 @@
 package ztoc
 
 import (
-	"bytes"
-	"os"
 	"path/filepath"
 	"reflect"
 	"testing"
@@ -13,15 +11,7 @@ import (
 // each as it is published (zstd) and as the decoder behind zstd reads it.
 func packFuzzSeeds(t testing.TB) map[string][]byte {
 	t.Helper()
-	v1 := packTestGzip(t, false)
-	zi, err := UnmarshalGzipZinfo(v1.Checkpoints)
-	if err != nil {
-		t.Fatal(err)
-	}
-	zi.V1 = true
-	if v1.Checkpoints, err = MarshalGzipZinfo(zi); err != nil {
-		t.Fatal(err)
-	}
+	v1 := vfForgeCheckpoints(t, packTestGzip(t, false), func(zi *GzipZinfo) { zi.V1 = true })
 	seeds := make(map[string][]byte)
 	for name, z := range map[string]*Ztoc{
 		"gzip-chunks":   packTestGzip(t, true),
@@ -88,23 +78,6 @@ func checkFuzzedHead(t *testing.T, h *PackHead, err error) {
 func TestPackFuzzCorpus(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzUnmarshalPackHead")
 	for name, b := range packFuzzSeeds(t) {
-		path := filepath.Join(dir, "seed-"+name)
-		want := marshalCorpusFile(t, b)
-		if *updateFuzzCorpus {
-			if err := os.MkdirAll(dir, 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(path, want, 0o644); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		got, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatalf("%v (run go test ./ztoc -run TestPackFuzzCorpus -update-fuzz-corpus)", err)
-		}
-		if !bytes.Equal(got, want) {
-			t.Errorf("%s is stale (run go test ./ztoc -run TestPackFuzzCorpus -update-fuzz-corpus)", path)
-		}
+		checkSeedFile(t, filepath.Join(dir, "seed-"+name), marshalCorpusFile(t, b), "run go test ./ztoc -run TestPackFuzzCorpus -update-fuzz-corpus")
 	}
 }

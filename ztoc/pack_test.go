@@ -216,15 +216,7 @@ func mustSpanSize(t testing.TB, z *Ztoc) int64 {
 }
 
 func TestPackRoundTrip(t *testing.T) {
-	v1 := packTestGzip(t, true)
-	zi, err := UnmarshalGzipZinfo(v1.Checkpoints)
-	if err != nil {
-		t.Fatal(err)
-	}
-	zi.V1 = true
-	if v1.Checkpoints, err = MarshalGzipZinfo(zi); err != nil {
-		t.Fatal(err)
-	}
+	v1 := vfForgeCheckpoints(t, packTestGzip(t, true), func(zi *GzipZinfo) { zi.V1 = true })
 	cases := map[string]*Ztoc{
 		"gzip":           packTestGzip(t, true),
 		"gzip-no-chunks": packTestGzip(t, false),

@@ -37,28 +37,8 @@ func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- 
 	defer inf.close()
 	g := &gzipInflater{inf: inf, s: &spanRecorder{}, out: out, outPool: newBufferPool(outputChunks, WindowSize+outSize)}
 	c := &gzipChecker{gzipInflater: g, want: want}
-	if g.cur, err = g.outPool.get(ctx); err != nil {
-		first.release()
+	if err := g.run(ctx, first, in, hashed, c.inflateChunk); err != nil {
 		return err
-	}
-	clear(g.cur[:WindowSize])
-	g.pos = WindowSize
-	ch, ok := first, true
-	for ok {
-		hc := hashChunk{c: ch, start: g.totIn}
-		if err := c.inflateChunk(ctx, ch.data, &hc); err != nil {
-			ch.release()
-			return err
-		}
-		select {
-		case hashed <- hc:
-		case <-ctx.Done():
-			ch.release()
-			return ctx.Err()
-		}
-		if ch, ok, err = recv(ctx, in); err != nil {
-			return err
-		}
 	}
 	if err := g.finish(ctx); err != nil {
 		return err
@@ -107,16 +87,9 @@ func (c *gzipChecker) step(ctx context.Context, data []byte, hc *hashChunk) (int
 			flush = zBlock
 		}
 	}
-	consumed, produced, ret, dt := g.inf.inflate(data, out, flush)
-	g.totIn += int64(consumed)
-	g.totOut += int64(produced)
-	g.pos += produced
-	switch ret {
-	case zOK, zBufError:
-	case zStreamEnd:
-		g.memberDone = true
-	default:
-		return 0, fmt.Errorf("gzip data at compressed offset %d: %w", g.totIn, g.inf.errInflate(ret))
+	consumed, produced, ret, dt, err := g.inflate(data, out, flush)
+	if err != nil {
+		return 0, err
 	}
 	if near {
 		if err := c.check(dt, hc); err != nil {

@@ -100,14 +100,7 @@ func TestVerifyLayerValid(t *testing.T) {
 func TestVerifyLayerGolden(t *testing.T) {
 	tgz, tarball := goldenLayers(t)
 	for _, g := range goldens {
-		z, err := Unmarshal(readGolden(t, g.File))
-		if err != nil {
-			t.Fatal(err)
-		}
-		blob := tarball
-		if g.Gzip {
-			blob = tgz
-		}
+		z, blob := g.decode(t), g.layer(tgz, tarball)
 		t.Run(g.File, func(t *testing.T) { vfCheckValid(t, blob, z) })
 	}
 	t.Run("v1-zinfo", func(t *testing.T) {

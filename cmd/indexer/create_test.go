@@ -22,14 +22,7 @@ import (
 // finishes (indexed; reused, from the registry or the local cache; skipped,
 // with the reason worded with the flag) and a line per index pushed.
 func TestCreateOutput(t *testing.T) {
-	layers := []socitest.Layer{
-		socitest.GzipLayer(1, 400<<10, socitest.OCIGzip),
-		socitest.GzipLayer(2, 40<<10, socitest.OCIGzip),
-		socitest.ZstdLayer(3, 300<<10),
-		socitest.TarLayer(4, 500<<10),
-		socitest.GzipLayer(5, 60<<10, socitest.OCIGzip),
-		socitest.GzipLayer(6, 700<<10, socitest.OCIGzip),
-	}
+	layers := socitest.LayerKinds()
 	addr := startReferrers(t)
 	img := socitest.PushImage(t, addr, "kinds", "v1", "linux/amd64", false, layers...)
 	cache := t.TempDir()
@@ -183,9 +176,7 @@ func TestCreatePartialFailure(t *testing.T) {
 	amd := socitest.GzipLayer(140, 150<<10, socitest.OCIGzip)
 	arm := socitest.GzipLayer(141, 150<<10, socitest.OCIGzip)
 	addr := startReferrers(t)
-	a := socitest.PushImage(t, addr, "partial", "", "linux/amd64", false, amd)
-	b := socitest.PushImage(t, addr, "partial", "", "linux/arm64", false, arm)
-	socitest.PushIndex(t, addr, "partial", "v1", false, a, b)
+	socitest.PushMultiPlatform(t, addr, "partial", "v1", false, []socitest.Layer{amd}, []socitest.Layer{arm})
 	proxy := socitest.StartProxy(t, addr)
 	proxy.Corrupt(arm.Desc.Digest, 100)
 	out := itRun(t, "create", "--plain-http", "--no-cache", "--min-layer-size", "1000", "--all-platforms", proxy.Addr+"/partial:v1")

@@ -34,9 +34,7 @@ func TestIndexInspect(t *testing.T) {
 	arm := socitest.GzipLayer(102, 180<<10, socitest.OCIGzip)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
 		r := reg.Addr + "/img"
-		a := socitest.PushImage(t, reg.Addr, "img", "", "linux/amd64", false, shared, amd)
-		b := socitest.PushImage(t, reg.Addr, "img", "", "linux/arm64", false, shared, arm)
-		socitest.PushIndex(t, reg.Addr, "img", "multi", false, a, b)
+		a, b := socitest.PushMultiPlatform(t, reg.Addr, "img", "multi", false, []socitest.Layer{shared, amd}, []socitest.Layer{shared, arm})
 		socitest.PushImage(t, reg.Addr, "img", "plain", "linux/amd64", false, arm)
 
 		// No index yet: ls lists nothing, info says so.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,7 +14,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // DistributionBinary is where Debian installs docker-registry;
@@ -84,7 +83,7 @@ func LaunchDistribution(ctx context.Context, o DistributionOptions) (*Distributi
 		listen := o.Listen
 		if listen == "" {
 			var err error
-			if listen, err = freeAddr(); err != nil {
+			if listen, err = proc.FreeLoopbackAddr(); err != nil {
 				return nil, err
 			}
 		}
@@ -176,17 +175,6 @@ http:
   addr: %s
   secret: spanpull-test-not-secret
 `, storageDir, addr)
-}
-
-// freeAddr returns a 127.0.0.1 address with a port that was free a moment
-// ago.
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
 }
 
 // config is DistributionConfig with the options' auth, proxy and access

@@ -30,7 +30,7 @@ import (
 	ggcr "github.com/google/go-containerregistry/pkg/registry"
 	"github.com/opencontainers/go-digest"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // StartReferrersRegistry starts go-containerregistry's registry with the

@@ -114,6 +114,23 @@ func TarLayer(seed uint64, size int64) Layer {
 	return NewLayer(OCITar, raw, digest.FromBytes(raw), files)
 }
 
+// LayerKinds are one layer of each kind the indexer treats differently,
+// with a minimum layer size of about 200 KB (the small layers are 40 and
+// 60 KiB, the large ones 400 KiB and more): [0] a large gzip
+// layer and [3] a tar layer, indexed; [1] and [4] small gzip layers,
+// skipped as small; [2] a zstd layer, skipped by media type; [5] another
+// large gzip layer, indexed.
+func LayerKinds() []Layer {
+	return []Layer{
+		GzipLayer(1, 400<<10, OCIGzip),
+		GzipLayer(2, 40<<10, OCIGzip),
+		ZstdLayer(3, 300<<10),
+		TarLayer(4, 500<<10),
+		GzipLayer(5, 60<<10, OCIGzip),
+		GzipLayer(6, 700<<10, OCIGzip),
+	}
+}
+
 // ZstdLayer makes a blob labelled as a zstd layer (zstd magic, random
 // bytes): the indexer must skip it by media type without reading it.
 func ZstdLayer(seed uint64, size int) Layer {
@@ -209,6 +226,19 @@ func PushIndex(t testing.TB, addr, repo, tag string, docker bool, imgs ...Image)
 	}
 	registrytest.PushManifest(t, addr, repo, tag, idx.MediaType, b)
 	return ocispec.Descriptor{MediaType: idx.MediaType, Digest: digest.FromBytes(b), Size: int64(len(b))}, b
+}
+
+// PushMultiPlatform pushes an untagged linux/amd64 image of the layers
+// amd and an untagged linux/arm64 image of the layers arm to addr/repo,
+// and an image index of the two (a Docker manifest list, with Docker
+// manifests, when docker is set) tagged tag: the multi-platform image the
+// index, convert and inspect tests start from.
+func PushMultiPlatform(t testing.TB, addr, repo, tag string, docker bool, amd, arm []Layer) (a, b Image) {
+	t.Helper()
+	a = PushImage(t, addr, repo, "", "linux/amd64", docker, amd...)
+	b = PushImage(t, addr, repo, "", "linux/arm64", docker, arm...)
+	PushIndex(t, addr, repo, tag, docker, a, b)
+	return a, b
 }
 
 // Registry is a running registry under test.

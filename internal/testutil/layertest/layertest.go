@@ -19,7 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // ModTime is the fixed modification time of generated entries and trees.
@@ -124,6 +124,26 @@ func Random(seed uint64, n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.NewChaCha8(s).Read(b)
 	return b
+}
+
+// SeededTar is the read tests' layer: a directory of pseudo-random
+// (incompressible) files, an empty one among them, whose contents all
+// differ with seed but whose layout does not, so that two seeds give tars
+// of the same size.
+func SeededTar(t testing.TB, seed uint64) []byte {
+	t.Helper()
+	reg := func(name string, data []byte) Entry {
+		return Entry{Header: tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, ModTime: ModTime, Format: tar.FormatUSTAR}, Data: data}
+	}
+	return Tar(t,
+		Entry{Header: tar.Header{Typeflag: tar.TypeDir, Name: "r/", Mode: 0o755, ModTime: ModTime, Format: tar.FormatUSTAR}},
+		reg("r/a", Random(seed*10+1, 100000)),
+		reg("r/b", Random(seed*10+2, 300000)),
+		reg("r/empty", []byte{}),
+		reg("r/c", Random(seed*10+3, 50000)),
+		reg("r/d", Random(seed*10+4, 200000)),
+		reg("r/tiny", Random(seed*10+5, 10)),
+	)
 }
 
 // Text returns n bytes of deterministic compressible text.

@@ -100,6 +100,10 @@ func TestDeterministic(t *testing.T) {
 	if !bytes.Equal(a, b) {
 		t.Error("FormatsTar differs between calls")
 	}
+	s1, s2 := SeededTar(t, 1), SeededTar(t, 2)
+	if len(s1) != len(s2) || bytes.Equal(s1, s2) || !bytes.Equal(s1, SeededTar(t, 1)) {
+		t.Error("SeededTar: seeds must change the contents, not the size")
+	}
 }
 
 func TestEdgeTar(t *testing.T) {

@@ -10,7 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // Times and owners of the trees that an old tar header cannot hold.

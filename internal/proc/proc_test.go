@@ -155,3 +155,12 @@ func TestEnvWithout(t *testing.T) {
 		t.Errorf("EnvWithout(PROC_DROP) = %q", env)
 	}
 }
+
+func TestUnder(t *testing.T) {
+	match := Under("/run/x")
+	for arg, want := range map[string]bool{"/run/x": true, "/run/x/sock": true, "/run/xy": false, "/run": false, "": false} {
+		if got := match(arg); got != want {
+			t.Errorf("Under(/run/x)(%q) = %v, want %v", arg, got, want)
+		}
+	}
+}
