@@ -9,6 +9,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -16,8 +17,8 @@ import (
 // its bytes when the zTOC lacks it, so that a read of a prefetched span
 // asks neither the blob nor the window source again.
 func TestPrefetchFetchesWindows(t *testing.T) {
-	tarball := readerTar(t, 11)
-	blob := gzipCLI("-6")(t, tarball)
+	tarball := layertest.SeededTar(t, 11)
+	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 16<<10)
 	spans := mustSpans(t, z)
 	if len(spans) < 4 {

@@ -25,7 +25,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
 	"github.com/spanpull/spanpull/integration/testenv"
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 	"github.com/spanpull/spanpull/registry/registrytest"
 )
 

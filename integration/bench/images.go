@@ -24,7 +24,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 
 	"github.com/spanpull/spanpull/integration/testenv"
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // workload is an image and the command whose first output line the

@@ -17,7 +17,7 @@ import (
 
 	"github.com/spanpull/spanpull/fdstore"
 	"github.com/spanpull/spanpull/integration/testenv"
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // runResult is one cold measurement.

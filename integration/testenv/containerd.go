@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // containerdGrace is how long containerd gets to exit on SIGTERM.

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // CNIBinDir is where Debian's containernetworking-plugins installs the

@@ -19,7 +19,7 @@ import (
 
 	"github.com/moby/sys/mountinfo"
 	"github.com/spanpull/spanpull/fdstore"
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
 )
 
 // snapshotterGrace is how long the snapshotter gets to unmount and exit.

@@ -15,22 +15,19 @@
 package testenv
 
 import (
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"testing"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/moby/sys/mountinfo"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
-	"github.com/spanpull/spanpull/internal/testutil/proc"
+	"github.com/spanpull/spanpull/internal/proc"
+	"github.com/spanpull/spanpull/internal/unmount"
 	"github.com/spanpull/spanpull/registry/registrytest"
 )
 
@@ -66,30 +63,7 @@ func Dir(t testing.TB) string {
 // UnmountUnder unmounts every mount at or below dir, deepest first (lazily
 // if one is busy), and reports mounts it could not remove.
 func UnmountUnder(dir string) error {
-	dir, err := filepath.Abs(dir)
-	if err != nil {
-		return err
-	}
-	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		return fmt.Errorf("read mount table: %w", err)
-	}
-	sort.Slice(mounts, func(i, j int) bool { return len(mounts[i].Mountpoint) > len(mounts[j].Mountpoint) })
-	for _, m := range mounts {
-		if err := unix.Unmount(m.Mountpoint, 0); err != nil && err != unix.EINVAL {
-			if err := unix.Unmount(m.Mountpoint, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
-				return fmt.Errorf("unmount %s: %w", m.Mountpoint, err)
-			}
-		}
-	}
-	left, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-	if err != nil {
-		return fmt.Errorf("read mount table: %w", err)
-	}
-	if len(left) > 0 {
-		return fmt.Errorf("%d mounts left below %s, first %s", len(left), dir, left[0].Mountpoint)
-	}
-	return nil
+	return unmount.Under(dir)
 }
 
 // StartRegistry starts Debian's docker-registry on a free loopback port
