@@ -50,78 +50,14 @@ func Parse(b []byte) (*Index, error) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return nil, fmt.Errorf("parse soci index: %w", err)
 	}
-	if m.SchemaVersion != 2 {
-		return nil, fmt.Errorf("parse soci index: schemaVersion %d, want 2", m.SchemaVersion)
-	}
-	if m.MediaType != "" && m.MediaType != ocispec.MediaTypeImageManifest {
-		return nil, fmt.Errorf("parse soci index: media type %q is not an OCI image manifest", m.MediaType)
-	}
-	v := versionOf(m.Config.MediaType)
-	if v == 0 {
-		return nil, fmt.Errorf("parse soci index: config media type %q is not a SOCI index artifact type", m.Config.MediaType)
-	}
-	if err := m.Config.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("parse soci index: config digest %q: %w", m.Config.Digest, err)
-	}
-	if m.Subject != nil {
-		if err := checkDescriptor(*m.Subject); err != nil {
-			return nil, fmt.Errorf("parse soci index: subject: %w", err)
-		}
+	v, err := checkManifest(m)
+	if err != nil {
+		return nil, fmt.Errorf("parse soci index: %w", err)
 	}
 	ix := &Index{Version: v, Manifest: m, byLayer: make(map[digest.Digest]int)}
 	for i, d := range m.Layers {
-		if err := checkDescriptor(d); err != nil {
-			return nil, fmt.Errorf("parse soci index: layers[%d]: %w", i, err)
-		}
-		if d.MediaType == MediaTypePackHead || d.MediaType == MediaTypePackWindows {
-			packs, err := parsePackDescriptor(ix.Packs, d)
-			if err != nil {
-				return nil, fmt.Errorf("parse soci index: layers[%d] (%s): %w", i, d.Digest, err)
-			}
-			ix.Packs = packs
-			continue
-		}
-		ld, ok := d.Annotations[AnnotationImageLayerDigest]
-		if !ok {
-			return nil, fmt.Errorf("parse soci index: layers[%d] (%s): no %s annotation", i, d.Digest, AnnotationImageLayerDigest)
-		}
-		layer := digest.Digest(ld)
-		if err := layer.Validate(); err != nil {
-			return nil, fmt.Errorf("parse soci index: layers[%d] (%s): layer digest %q: %w", i, d.Digest, ld, err)
-		}
-		switch d.MediaType {
-		case MediaTypeZtoc:
-			l := Layer{
-				LayerDigest:    layer,
-				LayerMediaType: d.Annotations[AnnotationImageLayerMediaType],
-				Ztoc:           ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size, Annotations: d.Annotations},
-				DisableXattrs:  d.Annotations[AnnotationDisableXattrs] == "true",
-			}
-			if s, ok := d.Annotations[AnnotationSpanSize]; ok {
-				n, err := strconv.ParseInt(s, 10, 64)
-				if err != nil || n <= 0 {
-					return nil, fmt.Errorf("parse soci index: layers[%d] (%s): bad %s %q", i, d.Digest, AnnotationSpanSize, s)
-				}
-				l.SpanSize = n
-			}
-			if _, dup := ix.byLayer[layer]; !dup {
-				ix.byLayer[layer] = len(ix.Layers)
-			}
-			ix.Layers = append(ix.Layers, l)
-		case MediaTypePrefetch:
-			p := Prefetch{
-				LayerDigest: layer,
-				Name:        d.Annotations[AnnotationPrefetchName],
-				Blob:        ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size, Annotations: d.Annotations},
-			}
-			// A second artifact of one name for one layer is passed over:
-			// the first one is the one Prefetch returns.
-			if _, dup := ix.Prefetch(p.Name, layer); !dup {
-				ix.Prefetches = append(ix.Prefetches, p)
-			}
-		default:
-			// Unknown artifacts bound to a layer are kept in Manifest but
-			// not interpreted, so newer indexes still load.
+		if err := ix.add(d); err != nil {
+			return nil, fmt.Errorf("parse soci index: layers[%d] (%s): %w", i, d.Digest, err)
 		}
 	}
 	if len(ix.Layers) == 0 {
@@ -134,6 +70,86 @@ func Parse(b []byte) (*Index, error) {
 		ix.Canonical = bytes.Equal(re, b)
 	}
 	return ix, nil
+}
+
+// checkManifest checks what an index manifest says of itself (schema,
+// media types, config and subject) and returns its SOCI index version.
+func checkManifest(m ocispec.Manifest) (Version, error) {
+	if m.SchemaVersion != 2 {
+		return 0, fmt.Errorf("schemaVersion %d, want 2", m.SchemaVersion)
+	}
+	if m.MediaType != "" && m.MediaType != ocispec.MediaTypeImageManifest {
+		return 0, fmt.Errorf("media type %q is not an OCI image manifest", m.MediaType)
+	}
+	v := versionOf(m.Config.MediaType)
+	if v == 0 {
+		return 0, fmt.Errorf("config media type %q is not a SOCI index artifact type", m.Config.MediaType)
+	}
+	if err := m.Config.Digest.Validate(); err != nil {
+		return 0, fmt.Errorf("config digest %q: %w", m.Config.Digest, err)
+	}
+	if m.Subject != nil {
+		if err := checkDescriptor(*m.Subject); err != nil {
+			return 0, fmt.Errorf("subject: %w", err)
+		}
+	}
+	return v, nil
+}
+
+// add checks one of the manifest's layer descriptors and adds what it
+// describes (a zTOC, a prefetch list, a part of a pack) to ix.
+func (ix *Index) add(d ocispec.Descriptor) error {
+	if err := checkDescriptor(d); err != nil {
+		return err
+	}
+	if d.MediaType == MediaTypePackHead || d.MediaType == MediaTypePackWindows {
+		packs, err := parsePackDescriptor(ix.Packs, d)
+		if err != nil {
+			return err
+		}
+		ix.Packs = packs
+		return nil
+	}
+	ld, ok := d.Annotations[AnnotationImageLayerDigest]
+	if !ok {
+		return fmt.Errorf("no %s annotation", AnnotationImageLayerDigest)
+	}
+	layer := digest.Digest(ld)
+	if err := layer.Validate(); err != nil {
+		return fmt.Errorf("layer digest %q: %w", ld, err)
+	}
+	desc := ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: d.Size, Annotations: d.Annotations}
+	switch d.MediaType {
+	case MediaTypeZtoc:
+		l := Layer{
+			LayerDigest:    layer,
+			LayerMediaType: d.Annotations[AnnotationImageLayerMediaType],
+			Ztoc:           desc,
+			DisableXattrs:  d.Annotations[AnnotationDisableXattrs] == "true",
+		}
+		if s, ok := d.Annotations[AnnotationSpanSize]; ok {
+			n, err := strconv.ParseInt(s, 10, 64)
+			if err != nil || n <= 0 {
+				return fmt.Errorf("bad %s %q", AnnotationSpanSize, s)
+			}
+			l.SpanSize = n
+		}
+		if _, dup := ix.byLayer[layer]; !dup {
+			ix.byLayer[layer] = len(ix.Layers)
+		}
+		ix.Layers = append(ix.Layers, l)
+	case MediaTypePrefetch:
+		p := Prefetch{LayerDigest: layer, Name: d.Annotations[AnnotationPrefetchName], Blob: desc}
+		// A second artifact of one name for one layer is passed over:
+		// the first one is the one Prefetch returns.
+		if _, dup := ix.Prefetch(p.Name, layer); !dup {
+			ix.Prefetches = append(ix.Prefetches, p)
+		}
+	default:
+		// Unknown artifacts bound to a layer are kept in Manifest but
+		// not interpreted, so newer indexes still load.
+	}
+	return nil
 }
 
 // Ztoc returns the zTOC descriptor for an image layer, and false when the
