@@ -603,6 +603,12 @@ func (d *fbDecoder) file(pos int64, f *FileMetadata) error {
 		return fmt.Errorf("%q: mod_time: %w", f.Name, err)
 	}
 
+	return d.xattrs(t, f)
+}
+
+// xattrs decodes the xattrs of the FileMetadata table t into
+// f.PAXRecords, refusing a key that appears twice.
+func (d *fbDecoder) xattrs(t fbTable, f *FileMetadata) error {
 	xattrs, err := t.offsetVectorField(fbFileXattrs)
 	if err != nil {
 		return fmt.Errorf("%q: xattrs: %w", f.Name, err)
