@@ -187,34 +187,14 @@ func (p *FaultProxy) consumeReset() {
 	}
 }
 
+// ServeHTTP applies the fault rule that matches r (authentication,
+// latency, a dropped connection, an injected status) and forwards the
+// rest to the upstream registry, corrupting or cutting its answer when the
+// rule says so.
 func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f, match, drop, status, reset := p.decide(r)
-	if f.User != "" {
-		u, pw, basicOK := r.BasicAuth()
-		basicOK = basicOK && u == f.User && pw == f.Password
-		if f.Token && r.URL.Path == "/token" {
-			if !basicOK {
-				p.note(r, "401 (token)")
-				writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "bad credentials for token")
-				return
-			}
-			p.note(r, "200 (token)")
-			w.Header().Set("Content-Type", "application/json")
-			fmt.Fprintf(w, `{"token":%q,"expires_in":300}`, tokenFor(f.User))
-			return
-		}
-		ok := basicOK
-		challenge := `Basic realm="registrytest"`
-		if f.Token {
-			ok = r.Header.Get("Authorization") == "Bearer "+tokenFor(f.User)
-			challenge = fmt.Sprintf(`Bearer realm="http://%s/token",service="registrytest"`, r.Host)
-		}
-		if !ok {
-			p.note(r, "401 (auth)")
-			w.Header().Set("WWW-Authenticate", challenge)
-			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
-			return
-		}
+	if f.User != "" && !p.authorize(w, r, f) {
+		return
 	}
 	if match && f.Latency > 0 {
 		select {
@@ -282,6 +262,37 @@ func (p *FaultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		body = &flipFirst{r: resp.Body}
 	}
 	io.Copy(w, body)
+}
+
+// authorize plays the registry's authentication for rule f (basic, or a
+// bearer token from /token): it answers the token requests and the
+// unauthenticated ones itself and reports whether r may go on.
+func (p *FaultProxy) authorize(w http.ResponseWriter, r *http.Request, f Faults) bool {
+	u, pw, basicOK := r.BasicAuth()
+	basicOK = basicOK && u == f.User && pw == f.Password
+	if f.Token && r.URL.Path == "/token" {
+		if !basicOK {
+			p.note(r, "401 (token)")
+			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "bad credentials for token")
+			return false
+		}
+		p.note(r, "200 (token)")
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"token":%q,"expires_in":300}`, tokenFor(f.User))
+		return false
+	}
+	ok := basicOK
+	challenge := `Basic realm="registrytest"`
+	if f.Token {
+		ok = r.Header.Get("Authorization") == "Bearer "+tokenFor(f.User)
+		challenge = fmt.Sprintf(`Bearer realm="http://%s/token",service="registrytest"`, r.Host)
+	}
+	if !ok {
+		p.note(r, "401 (auth)")
+		w.Header().Set("WWW-Authenticate", challenge)
+		writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+	}
+	return ok
 }
 
 // flipFirst inverts the first byte read through it.
