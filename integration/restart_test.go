@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/span"
@@ -63,14 +64,19 @@ for p in sys.argv[1:]:
 // every read must succeed with the right bytes, the new daemon must say it
 // took over the live FUSE connection, and the longest read is reported.
 func TestRestartKill(t *testing.T) {
-	testRestartReads(t, "py/restart-kill", nil, func(t *testing.T, e *lazyEnv) {
-		if err := e.sn.Cmd.Process.Kill(); err != nil {
-			t.Fatal(err)
-		}
-		waitFor(t, 10*time.Second, "the killed daemon to exit", e.sn.Exited)
-		time.Sleep(restartGap)
-		e.startSnapshotter(t)
-	})
+	testRestartReads(t, "py/restart-kill", nil, killAndRestart)
+}
+
+// killAndRestart kills the daemon with SIGKILL and starts it again
+// restartGap later.
+func killAndRestart(t *testing.T, e *lazyEnv) {
+	t.Helper()
+	if err := e.sn.Cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the killed daemon to exit", e.sn.Exited)
+	time.Sleep(restartGap)
+	e.startSnapshotter(t)
 }
 
 // TestUpgradeDaemon is TestRestartKill for an upgrade: the daemon is
@@ -99,22 +105,119 @@ func TestUpgradeDaemon(t *testing.T) {
 	})
 }
 
+// TestRestartCRI is TestRestartKill through CRI, as the kubelet runs
+// pods, on containerd 2.2: crictl pulls the indexed image (lazily: the
+// snapshot's mode label) and runs a pod whose container does the read
+// loop; the daemon is killed and restarted under it. The loop's output is
+// the container's CRI log.
+func TestRestartCRI(t *testing.T) {
+	testenv.RequireRoot(t)
+	crictl := testenv.Crictl(t)
+	bins := testenv.Containerd2Binaries(t)
+	e := newLazyCRIEnv(t, bins, "198.18.23.0/24")
+	ref := e.reg.Addr + "/py/cri:soci"
+	e.indexer(t, "convert", e.reg.Addr+"/py/cri:src", ref)
+	must := func(args ...string) string {
+		t.Helper()
+		return e.cd.MustCrictl(t, crictl, e.cd.Socket, args...)
+	}
+	must("pull", ref)
+	if mode := e.snapshotMode(t); mode != "lazy" {
+		t.Fatalf("CRI pull not lazy: the layer's snapshot has mode label %q", mode)
+	}
+	loop := newReadLoop(t, e)
+
+	logDir := mkdir(t, filepath.Join(e.dir, "pod-logs"))
+	podCfg := writeJSON(t, e.dir, "pod.json", map[string]any{
+		"metadata":      map[string]any{"name": "reader", "namespace": "default", "uid": "reader-uid", "attempt": 0},
+		"log_directory": logDir,
+		"linux":         map[string]any{},
+	})
+	ctrCfg := writeJSON(t, e.dir, "container.json", map[string]any{
+		"metadata": map[string]any{"name": "reader"},
+		"image":    map[string]any{"image": ref},
+		"command":  loop.command(),
+		"log_path": "reader.log",
+		"linux":    map[string]any{},
+	})
+	pod := must("runp", podCfg)
+	ctr := must("create", pod, ctrCfg, podCfg)
+	must("start", ctr)
+	logPath := filepath.Join(logDir, "reader.log")
+	waitFor(t, 2*time.Minute, "the read loop's first reads", func() bool { return len(criLogLines(t, logPath)) >= restartAfter })
+	loop.restart(t, killAndRestart)
+	waitFor(t, 2*time.Minute, "the container to exit", func() bool {
+		return strings.Contains(must("inspect", "-o", "go-template", "--template", "{{.status.state}}", ctr), "EXITED")
+	})
+	if code := must("inspect", "-o", "go-template", "--template", "{{.status.exitCode}}", ctr); code != "0" {
+		t.Fatalf("the read loop exited with %s", code)
+	}
+	loop.check(t, criLogLines(t, logPath))
+	must("rmp", "-f", pod)
+	must("rmi", ref)
+}
+
+// newLazyCRIEnv is newLazyEnv with containerd 2 (from bins) serving CRI
+// on subnet, the Debian + python3 image pushed as py/cri:src and a pause
+// image for the sandboxes.
+func newLazyCRIEnv(t *testing.T, bins, subnet string) *lazyEnv {
+	t.Helper()
+	e := &lazyEnv{dir: testenv.Dir(t), config: lazyPythonConfig, layer: lazyDebianLayer(t)}
+	e.layerDesc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip,
+		Digest: digest.FromBytes(e.layer.Blob), Size: int64(len(e.layer.Blob))}
+	e.reg = testenv.StartRegistryDaemon(t, e.dir)
+	e.snapBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
+	e.indexerBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	e.pushPython(t, "py/cri", "src")
+	pause, _ := testenv.PushImage(t, e.reg.Addr, "cri/pause", "1", []string{"/pause"}, testenv.PauseImageLayer(t))
+	// containerd reaches the registry over plain HTTP through hosts.toml.
+	certs := filepath.Join(e.dir, "certs.d")
+	host, port, _ := strings.Cut(e.reg.Addr, ":")
+	toml := fmt.Sprintf("server = \"http://%s\"\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", e.reg.Addr, e.reg.Addr)
+	if err := os.WriteFile(filepath.Join(mkdir(t, filepath.Join(certs, host+"_"+port+"_")), "hosts.toml"), []byte(toml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.startSnapshotter(t)
+	e.cd = testenv.StartContainerdCRI(t, e.dir, testenv.CRIConfig{BinDir: bins, Snapshotter: e.sn.Socket,
+		SandboxImage: pause, RegistryConfigPath: certs, Subnet: subnet})
+	e.cd.MustCrictl(t, testenv.Crictl(t), e.cd.Socket, "pull", pause)
+	return e
+}
+
+// criLogLines returns the content of the lines of a CRI container log
+// ("<time> <stream> <tag> <content>"), nil while there is none.
+func criLogLines(t *testing.T, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range strings.Split(strings.TrimSuffix(string(b), "\n"), "\n") {
+		if f := strings.SplitN(l, " ", 4); len(f) == 4 && f[1] == "stdout" {
+			out = append(out, f[3])
+		}
+	}
+	return out
+}
+
 // testRestartReads runs the read loop in a container of the Debian layer
 // pulled lazily from repo, calls restart restartAfter reads into it, and
 // checks every read. prepare, if set, runs before the loop.
 func testRestartReads(t *testing.T, repo string, prepare, restart func(*testing.T, *lazyEnv)) {
 	e := newLazyEnv(t, lazyPythonConfig)
 	ref := e.pullLazy(t, repo)
-	z, spans := e.storedZtoc(t)
-	files := loopFiles(spans, spanFiles(z, spans), int(readLoopFor/readEvery))
-	want := layerFileSums(t, z, e.layer.Blob, files)
+	loop := newReadLoop(t, e)
 	if prepare != nil {
 		prepare(t, e)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	args := append([]string{"run", "--rm", "--snapshotter", "spanpull", ref, "reader", "python3", "-c", readLoopScript}, files...)
+	args := append([]string{"run", "--rm", "--snapshotter", "spanpull", ref, "reader"}, loop.command()...)
 	cmd := e.cd.Command(ctx, args...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -126,48 +229,85 @@ func testRestartReads(t *testing.T, repo string, prepare, restart func(*testing.
 		t.Fatal(err)
 	}
 	var lines []string
-	var restartedAt, backAt time.Time
-	before := e.metrics(t)
-	var beforeRestart map[string]float64
 	sc := bufio.NewScanner(stdout)
 	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		if len(lines) == restartAfter {
-			beforeRestart = e.metrics(t)
-			restartedAt = time.Now()
-			restart(t, e)
-			backAt = time.Now()
-			t.Logf("daemon back %v after the restart began", backAt.Sub(restartedAt).Round(time.Millisecond))
+		if lines = append(lines, sc.Text()); len(lines) == restartAfter {
+			loop.restart(t, restart)
 		}
 	}
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("read loop container: %v\n%s", err, stderr.String())
 	}
-	if restartedAt.IsZero() {
+	loop.check(t, lines)
+	e.removeImage(t, ref)
+}
+
+// readLoop is one run of readLoopScript on the Debian layer of a lazyEnv
+// across a restart of the daemon: the files it reads, their sums, and what
+// the test measured.
+type readLoop struct {
+	e     *lazyEnv
+	spans []ztoc.Span
+	files []string
+	want  map[string]string // sha256 by path
+
+	before, beforeRestart map[string]float64 // the old daemon's metrics
+	restartedAt, backAt   time.Time
+}
+
+// newReadLoop picks the files of a read loop from the layer the daemon
+// stored and computes their sums from the pristine layer.
+func newReadLoop(t *testing.T, e *lazyEnv) *readLoop {
+	t.Helper()
+	z, spans := e.storedZtoc(t)
+	files := loopFiles(spans, spanFiles(z, spans), int(readLoopFor/readEvery))
+	return &readLoop{e: e, spans: spans, files: files, want: layerFileSums(t, z, e.layer.Blob, files), before: e.metrics(t)}
+}
+
+// command is the container's command line.
+func (l *readLoop) command() []string {
+	return append([]string{"python3", "-c", readLoopScript}, l.files...)
+}
+
+// restart restarts the daemon with restart, noting when.
+func (l *readLoop) restart(t *testing.T, restart func(*testing.T, *lazyEnv)) {
+	t.Helper()
+	l.beforeRestart = l.e.metrics(t)
+	l.restartedAt = time.Now()
+	restart(t, l.e)
+	l.backAt = time.Now()
+	t.Logf("daemon back %v after the restart began", l.backAt.Sub(l.restartedAt).Round(time.Millisecond))
+}
+
+// check checks what the loop printed (lines) and the new daemon: every
+// file read right, no read error counted, the live FUSE connection taken
+// over, one read waiting across the restart and none too long.
+func (l *readLoop) check(t *testing.T, lines []string) {
+	t.Helper()
+	if l.restartedAt.IsZero() {
 		t.Fatalf("the container printed %d lines, fewer than the %d before the restart:\n%s", len(lines), restartAfter, strings.Join(lines, "\n"))
 	}
-	after := e.metrics(t)
-	longest, longestStart := checkReadLoop(t, lines, want)
-	fetched := beforeRestart[mSpansFetched] - before[mSpansFetched] + after[mSpansFetched]
+	after := l.e.metrics(t)
+	longest, longestStart := checkReadLoop(t, lines, l.want)
+	fetched := l.beforeRestart[mSpansFetched] - l.before[mSpansFetched] + after[mSpansFetched]
 	t.Logf("%d reads of %d files in %d spans, %v span fetches (%v by the new daemon); longest read %v, started %v after the restart began",
-		len(lines), len(files), len(spans), fetched, after[mSpansFetched], longest.Round(time.Millisecond),
-		longestStart.Sub(restartedAt).Round(time.Millisecond))
-	if after[mReadErrors] != 0 || beforeRestart[mReadErrors] != 0 {
-		t.Fatalf("the daemons counted read errors: %v before the restart, %v after", beforeRestart[mReadErrors], after[mReadErrors])
+		len(lines), len(l.files), len(l.spans), fetched, after[mSpansFetched], longest.Round(time.Millisecond),
+		longestStart.Sub(l.restartedAt).Round(time.Millisecond))
+	if after[mReadErrors] != 0 || l.beforeRestart[mReadErrors] != 0 {
+		t.Fatalf("the daemons counted read errors: %v before the restart, %v after", l.beforeRestart[mReadErrors], after[mReadErrors])
 	}
-	if !strings.Contains(logOf(t, e.sn.Log), "took over the live FUSE connection") {
-		t.Fatalf("the new daemon did not log that it took over the live FUSE connection:\n%s", e.sn.LogTail(8<<10))
+	if !strings.Contains(logOf(t, l.e.sn.Log), "took over the live FUSE connection") {
+		t.Fatalf("the new daemon did not log that it took over the live FUSE connection:\n%s", l.e.sn.LogTail(8<<10))
 	}
 	// Reads take milliseconds, but one of them had to wait for the new
 	// daemon (a read every 100 ms, the daemon away for a second).
-	if longest < restartGap/2 || longestStart.Before(restartedAt.Add(-time.Second)) || longestStart.After(backAt) {
+	if longest < restartGap/2 || longestStart.Before(l.restartedAt.Add(-time.Second)) || longestStart.After(l.backAt) {
 		t.Fatalf("no read waited across the restart: the longest (%v) started %v after it began, the daemon was back after %v",
-			longest, longestStart.Sub(restartedAt), backAt.Sub(restartedAt))
+			longest, longestStart.Sub(l.restartedAt), l.backAt.Sub(l.restartedAt))
 	}
 	if longest > maxRestartRead {
 		t.Fatalf("longest read %v, want < %v", longest, maxRestartRead)
 	}
-	e.removeImage(t, ref)
 }
 
 // loopFiles picks n files for the read loop from byspan (files lying
