@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/span"
@@ -162,12 +161,7 @@ func TestRestartCRI(t *testing.T) {
 // image for the sandboxes.
 func newLazyCRIEnv(t *testing.T, bins, subnet string) *lazyEnv {
 	t.Helper()
-	e := &lazyEnv{dir: testenv.Dir(t), config: lazyPythonConfig, layer: lazyDebianLayer(t)}
-	e.layerDesc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip,
-		Digest: digest.FromBytes(e.layer.Blob), Size: int64(len(e.layer.Blob))}
-	e.reg = testenv.StartRegistryDaemon(t, e.dir)
-	e.snapBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
-	e.indexerBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	e := newLazyBase(t, lazyPythonConfig)
 	e.pushPython(t, "py/cri", "src")
 	pause, _ := testenv.PushImage(t, e.reg.Addr, "cri/pause", "1", []string{"/pause"}, testenv.PauseImageLayer(t))
 	// containerd reaches the registry over plain HTTP through hosts.toml.
