@@ -199,7 +199,12 @@ func NewWindows(repo *registry.Repository, windows ocispec.Descriptor, h *ztoc.P
 	if h.Ztoc.Algorithm != ztoc.Gzip {
 		return nil
 	}
-	return &Windows{repo: repo, desc: windows, head: h}
+	// A Windows lives as long as its layer is mounted: it keeps only what
+	// WindowRange and DecodeWindow read, not the head's TOC, which shares
+	// the head's decoded bytes (over 100 MB for a million entries).
+	keep := *h
+	keep.TOC, keep.Ztoc = nil, &ztoc.Ztoc{CompressionInfo: ztoc.CompressionInfo{Algorithm: h.Ztoc.Algorithm}}
+	return &Windows{repo: repo, desc: windows, head: &keep}
 }
 
 // Window returns the 32 KiB window of span id. The caller must not modify
