@@ -49,7 +49,10 @@ type lazyLayer struct {
 	tocr *ztoc.TOCReader
 	tree *fusefs.Tree
 	root *fusefs.Root
-	srv  *fusefs.Server
+	srv  *fusefs.Server // nil once a big layer is removed
+	// big says the TOC is at least bigTOC bytes: building the tree and
+	// removing the layer return the memory they free to the OS at once.
+	big bool
 	// spans and z (the span table, without Files) change when a
 	// quarantined layer is repaired.
 	spans atomic.Pointer[span.Layer]
@@ -163,6 +166,7 @@ func (l *lazyLayer) buildTree() (err error) {
 	}, l.log)
 	l.toc.release()
 	if big {
+		l.big = true
 		debug.FreeOSMemory()
 	}
 	return err
@@ -317,7 +321,7 @@ func (l *lazyLayer) Release() error {
 	var err error
 	l.releaseOnce.Do(func() {
 		l.stopWork()
-		if l.r.holder != nil {
+		if l.r.holder != nil || l.srv == nil {
 			return
 		}
 		err = l.srv.Unmount()
@@ -342,6 +346,16 @@ func (l *lazyLayer) Remove() error {
 		}
 		errs = append(errs, l.r.removeUnused(ctx, l.rec))
 		l.removeErr = errors.Join(errs...)
+		if l.big {
+			// The tree is garbage once the layer lets go of it, but it
+			// survived the first GC after removal when measured (freed at
+			// the second: a sync.Pool's victim cache, such as go-fuse's
+			// request pool, holding the server would do that): collect
+			// twice.
+			l.tree, l.root, l.srv = nil, nil, nil
+			debug.FreeOSMemory()
+			debug.FreeOSMemory()
+		}
 	})
 	return l.removeErr
 }
