@@ -158,11 +158,6 @@ func (f *fsys) backing(ctx context.Context, r *Root, i uint32) int32 {
 	if r.opts.Backing == nil || f.noPassthrough.Load() {
 		return 0
 	}
-	// The kernel serves a passthrough file without asking: verify first
-	// (a failure is reported by the reads, which come here).
-	if err, _ := r.verify(ctx, i); err != nil {
-		return 0
-	}
 	file, err := r.opts.Backing(ctx, r.entry(i))
 	if err != nil {
 		r.log.WithField("path", r.tree.path(i)).WithError(err).Warn("fusefs: no backing file; reads go through the daemon")
@@ -172,6 +167,14 @@ func (f *fsys) backing(ctx context.Context, r *Root, i uint32) int32 {
 		return 0
 	}
 	defer file.Close()
+	// The kernel serves a passthrough file without asking: verify before
+	// registering it (a failure is reported by the reads, which come
+	// here). Not before asking for the file: an open of a file that has
+	// none must not wait on the check's fetch, whose failure the first
+	// read then met again and the kernel's retry fetched a third time.
+	if err, _ := r.verify(ctx, i); err != nil {
+		return 0
+	}
 	srv := f.srv.Load()
 	id, errno := srv.RegisterBackingFd(&fuse.BackingMap{Fd: int32(file.Fd())})
 	if errno != 0 {

@@ -318,8 +318,8 @@ func fileBytes(t *testing.T, z *ztoc.Ztoc, blob []byte, f ztoc.FileMetadata) []b
 // TestLazyFaults injects faults under a lazily mounted layer (background
 // fill off, 2 s fetch timeout): a corrupted span in the registry's
 // storage and a registry that goes away. Reads needing missing or bad
-// spans must fail with EIO, in bounded time, never with wrong bytes,
-// while cached spans keep serving.
+// spans must fail with EIO, within 1.5 x the fetch timeout, never with
+// wrong bytes, while cached spans keep serving.
 func TestLazyFaults(t *testing.T) {
 	e := newLazyEnv(t, "[remote]\nfill_rate_bytes = -1\nfetch_timeout_seconds = 2\n")
 	ref := e.pullLazy(t, "py/faults")
@@ -431,8 +431,10 @@ func TestLazyFaults(t *testing.T) {
 		if !errors.Is(err, syscall.EIO) {
 			t.Fatalf("read of uncached %s with the registry down: %v, want EIO", uncached.Name, err)
 		}
-		if elapsed > 30*time.Second {
-			t.Fatalf("read failed only after %v, want < 30 s", elapsed)
+		// One fetch timeout (2 s), not one per attempt: the kernel's retry
+		// of the failed read fails at once.
+		if limit := 3 * time.Second; elapsed >= limit {
+			t.Fatalf("read failed only after %v, want < %v (1.5 x the fetch timeout)", elapsed, limit)
 		}
 		// A file never read before, in a cached span, still reads.
 		g := goodFiles[1]

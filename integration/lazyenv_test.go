@@ -103,18 +103,27 @@ func newLazyEnv(t *testing.T, config string) *lazyEnv {
 // starts (see TestLazyPythonContainerd2).
 func newLazyEnvOn(t *testing.T, config string, startContainerd startContainerdFunc) *lazyEnv {
 	t.Helper()
+	e := newLazyBase(t, config)
+	e.startSnapshotter(t)
+	e.cd = startContainerd(t, e.dir, testenv.ContainerdConfig{
+		Snapshotters: map[string]string{"spanpull": e.sn.Socket},
+	})
+	return e
+}
+
+// newLazyBase is the part of newLazyEnv that tests starting the daemon or
+// containerd their own way share: the test directory, the Debian layer,
+// the registry and the daemon and indexer binaries. Neither the daemon nor
+// containerd is started.
+func newLazyBase(t *testing.T, config string) *lazyEnv {
+	t.Helper()
 	testenv.RequireRoot(t)
-	e := &lazyEnv{dir: testenv.Dir(t), config: config}
-	e.layer = lazyDebianLayer(t)
+	e := &lazyEnv{dir: testenv.Dir(t), config: config, layer: lazyDebianLayer(t)}
 	e.layerDesc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip,
 		Digest: digest.FromBytes(e.layer.Blob), Size: int64(len(e.layer.Blob))}
 	e.reg = testenv.StartRegistryDaemon(t, e.dir)
 	e.snapBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
 	e.indexerBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
-	e.startSnapshotter(t)
-	e.cd = startContainerd(t, e.dir, testenv.ContainerdConfig{
-		Snapshotters: map[string]string{"spanpull": e.sn.Socket},
-	})
 	return e
 }
 

@@ -199,6 +199,9 @@ func NewWindows(repo *registry.Repository, windows ocispec.Descriptor, h *ztoc.P
 	if h.Ztoc.Algorithm != ztoc.Gzip {
 		return nil
 	}
+	// A Windows lives as long as its layer is mounted: it keeps only the
+	// head's window table, not its TOC, which shares the head's decoded
+	// bytes (over 100 MB for a million entries).
 	return &Windows{repo: repo, desc: windows, head: h.WindowTable()}
 }
 

@@ -292,7 +292,9 @@ func (c *Cache) write(k entryKey, data []byte, protect digest.Digest) error {
 		c.mu.Unlock()
 		return nil // being written, or as long already
 	}
-	need := int64(len(data)) - oldSize
+	// The old file stays on disk until the new one replaces it: the write
+	// needs room for all of data, not only for what it adds.
+	need := int64(len(data))
 	if !c.makeRoom(need, k, protect) {
 		over := c.total + need - c.max
 		c.mu.Unlock()
