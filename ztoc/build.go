@@ -707,6 +707,10 @@ func hashSpans(ctx context.Context, in <-chan hashChunk, s *spanRecorder) error 
 type tocBuilder struct {
 	files       []FileMetadata
 	archiveSize int64
+	// each, when set, takes every entry in archive order instead of
+	// files: VerifyLayer compares entries as they come rather than keep a
+	// second TOC in memory.
+	each func(*FileMetadata)
 }
 
 func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
@@ -735,7 +739,10 @@ func (t *tocBuilder) run(ctx context.Context, in <-chan chunk) error {
 		if err != nil {
 			return err
 		}
-		if ok {
+		switch {
+		case ok && t.each != nil:
+			t.each(&fm)
+		case ok:
 			t.files = append(t.files, fm)
 		}
 	}

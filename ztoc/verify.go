@@ -115,6 +115,7 @@ func VerifyLayer(ctx context.Context, compressed io.Reader, z *Ztoc, want LayerD
 		return VerifyResult{}, fmt.Errorf("verify layer: %w", err)
 	}
 	v := &layerVerifier{z: z}
+	v.toc.each = v.checkEntry
 	if err := v.pass(ctx, compressed, want); err != nil {
 		return v.result, err
 	}
@@ -135,6 +136,10 @@ type layerVerifier struct {
 	// Mismatches found mid-stream, by the inflate and tar stages. They
 	// stop those stages, but the blob is still read to its end.
 	streamErr, tarErr error
+	// entries counts the layer's tar entries; entryErr is the first that
+	// differs from its TOC entry (a *MismatchError).
+	entries  int
+	entryErr error
 }
 
 // pass runs the stages over the blob.
@@ -221,28 +226,43 @@ func (v *layerVerifier) check(want LayerDigests) error {
 	return nil
 }
 
-// checkEntries compares the layer's tar entries with the TOC's, in order,
-// as CheckHeader compares one.
-func (v *layerVerifier) checkEntries() error {
-	got, toc := v.toc.files, v.z.Files
-	for i := range max(len(got), len(toc)) {
-		var err error
-		switch {
-		case i >= len(toc):
-			name, _ := ConfinedPath(got[i].Name)
-			err = &HeaderMismatchError{Name: name, Field: "name", Header: fmt.Sprintf("%q", got[i].Name), TOC: "no more entries"}
-		case i >= len(got):
-			name, _ := ConfinedPath(toc[i].Name)
-			err = &HeaderMismatchError{Name: name, Field: "header", Header: "the end of the archive", TOC: fmt.Sprintf("a %s entry", toc[i].Type)}
-		default:
-			err = compareEntry(&got[i], &toc[i])
-		}
-		if err != nil {
-			hm := err.(*HeaderMismatchError)
-			return &MismatchError{Part: PartEntry, Index: i, Field: hm.Field, Got: hm.Header, Want: hm.TOC, Err: err}
-		}
-		v.result.Entries++
+// checkEntry compares the layer's next tar entry with the TOC's entry of
+// the same index, as CheckHeader compares one, and keeps the first
+// mismatch.
+func (v *layerVerifier) checkEntry(got *FileMetadata) {
+	i, toc := v.entries, v.z.Files
+	v.entries++
+	if v.entryErr != nil {
+		return
 	}
+	if i >= len(toc) {
+		name, _ := ConfinedPath(got.Name)
+		v.entryMismatch(i, &HeaderMismatchError{Name: name, Field: "name", Header: fmt.Sprintf("%q", got.Name), TOC: "no more entries"})
+		return
+	}
+	if err := compareEntry(got, &toc[i]); err != nil {
+		v.entryMismatch(i, err.(*HeaderMismatchError))
+	}
+}
+
+// entryMismatch records hm, the mismatch of entry i.
+func (v *layerVerifier) entryMismatch(i int, hm *HeaderMismatchError) {
+	v.result.Entries = i // the entries that matched
+	v.entryErr = &MismatchError{Part: PartEntry, Index: i, Field: hm.Field, Got: hm.Header, Want: hm.TOC, Err: hm}
+}
+
+// checkEntries reports the first entry that differs from the TOC's, or a
+// TOC with more entries than the layer.
+func (v *layerVerifier) checkEntries() error {
+	if v.entryErr != nil {
+		return v.entryErr
+	}
+	if toc := v.z.Files; v.entries < len(toc) {
+		name, _ := ConfinedPath(toc[v.entries].Name)
+		v.entryMismatch(v.entries, &HeaderMismatchError{Name: name, Field: "header", Header: "the end of the archive", TOC: fmt.Sprintf("a %s entry", toc[v.entries].Type)})
+		return v.entryErr
+	}
+	v.result.Entries = v.entries
 	return nil
 }
 
