@@ -110,12 +110,13 @@ func (l *lazyLayer) completed(ctx context.Context) {
 		l.log.Warn("spanpull: layer complete but not verifiable: its image's diff_id is unknown")
 		return
 	}
+	sl := l.spans.Load()
+	sl.ForgetMemory()
 	z, err := l.fullZtoc(ctx)
 	if err != nil {
 		l.log.WithError(err).Warn("spanpull: layer verification: read the TOC")
 		return
 	}
-	sl := l.spans.Load()
 	rc, err := sl.OpenBlob(ctx)
 	if err != nil {
 		l.log.WithError(err).Warn("spanpull: layer verification: open the cached blob")

@@ -230,6 +230,14 @@ func (l *Layer) fillHeader(ctx context.Context) error {
 	return nil
 }
 
+// ForgetMemory drops the layer's spans from the MemoryCache. A layer that
+// is complete on disk is about to be verified and unpacked, and then read
+// by passthrough: its inflated spans would only take memory that the
+// verification needs.
+func (l *Layer) ForgetMemory() {
+	l.mem.dropLayer(l)
+}
+
 // Complete reports whether the disk cache holds every byte of the layer's
 // compressed blob, so that OpenBlob can stream it.
 func (l *Layer) Complete() bool {

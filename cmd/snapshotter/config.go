@@ -24,9 +24,10 @@ const (
 	defaultRoot       = "/var/lib/spanpull"
 	defaultLogLevel   = "info"
 	// defaultMemoryLimit is the Go runtime's soft memory limit: with the
-	// ~25 MiB of mapped program text, the daemon's RSS stays near 100 MiB
-	// however much garbage the span loads make (BENCHMARKS.md).
-	defaultMemoryLimit = 72 << 20
+	// ~30 MiB the daemon maps besides its heap (program text, TOC files),
+	// its RSS stays under 100 MiB however much garbage the span loads
+	// make (BENCHMARKS.md).
+	defaultMemoryLimit = 64 << 20
 	// defaultRegistryConfigPath is where containerd's own configs keep
 	// registry host configuration (hosts.toml) by convention.
 	defaultRegistryConfigPath = "/etc/containerd/certs.d"
