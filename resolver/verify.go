@@ -163,7 +163,8 @@ func (l *lazyLayer) fullZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	return &z, err
 }
 
-// restoreZtoc rebuilds the zTOC of a layer mounted from a pack head.
+// restoreZtoc rebuilds the zTOC of a layer mounted from a pack head, with
+// its windows.
 func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	b, err := l.r.meta.Ztoc(ctx, l.rec.HeadDigest)
 	if err != nil {
@@ -185,8 +186,10 @@ func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 			return nil, fmt.Errorf("fetch the pack's windows blob: %w", err)
 		}
 	}
-	z, _, err := h.Restore(windows)
-	return z, err
+	// Not Restore: whoever calls this checks the zTOC against the layer
+	// itself (VerifyLayer against the image's digests), so encoding it
+	// again to compare with the zTOC digest would only take memory.
+	return h.WithWindows(windows)
 }
 
 // unpackFiles writes the files of the verified layer, read from blob (its

@@ -265,33 +265,47 @@ func (h *PackHead) DecodeWindow(id SpanID, compressed []byte) ([]byte, error) {
 // returns the zTOC (with the head's chunk table; it shares the head's
 // TOC) and its bytes.
 func (h *PackHead) Restore(windows []byte) (*Ztoc, []byte, error) {
-	if int64(len(windows)) != h.WindowsSize || digest.FromBytes(windows) != h.WindowsDigest {
-		return nil, nil, fmt.Errorf("restore zTOC %s: the windows blob is not %s (%d bytes)", h.ZtocDigest, h.WindowsDigest, h.WindowsSize)
+	z, err := h.WithWindows(windows)
+	if err != nil {
+		return nil, nil, err
 	}
-	z := *h.Ztoc
-	if z.windowless != nil {
-		zi := GzipZinfo{SpanSize: z.windowless.SpanSize, V1: h.v1, Checkpoints: make([]Checkpoint, 0, len(z.windowless.Checkpoints))}
-		for i, c := range z.windowless.Checkpoints {
-			w := h.windows[i]
-			win, err := h.DecodeWindow(SpanID(i), windows[w.off:w.off+w.n])
-			if err != nil {
-				return nil, nil, fmt.Errorf("restore zTOC %s: %w", h.ZtocDigest, err)
-			}
-			c.Window = win
-			zi.Checkpoints = append(zi.Checkpoints, c)
-		}
-		blob, err := MarshalGzipZinfo(&zi)
-		if err != nil {
-			return nil, nil, fmt.Errorf("restore zTOC %s: %w", h.ZtocDigest, err)
-		}
-		z.Checkpoints, z.windowless = blob, nil
-	}
-	b, err := Marshal(&z)
+	b, err := Marshal(z)
 	if err != nil {
 		return nil, nil, fmt.Errorf("restore zTOC %s: %w", h.ZtocDigest, err)
 	}
 	if d := digest.FromBytes(b); d != h.ZtocDigest || int64(len(b)) != h.ZtocSize {
 		return nil, nil, fmt.Errorf("restore zTOC %s: rebuilt %d bytes with digest %s, want %d bytes", h.ZtocDigest, len(b), d, h.ZtocSize)
 	}
-	return &z, b, nil
+	return z, b, nil
+}
+
+// WithWindows returns the head's zTOC with every checkpoint's window, from
+// the windows blob (checked against the digests the head records), but
+// without encoding it to compare it with the zTOC digest as Restore does:
+// for a reader that checks the zTOC against the layer itself
+// (VerifyLayer), the encoding is only memory (the size of the zTOC).
+func (h *PackHead) WithWindows(windows []byte) (*Ztoc, error) {
+	if int64(len(windows)) != h.WindowsSize || digest.FromBytes(windows) != h.WindowsDigest {
+		return nil, fmt.Errorf("restore zTOC %s: the windows blob is not %s (%d bytes)", h.ZtocDigest, h.WindowsDigest, h.WindowsSize)
+	}
+	z := *h.Ztoc
+	if z.windowless == nil {
+		return &z, nil
+	}
+	zi := GzipZinfo{SpanSize: z.windowless.SpanSize, V1: h.v1, Checkpoints: make([]Checkpoint, 0, len(z.windowless.Checkpoints))}
+	for i, c := range z.windowless.Checkpoints {
+		w := h.windows[i]
+		win, err := h.DecodeWindow(SpanID(i), windows[w.off:w.off+w.n])
+		if err != nil {
+			return nil, fmt.Errorf("restore zTOC %s: %w", h.ZtocDigest, err)
+		}
+		c.Window = win
+		zi.Checkpoints = append(zi.Checkpoints, c)
+	}
+	blob, err := MarshalGzipZinfo(&zi)
+	if err != nil {
+		return nil, fmt.Errorf("restore zTOC %s: %w", h.ZtocDigest, err)
+	}
+	z.Checkpoints, z.windowless = blob, nil
+	return &z, nil
 }
