@@ -55,19 +55,31 @@ func generatedTOC(n int) Entries {
 // treeHeap builds the tree of n generated entries and returns it with the
 // live heap it holds and the time the build took.
 func treeHeap(t testing.TB, n int) (*Tree, uint64, time.Duration) {
-	var before, after runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&before)
+	before := liveHeap()
 	start := time.Now()
 	tr, err := NewTree(generatedTOC(n), nil)
 	took := time.Since(start)
 	if err != nil {
 		t.Fatal(err)
 	}
-	runtime.GC()
-	runtime.ReadMemStats(&after)
+	after := liveHeap()
 	runtime.KeepAlive(tr)
-	return tr, after.HeapAlloc - before.HeapAlloc, took
+	if after < before {
+		t.Fatalf("live heap fell from %d to %d bytes while building a tree of %d entries: the measurement is off", before, after, n)
+	}
+	return tr, after - before, took
+}
+
+// liveHeap returns the bytes of live heap objects. Two collections: the
+// garbage of an earlier test (a tree of a million entries, run with
+// -count) may need a second one to be freed, and the first figure would
+// then be too high.
+func liveHeap() uint64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
 }
 
 // TestTreeMemory measures the live heap of the tree of a layer of a
