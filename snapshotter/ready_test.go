@@ -7,8 +7,6 @@ import (
 	"errors"
 	"strings"
 	"testing"
-
-	"github.com/containerd/errdefs"
 )
 
 // Ready fails while a remembered remote layer could not be mounted again
@@ -18,15 +16,7 @@ func TestReady(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	root := t.TempDir()
-	r := newBindResolver()
-	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
+	sn, r := newL1Snapshotter(ctx, t, root)
 	if err := sn.Ready(); err != nil {
 		t.Fatalf("ready with its layer mounted: %v", err)
 	}
@@ -36,7 +26,7 @@ func TestReady(t *testing.T) {
 
 	r.err = errors.New("registry gone")
 	var checkErr error
-	sn, err = New(ctx, root, WithRemoteLayerResolver(r), WithReadiness(func() error { return checkErr }))
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithReadiness(func() error { return checkErr }))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -106,6 +106,23 @@ func layerDir(t *testing.T, files map[string]string) string {
 	return d
 }
 
+// newL1Snapshotter starts a snapshotter under root over a bind resolver
+// that holds layer sha256:l1, and prepares k1 from it, which mounts the
+// layer remotely (containerd then sees AlreadyExists).
+func newL1Snapshotter(ctx context.Context, t *testing.T, root string, opts ...Opt) (*Snapshotter, *bindResolver) {
+	t.Helper()
+	r := newBindResolver()
+	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
+	sn, err := New(ctx, root, append([]Opt{WithRemoteLayerResolver(r)}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	return sn, r
+}
+
 // unpackLabels are the labels containerd's unpacker passes with
 // AppendInfoHandlerWrapper.
 func unpackLabels(target, layer string) snapshots.Opt {
@@ -387,15 +404,7 @@ func TestRemoteAsyncRemoveAndRestart(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	root := t.TempDir()
-	r := newBindResolver()
-	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithAsyncRemove())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
+	sn, r := newL1Snapshotter(ctx, t, root, WithAsyncRemove())
 	if _, err := sn.Prepare(ctx, "k2", "", unpackLabels("c2", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
@@ -407,7 +416,7 @@ func TestRemoteAsyncRemoveAndRestart(t *testing.T) {
 	if n := mountsBelow(t, root); n != 0 || r.liveMounts() != 0 {
 		t.Fatalf("after Close: %d mounts below root, %d live", n, r.liveMounts())
 	}
-	sn, err = New(ctx, root, WithRemoteLayerResolver(r), WithAsyncRemove())
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithAsyncRemove())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -467,15 +476,7 @@ func TestRemoteRestartReplacesOldMount(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	root := t.TempDir()
-	r := newBindResolver()
-	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
+	sn, r := newL1Snapshotter(ctx, t, root)
 	// Simulate a crash: forget the mount without unmounting it.
 	sn.mu.Lock()
 	sn.mounted = map[string]RemoteMount{}
@@ -489,7 +490,7 @@ func TestRemoteRestartReplacesOldMount(t *testing.T) {
 	if n := mountsBelow(t, root); n != 1 {
 		t.Fatalf("%d mounts, want the stale one", n)
 	}
-	sn, err = New(ctx, root, WithRemoteLayerResolver(r))
+	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
 	if err != nil {
 		t.Fatal(err)
 	}
