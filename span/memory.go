@@ -10,7 +10,7 @@ import (
 // DefaultMemoryBytes is the size of the daemon's MemoryCache unless its
 // config says otherwise: eight inflated 4 MiB spans, enough for the spans
 // a container start reads in turn, and small enough that the daemon's
-// peak RSS stays under 100 MiB (BENCHMARKS.md) with the fetches in flight.
+// peak RSS stays near 100 MiB (BENCHMARKS.md) with the fetches in flight.
 const DefaultMemoryBytes = 32 << 20
 
 // MemoryCache keeps recently inflated spans in memory, across the layers

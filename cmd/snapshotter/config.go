@@ -25,7 +25,7 @@ const (
 	defaultLogLevel   = "info"
 	// defaultMemoryLimit is the Go runtime's soft memory limit: with the
 	// ~30 MiB the daemon maps besides its heap (program text, TOC files),
-	// its RSS stays under 100 MiB however much garbage the span loads
+	// its RSS stays near 100 MiB however much garbage the span loads
 	// make (BENCHMARKS.md).
 	defaultMemoryLimit = 64 << 20
 	// defaultRegistryConfigPath is where containerd's own configs keep
