@@ -67,8 +67,8 @@ func (l *lazyLayer) verifyEntry(ctx context.Context, e fusefs.Entry) error {
 	}
 	start, end, err := ztoc.HeaderRange(z, k)
 	if err == nil {
-		hdr := make([]byte, end-start)
-		if _, err = l.spans.Load().ReadAt(ctx, hdr, start); err != nil {
+		var hdr []byte
+		if hdr, err = l.readHeader(ctx, start, end, e.Size()); err != nil {
 			l.suspect(err)
 			return fmt.Errorf("read the tar header of %s: %w", e.Path(), err)
 		}
@@ -80,6 +80,27 @@ func (l *lazyLayer) verifyEntry(ctx context.Context, e fusefs.Entry) error {
 		return errQuarantined
 	}
 	return nil
+}
+
+// bindingReadAhead is how much of a file's data the header check reads
+// along with the header: as much as the kernel's first read of the file
+// usually asks for (its readahead window), so that the read the check
+// stands in front of is served from the same span load. Read alone, a
+// header in an earlier chunk of the span than the data makes the data's
+// read a second load (and span.Layer grows a span's prefix fourfold on
+// each further load).
+const bindingReadAhead = 128 << 10
+
+// readHeader reads the header bytes [start, end) of a file of size bytes
+// through the verified span path, together with the start of its data
+// (bindingReadAhead).
+func (l *lazyLayer) readHeader(ctx context.Context, start, end, size int64) ([]byte, error) {
+	buf := make([]byte, end-start+min(max(size, 0), bindingReadAhead))
+	n, err := l.spans.Load().ReadAt(ctx, buf, start)
+	if err != nil && !(errors.Is(err, io.EOF) && int64(n) >= end-start) {
+		return nil, err
+	}
+	return buf[:end-start], nil
 }
 
 // headerEntries decodes TOC entry i and the one before it, as the Files of
