@@ -280,6 +280,9 @@ func (m *fuseMount) Labels() map[string]string {
 
 func (m *fuseMount) Usage() snapshots.Usage { return snapshots.Usage{} }
 
+// LocalDir is empty: this resolver keeps no local tree.
+func (m *fuseMount) LocalDir() string { return "" }
+
 // TestContainerd16LazyPullRun is the remote-snapshot protocol end to end on
 // containerd 1.6: a client-side pull with the remote-snapshot labels (as
 // nerdctl and rpull do) makes the snapshotter mount every layer from its

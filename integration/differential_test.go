@@ -4,6 +4,7 @@ package integration
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,9 +23,11 @@ import (
 // spanpull, and the tree of a read-only view of each snapshot, mounted as
 // containerd would mount it under a container, must be the same: every
 // path, type, mode, owner, device, link count, mtime, xattr, link target,
-// hard link and file content.
+// hard link and file content. Once the layer is complete and verified, a
+// new view stacks the layer's local tree instead of the FUSE mount, and
+// that tree must be the same again.
 func TestLazyTreeMatchesOverlayfs(t *testing.T) {
-	e := newLazyEnv(t, lazyPythonConfig)
+	e := newLazyEnv(t, lazyLocalTreeConfig)
 	start := time.Now()
 	src, _ := e.pushPython(t, "py/diff", "src")
 	ref := e.reg.Addr + "/py/diff:soci"
@@ -40,12 +43,12 @@ func TestLazyTreeMatchesOverlayfs(t *testing.T) {
 	}
 	t.Cleanup(func() { client.Close() })
 	// The image's only layer: its chain ID is its diff ID.
-	want := e.mountView(t, client, "overlayfs", e.layer.DiffID.String())
-	got := e.mountView(t, client, "spanpull", e.layer.DiffID.String())
+	parent := e.layer.DiffID.String()
+	want := e.mountView(t, client, "overlayfs", "diff-view-overlayfs", parent)
+	got := e.mountView(t, client, "spanpull", "diff-view-lazy", parent)
 	// The tree under test is the lazy layer, served over FUSE.
-	var fs unix.Statfs_t
-	if err := unix.Statfs(got, &fs); err != nil || fs.Type != unix.FUSE_SUPER_MAGIC {
-		t.Fatalf("spanpull's view is not a FUSE mount (statfs: type %#x, %v)", fs.Type, err)
+	if fs := statfsType(t, got); fs != unix.FUSE_SUPER_MAGIC {
+		t.Fatalf("spanpull's view is not a FUSE mount (statfs type %#x)", fs)
 	}
 	pulled := time.Now()
 	n := treediff.Compare(t, want, got, treediff.Options{})
@@ -55,6 +58,45 @@ func TestLazyTreeMatchesOverlayfs(t *testing.T) {
 	if n < 5000 {
 		t.Errorf("%d entries compared, the layer has many more", n)
 	}
+
+	// Once the background fill has completed the layer and it is
+	// verified, a new view stacks the layer's local tree, not FUSE.
+	e.waitVerification(t, "verified", 2*time.Minute)
+	e.waitLog(t, "spanpull: verified layer unpacked", time.Minute)
+	local := e.mountView(t, client, "spanpull", "diff-view-verified", parent)
+	if fs := statfsType(t, local); fs == unix.FUSE_SUPER_MAGIC {
+		t.Fatal("spanpull's view of the verified layer is still the FUSE mount, want its local tree")
+	}
+	if n := treediff.Compare(t, want, local, treediff.Options{}); n < 5000 {
+		t.Errorf("%d entries of the local tree compared, the layer has many more", n)
+	}
+}
+
+// lazyLocalTreeConfig leaves the reads of TestLazyTreeMatchesOverlayfs's
+// first view to FUSE (the fill starts 30 s after the pull), then lets the
+// fill complete the layer at its default rate.
+const lazyLocalTreeConfig = "[remote]\nfill_delay_seconds = 30\n"
+
+// waitLog waits until the daemon's log has a line containing msg.
+func (e *lazyEnv) waitLog(t *testing.T, msg string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(e.daemonLog(t), msg) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q in the daemon's log after %v", msg, timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// statfsType returns the type of the file system mounted at dir.
+func statfsType(t *testing.T, dir string) int64 {
+	t.Helper()
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		t.Fatal(err)
+	}
+	return fs.Type
 }
 
 // mountView makes a read-only view of the committed snapshot parent of
@@ -62,7 +104,7 @@ func TestLazyTreeMatchesOverlayfs(t *testing.T) {
 // leaves it alone), mounts it with the mounts the snapshotter gives for it
 // (as for a container's root file system) on a new directory and returns
 // that directory. Cleanup unmounts it and removes the view and the lease.
-func (e *lazyEnv) mountView(t *testing.T, client *containerd.Client, snapshotter, parent string) string {
+func (e *lazyEnv) mountView(t *testing.T, client *containerd.Client, snapshotter, key, parent string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(e.nsContext(), time.Minute)
 	defer cancel()
@@ -76,7 +118,6 @@ func (e *lazyEnv) mountView(t *testing.T, client *containerd.Client, snapshotter
 		}
 	}
 	sn := client.SnapshotService(snapshotter)
-	key := "diff-view-" + snapshotter
 	mounts, err := sn.View(ctx, key, parent)
 	if err != nil {
 		cleanup(ctx)

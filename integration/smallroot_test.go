@@ -55,7 +55,7 @@ func TestCacheSmallRoot(t *testing.T) {
 		spanBytes += s.CompressedEnd - s.CompressedStart
 	}
 
-	usage := sampleUsage(t, 20*time.Millisecond, e.spansDir(), filepath.Join(e.sn.Root, "remote", "files"))
+	usage := sampleUsage(t, 20*time.Millisecond, e.spansDir(), filepath.Join(e.sn.Root, "remote", "trees"))
 	start := time.Now()
 	files, n, err := compareRegularFiles(e.layer.Blob, mnt)
 	if err != nil {

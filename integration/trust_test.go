@@ -198,7 +198,7 @@ func (e *trustEnv) noWrongBytes(t *testing.T, who, path, got string) {
 
 // verification returns the spanpull.verified label of the Debian layer's
 // snapshot (its chain ID is its diff ID: it is the image's only layer).
-func (e *trustEnv) verification(t *testing.T) string {
+func (e *lazyEnv) verification(t *testing.T) string {
 	t.Helper()
 	out := e.cd.MustRun(t, "snapshots", "--snapshotter", "spanpull", "info", e.layer.DiffID.String())
 	var info struct{ Labels map[string]string }
@@ -210,7 +210,7 @@ func (e *trustEnv) verification(t *testing.T) string {
 
 // waitVerification polls the snapshot's label until it is state, and
 // returns when it first saw it.
-func (e *trustEnv) waitVerification(t *testing.T, state string, timeout time.Duration) time.Time {
+func (e *lazyEnv) waitVerification(t *testing.T, state string, timeout time.Duration) time.Time {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {

@@ -388,7 +388,7 @@ func (l *lazyLayer) Labels() map[string]string {
 // Usage implements snapshotter.RemoteMount: the layer's cached spans and
 // local files.
 func (l *lazyLayer) Usage() snapshots.Usage {
-	n := l.r.spans.Usage(l.rec.LayerDigest) + l.r.files.usage(l.rec.LayerDigest)
+	n := l.r.spans.Usage(l.rec.LayerDigest) + l.r.trees.usage(l.rec.LayerDigest)
 	return snapshots.Usage{Size: n}
 }
 
@@ -422,7 +422,7 @@ func (r *Resolver) removeUnused(ctx context.Context, rec store.RemoteLayer) erro
 		errs = append(errs, os.RemoveAll(r.windowsDir(rec)))
 	}
 	if !layerUsed {
-		errs = append(errs, r.spans.RemoveLayer(ctx, rec.LayerDigest), r.files.remove(rec.LayerDigest))
+		errs = append(errs, r.spans.RemoveLayer(ctx, rec.LayerDigest), r.trees.remove(rec.LayerDigest))
 	}
 	return errors.Join(errs...)
 }

@@ -127,7 +127,8 @@ type Config struct {
 	// the per-file binding for a few header bytes per file).
 	NoEntryBinding bool
 	// NoLocalFiles keeps verified layers from being unpacked to local
-	// files for passthrough reads (a diagnostic setting).
+	// trees, for passthrough reads and for overlayfs to stack in place of
+	// the FUSE mount (a diagnostic setting).
 	NoLocalFiles bool
 	// IndexCacheTTL is how long an image's index (or its absence) is
 	// remembered. Zero means DefaultIndexCacheTTL.
@@ -205,7 +206,7 @@ type Resolver struct {
 	mem   *span.MemoryCache
 	// files are the local copies of verified layers' files; maxBytes the
 	// budget they share with spans.
-	files    *localFiles
+	trees    *localTrees
 	maxBytes int64
 	holder   *holder
 
@@ -261,7 +262,7 @@ func (r *Resolver) open() (err error) {
 	if r.spans, err = span.OpenCache(filepath.Join(r.cfg.Root, "cache"), span.CacheOptions{MaxBytes: r.maxBytes}); err != nil {
 		return err
 	}
-	if r.files, err = openLocalFiles(filepath.Join(r.cfg.Root, "files")); err != nil {
+	if r.trees, err = openLocalTrees(filepath.Join(r.cfg.Root, "trees")); err != nil {
 		return err
 	}
 	r.sched = span.NewScheduler(span.SchedulerOptions{FillDelay: r.cfg.FillDelay, FillRate: max(r.cfg.FillRate, 0)})
@@ -282,6 +283,9 @@ func (r *Resolver) Close() error {
 	}
 	if r.meta != nil {
 		errs = append(errs, r.meta.Close())
+	}
+	if r.trees != nil {
+		r.trees.close()
 	}
 	return errors.Join(errs...)
 }
@@ -663,8 +667,9 @@ func (r *Resolver) plainHTTP(host string) bool {
 // is mounted, nothing needs releasing. It was verified while unpacked.
 type localMount struct{ dir string }
 
-func (localMount) Release() error { return nil }
-func (localMount) Remove() error  { return nil }
+func (localMount) Release() error   { return nil }
+func (localMount) Remove() error    { return nil }
+func (localMount) LocalDir() string { return "" }
 func (localMount) Labels() map[string]string {
 	return map[string]string{snapshotter.LabelMode: "unpacked", snapshotter.LabelVerified: stateVerified}
 }

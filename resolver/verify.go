@@ -213,8 +213,8 @@ func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	return h.WithWindows(windows)
 }
 
-// unpackFiles writes the files of the verified layer, read from blob (its
-// compressed bytes), to local files for passthrough reads, when they fit
+// unpackFiles writes the tree of the verified layer, read from blob (its
+// compressed bytes), for passthrough reads and for overlayfs, when it fits
 // in the cache budget.
 func (l *lazyLayer) unpackFiles(ctx context.Context, blob io.Reader) {
 	r := l.r
@@ -222,22 +222,40 @@ func (l *lazyLayer) unpackFiles(ctx context.Context, blob io.Reader) {
 		return
 	}
 	z := l.z.Load()
-	if need := z.UncompressedArchiveSize; r.spans.Size()+r.files.total()+need > r.maxBytes {
-		l.log.WithField("bytes", need).Info("spanpull: verified layer not unpacked for passthrough: over the cache budget")
+	if need := z.UncompressedArchiveSize; r.spans.Size()+r.trees.total()+need > r.maxBytes {
+		l.log.WithField("bytes", need).Info("spanpull: verified layer not unpacked: over the cache budget")
 		return
 	}
-	if err := r.files.unpack(ctx, l.rec.LayerDigest, z.Algorithm, blob); err != nil && ctx.Err() == nil {
-		l.log.WithError(err).Warn("spanpull: unpack verified layer")
+	start := time.Now()
+	if err := r.trees.unpack(ctx, l.rec.LayerDigest, z.Algorithm, blob); err != nil {
+		if ctx.Err() == nil {
+			l.log.WithError(err).Warn("spanpull: unpack verified layer")
+		}
+		return
 	}
+	l.log.WithField("bytes", r.trees.usage(l.rec.LayerDigest)).WithField("duration", time.Since(start).Round(time.Millisecond)).
+		Info(logUnpacked)
 }
 
-// backing implements fusefs.Options.Backing: the local file of a verified
-// layer's regular file, read by the kernel without the daemon.
+// logUnpacked is logged once a verified layer's local tree is written.
+const logUnpacked = "spanpull: verified layer unpacked: new mounts stack its local tree, open files read it by passthrough"
+
+// backing implements fusefs.Options.Backing: the file in the verified
+// layer's local tree, read by the kernel without the daemon.
 func (l *lazyLayer) backing(ctx context.Context, e fusefs.Entry) (*os.File, error) {
-	if l.state.Load() != stateVerified || e.Sparse() || e.Size() == 0 {
+	if l.state.Load() != stateVerified || e.Size() == 0 {
 		return nil, nil
 	}
-	return l.r.files.open(l.rec.LayerDigest, e.Offset())
+	return l.r.trees.open(l.rec.LayerDigest, e.Path())
+}
+
+// LocalDir implements snapshotter.RemoteMount: the verified layer's local
+// tree, which overlayfs stacks in place of the FUSE mount.
+func (l *lazyLayer) LocalDir() string {
+	if l.state.Load() != stateVerified {
+		return ""
+	}
+	return l.r.trees.path(l.rec.LayerDigest)
 }
 
 // setState records the layer's verification state.

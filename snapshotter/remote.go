@@ -68,6 +68,12 @@ type RemoteMount interface {
 	Labels() map[string]string
 	// Usage is the local disk space the layer takes (cached data).
 	Usage() snapshots.Usage
+	// LocalDir is a local directory holding the layer as containerd's
+	// overlayfs snapshotter would have unpacked it, verified against the
+	// image, or "" while there is none (the layer is still lazy). Mounts
+	// made from then on stack it in place of the remote mount (see
+	// localize).
+	LocalDir() string
 }
 
 // Labels the snapshotter reads and writes.
@@ -112,7 +118,7 @@ var liveLabels = map[string]bool{LabelVerified: true}
 // overlayfs' Prepare.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	if s.resolver == nil {
-		return s.overlay.Prepare(ctx, key, parent, opts...)
+		return s.localize(s.overlay.Prepare(ctx, key, parent, opts...))
 	}
 	var base snapshots.Info
 	for _, o := range opts {
@@ -122,7 +128,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	}
 	target := base.Labels[LabelSnapshotRef]
 	if target == "" || base.Labels[snapshotters.TargetLayerDigestLabel] == "" {
-		return s.overlay.Prepare(ctx, key, parent, opts...)
+		return s.localize(s.overlay.Prepare(ctx, key, parent, opts...))
 	}
 	if _, err := s.overlay.Stat(ctx, target); err == nil {
 		// Committed before (for another namespace, or by a concurrent

@@ -29,11 +29,12 @@ type bindResolver struct {
 	layers map[string]string // layer digest -> directory
 	err    error             // returned by Mount when set
 	calls  int
-	live   map[string]bool // mounted dirs
+	live   map[string]bool   // mounted dirs
+	local  map[string]string // layer digest -> its LocalDir
 }
 
 func newBindResolver() *bindResolver {
-	return &bindResolver{layers: map[string]string{}, live: map[string]bool{}}
+	return &bindResolver{layers: map[string]string{}, live: map[string]bool{}, local: map[string]string{}}
 }
 
 func (r *bindResolver) Mount(ctx context.Context, dir string, labels map[string]string) (RemoteMount, error) {
@@ -59,7 +60,7 @@ func (r *bindResolver) Mount(ctx context.Context, dir string, labels map[string]
 		return nil, fmt.Errorf("remount ro: %w", err)
 	}
 	r.live[dir] = true
-	return &bindMount{r: r, dir: dir}, nil
+	return &bindMount{r: r, dir: dir, layer: labels[snapshotters.TargetLayerDigestLabel]}, nil
 }
 
 func (r *bindResolver) liveMounts() int {
@@ -69,8 +70,9 @@ func (r *bindResolver) liveMounts() int {
 }
 
 type bindMount struct {
-	r   *bindResolver
-	dir string
+	r     *bindResolver
+	dir   string
+	layer string
 }
 
 func (m *bindMount) Remove() error { return m.Release() }
@@ -78,6 +80,12 @@ func (m *bindMount) Remove() error { return m.Release() }
 func (m *bindMount) Labels() map[string]string { return map[string]string{LabelMode: "lazy"} }
 
 func (m *bindMount) Usage() snapshots.Usage { return snapshots.Usage{Size: 4096} }
+
+func (m *bindMount) LocalDir() string {
+	m.r.mu.Lock()
+	defer m.r.mu.Unlock()
+	return m.r.local[m.layer]
+}
 
 // Release unmounts: a bind mount cannot outlive the test's resolver.
 func (m *bindMount) Release() error {
@@ -274,6 +282,53 @@ func TestRemotePrepare(t *testing.T) {
 	ents, err := os.ReadDir(filepath.Join(root, "snapshots"))
 	if err != nil || len(ents) != 0 {
 		t.Fatalf("snapshot dirs left: %v %v", ents, err)
+	}
+}
+
+// TestRemoteLocalDir: once a remote layer has a local tree, mounts made
+// from then on (a view, a new active snapshot, Mounts of an existing one)
+// stack the tree in place of the remote mount, and a mount made before
+// keeps reading the remote mount.
+func TestRemoteLocalDir(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	sn, r := newL1Snapshotter(ctx, t, t.TempDir())
+	defer sn.Close()
+	before, err := sn.View(ctx, "v1", "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMounted(t, before, func(dir string) {
+		if got := readFile(t, filepath.Join(dir, "hello")); got != "world" {
+			t.Fatalf("view before the tree: hello = %q, want the remote mount's \"world\"", got)
+		}
+	})
+	local := layerDir(t, map[string]string{"hello": "local"})
+	r.mu.Lock()
+	r.local["sha256:l1"] = local
+	r.mu.Unlock()
+
+	view, err := sn.View(ctx, "v2", "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	active, err := sn.Prepare(ctx, "a1", "c1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := sn.Mounts(ctx, "v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, ms := range map[string][]mount.Mount{"view": view, "active": active, "mounts of the earlier view": again} {
+		if !strings.Contains(fmt.Sprint(ms), local) {
+			t.Errorf("%s: mounts %+v do not name the local tree %s", name, ms, local)
+		}
+		withMounted(t, ms, func(dir string) {
+			if got := readFile(t, filepath.Join(dir, "hello")); got != "local" {
+				t.Errorf("%s: hello = %q, want the local tree's \"local\"", name, got)
+			}
+		})
 	}
 }
 

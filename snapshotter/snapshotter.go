@@ -258,12 +258,12 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 
 // Mounts returns the mounts of the active or view snapshot key again.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
-	return s.overlay.Mounts(ctx, key)
+	return s.localize(s.overlay.Mounts(ctx, key))
 }
 
 // View creates a read-only view of parent named key.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	return s.overlay.View(ctx, key, parent, opts...)
+	return s.localize(s.overlay.View(ctx, key, parent, opts...))
 }
 
 // Commit turns the active snapshot key into the committed snapshot name.
