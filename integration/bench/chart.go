@@ -126,13 +126,14 @@ func (rep *report) readChart(dir string) error {
 		return nil
 	}
 	var groups []string
-	ss := []series{{name: "overlayfs (full pull)"}, {name: "spanpull (fully fetched lazy layer)"}}
+	ss := []series{{name: "overlayfs (full pull)"}, {name: "spanpull, started once verified (local tree)"},
+		{name: "spanpull, started while lazy (FUSE, passthrough)"}}
 	for _, s := range rep.ReadSums {
 		groups = append(groups, s.Workload)
-		for i, fs := range []string{fsOverlay, fsSpanpull} {
+		for i, fs := range readFileSystems {
 			label := fmt.Sprintf("%.0f MB/s", s.MBps[fs])
-			if fs == fsSpanpull {
-				label += fmt.Sprintf(" (%.2fx)", s.ThroughputRatio)
+			if t, _ := s.ratios(fs); fs != fsOverlay {
+				label += fmt.Sprintf(" (%.2fx)", t)
 			}
 			ss[i].values, ss[i].labels = append(ss[i].values, s.MBps[fs]), append(ss[i].labels, label)
 		}

@@ -107,20 +107,23 @@ func (rep *report) readMarkdown(b *strings.Builder) {
 		fill = "unthrottled from mount (-read-fast-fill: fill_delay_seconds = 0; it only decides when the layer is complete)"
 	}
 	fmt.Fprintf(b, "The image pulled both ways at once, unshaped: in full into overlayfs, and lazily into spanpull, whose background "+
-		"fill (%s) fetched the whole layer, after which the daemon verified it and unpacked it for passthrough (the harness waits for "+
+		"fill (%s) fetched the whole layer, after which the daemon verified it and unpacked it as a local tree (the harness waits for "+
 		"`spanpull_resolver_layers{state=\"verified\"}`). Each is read through an active snapshot over the image (what `ctr run` mounts "+
-		"for a container), page cache dropped before each pass (`echo 3 > drop_caches`), file systems alternating first: **read all** "+
+		"for a container): **spanpull** is one prepared after the verification (overlayfs over the layer's local tree), **spanpull-fuse** "+
+		"one prepared right after the lazy pull, as for a container started while the layer was lazy (its rootfs stacks the FUSE mount "+
+		"for good; passthrough once verified; diagnostic). Page cache dropped before each pass (`echo 3 > drop_caches`), file systems alternating first: **read all** "+
 		"reads every regular file once, sequentially, in 1 MiB reads (a Go walker); **random** does %d preads of 4 KiB at 4 KiB-aligned "+
 		"offsets, every block of up to %d files (chosen by size, the same on both) equally likely, files opened before the cache is dropped. "+
 		"Medians of %d passes.\n\n", fill, o.RandomReads, sampleFiles, o.ReadRuns)
 	b.WriteString("| image | file system | files | bytes | read all (s) | MB/s | x overlayfs | random 4 KiB median (us) | p99 (us) | x overlayfs |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, s := range rep.ReadSums {
-		for _, fs := range []string{fsOverlay, fsSpanpull} {
-			tr, lr := "1.00x", "1.00x"
-			if fs == fsSpanpull {
-				tr, lr = fmt.Sprintf("%.2fx", s.ThroughputRatio), fmt.Sprintf("%.2fx", s.LatencyRatio)
+		for _, fs := range readFileSystems {
+			if s.MBps[fs] == 0 {
+				continue
 			}
+			t, l := s.ratios(fs)
+			tr, lr := fmt.Sprintf("%.2fx", t), fmt.Sprintf("%.2fx", l)
 			fmt.Fprintf(b, "| %s | %s | %d | %s | %.2f | %.0f | %s | %.0f | %.0f | %s |\n", s.Workload, fs, s.Files, mb(float64(s.Bytes)),
 				float64(s.Bytes)/1e6/s.MBps[fs], s.MBps[fs], tr, s.MedianMicros[fs], s.P99Micros[fs], lr)
 		}

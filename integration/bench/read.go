@@ -21,18 +21,26 @@ import (
 	"github.com/spanpull/spanpull/internal/proc"
 )
 
-// The two file systems the read benchmark compares.
+// The file systems the read benchmark compares.
 const (
 	fsOverlay  = "overlayfs" // containerd's overlayfs snapshotter, after a full pull
-	fsSpanpull = "spanpull"  // the lazy layer once fully fetched and verified (passthrough)
+	fsSpanpull = "spanpull"  // a container started once the lazy layer was verified: overlayfs on its local tree
+	// fsSpanpullFUSE is a container started while the layer was lazy: its
+	// rootfs stacks the FUSE mount for good, read by passthrough once the
+	// layer is verified (a diagnostic).
+	fsSpanpullFUSE = "spanpull-fuse"
 )
+
+// readFileSystems are the file systems of a read pass, in table order.
+var readFileSystems = []string{fsOverlay, fsSpanpull, fsSpanpullFUSE}
 
 // readResult is the read benchmark of one image: a container's rootfs
 // (an active snapshot over the image, as ctr run would mount it) read on
 // overlayfs after a full pull, and on spanpull after a lazy pull whose
 // background fill fetched the whole layer and whose daemon verified it and
-// unpacked it for passthrough. Both are mounted at once; the page cache
-// is dropped before every pass.
+// unpacked it as a local tree (readFileSystems: a snapshot prepared after
+// that, and one prepared while the layer was lazy). All are mounted at
+// once; the page cache is dropped before every pass.
 type readResult struct {
 	Workload string `json:"workload"`
 	// SettledSeconds runs from the start of the lazy pull to the layer's
@@ -108,6 +116,13 @@ func (e *env) readBench(ctx context.Context, o options, w workload, img image, r
 	if _, err := proc.CombinedOutput(ctx, e.snapshotterBin, "pull", "-a", e.containerd.Socket, "-n", ctrNamespace, "--plain-http", img.Lazy); err != nil {
 		return fmt.Errorf("lazy pull: %w", err)
 	}
+	// A container started while the layer is lazy.
+	roots := map[string]string{fsSpanpullFUSE: filepath.Join(e.dir, "read-"+fsSpanpullFUSE)}
+	unmountFUSE, err := e.mountView(ctx, fsSpanpull, "bench-read-fuse-"+w.Name, img.ChainID, roots[fsSpanpullFUSE])
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, unmountFUSE()) }()
 	// The full pull goes while the lazy layer fills.
 	if _, err := e.containerd.Run(ctx, "images", "pull", "--plain-http", img.Full); err != nil {
 		return err
@@ -118,7 +133,6 @@ func (e *env) readBench(ctx context.Context, o options, w workload, img image, r
 	r.SettledSeconds = time.Since(start).Seconds()
 	r.VerifiedLabel = e.verifiedLabel(ctx, img.ChainID)
 
-	roots := map[string]string{}
 	for _, sn := range []string{fsOverlay, fsSpanpull} {
 		target := filepath.Join(e.dir, "read-"+sn)
 		unmount, err := e.mountView(ctx, sn, "bench-read-"+w.Name, img.ChainID, target)
@@ -139,11 +153,8 @@ func (e *env) readBench(ctx context.Context, o options, w workload, img image, r
 	sample := randomSample(files, o.RandomReads)
 	r.RandomFiles = len(sample.files)
 	for n := 1; n <= o.ReadRuns; n++ {
-		order := []string{fsOverlay, fsSpanpull}
-		if n%2 == 0 {
-			order = []string{fsSpanpull, fsOverlay}
-		}
-		for _, sn := range order {
+		for k := range readFileSystems { // each goes first in turn
+			sn := readFileSystems[(k+n-1)%len(readFileSystems)]
 			p, err := readPassOn(roots[sn], files, sample)
 			if err != nil {
 				return fmt.Errorf("%s pass %d: %w", sn, n, err)

@@ -117,7 +117,7 @@ func (rep *report) modeCell(w, l, m string, imageBytes int64) (modeCell, bool) {
 func summarizeRead(r readResult) (readSum, bool) {
 	s := readSum{Workload: r.Workload, Files: r.Files, Bytes: r.Bytes,
 		MBps: map[string]float64{}, MedianMicros: map[string]float64{}, P99Micros: map[string]float64{}}
-	for _, fs := range []string{fsOverlay, fsSpanpull} {
+	for _, fs := range readFileSystems {
 		var mbps, med, p99 []float64
 		for _, p := range r.Passes {
 			if p.FS == fs {
@@ -125,16 +125,26 @@ func summarizeRead(r readResult) (readSum, bool) {
 			}
 		}
 		if len(mbps) == 0 {
+			if fs == fsSpanpullFUSE {
+				continue // a run from before the diagnostic
+			}
 			return s, false
 		}
 		s.Passes = len(mbps)
 		s.MBps[fs], s.MedianMicros[fs], s.P99Micros[fs] = median(mbps), median(med), median(p99)
 	}
+	s.ThroughputRatio, s.LatencyRatio = s.ratios(fsSpanpull)
+	return s, true
+}
+
+// ratios returns file system fs's throughput and median latency over
+// overlayfs's (0 where there is no figure).
+func (s readSum) ratios(fs string) (throughput, latency float64) {
 	if s.MBps[fsOverlay] > 0 {
-		s.ThroughputRatio = s.MBps[fsSpanpull] / s.MBps[fsOverlay]
+		throughput = s.MBps[fs] / s.MBps[fsOverlay]
 	}
 	if s.MedianMicros[fsOverlay] > 0 {
-		s.LatencyRatio = s.MedianMicros[fsSpanpull] / s.MedianMicros[fsOverlay]
+		latency = s.MedianMicros[fs] / s.MedianMicros[fsOverlay]
 	}
-	return s, true
+	return throughput, latency
 }
