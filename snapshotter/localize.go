@@ -3,6 +3,9 @@
 package snapshotter
 
 import (
+	"errors"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -68,7 +71,28 @@ func (s *Snapshotter) localDir(dir string) string {
 		return dir
 	}
 	if local := rm.LocalDir(); local != "" {
-		return local
+		return s.localLink(id, local)
 	}
 	return dir
+}
+
+// localLink returns a path of snapshot id's directory that links to
+// local, the tree of its layer: overlayfs follows it when it mounts, and
+// the lowerdir list keeps the short paths of snapshot directories
+// (containerd shortens long lists to paths relative to their common
+// directory, and mount options cannot exceed a page). When the link
+// cannot be made, local itself.
+func (s *Snapshotter) localLink(id, local string) string {
+	link := filepath.Join(s.root, "snapshots", id, "local")
+	err := os.Symlink(local, link)
+	if errors.Is(err, fs.ErrExist) {
+		if cur, rerr := os.Readlink(link); rerr == nil && cur == local {
+			err = nil
+		}
+	}
+	if err != nil {
+		s.log.WithError(err).WithField("snapshot", id).Warn("spanpull: link to the layer's local tree")
+		return local
+	}
+	return link
 }
