@@ -423,6 +423,7 @@ func (r *Resolver) removeUnused(ctx context.Context, rec store.RemoteLayer) erro
 	}
 	if !layerUsed {
 		errs = append(errs, r.spans.RemoveLayer(ctx, rec.LayerDigest), r.trees.remove(rec.LayerDigest))
+		r.cfg.Metrics.localTrees(r.trees.total())
 	}
 	return errors.Join(errs...)
 }

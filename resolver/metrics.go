@@ -33,6 +33,7 @@ type Metrics struct {
 	quarantines  prometheus.Counter
 	headerChecks prometheus.Counter
 	headerBytes  prometheus.Counter
+	treeBytes    prometheus.Gauge
 
 	mu     sync.Mutex
 	states map[string]string // by snapshot key: the state each served layer is counted in
@@ -87,12 +88,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			"Files whose tar header was checked against their TOC entry before their first byte was served.")),
 		headerBytes: prometheus.NewCounter(counter("header_check_bytes_total",
 			"Uncompressed tar header bytes read to check files against their TOC entries.")),
+		treeBytes: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: snapshotter.MetricsNamespace, Subsystem: metricsSubsystem,
+			Name: "local_tree_bytes", Help: "Bytes of the local trees of verified layers, which new mounts stack in place of FUSE."}),
 		states: make(map[string]string),
 	}
 	for _, c := range []prometheus.Collector{m.bytesFetched, m.spansFetched, m.verifyFailed, m.cacheHits,
 		m.readLatency, m.readErrors, m.layersMounted, m.fallbacks,
 		m.classSpans, m.classBytes, m.classFailures, m.prefetchUse, m.cacheWrites,
-		m.layerStates, m.quarantines, m.headerChecks, m.headerBytes} {
+		m.layerStates, m.quarantines, m.headerChecks, m.headerBytes, m.treeBytes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -210,5 +213,12 @@ func (m *Metrics) headerChecked(n int64) {
 	if m != nil {
 		m.headerChecks.Inc()
 		m.headerBytes.Add(float64(n))
+	}
+}
+
+// localTrees records the bytes of all local trees.
+func (m *Metrics) localTrees(n int64) {
+	if m != nil {
+		m.treeBytes.Set(float64(n))
 	}
 }

@@ -265,6 +265,7 @@ func (r *Resolver) open() (err error) {
 	if r.trees, err = openLocalTrees(filepath.Join(r.cfg.Root, "trees")); err != nil {
 		return err
 	}
+	r.cfg.Metrics.localTrees(r.trees.total())
 	r.sched = span.NewScheduler(span.SchedulerOptions{FillDelay: r.cfg.FillDelay, FillRate: max(r.cfg.FillRate, 0)})
 	r.mem = span.NewMemoryCache(r.cfg.memoryBytes())
 	if r.holder, err = openHolder(context.Background(), r.cfg.Holder, r.log); err != nil {

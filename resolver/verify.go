@@ -233,6 +233,7 @@ func (l *lazyLayer) unpackFiles(ctx context.Context, blob io.Reader) {
 		}
 		return
 	}
+	r.cfg.Metrics.localTrees(r.trees.total())
 	l.log.WithField("bytes", r.trees.usage(l.rec.LayerDigest)).WithField("duration", time.Since(start).Round(time.Millisecond)).
 		Info(logUnpacked)
 }

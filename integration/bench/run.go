@@ -214,13 +214,14 @@ func (e *env) finish(ctx context.Context, o options, mi modeInfo, start time.Tim
 const (
 	metricVerified    = `spanpull_resolver_layers{state="verified"}`
 	metricUnverified  = `spanpull_resolver_layers{state="unverified"}`
+	metricTreeBytes   = `spanpull_resolver_local_tree_bytes`
 	metricQuarantined = `spanpull_resolver_layers{state="quarantined"}`
 )
 
 // waitVerified waits until every lazy layer the daemon serves is
 // verified: the background fill has fetched it whole, the daemon has
-// checked it against the layer digest and diff_id and unpacked it for
-// passthrough. A quarantined layer fails at once.
+// checked it against the layer digest and diff_id and unpacked it as a
+// local tree. A quarantined layer fails at once.
 func (e *env) waitVerified(ctx context.Context, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -234,7 +235,7 @@ func (e *env) waitVerified(ctx context.Context, timeout time.Duration) error {
 			switch {
 			case m[metricQuarantined] > 0:
 				return fmt.Errorf("a lazy layer was quarantined (see the daemon's log %s)", e.snap.Log)
-			case m[metricVerified] > 0 && m[metricUnverified] == 0:
+			case m[metricVerified] > 0 && m[metricUnverified] == 0 && m[metricTreeBytes] > 0:
 				return nil
 			}
 		}
