@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
@@ -179,14 +180,20 @@ func (e *env) readBench(ctx context.Context, o options, w workload, img image, r
 // (what ctr run gives a container) and mounts it at target. The returned
 // function unmounts it and removes the snapshot.
 func (e *env) mountView(ctx context.Context, sn, key, parent, target string) (func() error, error) {
-	ctx = namespaces.WithNamespace(ctx, ctrNamespace)
+	// Under a lease: containerd's garbage collector (a pull runs one)
+	// removes snapshots that nothing references.
+	ctx, done, err := e.client.WithLease(namespaces.WithNamespace(ctx, ctrNamespace), leases.WithExpiration(time.Hour))
+	if err != nil {
+		return nil, err
+	}
 	ss := e.client.SnapshotService(sn)
 	ms, err := ss.Prepare(ctx, key, parent)
 	if err != nil {
-		return nil, fmt.Errorf("prepare %s snapshot %s: %w", sn, key, err)
+		return nil, errors.Join(fmt.Errorf("prepare %s snapshot %s: %w", sn, key, err), done(context.WithoutCancel(ctx)))
 	}
 	remove := func() error {
-		return ss.Remove(namespaces.WithNamespace(context.Background(), ctrNamespace), key)
+		bg := context.WithoutCancel(ctx)
+		return errors.Join(ss.Remove(bg, key), done(bg))
 	}
 	if err := os.MkdirAll(target, 0o755); err != nil {
 		return nil, errors.Join(err, remove())
