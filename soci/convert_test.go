@@ -10,7 +10,6 @@ import (
 	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/soci/socitest"
-	"github.com/spanpull/spanpull/ztoc"
 )
 
 // TestConvert converts a Docker manifest list and a single Docker manifest
@@ -36,8 +35,8 @@ func TestConvert(t *testing.T) {
 			t.Errorf("statuses %v", st)
 		}
 		want := [][]socitest.Want{
-			{{Layer: shared, SpanSize: ztoc.DefaultSpanSize}, {Layer: amd, SpanSize: ztoc.DefaultSpanSize}},
-			{{Layer: shared, SpanSize: ztoc.DefaultSpanSize}, {Layer: arm, SpanSize: ztoc.DefaultSpanSize}},
+			{{Layer: shared, SpanSize: soci.DefaultSpanSize}, {Layer: amd, SpanSize: soci.DefaultSpanSize}},
+			{{Layer: shared, SpanSize: soci.DefaultSpanSize}, {Layer: arm, SpanSize: soci.DefaultSpanSize}},
 		}
 		idx := socitest.CheckConverted(t, reg.Addr, "dst", "list-soci", []socitest.Image{a, b}, want)
 		if b, _, _ := socitest.Manifest(t, reg.Addr, "dst", "list-soci"); res.Image.Size != int64(len(b)) {
@@ -52,7 +51,7 @@ func TestConvert(t *testing.T) {
 
 		// A single Docker manifest: wrapped into an index of its own.
 		res = convert(t, host+"/src:single", host+"/dst2:single-soci", soci.Options{Cache: newCache(t), MinLayerSize: 100000})
-		socitest.CheckConverted(t, reg.Addr, "dst2", "single-soci", []socitest.Image{single}, [][]socitest.Want{{{Layer: amd, SpanSize: ztoc.DefaultSpanSize}}})
+		socitest.CheckConverted(t, reg.Addr, "dst2", "single-soci", []socitest.Image{single}, [][]socitest.Want{{{Layer: amd, SpanSize: soci.DefaultSpanSize}}})
 		socitest.CheckUploads(t, proxy, "dst2", artifacts(res), single)
 
 		// A re-run reuses the zTOC and pushes the same image.
@@ -91,7 +90,7 @@ func TestConvertAcrossRegistries(t *testing.T) {
 	img := socitest.PushImage(t, src.Addr, "app", "v1", "linux/arm64", false, l0, l1)
 	convert(t, src.Addr+"/app:v1", dst.Addr+"/mirror/app:v1-soci", soci.Options{Cache: newCache(t), MinLayerSize: 1000})
 	socitest.CheckConverted(t, dst.Addr, "mirror/app", "v1-soci", []socitest.Image{img},
-		[][]socitest.Want{{{Layer: l0, SpanSize: ztoc.DefaultSpanSize}, {Layer: l1, SpanSize: ztoc.DefaultSpanSize}}})
+		[][]socitest.Want{{{Layer: l0, SpanSize: soci.DefaultSpanSize}, {Layer: l1, SpanSize: soci.DefaultSpanSize}}})
 	if got := socitest.Walk(t, dst, "mirror/app"); len(got) != 1 {
 		t.Errorf("SOCI indexes in DST: %v", got)
 	}
@@ -139,7 +138,7 @@ func TestConvertReusesAcrossImages(t *testing.T) {
 		if st := statuses(res); st[base.Desc.Digest] != soci.LayerReused || st[b1.Desc.Digest] != soci.LayerIndexed {
 			t.Errorf("second conversion: base %s, own layer %s; want reused and indexed", st[base.Desc.Digest], st[b1.Desc.Digest])
 		}
-		socitest.CheckConverted(t, reg.Addr, "dst", "b-soci", []socitest.Image{b}, [][]socitest.Want{{{Layer: base, SpanSize: ztoc.DefaultSpanSize}, {Layer: b1, SpanSize: ztoc.DefaultSpanSize}}})
-		socitest.CheckConverted(t, reg.Addr, "dst", "a-soci", []socitest.Image{a}, [][]socitest.Want{{{Layer: base, SpanSize: ztoc.DefaultSpanSize}, {Layer: a1, SpanSize: ztoc.DefaultSpanSize}}})
+		socitest.CheckConverted(t, reg.Addr, "dst", "b-soci", []socitest.Image{b}, [][]socitest.Want{{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: b1, SpanSize: soci.DefaultSpanSize}}})
+		socitest.CheckConverted(t, reg.Addr, "dst", "a-soci", []socitest.Image{a}, [][]socitest.Want{{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: a1, SpanSize: soci.DefaultSpanSize}}})
 	})
 }

@@ -20,7 +20,6 @@ import (
 	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/soci/socitest"
 	"github.com/spanpull/spanpull/store"
-	"github.com/spanpull/spanpull/ztoc"
 )
 
 // TestCreateLayerKinds indexes an image of six layers: three gzip or tar
@@ -94,12 +93,12 @@ func TestCreateDefaults(t *testing.T) {
 		if l0.Layer.Digest != small.Desc.Digest || l0.Status != soci.LayerSkipped || !errors.Is(l0.Reason, soci.ErrLayerTooSmall) || l0.Ztoc.Digest != "" {
 			t.Errorf("small layer: %+v", l0)
 		}
-		if l1.Layer.Digest != big.Desc.Digest || l1.Status != soci.LayerIndexed || l1.Ztoc.Digest.Validate() != nil || l1.Ztoc.Size <= 0 || l1.Spans != 3 ||
+		if l1.Layer.Digest != big.Desc.Digest || l1.Status != soci.LayerIndexed || l1.Ztoc.Digest.Validate() != nil || l1.Ztoc.Size <= 0 || l1.Spans != 11 || // 11.3 MiB at 1 MiB spans
 			l1.Layer.Size != big.Desc.Size || l1.Layer.MediaType != socitest.OCIGzip || l1.Duration <= 0 {
 			t.Errorf("big layer: %+v", l1)
 		}
 		subject := img.Desc
-		m := socitest.CheckIndex(t, reg.Addr, "defaults", p.Index.Digest, index.V1, &subject, []socitest.Want{{Layer: big, SpanSize: ztoc.DefaultSpanSize}})
+		m := socitest.CheckIndex(t, reg.Addr, "defaults", p.Index.Digest, index.V1, &subject, []socitest.Want{{Layer: big, SpanSize: soci.DefaultSpanSize}})
 		if m.Layers[0].Digest != l1.Ztoc.Digest || m.Layers[0].Size != l1.Ztoc.Size {
 			t.Errorf("result names zTOC %s (%d bytes), index has %+v", l1.Ztoc.Digest, l1.Ztoc.Size, m.Layers[0])
 		}
@@ -136,7 +135,7 @@ func TestCreateReuse(t *testing.T) {
 		r.want(second, "image b", map[digest.Digest]soci.LayerStatus{base.Desc.Digest: soci.LayerReused, b1.Desc.Digest: soci.LayerIndexed})
 		subject := imgB.Desc
 		socitest.CheckIndex(t, reg.Addr, "app", second.Platforms[0].Index.Digest, index.V1, &subject,
-			[]socitest.Want{{Layer: base, SpanSize: ztoc.DefaultSpanSize}, {Layer: b1, SpanSize: ztoc.DefaultSpanSize}})
+			[]socitest.Want{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: b1, SpanSize: soci.DefaultSpanSize}})
 
 		// Re-runs push the same index: the image has one SOCI index.
 		if refs := socitest.SociReferrers(t, reg, "app", imgA.Desc.Digest); len(refs) != 1 || refs[0].Digest != idx {
@@ -263,7 +262,7 @@ func TestCreateSharedLayerNoCache(t *testing.T) {
 		}
 		subject := imgB.Desc
 		socitest.CheckIndex(t, reg.Addr, "shared", res.Platforms[0].Index.Digest, index.V1, &subject,
-			[]socitest.Want{{Layer: base, SpanSize: ztoc.DefaultSpanSize}, {Layer: b1, SpanSize: ztoc.DefaultSpanSize}})
+			[]socitest.Want{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: b1, SpanSize: soci.DefaultSpanSize}})
 	})
 }
 
@@ -345,7 +344,7 @@ func (p *platformsRun) defaultPlatform() {
 		subject := a.Desc
 		subject.Platform = nil
 		socitest.CheckIndex(t, p.reg.Addr, "default", out.res.Platforms[0].Index.Digest, index.V1, &subject,
-			[]socitest.Want{{Layer: p.shared, SpanSize: ztoc.DefaultSpanSize}, {Layer: p.amd, SpanSize: ztoc.DefaultSpanSize}})
+			[]socitest.Want{{Layer: p.shared, SpanSize: soci.DefaultSpanSize}, {Layer: p.amd, SpanSize: soci.DefaultSpanSize}})
 	case "linux/arm64":
 		if len(got) != 1 || got[0] != "linux/arm64" || na != 0 || nb != 1 {
 			t.Errorf("default platform: indexes for %q, referrers amd64 %d arm64 %d; want arm64 only", got, na, nb)
@@ -373,7 +372,7 @@ func (p *platformsRun) onePlatform() {
 	subject := b.Desc
 	subject.Platform = nil
 	socitest.CheckIndex(t, p.reg.Addr, "arm", out.res.Platforms[0].Index.Digest, index.V1, &subject,
-		[]socitest.Want{{Layer: p.shared, SpanSize: ztoc.DefaultSpanSize}, {Layer: p.arm, SpanSize: ztoc.DefaultSpanSize}})
+		[]socitest.Want{{Layer: p.shared, SpanSize: soci.DefaultSpanSize}, {Layer: p.arm, SpanSize: soci.DefaultSpanSize}})
 }
 
 // allPlatforms: every platform, the shared layer built once.
@@ -508,7 +507,7 @@ func newFaults(t *testing.T) *faults {
 		socitest.TarLayer(112, 250<<10),
 	}}
 	for _, l := range f.layers {
-		f.want = append(f.want, socitest.Want{Layer: l, SpanSize: ztoc.DefaultSpanSize})
+		f.want = append(f.want, socitest.Want{Layer: l, SpanSize: soci.DefaultSpanSize})
 	}
 	f.reg = socitest.Registry{Name: "distribution", Addr: registrytest.StartDistribution(t)}
 	return f
@@ -823,7 +822,7 @@ func TestCreateCacheAcrossRegistries(t *testing.T) {
 		t.Errorf("second registry: layer %+v, want reused from the local cache", ls[0])
 	}
 	subject := img.Desc
-	socitest.CheckIndex(t, two, "app", res.Platforms[0].Index.Digest, index.V1, &subject, []socitest.Want{{Layer: l, SpanSize: ztoc.DefaultSpanSize}})
+	socitest.CheckIndex(t, two, "app", res.Platforms[0].Index.Digest, index.V1, &subject, []socitest.Want{{Layer: l, SpanSize: soci.DefaultSpanSize}})
 }
 
 // TestCreateDockerManifestList indexes both platforms of a Docker
@@ -840,7 +839,7 @@ func TestCreateDockerManifestList(t *testing.T) {
 		for i, im := range []socitest.Image{a, b} {
 			subject := im.Desc
 			idx := res.Platforms[i].Index.Digest
-			socitest.CheckIndex(t, reg.Addr, "dlist", idx, index.V1, &subject, []socitest.Want{{Layer: im.Layers[0], SpanSize: ztoc.DefaultSpanSize}})
+			socitest.CheckIndex(t, reg.Addr, "dlist", idx, index.V1, &subject, []socitest.Want{{Layer: im.Layers[0], SpanSize: soci.DefaultSpanSize}})
 			if refs := socitest.SociReferrers(t, reg, "dlist", im.Desc.Digest); len(refs) != 1 || refs[0].Digest != idx {
 				t.Errorf("%s: referrers %+v", platforms.Format(res.Platforms[i].Platform), refs)
 			}
@@ -865,7 +864,7 @@ func TestCreateDockerSchema2(t *testing.T) {
 			t.Fatalf("test image is %s", subject.MediaType)
 		}
 		idx := res.Platforms[0].Index.Digest
-		socitest.CheckIndex(t, reg.Addr, "docker", idx, index.V1, &subject, []socitest.Want{{Layer: l0, SpanSize: ztoc.DefaultSpanSize}, {Layer: l1, SpanSize: ztoc.DefaultSpanSize}})
+		socitest.CheckIndex(t, reg.Addr, "docker", idx, index.V1, &subject, []socitest.Want{{Layer: l0, SpanSize: soci.DefaultSpanSize}, {Layer: l1, SpanSize: soci.DefaultSpanSize}})
 		if refs := socitest.SociReferrers(t, reg, "docker", img.Desc.Digest); len(refs) != 1 || refs[0].Digest != idx {
 			t.Errorf("referrers %+v", refs)
 		}

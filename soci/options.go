@@ -7,15 +7,19 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-
-	"github.com/spanpull/spanpull/ztoc"
 )
 
 // Defaults of the indexing options; callers show them as flag defaults.
 const (
 	// DefaultSpanSize is the uncompressed distance between two checkpoints
-	// of a zTOC: the most a lazy read inflates to reach a byte.
-	DefaultSpanSize = ztoc.DefaultSpanSize
+	// of a zTOC: the most a lazy read inflates to reach a byte. 1 MiB, not
+	// SOCI's 4 MiB (ztoc.DefaultSpanSize), chosen from measurements
+	// (BENCHMARKS.md, "Span size"): a read fetches its span from the
+	// checkpoint, so smaller spans fetch fewer bytes before a container is
+	// ready, and our snapshotter fetches only the windows of the spans it
+	// reads (the pack), so their larger number costs the start nothing.
+	// The zTOC that upstream SOCI reads grows with the windows it holds.
+	DefaultSpanSize = 1 << 20
 	// DefaultMinLayerSize is SOCI's threshold: layers with fewer compressed
 	// bytes are cheaper to pull whole than to mount lazily.
 	DefaultMinLayerSize = 10 << 20

@@ -20,6 +20,7 @@ import (
 	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
+	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/soci/socitest"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
@@ -128,7 +129,7 @@ func TestIndexInspect(t *testing.T) {
 			t.Fatalf("ztoc info: %v", err)
 		}
 		z := socitest.FetchZtoc(t, reg.Addr, "img", zd)
-		if info.Version != ztoc.Version || info.Size != zd.Size || info.SpanSize != ztoc.DefaultSpanSize || info.NumFiles != len(z.Files) ||
+		if info.Version != ztoc.Version || info.Size != zd.Size || info.SpanSize != soci.DefaultSpanSize || info.NumFiles != len(z.Files) ||
 			len(info.Files) != len(z.Files) || info.BuildTool != z.BuildToolIdentifier {
 			t.Errorf("ztoc info: %+v (zTOC has %d files)", info, len(z.Files))
 		}
