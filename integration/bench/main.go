@@ -141,7 +141,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.SlowRuns, "slow-runs", 0, "runs of the large workload on links slower than 100mbit (0: skip them; a full pull takes minutes there)")
 	fs.BoolVar(&o.Settle, "settle", true, "after each lazy and lazy+prefetch run, wait for the background fill and the layer's verification (peak RSS over the whole fill)")
 	fs.DurationVar(&o.SettleTimeout, "settle-timeout", 15*time.Minute, "give up waiting for a lazy layer's verification after this long")
-	fs.Int64Var(&o.SpanSize, "span-size", 0, "span size the images are indexed with, with their packs (0: the indexer's default, 4 MiB; e.g. 1048576)")
+	fs.Int64Var(&o.SpanSize, "span-size", 0, "span size the images are indexed with, with their packs (0: the indexer's default, soci.DefaultSpanSize; e.g. 4194304, SOCI's)")
 	fs.IntVar(&o.ReadRuns, "read-runs", 3, "passes of the read benchmark per file system (the median is reported)")
 	fs.IntVar(&o.RandomReads, "random-reads", 2000, "random 4 KiB reads per pass of the read benchmark")
 	fs.BoolVar(&o.ReadFastFill, "read-fast-fill", false, "read benchmark: start the fill at mount, unthrottled (fill_delay_seconds = 0), to reach a verified layer sooner; reads of a verified layer do not depend on it")

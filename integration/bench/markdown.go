@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/spanpull/spanpull/soci"
 )
 
 func mb(b float64) string { return fmt.Sprintf("%.1f MB", b/1e6) }
@@ -54,14 +56,14 @@ func (rep *report) pullMarkdown(b *strings.Builder) {
 		"delay proxy (unshaped: no tbf, no delay). Bytes and requests are counted in that proxy for every mode (HTTP "+
 		"responses, headers included); bytes before ready are its counter when the ready line appeared (the background "+
 		"fill goes on after it). Span size: %s. Modes:\n\n", o.RTTms,
-		map[bool]string{true: fmt.Sprintf("%d bytes (`indexer convert --span-size %d`, packs included)", o.SpanSize, o.SpanSize), false: "the indexer's default, 4 MiB"}[o.SpanSize > 0])
+		map[bool]string{true: fmt.Sprintf("%d bytes (`indexer convert --span-size %d`, packs included)", o.SpanSize, o.SpanSize), false: fmt.Sprintf("the indexer's default, %d KiB", soci.DefaultSpanSize>>10)}[o.SpanSize > 0])
 	for _, m := range o.Modes {
 		fmt.Fprintf(b, "- **%s**: %s\n", m, modes[m].About)
 	}
 	settle := "off (-settle=false): peak RSS is read at the container's exit"
 	if o.Settle {
 		settle = "on: after each lazy and lazy+prefetch run the harness waits until the daemon reports the layer verified " +
-			"(fill done, layer checked against its digests, unpacked for passthrough); \"settled\" is that time from the pull's start, " +
+			"(fill done, layer checked against its digests, unpacked as a local tree); \"settled\" is that time from the pull's start, " +
 			"peak RSS (VmHWM) is read after it"
 	}
 	fmt.Fprintf(b, "\nSettling: %s.\n", settle)
@@ -111,7 +113,7 @@ func (rep *report) readMarkdown(b *strings.Builder) {
 		"`spanpull_resolver_layers{state=\"verified\"}`). Each is read through an active snapshot over the image (what `ctr run` mounts "+
 		"for a container): **spanpull** is one prepared after the verification (overlayfs over the layer's local tree), **spanpull-fuse** "+
 		"one prepared right after the lazy pull, as for a container started while the layer was lazy (its rootfs stacks the FUSE mount "+
-		"for good; passthrough once verified; diagnostic). Page cache dropped before each pass (`echo 3 > drop_caches`), file systems alternating first: **read all** "+
+		"for good; passthrough once verified; diagnostic). Page cache dropped before each pass (`echo 3 > drop_caches`), file systems taking turns to go first: **read all** "+
 		"reads every regular file once, sequentially, in 1 MiB reads (a Go walker); **random** does %d preads of 4 KiB at 4 KiB-aligned "+
 		"offsets, every block of up to %d files (chosen by size, the same on both) equally likely, files opened before the cache is dropped. "+
 		"Medians of %d passes.\n\n", fill, o.RandomReads, sampleFiles, o.ReadRuns)
