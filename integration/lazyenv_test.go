@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -321,6 +322,26 @@ func (e *lazyEnv) storedZtoc(t *testing.T) (*ztoc.Ztoc, []ztoc.Span) {
 
 // cachedSpans returns the IDs of the Debian layer's spans in the span
 // cache.
+// keptWindows counts the checkpoint windows the daemon keeps on disk
+// (fetched from packs' windows blobs), over all layers.
+func (e *lazyEnv) keptWindows(t *testing.T) int {
+	t.Helper()
+	n := 0
+	err := filepath.WalkDir(filepath.Join(e.sn.Root, "remote", "windows"), func(_ string, d fs.DirEntry, err error) error {
+		if os.IsNotExist(err) {
+			return filepath.SkipDir
+		}
+		if err == nil && d.Type().IsRegular() {
+			n++
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 func (e *lazyEnv) cachedSpans(t *testing.T) map[ztoc.SpanID]bool {
 	t.Helper()
 	ents, err := os.ReadDir(filepath.Join(e.spansDir(), e.layerDesc.Digest.Encoded()))
