@@ -169,8 +169,8 @@ func (l *lazyLayer) completed(ctx context.Context) {
 
 // fullZtoc returns the layer's zTOC with every TOC entry decoded and every
 // checkpoint's window: for a layer mounted from a pack head, the zTOC the
-// head was made from, rebuilt with the pack's windows blob (fetched whole)
-// and checked against the zTOC digest of the index.
+// head was made from, with the pack's windows blob (fetched whole,
+// checked against the head) attached for VerifyLayer to decode.
 func (l *lazyLayer) fullZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	if l.rec.HeadDigest != "" {
 		return l.restoreZtoc(ctx)
@@ -209,8 +209,10 @@ func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	}
 	// Not Restore: whoever calls this checks the zTOC against the layer
 	// itself (VerifyLayer against the image's digests), so encoding it
-	// again to compare with the zTOC digest would only take memory.
-	return h.WithWindows(windows)
+	// again to compare with the zTOC digest would only take memory; and
+	// the windows stay in their blob, decoded one at a time by the check
+	// (a layer at 1 MiB spans has about a thousand: 32 MiB decoded).
+	return h.AttachWindows(windows)
 }
 
 // unpackFiles writes the tree of the verified layer, read from blob (its

@@ -279,14 +279,52 @@ func (h *PackHead) Restore(windows []byte) (*Ztoc, []byte, error) {
 	return z, b, nil
 }
 
+// checkWindowsBlob checks that windows is the pack's windows blob.
+func (h *PackHead) checkWindowsBlob(windows []byte) error {
+	if int64(len(windows)) != h.WindowsSize || digest.FromBytes(windows) != h.WindowsDigest {
+		return fmt.Errorf("restore zTOC %s: the windows blob is not %s (%d bytes)", h.ZtocDigest, h.WindowsDigest, h.WindowsSize)
+	}
+	return nil
+}
+
+// AttachWindows returns the head's zTOC with the windows blob (checked
+// against the head's digest) attached as it is: VerifyLayer decodes each
+// checkpoint's window when the inflation reaches it (and checks it
+// against the head), so a layer of a thousand spans is verified without
+// its 32 MiB of decoded windows in memory. Unlike Restore's, this zTOC
+// cannot be encoded.
+func (h *PackHead) AttachWindows(windows []byte) (*Ztoc, error) {
+	if err := h.checkWindowsBlob(windows); err != nil {
+		return nil, err
+	}
+	z := *h.Ztoc
+	if z.windowless != nil {
+		z.windows = &attachedWindows{head: h.WindowTable(), blob: windows}
+	}
+	return &z, nil
+}
+
+// attachedWindows is a pack's windows blob attached to a zTOC
+// (AttachWindows).
+type attachedWindows struct {
+	head *PackHead // its window table
+	blob []byte
+}
+
+// window decodes checkpoint k's window.
+func (a *attachedWindows) window(k int) ([]byte, error) {
+	off, n := a.head.WindowRange(SpanID(k))
+	return a.head.DecodeWindow(SpanID(k), a.blob[off:off+n])
+}
+
 // WithWindows returns the head's zTOC with every checkpoint's window, from
 // the windows blob (checked against the digests the head records), but
 // without encoding it to compare it with the zTOC digest as Restore does:
 // for a reader that checks the zTOC against the layer itself
 // (VerifyLayer), the encoding is only memory (the size of the zTOC).
 func (h *PackHead) WithWindows(windows []byte) (*Ztoc, error) {
-	if int64(len(windows)) != h.WindowsSize || digest.FromBytes(windows) != h.WindowsDigest {
-		return nil, fmt.Errorf("restore zTOC %s: the windows blob is not %s (%d bytes)", h.ZtocDigest, h.WindowsDigest, h.WindowsSize)
+	if err := h.checkWindowsBlob(windows); err != nil {
+		return nil, err
 	}
 	z := *h.Ztoc
 	if z.windowless == nil {

@@ -311,7 +311,10 @@ func (v *layerVerifier) passTar(ctx context.Context, first chunk, inputs <-chan 
 
 // checkGzip inflates a gzip layer, checking the zTOC's checkpoints.
 func (v *layerVerifier) checkGzip(ctx context.Context, first chunk, inputs <-chan chunk, stream chan<- chunk, hashed chan<- hashChunk) error {
-	zi, err := UnmarshalGzipZinfo(v.z.Checkpoints)
+	zi, err := v.z.gzipZinfo()
+	if err == nil && v.z.windowless != nil && v.z.windows == nil {
+		err = errors.New("the zTOC's checkpoints have no windows (attach the pack's windows blob)")
+	}
 	if err != nil {
 		first.release()
 		return err
@@ -319,7 +322,7 @@ func (v *layerVerifier) checkGzip(ctx context.Context, first chunk, inputs <-cha
 	// A small layer needs no 1 MiB output chunks (the chunk size does not
 	// change what is checked).
 	outSize := int(min(int64(outputChunkSize), max(v.z.UncompressedArchiveSize, 64<<10)))
-	return checkInflate(ctx, first, inputs, stream, hashed, zi.Checkpoints, outSize)
+	return checkInflate(ctx, first, inputs, stream, hashed, checkpoints{list: zi.Checkpoints, windows: v.z.windows}, outSize)
 }
 
 // hashStream hashes the uncompressed stream on its way from the inflate

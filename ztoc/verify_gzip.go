@@ -17,7 +17,7 @@ import (
 // builder could have recorded passes.
 type gzipChecker struct {
 	*gzipInflater // its spanRecorder collects the checkpoints met so far
-	want          []Checkpoint
+	want          checkpoints
 	// seen is a block boundary met at the next checkpoint's uncompressed
 	// offset but before its compressed offset (a run of empty blocks has
 	// several); it names the real offsets when the checkpoint is missed.
@@ -28,7 +28,7 @@ type gzipChecker struct {
 // inflates the blob's chunks from in to out (in chunks of outSize bytes),
 // checking the checkpoints want, and hands each input chunk to hashed with
 // the places where spans start in it. It closes neither out nor hashed.
-func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, hashed chan<- hashChunk, want []Checkpoint, outSize int) error {
+func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- chunk, hashed chan<- hashChunk, want checkpoints, outSize int) error {
 	inf, err := newInflater(windowBitsGzip)
 	if err != nil {
 		first.release()
@@ -43,10 +43,25 @@ func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- 
 	if err := g.finish(ctx); err != nil {
 		return err
 	}
-	if k := len(g.s.checkpoints); k < len(want) {
+	if k := len(g.s.checkpoints); k < len(want.list) {
 		return c.missed(k)
 	}
 	return nil
+}
+
+// checkpoints are the checkpoints VerifyLayer checks, with their windows
+// in the list or, for a zTOC from a pack head, decoded one at a time.
+type checkpoints struct {
+	list    []Checkpoint
+	windows *attachedWindows // nil: the list has the windows
+}
+
+// window returns checkpoint k's window.
+func (c checkpoints) window(k int) ([]byte, error) {
+	if c.windows == nil {
+		return c.list[k].Window, nil
+	}
+	return c.windows.window(k)
 }
 
 // inflateChunk inflates one input chunk, as gzipInflater.inflateChunk
@@ -79,9 +94,9 @@ func (c *gzipChecker) step(ctx context.Context, data []byte, hc *hashChunk) (int
 	g := c.gzipInflater
 	out, flush := g.cur[g.pos:], zNoFlush
 	k := len(g.s.checkpoints)
-	near := k < len(c.want)
+	near := k < len(c.want.list)
 	if near {
-		if room := c.want[k].Out - 1 - g.totOut; room > 0 {
+		if room := c.want.list[k].Out - 1 - g.totOut; room > 0 {
 			out, near = out[:min(int64(len(out)), room)], false
 		} else {
 			flush = zBlock
@@ -112,7 +127,7 @@ func (c *gzipChecker) step(ctx context.Context, data []byte, hc *hashChunk) (int
 func (c *gzipChecker) check(dt int, hc *hashChunk) error {
 	g := c.gzipInflater
 	k := len(g.s.checkpoints)
-	want := &c.want[k]
+	want := &c.want.list[k]
 	// A boundary a reader can resume at: the end of a block that is not
 	// a member's last, or the end of a member's header (as the builder).
 	resumable := dt&128 != 0 && dt&64 == 0 && !g.memberDone
@@ -132,9 +147,13 @@ func (c *gzipChecker) check(dt int, hc *hashChunk) error {
 		return &MismatchError{Part: PartCheckpoint, Index: k, Field: "bits",
 			Got: fmt.Sprint(bits), Want: fmt.Sprint(want.Bits)}
 	}
-	if window := g.cur[g.pos-WindowSize : g.pos]; !bytes.Equal(window, want.Window) {
+	wantWindow, err := c.want.window(k)
+	if err != nil {
+		return fmt.Errorf("checkpoint %d: %w", k, err)
+	}
+	if window := g.cur[g.pos-WindowSize : g.pos]; !bytes.Equal(window, wantWindow) {
 		return &MismatchError{Part: PartCheckpoint, Index: k, Field: "window",
-			Got: digest.FromBytes(window).String(), Want: digest.FromBytes(want.Window).String()}
+			Got: digest.FromBytes(window).String(), Want: digest.FromBytes(wantWindow).String()}
 	}
 	hc.cuts = append(hc.cuts, streamCut{in: g.totIn, out: g.totOut, bits: bits, span: true})
 	g.s.checkpoints = append(g.s.checkpoints, Checkpoint{In: g.totIn, Out: g.totOut, Bits: bits})
@@ -144,7 +163,7 @@ func (c *gzipChecker) check(dt int, hc *hashChunk) error {
 
 // missed reports checkpoint k, which the walk has passed without meeting.
 func (c *gzipChecker) missed(k int) error {
-	want := &c.want[k]
+	want := &c.want.list[k]
 	if c.seen != nil {
 		return &MismatchError{Part: PartCheckpoint, Index: k, Field: "in",
 			Got: fmt.Sprintf("%d (bits %d)", c.seen.In, c.seen.Bits), Want: fmt.Sprintf("%d (bits %d)", want.In, want.Bits)}

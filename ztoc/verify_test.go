@@ -212,6 +212,34 @@ func TestVerifyLayerForgeries(t *testing.T) {
 			vfMismatch(t, err, PartCheckpoint, k, c.field)
 		})
 	}
+	// Through a pack, the windows stay in the windows blob and are decoded
+	// one at a time (PackHead.AttachWindows): the genuine zTOC verifies, a
+	// forged window (consistent with its pack) is caught, and a head's
+	// zTOC with no windows attached is an error, not a verdict.
+	t.Run("pack", func(t *testing.T) {
+		_, _, windows, h := packOf(t, z)
+		attached, err := h.AttachWindows(windows)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := vfVerify(t, gz, attached, want); err != nil {
+			t.Fatalf("genuine zTOC with its windows attached: %v", err)
+		}
+		if _, err := h.AttachWindows(append([]byte{0}, windows...)); err == nil {
+			t.Error("AttachWindows took a blob that is not the pack's")
+		}
+		var m *MismatchError
+		if _, err := vfVerify(t, gz, h.Ztoc, want); err == nil || errors.As(err, &m) {
+			t.Errorf("head's zTOC without windows: %v, want an error that is not a mismatch", err)
+		}
+		forged := vfForgeCheckpoints(t, z, func(zi *GzipZinfo) { zi.Checkpoints[k].Window = zi.Checkpoints[k+1].Window })
+		_, _, fw, fh := packOf(t, forged)
+		if attached, err = fh.AttachWindows(fw); err != nil {
+			t.Fatal(err)
+		}
+		_, err = vfVerify(t, gz, attached, want)
+		vfMismatch(t, err, PartCheckpoint, k, "window")
+	})
 	t.Run("checkpoint/added-inside-a-block", func(t *testing.T) {
 		forged := vfForgeCheckpoints(t, z, func(zi *GzipZinfo) {
 			a, b := zi.Checkpoints[k], zi.Checkpoints[k+1]
