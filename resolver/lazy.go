@@ -58,6 +58,9 @@ type lazyLayer struct {
 	// quarantined layer is repaired.
 	spans atomic.Pointer[span.Layer]
 	z     atomic.Pointer[ztoc.Ztoc]
+	// windows gives the checkpoint windows of a layer mounted from a
+	// pack (nil otherwise).
+	windows *soci.Windows
 
 	recorder *record.LayerRecorder
 	state    atomic.Value // string: stateUnverified, ...
@@ -117,7 +120,7 @@ func (r *Resolver) openLazy(rec store.RemoteLayer, li *soci.LayerIndex, repo *re
 	if li.Windows != nil {
 		li.Windows.OnFetch(func(n int64) { r.cfg.Metrics.fetched("window", n) })
 		li.Windows.KeepIn(r.windowsDir(rec))
-		windows = li.Windows
+		windows, l.windows = li.Windows, li.Windows
 	}
 	sl, err := r.newSpanLayer(repo, l.layerDesc(), &z, windows)
 	if err != nil {

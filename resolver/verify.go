@@ -169,8 +169,8 @@ func (l *lazyLayer) completed(ctx context.Context) {
 
 // fullZtoc returns the layer's zTOC with every TOC entry decoded and every
 // checkpoint's window: for a layer mounted from a pack head, the zTOC the
-// head was made from, with the pack's windows blob (fetched whole,
-// checked against the head) attached for VerifyLayer to decode.
+// head was made from, whose windows VerifyLayer takes one at a time from
+// the layer's soci.Windows (kept on disk by the fill, else fetched).
 func (l *lazyLayer) fullZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	if l.rec.HeadDigest != "" {
 		return l.restoreZtoc(ctx)
@@ -195,6 +195,11 @@ func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	if err != nil {
 		return nil, err
 	}
+	if w := l.windows; w != nil {
+		// The windows the reads and the fill kept on disk, else fetched
+		// one by one (and kept).
+		return h.WithWindowSource(func(id ztoc.SpanID) ([]byte, error) { return w.Window(ctx, id) }), nil
+	}
 	var windows []byte
 	if h.WindowsSize > 0 {
 		repo, err := l.r.repo(l.rec.ImageRef)
@@ -210,8 +215,8 @@ func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	// Not Restore: whoever calls this checks the zTOC against the layer
 	// itself (VerifyLayer against the image's digests), so encoding it
 	// again to compare with the zTOC digest would only take memory; and
-	// the windows stay in their blob, decoded one at a time by the check
-	// (a layer at 1 MiB spans has about a thousand: 32 MiB decoded).
+	// the windows are decoded one at a time by the check (a layer at 1 MiB
+	// spans has about a thousand: 32 MiB decoded).
 	return h.AttachWindows(windows)
 }
 

@@ -287,34 +287,31 @@ func (h *PackHead) checkWindowsBlob(windows []byte) error {
 	return nil
 }
 
-// AttachWindows returns the head's zTOC with the windows blob (checked
-// against the head's digest) attached as it is: VerifyLayer decodes each
-// checkpoint's window when the inflation reaches it (and checks it
-// against the head), so a layer of a thousand spans is verified without
-// its 32 MiB of decoded windows in memory. Unlike Restore's, this zTOC
-// cannot be encoded.
+// WithWindowSource returns the head's zTOC with the windows of its
+// checkpoints given one at a time by window (span id -> its decoded 32
+// KiB window, checked against the head, as soci.Windows and AttachWindows
+// give them): VerifyLayer asks for each when the inflation reaches it, so
+// a layer of a thousand spans is verified without its 32 MiB of decoded
+// windows in memory. Unlike Restore's, this zTOC cannot be encoded.
+func (h *PackHead) WithWindowSource(window func(SpanID) ([]byte, error)) *Ztoc {
+	z := *h.Ztoc
+	if z.windowless != nil {
+		z.windows = window
+	}
+	return &z
+}
+
+// AttachWindows is WithWindowSource over the windows blob (checked against
+// the head's digest), decoding each window from it when asked.
 func (h *PackHead) AttachWindows(windows []byte) (*Ztoc, error) {
 	if err := h.checkWindowsBlob(windows); err != nil {
 		return nil, err
 	}
-	z := *h.Ztoc
-	if z.windowless != nil {
-		z.windows = &attachedWindows{head: h.WindowTable(), blob: windows}
-	}
-	return &z, nil
-}
-
-// attachedWindows is a pack's windows blob attached to a zTOC
-// (AttachWindows).
-type attachedWindows struct {
-	head *PackHead // its window table
-	blob []byte
-}
-
-// window decodes checkpoint k's window.
-func (a *attachedWindows) window(k int) ([]byte, error) {
-	off, n := a.head.WindowRange(SpanID(k))
-	return a.head.DecodeWindow(SpanID(k), a.blob[off:off+n])
+	t := h.WindowTable()
+	return h.WithWindowSource(func(id SpanID) ([]byte, error) {
+		off, n := t.WindowRange(id)
+		return t.DecodeWindow(id, windows[off:off+n])
+	}), nil
 }
 
 // WithWindows returns the head's zTOC with every checkpoint's window, from

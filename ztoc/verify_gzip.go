@@ -53,7 +53,7 @@ func checkInflate(ctx context.Context, first chunk, in <-chan chunk, out chan<- 
 // in the list or, for a zTOC from a pack head, decoded one at a time.
 type checkpoints struct {
 	list    []Checkpoint
-	windows *attachedWindows // nil: the list has the windows
+	windows func(SpanID) ([]byte, error) // nil: the list has the windows
 }
 
 // window returns checkpoint k's window.
@@ -61,7 +61,7 @@ func (c checkpoints) window(k int) ([]byte, error) {
 	if c.windows == nil {
 		return c.list[k].Window, nil
 	}
-	return c.windows.window(k)
+	return c.windows(SpanID(k))
 }
 
 // inflateChunk inflates one input chunk, as gzipInflater.inflateChunk

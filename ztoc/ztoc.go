@@ -132,9 +132,9 @@ type Ztoc struct {
 	// checkpoints without their windows (which live in the pack's windows
 	// blob); Checkpoints is then nil. Spans reads it, Marshal refuses it.
 	windowless *GzipZinfo
-	// windows, set by PackHead.AttachWindows on a windowless zTOC, gives
-	// VerifyLayer each checkpoint's window.
-	windows *attachedWindows
+	// windows, set by PackHead.WithWindowSource on a windowless zTOC,
+	// gives VerifyLayer each checkpoint's window.
+	windows func(SpanID) ([]byte, error)
 }
 
 // CompressionInfo says how to restart decompression at each span and how to
