@@ -34,7 +34,9 @@ import (
 // snapshots.Cleaner on top of overlayfs. Local layers behave exactly like
 // containerd's "overlayfs" snapshotter (it is used underneath, sharing one
 // metadata store); remote layers are mounted on the snapshot's "fs"
-// directory, which overlayfs then stacks as a lower dir like any other.
+// directory, which overlayfs then stacks as a lower dir like any other,
+// until the layer has a verified local tree, which mounts made from then
+// on stack instead (localize).
 type Snapshotter struct {
 	root        string
 	ms          *storage.MetaStore
