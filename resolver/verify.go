@@ -11,10 +11,8 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/fusefs"
-	"github.com/spanpull/spanpull/index"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/store"
 	"github.com/spanpull/spanpull/ztoc"
@@ -195,29 +193,16 @@ func (l *lazyLayer) restoreZtoc(ctx context.Context) (*ztoc.Ztoc, error) {
 	if err != nil {
 		return nil, err
 	}
-	if w := l.windows; w != nil {
-		// The windows the reads and the fill kept on disk, else fetched
-		// one by one (and kept).
-		return h.WithWindowSource(func(id ztoc.SpanID) ([]byte, error) { return w.Window(ctx, id) }), nil
-	}
-	var windows []byte
-	if h.WindowsSize > 0 {
-		repo, err := l.r.repo(l.rec.ImageRef)
-		if err != nil {
-			return nil, err
-		}
-		windows, err = repo.FetchBlobBytes(ctx, ocispec.Descriptor{MediaType: index.MediaTypePackWindows, Digest: h.WindowsDigest, Size: h.WindowsSize}, h.WindowsSize)
-		l.r.cfg.Metrics.fetched("window", int64(len(windows)))
-		if err != nil {
-			return nil, fmt.Errorf("fetch the pack's windows blob: %w", err)
-		}
-	}
 	// Not Restore: whoever calls this checks the zTOC against the layer
 	// itself (VerifyLayer against the image's digests), so encoding it
-	// again to compare with the zTOC digest would only take memory; and
-	// the windows are decoded one at a time by the check (a layer at 1 MiB
-	// spans has about a thousand: 32 MiB decoded).
-	return h.AttachWindows(windows)
+	// again to compare with the zTOC digest would only take memory. The
+	// check takes the windows one at a time (a layer at 1 MiB spans has
+	// about a thousand, 32 MiB decoded): those the reads and the fill kept
+	// on disk, else fetched one by one (and kept).
+	if w := l.windows; w != nil {
+		return h.WithWindowSource(func(id ztoc.SpanID) ([]byte, error) { return w.Window(ctx, id) }), nil
+	}
+	return h.AttachWindows(nil) // a layer without windows (tar)
 }
 
 // unpackFiles writes the tree of the verified layer, read from blob (its
