@@ -100,7 +100,7 @@ func ComputeChunks(algorithm Compression, s Span, compressed []byte, size int64)
 	switch algorithm {
 	case Uncompressed:
 	case Gzip:
-		g, err := openGzipSpan(s, compressed)
+		g, err := openGzipSpan(s, compressedSource{in: compressed})
 		if err != nil {
 			return nil, err
 		}

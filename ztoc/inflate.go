@@ -53,29 +53,89 @@ func InflateSpan(algorithm Compression, s Span, compressed []byte, off int64, ds
 // in order and as they are inflated, stopping at to. compressed must be the
 // span's verified compressed bytes. emit must not keep the slice.
 func InflateRange(algorithm Compression, s Span, compressed []byte, from, to int64, emit func([]byte) error) error {
+	return inflateRange(algorithm, s, compressedSource{in: compressed}, from, to, emit)
+}
+
+// InflateStream is InflateRange over compressed bytes that arrive while
+// they are inflated: src yields span s's compressed bytes from the span
+// start, each byte verified before src returns it, and the bytes of the
+// range are emitted as soon as the bytes read so far produce them. It
+// lets a reader of the start of a span be served while the rest of the
+// span is still on its way.
+func InflateStream(algorithm Compression, s Span, src io.Reader, from, to int64, emit func([]byte) error) error {
+	return inflateRange(algorithm, s, compressedSource{src: src}, from, to, emit)
+}
+
+// compressedSource is where a span's compressed bytes come from: a slice
+// that holds them all (in), or a reader that yields them (src).
+type compressedSource struct {
+	in  []byte
+	src io.Reader
+}
+
+func inflateRange(algorithm Compression, s Span, c compressedSource, from, to int64, emit func([]byte) error) error {
 	if from >= to {
 		return nil
 	}
 	switch algorithm {
 	case Uncompressed:
-		return emit(compressed[from-s.UncompressedStart : to-s.UncompressedStart])
+		return copyRange(s, c, from, to, emit)
 	case Gzip:
-		return inflateGzipRange(s, compressed, from, to, emit)
+		return inflateGzipRange(s, c, from, to, emit)
 	}
 	return fmt.Errorf("span %d: unknown compression %d", s.ID, algorithm)
 }
 
-// inflateGzipRange is InflateRange for a gzip layer: it inflates span s
+// copyRange is inflateRange for an uncompressed layer, whose span bytes
+// are the stream's bytes.
+func copyRange(s Span, c compressedSource, from, to int64, emit func([]byte) error) error {
+	if c.src == nil {
+		if to-s.UncompressedStart > int64(len(c.in)) {
+			return fmt.Errorf("span %d: %d bytes end before uncompressed offset %d: %w", s.ID, len(c.in), to, io.ErrUnexpectedEOF)
+		}
+		return emit(c.in[from-s.UncompressedStart : to-s.UncompressedStart])
+	}
+	if _, err := io.CopyN(io.Discard, c.src, from-s.UncompressedStart); err != nil {
+		return fmt.Errorf("span %d: skip to uncompressed offset %d: %w", s.ID, from, unexpected(err))
+	}
+	var buf [64 << 10]byte
+	for pos := from; pos < to; {
+		n, err := c.src.Read(buf[:min(int64(len(buf)), to-pos)])
+		if n > 0 {
+			if err := emit(buf[:n]); err != nil {
+				return err
+			}
+			pos += int64(n)
+		}
+		if err != nil && pos < to {
+			return fmt.Errorf("span %d: bytes ended at uncompressed offset %d, before %d: %w", s.ID, pos, to, unexpected(err))
+		}
+	}
+	return nil
+}
+
+// unexpected turns the end of the input into io.ErrUnexpectedEOF.
+func unexpected(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// inflateGzipRange is inflateRange for a gzip layer: it inflates span s
 // from its checkpoint, member after member, and passes on the bytes from
 // from on.
-func inflateGzipRange(s Span, compressed []byte, from, to int64, emit func([]byte) error) error {
-	g, err := openGzipSpan(s, compressed)
+func inflateGzipRange(s Span, c compressedSource, from, to int64, emit func([]byte) error) error {
+	g, err := openGzipSpan(s, c)
 	if err != nil {
 		return err
 	}
 	defer g.inf.close()
 	var buf [64 << 10]byte
 	for g.pos < to {
+		if err := g.fill(1); err != nil {
+			return err
+		}
 		if g.memberDone {
 			more, err := g.nextMember()
 			if err != nil {
@@ -102,7 +162,7 @@ func inflateGzipRange(s Span, compressed []byte, from, to int64, emit func([]byt
 			}
 			g.pos += int64(produced)
 		}
-		if !progress {
+		if !progress && g.src == nil {
 			break
 		}
 	}
@@ -120,21 +180,27 @@ func inflateGzipRange(s Span, compressed []byte, from, to int64, emit func([]byt
 type gzipSpan struct {
 	s          Span
 	inf        *inflater
-	in         []byte // compressed bytes not consumed yet
-	pos        int64  // uncompressed offset of the next byte out
-	raw        bool   // still in the checkpoint's member
-	memberDone bool   // the current member's deflate stream has ended
+	in         []byte    // compressed bytes not consumed yet
+	src        io.Reader // more compressed bytes; nil once they ended (or with all of them in in)
+	buf        []byte    // what in points into when bytes come from src
+	pos        int64     // uncompressed offset of the next byte out
+	raw        bool      // still in the checkpoint's member
+	memberDone bool      // the current member's deflate stream has ended
 }
 
 // openGzipSpan returns an inflater resumed at span s's checkpoint: the
 // bits of the first byte that belong to the span, then the window. The
 // caller must close g.inf.
-func openGzipSpan(s Span, compressed []byte) (*gzipSpan, error) {
+func openGzipSpan(s Span, c compressedSource) (*gzipSpan, error) {
 	inf, err := newInflater(windowBitsRaw)
 	if err != nil {
 		return nil, err
 	}
-	g := &gzipSpan{s: s, inf: inf, in: compressed, pos: s.UncompressedStart, raw: true}
+	g := &gzipSpan{s: s, inf: inf, in: c.in, src: c.src, pos: s.UncompressedStart, raw: true}
+	if err := g.fill(1); err != nil {
+		inf.close()
+		return nil, err
+	}
 	if s.Bits > 0 {
 		if len(g.in) == 0 {
 			inf.close()
@@ -158,6 +224,9 @@ func openGzipSpan(s Span, compressed []byte) (*gzipSpan, error) {
 // member's header is zlib's to parse. more is false when the compressed
 // bytes end first.
 func (g *gzipSpan) nextMember() (more bool, err error) {
+	if err := g.fill(gzipTrailerSize + 1); err != nil {
+		return false, err
+	}
 	if g.raw {
 		if len(g.in) < gzipTrailerSize {
 			return false, fmt.Errorf("span %d: gzip trailer truncated", g.s.ID)
@@ -165,7 +234,11 @@ func (g *gzipSpan) nextMember() (more bool, err error) {
 		g.in, g.raw = g.in[gzipTrailerSize:], false
 	}
 	for len(g.in) > 0 && g.in[0] == 0 {
-		g.in = g.in[1:]
+		if g.in = g.in[1:]; len(g.in) == 0 {
+			if err := g.fill(1); err != nil {
+				return false, err
+			}
+		}
 	}
 	if len(g.in) == 0 {
 		return false, nil
@@ -175,6 +248,29 @@ func (g *gzipSpan) nextMember() (more bool, err error) {
 	}
 	g.memberDone = false
 	return true, nil
+}
+
+// streamBuffer is how many compressed bytes gzipSpan reads from its
+// source at a time.
+const streamBuffer = 64 << 10
+
+// fill makes at least n compressed bytes available in g.in, reading them
+// from g.src; fewer are there only once the source has ended.
+func (g *gzipSpan) fill(n int) error {
+	for len(g.in) < n && g.src != nil {
+		if g.buf == nil {
+			g.buf = make([]byte, max(streamBuffer, n))
+		}
+		k := copy(g.buf, g.in) // what is left moves to the front
+		m, err := g.src.Read(g.buf[k:])
+		g.in = g.buf[:k+m]
+		if err == io.EOF {
+			g.src = nil
+		} else if err != nil {
+			return fmt.Errorf("span %d: read compressed bytes: %w", g.s.ID, err)
+		}
+	}
+	return nil
 }
 
 // inflate runs the inflater once into out. It returns how many bytes it

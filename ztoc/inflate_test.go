@@ -9,7 +9,9 @@ import (
 	"bytes"
 	"compress/gzip"
 	"errors"
+	"io"
 	"testing"
+	"testing/iotest"
 
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 )
@@ -71,4 +73,97 @@ func TestSpanPrimitives(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestInflateStream checks that InflateStream emits what InflateRange
+// does however its source splits the compressed bytes, that it emits the
+// bytes the source gave before the source ends (what lets a span engine
+// serve a read while the rest of the span is on its way), and that a
+// source that ends early or fails is an error, not short output.
+func TestInflateStream(t *testing.T) {
+	tarball := layertest.SeededTar(t, 7)
+	for _, l := range cfReaderLayers {
+		t.Run(l.name, func(t *testing.T) {
+			blob := l.compress(t, tarball)
+			z, r := cfMustReader(t, blob, 16<<10)
+			early := 0
+			for _, s := range r.spans {
+				comp := blob[s.CompressedStart:s.CompressedEnd]
+				end := min(s.UncompressedEnd, z.UncompressedArchiveSize)
+				if end <= s.UncompressedStart {
+					continue
+				}
+				want := tarball[s.UncompressedStart:end]
+				mid := s.UncompressedStart + (end-s.UncompressedStart)/3
+				for name, src := range map[string]io.Reader{
+					"one byte": iotest.OneByteReader(bytes.NewReader(comp)),
+					"halves":   iotest.HalfReader(bytes.NewReader(comp)),
+				} {
+					if got := streamed(t, z.Algorithm, s, src, mid, end); !bytes.Equal(got, want[mid-s.UncompressedStart:]) {
+						t.Fatalf("span %d, %s reads: %d bytes differ from the tar stream", s.ID, name, len(got))
+					}
+				}
+				half := len(comp) / 2
+				gate := &gatedReader{r: bytes.NewReader(comp), open: half}
+				var out int
+				err := InflateStream(z.Algorithm, s, gate, s.UncompressedStart, end, func(b []byte) error {
+					if !gate.passed {
+						out += len(b)
+					}
+					return nil
+				})
+				if err != nil {
+					t.Fatalf("span %d: %v", s.ID, err)
+				}
+				if out > 0 {
+					early++
+				} else if z.Algorithm == Uncompressed {
+					t.Errorf("span %d: nothing emitted from the first %d bytes", s.ID, half)
+				}
+				short := io.LimitReader(bytes.NewReader(comp), int64(half))
+				if err := InflateStream(z.Algorithm, s, short, s.UncompressedStart, end, func([]byte) error { return nil }); !errors.Is(err, io.ErrUnexpectedEOF) {
+					t.Errorf("span %d, source ends at half: %v, want io.ErrUnexpectedEOF", s.ID, err)
+				}
+				boom := errors.New("connection reset")
+				failing := io.MultiReader(io.LimitReader(bytes.NewReader(comp), int64(half)), iotest.ErrReader(boom))
+				if err := InflateStream(z.Algorithm, s, failing, s.UncompressedStart, end, func([]byte) error { return nil }); !errors.Is(err, boom) {
+					t.Errorf("span %d, source fails at half: %v, want %v", s.ID, err, boom)
+				}
+			}
+			if early == 0 {
+				t.Errorf("no span emitted bytes before its source ended")
+			}
+		})
+	}
+}
+
+// streamed returns the bytes [from, to) InflateStream emits from src.
+func streamed(t *testing.T, alg Compression, s Span, src io.Reader, from, to int64) []byte {
+	t.Helper()
+	var got []byte
+	if err := InflateStream(alg, s, src, from, to, func(b []byte) error {
+		got = append(got, b...)
+		return nil
+	}); err != nil {
+		t.Fatalf("InflateStream(span %d): %v", s.ID, err)
+	}
+	return got
+}
+
+// gatedReader yields its first open bytes, then records that a read went
+// past them (passed) and yields the rest.
+type gatedReader struct {
+	r      io.Reader
+	open   int
+	passed bool
+}
+
+func (g *gatedReader) Read(p []byte) (int, error) {
+	if g.open == 0 {
+		g.passed = true
+		return g.r.Read(p)
+	}
+	n, err := g.r.Read(p[:min(len(p), g.open)])
+	g.open -= n
+	return n, err
 }
