@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	ggcr "github.com/google/go-containerregistry/pkg/registry"
@@ -706,6 +707,47 @@ func TestRangeIgnoredIsAnError(t *testing.T) {
 	_, err := r.ReadAt(ctx, img.layerDesc, make([]byte, 10), 100)
 	if !errors.Is(err, registry.ErrRangeUnsupported) {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestReadRange reads ranges as streams: the bytes of the range, in
+// order, and errors for a range outside the blob, a server that ignores
+// Range and a body cut short.
+func TestReadRange(t *testing.T) {
+	p, ctx := faultyRegistry(t)
+	r := newRepo(t, p.Addr, "spanpull/stream", registry.Options{})
+	img := pushImage(t, ctx, r, "v1", 300_000)
+	ra, err := r.BlobReader(img.layerDesc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := int64(len(img.layer))
+	read := func(off, n int64) ([]byte, error) {
+		body, err := ra.ReadRange(ctx, off, n)
+		if err != nil {
+			return nil, err
+		}
+		defer body.Close()
+		return io.ReadAll(iotest.OneByteReader(body))
+	}
+	for _, c := range [][2]int64{{0, 1}, {12345, 65536}, {size - 100, 100}, {0, size}} {
+		if got, err := read(c[0], c[1]); err != nil || !bytes.Equal(got, img.layer[c[0]:c[0]+c[1]]) {
+			t.Fatalf("ReadRange(%d, %d) = %d bytes, %v", c[0], c[1], len(got), err)
+		}
+	}
+	for _, c := range [][2]int64{{-1, 10}, {size - 10, 11}, {0, 0}, {size, 1}} {
+		if _, err := ra.ReadRange(ctx, c[0], c[1]); err == nil {
+			t.Errorf("ReadRange(%d, %d) outside the blob succeeded", c[0], c[1])
+		}
+	}
+	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, StripRange: true})
+	if _, err := ra.ReadRange(ctx, 100, 10); !errors.Is(err, registry.ErrRangeUnsupported) {
+		t.Fatalf("range stripped: err = %v", err)
+	}
+	p.Set(registrytest.Faults{Match: registrytest.MatchBlobGET, ResetAfter: 1000, ResetCount: -1})
+	got, err := read(0, 100_000)
+	if err == nil || !bytes.Equal(got, img.layer[:len(got)]) || int64(len(got)) >= 100_000 {
+		t.Fatalf("body reset after 1000 bytes: %d bytes, %v", len(got), err)
 	}
 }
 
