@@ -307,11 +307,10 @@ func (l *readLoop) check(t *testing.T, lines []string) {
 // loopFiles picks n files for the read loop from byspan (files lying
 // wholly in one span): up to len(loopPicks) files per span, at the
 // fractions loopPicks of the span, read round-robin over the spans (the
-// k-th pick of every span in round k). A read of a span fetches its
-// compressed bytes only through the read's chunk, and the next fetch of
-// the span at least prefixGrowth (4) times as far: the picks lie beyond
-// what the reads before them fetched, so that most reads fetch. Paths are
-// absolute in the container.
+// k-th pick of every span in round k). The first read of a span fetches
+// the span, so with more spans than reads in the loop (the Debian layer
+// has a few hundred) every read fetches. Paths are absolute in the
+// container.
 func loopFiles(spans []ztoc.Span, byspan map[ztoc.SpanID][]ztoc.FileMetadata, n int) []string {
 	picks := make([][]string, len(spans))
 	for i, s := range spans {

@@ -4,15 +4,19 @@
 // by fetching only the compressed bytes the range needs, verifying them
 // and inflating them from the span's checkpoint.
 //
-// What is fetched: for a span without chunk marks, the whole span in one
-// range read, verified against the span digest of the zTOC. For a span
-// with chunk marks (ztoc.Ztoc.Chunks), the span from its start through the
-// first chunk whose mark covers the end of the read, in one range read,
-// each chunk verified against its digest; a later read past that prefix
-// fetches only missing chunks (growing the prefix fourfold at least), and
-// a span completed that way is checked against its span digest as well.
-// No byte reaches a reader before the bytes it was inflated from were
-// verified.
+// What is fetched: a read that misses fetches its whole span in one range
+// read, and is served as soon as the bytes it needs arrived: with chunk
+// marks (ztoc.Ztoc.Chunks), each chunk is verified against its digest as
+// it comes and inflated right after, so the read waits for the chunks
+// from the span start through the one that covers it, not for the rest of
+// the span; the whole span is then checked against its span digest. A
+// span without marks is one chunk, verified against its span digest
+// before anything is inflated. No byte reaches a reader before the bytes
+// it was inflated from were verified. Fetching the rest of the span in
+// the same request costs bytes but saves the round trips that later reads
+// of the span would take (BENCHMARKS.md, "Whole spans, streamed"): over a
+// link with 20 ms of round trip, a start that reads files one after the
+// other is bound by round trips, not by bytes.
 //
 // Where bytes are kept: a Cache keeps verified compressed bytes on disk
 // (whole spans or verified prefixes, plus the blob's header bytes), within
@@ -28,7 +32,7 @@
 // completes a layer in the background only while no demand or prefetch
 // fetch is queued or in flight and once the layer has been quiet. Every
 // fetch, whatever its class, goes through one verified path
-// (Layer.startLoad, Layer.fetchChunks). A failed demand fetch is
+// (Layer.startLoad, Layer.openChunks). A failed demand fetch is
 // remembered briefly, so that the kernel's retry of a failed read fails at
 // once rather than after another fetch timeout.
 //

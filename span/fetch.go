@@ -3,7 +3,6 @@ package span
 import (
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -55,83 +54,135 @@ func needsWindow(z *ztoc.Ztoc, s ztoc.Span) bool {
 	return z.Algorithm == ztoc.Gzip && s.Window == nil && s.UncompressedStart > 0
 }
 
-// fetch fetches chunks [have, ld.target) of span s within FetchTimeout
-// and, when ld inflates a span whose window comes from Options.Windows,
-// the window at the same time.
-func (l *Layer) fetch(ld *load, s ztoc.Span, have int) (more, window []byte, err error) {
-	ctx, cancel := context.WithTimeout(l.ctx, l.opts.FetchTimeout)
-	defer cancel()
-	type result struct {
-		w   []byte
-		err error
-	}
-	var windowc chan result
-	if ld.inflate && needsWindow(l.z, s) {
-		windowc = make(chan result, 1)
-		go func() {
-			w, err := l.window(ctx, s)
-			windowc <- result{w, err}
-		}()
-	}
-	more, err = l.fetchChunks(ctx, ld.class, s, have, ld.target)
-	if windowc != nil {
-		if err != nil {
-			cancel()
-		}
-		r := <-windowc
-		window = r.w
-		if err == nil {
-			err = r.err
-		}
-	}
-	if errors.Is(err, context.DeadlineExceeded) && l.ctx.Err() == nil {
-		err = fmt.Errorf("fetch timed out after %s: %w", l.opts.FetchTimeout, err)
-	}
-	return more, window, err
+// chunkStream is the fetch of span s from chunk from to its end: one
+// range read of the blob, whose bytes it passes on (Read) a chunk at a
+// time, each only once it matched its digest, so that inflation (and the
+// reads waiting on it) can start on the first chunks while the rest are
+// on their way. A chunk that does not match is fetched again, from that
+// chunk on, up to VerifyRetries times. It is the only reader of span
+// bytes. A demand fetch holds a demand slot until the stream is closed;
+// prefetch and fill hold their slot already.
+type chunkStream struct {
+	l       *Layer
+	ctx     context.Context
+	class   Class
+	s       ztoc.Span
+	from    int           // first chunk fetched
+	next    int           // next chunk to read from body
+	body    io.ReadCloser // the open range read; nil after a chunk that did not match
+	got     []byte        // chunks [from, next), verified
+	unread  []byte        // the part of got that Read has not passed on
+	retries int
+	start   time.Time
+	release func() // gives back the demand slot; nil without one
 }
 
-// fetchChunks returns chunks [from, to) of span s, verified: one range
-// read of the blob, repeated (up to VerifyRetries times) while the bytes
-// do not match their digests. It is the only reader of span bytes. A
-// demand fetch first waits for a demand slot; prefetch and fill hold
-// their slot already.
-func (l *Layer) fetchChunks(ctx context.Context, class Class, s ztoc.Span, from, to int) ([]byte, error) {
+// openChunks starts the fetch of span s from chunk from to its end: it
+// waits for a demand slot (class demand) and sends the range request.
+func (l *Layer) openChunks(ctx context.Context, class Class, s ztoc.Span, from int) (*chunkStream, error) {
+	c := &chunkStream{l: l, ctx: ctx, class: class, s: s, from: from, next: from, start: time.Now()}
 	if class == ClassDemand {
 		release, err := l.sched.acquireDemand(ctx, &l.state)
 		if err != nil {
 			return nil, err
 		}
-		defer release()
+		c.release = release
 	}
-	off, end := l.chunkStart(s, from), l.chunks[s.ID][to-1].CompressedEnd
-	var err error
-	for attempt := 0; attempt <= l.opts.VerifyRetries; attempt++ {
-		start := time.Now()
-		var b []byte
-		if b, err = l.readCompressed(ctx, off, end); err != nil {
-			return nil, err
-		}
-		if err = l.verifyChunks(s, b, from, to); err != nil {
-			l.opts.Metrics.SpanVerifyFailed()
-			continue
-		}
-		l.opts.Metrics.SpanFetched(class, end-off, time.Since(start))
-		return b, nil
+	c.got = make([]byte, 0, s.CompressedEnd-l.chunkStart(s, from))
+	if err := c.open(); err != nil {
+		c.Close()
+		return nil, err
 	}
-	return nil, err
+	return c, nil
 }
 
-// readCompressed reads the blob's bytes [off, end).
-func (l *Layer) readCompressed(ctx context.Context, off, end int64) ([]byte, error) {
-	b := make([]byte, end-off)
-	n, err := l.blob.ReadAt(ctx, b, off)
-	if n == len(b) {
-		return b, nil
+// open sends the range request for the span's bytes from chunk next on.
+func (c *chunkStream) open() error {
+	off := c.l.chunkStart(c.s, c.next)
+	body, err := c.l.blob.ReadRange(c.ctx, off, c.s.CompressedEnd-off)
+	if err != nil {
+		return fmt.Errorf("fetch compressed bytes %d-%d: %w", off, c.s.CompressedEnd-1, err)
 	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
+	c.body = body
+	return nil
+}
+
+// Read passes on verified bytes of the span, reading and verifying the
+// next chunk when those read so far are used up.
+func (c *chunkStream) Read(p []byte) (int, error) {
+	for len(c.unread) == 0 {
+		if c.next == len(c.l.chunks[c.s.ID]) {
+			return 0, io.EOF
+		}
+		if err := c.readChunk(); err != nil {
+			return 0, err
+		}
 	}
-	return nil, fmt.Errorf("fetch compressed bytes %d-%d: %w", off, end-1, err)
+	n := copy(p, c.unread)
+	c.unread = c.unread[n:]
+	return n, nil
+}
+
+// readChunk reads chunk next from the range read and verifies it, fetching
+// it again (with what follows it) when it does not match.
+func (c *chunkStream) readChunk() error {
+	k := c.next
+	lo, hi := c.l.chunkStart(c.s, k), c.l.chunks[c.s.ID][k].CompressedEnd
+	buf := c.got[len(c.got) : len(c.got)+int(hi-lo)]
+	for {
+		if c.body == nil {
+			if err := c.open(); err != nil {
+				return err
+			}
+		}
+		if _, err := io.ReadFull(c.body, buf); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("fetch compressed bytes %d-%d: %w", lo, hi-1, err)
+		}
+		err := c.l.verifyChunks(c.s, buf, k, k+1)
+		if err == nil {
+			break
+		}
+		c.l.opts.Metrics.SpanVerifyFailed()
+		c.body.Close()
+		c.body = nil
+		if c.retries == c.l.opts.VerifyRetries {
+			return err
+		}
+		c.retries++
+	}
+	c.got = c.got[:len(c.got)+len(buf)]
+	c.unread = buf
+	c.next++
+	return nil
+}
+
+// rest reads the chunks that Read did not reach and returns the verified
+// compressed bytes of the span from chunk from on.
+func (c *chunkStream) rest() ([]byte, error) {
+	for c.next < len(c.l.chunks[c.s.ID]) {
+		if err := c.readChunk(); err != nil {
+			return nil, err
+		}
+	}
+	c.unread = nil
+	c.l.opts.Metrics.SpanFetched(c.class, int64(len(c.got)), time.Since(c.start))
+	return c.got, nil
+}
+
+// Close ends the range read and gives back the demand slot.
+func (c *chunkStream) Close() error {
+	if c.body != nil {
+		c.body.Close()
+		c.body = nil
+	}
+	if c.release != nil {
+		c.release()
+		c.release = nil
+	}
+	return nil
 }
 
 // verifyChunks checks b against the digests of chunks [from, to) of span
@@ -187,4 +238,27 @@ func (l *Layer) window(ctx context.Context, s ztoc.Span) ([]byte, error) {
 	l.windows[s.ID] = w
 	l.mu.Unlock()
 	return w, nil
+}
+
+// windowFor starts fetching span s's window, when the zTOC does not hold
+// it, beside the span's own fetch, and returns what waits for it.
+func (l *Layer) windowFor(ctx context.Context, s ztoc.Span) func() ([]byte, error) {
+	if !needsWindow(l.z, s) {
+		return func() ([]byte, error) { return nil, nil }
+	}
+	type result struct {
+		w   []byte
+		err error
+	}
+	done := make(chan result, 1)
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		w, err := l.window(ctx, s)
+		done <- result{w, err}
+	}()
+	return func() ([]byte, error) {
+		r := <-done
+		return r.w, r.err
+	}
 }

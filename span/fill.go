@@ -101,7 +101,7 @@ func (l *Layer) loadWhole(ctx context.Context, class Class, id ztoc.SpanID) (put
 		ld := l.loads[id]
 		own := ld == nil
 		if own {
-			ld = l.startLoad(id, class, len(l.chunks[id]), false)
+			ld = l.startLoad(id, class, false)
 		}
 		l.mu.Unlock()
 		_, err := ld.wait(ctx, -1)
@@ -217,7 +217,7 @@ func (l *Layer) fillHeader(ctx context.Context) error {
 	fctx, cancel := context.WithTimeout(ctx, l.opts.FetchTimeout)
 	defer cancel()
 	start := time.Now()
-	b, err := l.readCompressed(fctx, 0, n)
+	b, err := l.readBlob(fctx, 0, n)
 	if err != nil {
 		l.opts.Metrics.FetchFailed(ClassFill)
 		return ctx.Err() // tried again next pass

@@ -38,30 +38,23 @@ type recBlob struct {
 
 func newRecBlob(data []byte) *recBlob { return &recBlob{data: data, seen: make(chan struct{})} }
 
-func (b *recBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+func (b *recBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
 	b.mu.Lock()
-	b.reqs = append(b.reqs, blobReq{off, off + int64(len(p)), time.Now()})
+	b.reqs = append(b.reqs, blobReq{off, off + n, time.Now()})
 	close(b.seen)
 	b.seen = make(chan struct{})
 	hold := b.hold
 	b.mu.Unlock()
 	if hold != nil {
-		if ch := hold(off, off+int64(len(p))); ch != nil {
+		if ch := hold(off, off+n); ch != nil {
 			select {
 			case <-ch:
 			case <-ctx.Done():
-				return 0, ctx.Err()
+				return nil, ctx.Err()
 			}
 		}
 	}
-	if off >= int64(len(b.data)) {
-		return 0, io.EOF
-	}
-	n := copy(p, b.data[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return io.NopCloser(bytes.NewReader(b.data[off : off+n])), nil
 }
 
 // requests returns the range reads so far.

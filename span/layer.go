@@ -71,13 +71,15 @@ const (
 // Layer serves the uncompressed tar stream of one layer from its zTOC.
 // A read takes the span's inflated bytes from memory, or inflates the
 // span's compressed bytes from the disk cache, or fetches them: one range
-// read per span (with chunk marks, from the span start through the chunk
-// that covers the read), verified against the span or chunk digests, then
-// inflated from the span's checkpoint and cached on disk (compressed) and
-// in memory (inflated). Concurrent reads of a span share one load, and a
-// read returns as soon as its own bytes are inflated. Reads, prefetch and
-// background fill all go through the same verified fetch path. A Layer is
-// safe for concurrent use; Close it to stop its fetches.
+// read per span, from the first chunk neither cache holds to the span's
+// end, each chunk verified against its digest as it arrives and inflated
+// from the span's checkpoint as it is verified, so that the read returns
+// once its own bytes are inflated while the rest of the span is still
+// coming. The whole span is then checked against its span digest and
+// cached on disk (compressed) and in memory (inflated). Concurrent reads
+// of a span share one load. Reads, prefetch and background fill all go
+// through the same verified fetch path. A Layer is safe for concurrent
+// use; Close it to stop its fetches.
 type Layer struct {
 	digest digest.Digest
 	prefix string // starts errors: "layer <digest>: ", or "" with no digest
@@ -235,8 +237,6 @@ func (l *Layer) spanAt(off int64) (ztoc.Span, error) {
 
 // readSpan fills dst with span s's bytes from relative offset rel: from
 // memory, else from a load of the span (shared with concurrent reads).
-// A load of a prefix of the span may stop short of dst's end (chunk marks
-// are hints); the next load then takes more chunks.
 func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64) error {
 	need := rel + int64(len(dst))
 	defer l.notePrefetchHit(s.ID)
@@ -246,10 +246,10 @@ func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64
 			l.opts.Metrics.SpanCacheHit()
 			return nil
 		}
-		if attempt > len(l.chunks[s.ID])+2 {
-			return fmt.Errorf("%sspan %d: inflation does not reach offset %d", l.prefix, s.ID, s.UncompressedStart+need)
+		if attempt == maxLoadAttempts {
+			return fmt.Errorf("%sspan %d: no load of it reached offset %d", l.prefix, s.ID, s.UncompressedStart+need)
 		}
-		ld, err := l.demandLoad(s, need)
+		ld, err := l.demandLoad(s)
 		if err != nil {
 			return fmt.Errorf("%sspan %d: %w", l.prefix, s.ID, err)
 		}
@@ -262,9 +262,13 @@ func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64
 			return nil
 		}
 		// A prefetch or fill load (which does not inflate) finished or
-		// failed, or a load of fewer chunks ended: look again.
+		// failed: look again.
 	}
 }
+
+// maxLoadAttempts bounds the loads a read waits on: a prefetch or fill
+// load in flight, then its own.
+const maxLoadAttempts = 4
 
 // notePrefetchHit counts a read of a span that prefetch fetched.
 func (l *Layer) notePrefetchHit(id ztoc.SpanID) {

@@ -28,23 +28,17 @@ type memBlob struct {
 	stall   atomic.Bool  // block until ctx ends
 }
 
-func (b *memBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+func (b *memBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
 	b.calls.Add(1)
 	if b.stall.Load() {
 		<-ctx.Done()
-		return 0, ctx.Err()
+		return nil, ctx.Err()
 	}
-	if off >= int64(len(b.data)) {
-		return 0, io.EOF
-	}
-	n := copy(p, b.data[off:])
+	p := bytes.Clone(b.data[off : off+n])
 	if b.corrupt.Add(-1) >= 0 && n > 0 {
 		p[n/2] ^= 0xff
 	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return io.NopCloser(bytes.NewReader(p)), nil
 }
 
 // testLayer builds the zTOC of the golden SOCI test layer at a small span

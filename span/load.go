@@ -1,8 +1,11 @@
 package span
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"sync"
 	"time"
@@ -10,15 +13,15 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// A load brings the verified compressed bytes of one span, from its start
-// through chunk target, into memory (from memory, the disk cache or a
-// fetch), stores fetched bytes in the caches and, for reads, inflates
-// them. At most one load of a span is in flight; the reads of the span
-// wait on it. Every fetch of a layer is started by a load (startLoad).
+// A load brings the verified compressed bytes of one whole span into
+// memory (from memory, the disk cache or a fetch of the chunks neither
+// holds), stores fetched bytes in the caches and, for reads, inflates
+// them as they arrive. At most one load of a span is in flight; the reads
+// of the span wait on it and return as soon as their bytes are inflated.
+// Every fetch of a layer is started by a load (startLoad).
 type load struct {
 	id      ztoc.SpanID
 	class   Class
-	target  int  // chunks [0, target) are wanted
 	inflate bool // reads wait on the inflated bytes
 	readers int  // demand reads that waited on it; guarded by Layer.mu
 
@@ -30,10 +33,6 @@ type load struct {
 	changed chan struct{} // closed (and replaced) on every change
 }
 
-// publishEvery is how much inflated data a load accumulates before it
-// wakes the reads waiting on it.
-const publishEvery = 64 << 10
-
 // failure is a failed demand load that reads of its span are told about
 // at once (Options.FailureMemory).
 type failure struct {
@@ -42,10 +41,9 @@ type failure struct {
 	retries int // reads that may still be failed at once
 }
 
-// demandLoad returns the load a read of span s needing its first need
-// uncompressed bytes waits on: the one in flight, or a new one, or the
-// failure of a recent one.
-func (l *Layer) demandLoad(s ztoc.Span, need int64) (*load, error) {
+// demandLoad returns the load a read of span s waits on: the one in
+// flight, or a new one, or the failure of a recent one.
+func (l *Layer) demandLoad(s ztoc.Span) (*load, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	ld := l.loads[s.ID]
@@ -57,52 +55,12 @@ func (l *Layer) demandLoad(s ztoc.Span, need int64) (*load, error) {
 			}
 			delete(l.failures, s.ID)
 		}
-		ld = l.startLoad(s.ID, ClassDemand, l.readTarget(s, need), true)
+		ld = l.startLoad(s.ID, ClassDemand, true)
 	}
 	if ld.class == ClassDemand {
 		ld.readers++
 	}
 	return ld, nil
-}
-
-// prefixGrowth is how many times at least a span loaded in parts grows
-// its prefix each time: a span read from start to end is then fetched in
-// a few range reads (1 + log4 of its chunks) and inflated about 1.3 times,
-// not once per chunk.
-const prefixGrowth = 4
-
-// readTarget returns how many chunks of span s a read of its first need
-// bytes loads: through the first chunk whose mark covers need (or one
-// more than the last load when that stopped short), and when the span is
-// partly here already at least prefixGrowth times that. l.mu must be held.
-func (l *Layer) readTarget(s ztoc.Span, need int64) int {
-	chunks := l.chunks[s.ID]
-	n := len(chunks)
-	end := s.UncompressedStart + need
-	want := min(n, 1+sort.Search(n, func(k int) bool { return chunks[k].UncompressedEnd >= end }))
-	have := l.localChunks(s)
-	if v, ok := l.mem.get(l, s.ID); ok && v.out != nil && v.chunks >= have && int64(len(v.out)) < need {
-		want = max(want, v.chunks+1) // the marks promised more than inflation gave
-	}
-	if want <= have {
-		return have
-	}
-	return min(n, max(want, prefixGrowth*have))
-}
-
-// localChunks returns how many chunks of span s memory or the disk cache
-// hold (compressed). l.mu may be held.
-func (l *Layer) localChunks(s ztoc.Span) int {
-	have := 0
-	if v, ok := l.mem.get(l, s.ID); ok && v.comp != nil {
-		have = v.chunks
-	}
-	if l.cache != nil {
-		if size, ok := l.cache.size(l.digest, s.ID); ok {
-			have = max(have, l.chunksIn(s, size))
-		}
-	}
-	return have
 }
 
 // chunksIn returns how many chunks of span s end within its first size
@@ -112,10 +70,9 @@ func (l *Layer) chunksIn(s ztoc.Span, size int64) int {
 	return sort.Search(len(chunks), func(k int) bool { return chunks[k].CompressedEnd-s.CompressedStart > size })
 }
 
-// startLoad starts a load of span id's first target chunks. l.mu must be
-// held.
-func (l *Layer) startLoad(id ztoc.SpanID, class Class, target int, inflate bool) *load {
-	ld := &load{id: id, class: class, target: target, inflate: inflate, changed: make(chan struct{})}
+// startLoad starts a load of span id. l.mu must be held.
+func (l *Layer) startLoad(id ztoc.SpanID, class Class, inflate bool) *load {
+	ld := &load{id: id, class: class, inflate: inflate, changed: make(chan struct{})}
 	if l.closed {
 		ld.finish(errClosed)
 		return ld
@@ -146,30 +103,36 @@ func (l *Layer) startLoad(id ztoc.SpanID, class Class, target int, inflate bool)
 // bytes came from the blob.
 func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	s := l.spans[ld.id]
+	ctx, cancel := context.WithTimeout(l.ctx, l.opts.FetchTimeout)
+	defer cancel()
+	defer func() { err = l.timedOut(err) }()
+	var window func() ([]byte, error)
+	if ld.inflate {
+		window = l.windowFor(ctx, s) // beside the fetch
+	}
 	comp, have, onDisk := l.localPrefix(s)
-	var window []byte
-	if have < ld.target {
-		more, w, err := l.fetch(ld, s, have)
-		if err != nil {
+	var src io.Reader = bytes.NewReader(comp)
+	var fetch *chunkStream
+	if n := len(l.chunks[s.ID]); have < n {
+		if fetch, err = l.openChunks(ctx, ld.class, s, have); err != nil {
 			return false, err
 		}
-		comp = append(comp[:len(comp):len(comp)], more...)
-		have, onDisk, window, fetched = ld.target, false, w, true
-		if have == len(l.chunks[s.ID]) && have > 1 {
-			// Chunk by chunk verified; the span digest binds them to the zTOC.
-			if err := l.z.VerifySpan(s, comp); err != nil {
-				l.opts.Metrics.SpanVerifyFailed()
-				return false, err
-			}
-		}
+		defer fetch.Close()
+		src, fetched = io.MultiReader(src, fetch), true
 	} else if ld.class == ClassDemand {
 		l.opts.Metrics.SpanCacheHit()
 	}
 	var out []byte
 	if ld.inflate {
-		if out, err = l.inflate(ld, s, window, comp, have); err != nil {
+		if out, err = l.inflate(ld, s, window, src); err != nil {
 			return fetched, err
 		}
+	}
+	if fetch != nil {
+		if comp, err = l.completeFetch(s, comp, fetch); err != nil {
+			return fetched, err
+		}
+		onDisk = false
 	}
 	keep := comp // memory keeps the compressed bytes the disk does not have
 	if onDisk || len(comp) == 0 {
@@ -177,8 +140,34 @@ func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	} else if ld.putErr = l.store(s, comp, ld.class == ClassFill); ld.putErr == nil {
 		keep = nil
 	}
-	l.mem.put(l, s.ID, inflated{out: out, comp: keep, chunks: have})
+	l.mem.put(l, s.ID, inflated{out: out, comp: keep, chunks: len(l.chunks[s.ID])})
 	return fetched, nil
+}
+
+// completeFetch reads the rest of fetch and returns the whole span's
+// compressed bytes, local prefix included, checked against the span
+// digest: chunk by chunk verified, the span digest binds them to the zTOC.
+func (l *Layer) completeFetch(s ztoc.Span, prefix []byte, fetch *chunkStream) ([]byte, error) {
+	more, err := fetch.rest()
+	if err != nil {
+		return nil, err
+	}
+	comp := append(prefix[:len(prefix):len(prefix)], more...)
+	if len(l.chunks[s.ID]) > 1 {
+		if err := l.z.VerifySpan(s, comp); err != nil {
+			l.opts.Metrics.SpanVerifyFailed()
+			return nil, err
+		}
+	}
+	return comp, nil
+}
+
+// timedOut names the fetch timeout in an error that it caused.
+func (l *Layer) timedOut(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) && l.ctx.Err() == nil {
+		return fmt.Errorf("fetch timed out after %s: %w", l.opts.FetchTimeout, err)
+	}
+	return err
 }
 
 // localPrefix returns the longest verified prefix of span s's compressed
@@ -223,59 +212,41 @@ func (l *Layer) store(s ztoc.Span, comp []byte, protect bool) error {
 	return err
 }
 
-// inflate inflates span s from its checkpoint through the compressed
-// prefix comp (its first have chunks) into ld, waking ld's readers as the
-// bytes come. A prefix inflates as far as it goes.
-func (l *Layer) inflate(ld *load, s ztoc.Span, window, comp []byte, have int) ([]byte, error) {
+// inflate inflates span s from its checkpoint, its compressed bytes read
+// from src as they come, into ld, waking ld's readers as the bytes come.
+// window gives the span's window when the zTOC does not hold it.
+func (l *Layer) inflate(ld *load, s ztoc.Span, window func() ([]byte, error), src io.Reader) ([]byte, error) {
 	if needsWindow(l.z, s) {
-		if window == nil {
-			ctx, cancel := context.WithTimeout(l.ctx, l.opts.FetchTimeout)
-			var err error
-			window, err = l.window(ctx, s)
-			cancel()
-			if err != nil {
-				return nil, err
-			}
+		w, err := window()
+		if err != nil {
+			return nil, err
 		}
-		s.Window = window
-	}
-	whole := have == len(l.chunks[s.ID])
-	to := s.UncompressedEnd
-	size := to - s.UncompressedStart
-	if !whole {
-		size = min(size, l.chunks[s.ID][have-1].UncompressedEnd-s.UncompressedStart+publishEvery)
-	}
-	if l.z.Algorithm == ztoc.Uncompressed {
-		to = min(to, s.UncompressedStart+int64(len(comp)))
+		s.Window = w
 	}
 	ld.mu.Lock()
-	ld.out = make([]byte, 0, size)
+	ld.out = make([]byte, 0, s.UncompressedEnd-s.UncompressedStart)
 	ld.mu.Unlock()
 	l.inflations.Add(1)
-	err := ztoc.InflateRange(l.z.Algorithm, s, comp, s.UncompressedStart, to, func(b []byte) error {
+	err := ztoc.InflateStream(l.z.Algorithm, s, src, s.UncompressedStart, s.UncompressedEnd, func(b []byte) error {
 		if err := l.ctx.Err(); err != nil {
 			return err
 		}
 		ld.append(b)
 		return nil
 	})
-	if err != nil && (whole || l.ctx.Err() != nil) {
+	if err != nil {
 		return nil, err
 	}
 	return ld.bytes(), nil
 }
 
-// append adds inflated bytes, waking the waiting reads every
-// publishEvery bytes.
+// append adds inflated bytes and wakes the reads waiting on the load.
 func (ld *load) append(b []byte) {
 	ld.mu.Lock()
 	defer ld.mu.Unlock()
-	before := len(ld.out)
 	ld.out = append(ld.out, b...)
-	if len(ld.out)/publishEvery != before/publishEvery {
-		close(ld.changed)
-		ld.changed = make(chan struct{})
-	}
+	close(ld.changed)
+	ld.changed = make(chan struct{})
 }
 
 // bytes returns the bytes inflated so far.
@@ -294,17 +265,22 @@ func (ld *load) finish(err error) {
 }
 
 // wait returns the inflated bytes once at least need of them are there
-// (need < 0: once the load is done), or the load is done, or failed, or
-// ctx ended.
+// (need < 0: once the load is done), also when the load failed after
+// inflating them (they came from verified chunks), or once the load is
+// done, or failed, or ctx ended.
 func (ld *load) wait(ctx context.Context, need int64) ([]byte, error) {
 	for {
 		ld.mu.Lock()
 		switch {
+		case need >= 0 && int64(len(ld.out)) >= need:
+			out := ld.out
+			ld.mu.Unlock()
+			return out, nil
 		case ld.err != nil:
 			err := ld.err
 			ld.mu.Unlock()
 			return nil, err
-		case need >= 0 && int64(len(ld.out)) >= need, ld.done:
+		case ld.done:
 			out := ld.out
 			ld.mu.Unlock()
 			return out, nil

@@ -217,12 +217,14 @@ func TestLayerFetchSpan(t *testing.T) {
 			blob := l.compress(t, tarball)
 			z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
 			for _, s := range r.Spans() {
-				comp, err := r.fetchChunks(context.Background(), ClassDemand, s, 0, len(r.chunks[s.ID]))
+				fetch, err := r.openChunks(context.Background(), ClassDemand, s, 0)
 				if err != nil {
-					t.Fatalf("fetchSpan(%d): %v", s.ID, err)
+					t.Fatalf("openChunks(%d): %v", s.ID, err)
 				}
-				if !bytes.Equal(comp, blob[s.CompressedStart:s.CompressedEnd]) {
-					t.Fatalf("fetchSpan(%d) returned other bytes", s.ID)
+				comp, err := fetch.rest()
+				fetch.Close()
+				if err != nil || !bytes.Equal(comp, blob[s.CompressedStart:s.CompressedEnd]) {
+					t.Fatalf("fetch of span %d: %d bytes, %v; want its compressed bytes", s.ID, len(comp), err)
 				}
 				if err := r.Prefetch(context.Background(), []ztoc.SpanID{s.ID}); err != nil {
 					t.Fatalf("Prefetch(%d): %v", s.ID, err)

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"sync"
 	"testing"
 	"time"
@@ -276,15 +277,15 @@ type flakyBlob struct {
 	fails int
 }
 
-func (b *flakyBlob) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+func (b *flakyBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
 	b.mu.Lock()
 	fail := b.fails > 0
 	b.fails--
 	b.mu.Unlock()
 	if fail {
-		return 0, errors.New("registry unavailable")
+		return nil, errors.New("registry unavailable")
 	}
-	return b.BlobReader.ReadAt(ctx, p, off)
+	return b.BlobReader.ReadRange(ctx, off, n)
 }
 
 // TestFillRetriesFailedFetches: fetches that fail end a fill pass after a

@@ -255,7 +255,8 @@ func (g *gzipSpan) nextMember() (more bool, err error) {
 const streamBuffer = 64 << 10
 
 // fill makes at least n compressed bytes available in g.in, reading them
-// from g.src; fewer are there only once the source has ended.
+// from g.src; fewer are there only once the source has ended. An error of
+// the source is returned as it is.
 func (g *gzipSpan) fill(n int) error {
 	for len(g.in) < n && g.src != nil {
 		if g.buf == nil {
@@ -267,7 +268,7 @@ func (g *gzipSpan) fill(n int) error {
 		if err == io.EOF {
 			g.src = nil
 		} else if err != nil {
-			return fmt.Errorf("span %d: read compressed bytes: %w", g.s.ID, err)
+			return err // the source's own error, with its own context
 		}
 	}
 	return nil
