@@ -40,6 +40,7 @@ fuzz:
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzBuild$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzCheckHeader$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzVerifyLayer$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzInflateStream$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./fusefs -run '^$$' -fuzz '^FuzzNewRoot$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 
