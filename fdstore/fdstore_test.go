@@ -9,16 +9,17 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	"github.com/spanpull/spanpull/internal/syncio"
+	"github.com/spanpull/spanpull/internal/testutil/selfexec"
 )
 
 // Helper processes of the tests: the test binary runs as one of them when
@@ -198,16 +199,7 @@ func TestPutListDelete(t *testing.T) {
 func TestHolderSurvivesClientKill(t *testing.T) {
 	h := startHolder(t, time.Minute, nil)
 	socket := h.socket
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), envPutter+"="+socket)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, out := selfexec.Start(t, envPutter+"="+socket)
 	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
 		t.Fatalf("client: %q, %v", line, err)
 	}
@@ -252,7 +244,7 @@ func TestGraceAbortsFUSE(t *testing.T) {
 	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
 	dev := os.NewFile(uintptr(fd), "/dev/fuse")
 
-	var logs syncBuffer
+	var logs syncio.Buffer
 	const grace = time.Second
 	h := startHolder(t, grace, &logs)
 	c, err := Dial(context.Background(), h.socket)
@@ -306,7 +298,7 @@ func TestEnsure(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "fd.sock")
 	t.Setenv(envHolder, socket)
 	t.Setenv(envGrace, "300ms")
-	argv := []string{os.Args[0], "-test.run=^$"}
+	argv := selfexec.Argv()
 	ctx := context.Background()
 	c, err := Ensure(ctx, socket, argv)
 	if err != nil {
@@ -360,21 +352,4 @@ func holderPID(t *testing.T, socket string) int {
 		t.Fatal(err)
 	}
 	return int(cred.Pid)
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/spanpull/spanpull/internal/syncio"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 )
@@ -48,7 +49,7 @@ func TestVerifyEntryAndObserver(t *testing.T) {
 	var mu sync.Mutex
 	verified := map[string]int{}
 	rec := &recorder{reads: map[string][][2]int64{}}
-	var logs syncBuffer
+	var logs syncio.Buffer
 	mnt := mountTOC(t, files, plainSource(layer), Options{
 		Logger:   testLogger(&logs),
 		Observer: rec,

@@ -23,6 +23,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/spanpull/spanpull/internal/syncio"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 	"github.com/spanpull/spanpull/internal/testutil/treediff"
@@ -284,28 +285,11 @@ func (s failingSource) ReadAt(ctx context.Context, p []byte, off int64) (int, er
 	return 0, errors.New("span 3 digest mismatch")
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func TestReadErrorIsEIO(t *testing.T) {
 	layer := layertest.Tar(t, layertest.Reg("f", 0o644, []byte(strings.Repeat("x", 10000))), layertest.Reg("empty", 0o644, nil))
 	files, _ := toctest.FromTar(t, layer)
 	for _, short := range []bool{false, true} {
-		var logs syncBuffer
+		var logs syncio.Buffer
 		logger := logrus.New()
 		logger.SetOutput(&logs)
 		mnt := mountTOC(t, files, failingSource{short: short}, Options{Logger: logrus.NewEntry(logger)})

@@ -13,6 +13,7 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/archive"
 
+	"github.com/spanpull/spanpull/internal/syncio"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/treediff"
 	"github.com/spanpull/spanpull/ztoc"
@@ -266,7 +267,7 @@ func TestNameRulesOfTree(t *testing.T) {
 		link("m", ztoc.TypeSymlink, "../../../.."),
 		meta("m/top", ztoc.TypeReg),
 	}
-	var logs syncBuffer
+	var logs syncio.Buffer
 	tr, err := NewTree(Files(files), testLogger(&logs))
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spanpull/spanpull/internal/syncio"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 	"github.com/spanpull/spanpull/ztoc"
@@ -73,7 +74,7 @@ func TestPassthrough(t *testing.T) {
 		}
 	}
 	var laterReady atomic.Bool
-	var logs syncBuffer
+	var logs syncio.Buffer
 	src := &rangeSource{b: layer}
 	mnt := mountTOC(t, files, src, Options{Logger: testLogger(&logs), Backing: func(ctx context.Context, e Entry) (*os.File, error) {
 		if e.Path() == "small" || e.Path() == "later" && !laterReady.Load() {
@@ -147,7 +148,7 @@ func TestPassthroughUnavailable(t *testing.T) {
 	data := layertest.Random(3, 100<<10)
 	layer := layertest.Tar(t, layertest.Reg("a", 0o644, data), layertest.Reg("b", 0o644, data))
 	files, _ := toctest.FromTar(t, layer)
-	var logs syncBuffer
+	var logs syncio.Buffer
 	src := &rangeSource{b: layer}
 	dir := t.TempDir()
 	mnt := mountTOC(t, files, src, Options{Logger: testLogger(&logs), Backing: func(ctx context.Context, e Entry) (*os.File, error) {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/spanpull/spanpull/fdstore"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/internal/testutil/selfexec"
 )
 
 // The takeover test runs servers in processes of their own: the test
@@ -180,17 +181,8 @@ type helper struct {
 
 func startHelper(t *testing.T, mode, dir, holder, backing string, blockAfter int) *helper {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), envServe+"="+mode, envDir+"="+dir, envHolder+"="+holder,
+	cmd, out := selfexec.Start(t, envServe+"="+mode, envDir+"="+dir, envHolder+"="+holder,
 		envBlockAfter+"="+strconv.Itoa(blockAfter), envBacking+"="+backing)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
 	h := &helper{cmd: cmd, lines: make(chan string, 10)}
 	go func() {
 		defer close(h.lines)

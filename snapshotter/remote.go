@@ -223,12 +223,7 @@ func (s *Snapshotter) mountRemote(ctx context.Context, key, target string, label
 
 // snapshotID returns the storage ID (directory name) of snapshot key.
 func (s *Snapshotter) snapshotID(ctx context.Context, key string) (string, error) {
-	var id string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var err error
-		id, _, _, err = storage.GetInfo(ctx, key)
-		return err
-	})
+	id, _, err := s.storedInfo(ctx, key)
 	if err != nil {
 		return "", fmt.Errorf("snapshot %s: %w", key, err)
 	}

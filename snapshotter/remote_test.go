@@ -19,6 +19,8 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
+
+	"github.com/spanpull/spanpull/internal/testutil/snaptest"
 )
 
 // bindResolver serves "remote" layers by bind-mounting local directories
@@ -205,13 +207,7 @@ func TestRemotePrepare(t *testing.T) {
 		t.Fatalf("the extraction key must be gone: %v", err)
 	}
 	// containerd's metadata store finds the target exactly like this.
-	var found []string
-	if err := sn.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
-		found = append(found, i.Name)
-		return nil
-	}, `labels."containerd.io/snapshot.ref"==c1,parent==""`); err != nil {
-		t.Fatal(err)
-	}
+	found := snaptest.Names(ctx, t, sn, `labels."containerd.io/snapshot.ref"==c1,parent==""`)
 	if len(found) != 1 || found[0] != "c1" {
 		t.Fatalf("walk by target label found %v", found)
 	}
@@ -595,13 +591,7 @@ func TestRemoteConcurrentSameTarget(t *testing.T) {
 	if got := mountsBelow(t, root); got != 1 || r.liveMounts() != 1 {
 		t.Fatalf("%d mounts below root, %d live; want 1", got, r.liveMounts())
 	}
-	var keys []string
-	if err := sn.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
-		keys = append(keys, i.Name)
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	keys := snaptest.Names(ctx, t, sn)
 	if len(keys) != 1 || keys[0] != "c1" {
 		t.Fatalf("snapshots left: %v, want only c1", keys)
 	}

@@ -204,15 +204,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 // labels of a remote layer this process serves include its current ones
 // (RemoteMount.Labels), such as whether it has been verified.
 func (s *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
-	var (
-		id   string
-		info snapshots.Info
-	)
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var err error
-		id, info, _, err = storage.GetInfo(ctx, key)
-		return err
-	})
+	id, info, err := s.storedInfo(ctx, key)
 	if err != nil {
 		return snapshots.Info{}, err
 	}
@@ -223,6 +215,23 @@ func (s *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, err
 		maps.Copy(info.Labels, rm.Labels())
 	}
 	return info, nil
+}
+
+// storedInfo reads the storage ID (directory name) and the stored info of
+// snapshot key in a read-only transaction of the metadata store: Stat,
+// Usage and snapshotID each need one or both, and this is the one lookup
+// they share.
+func (s *Snapshotter) storedInfo(ctx context.Context, key string) (string, snapshots.Info, error) {
+	var (
+		id   string
+		info snapshots.Info
+	)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	return id, info, err
 }
 
 // remote returns the remote mount this process made for snapshot id, or
@@ -243,12 +252,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 // layer is read and shrinks when the cache evicts), so that containerd's
 // image filesystem statistics and the kubelet's image GC see it.
 func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
-	var id string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var err error
-		id, _, _, err = storage.GetInfo(ctx, key)
-		return err
-	})
+	id, _, err := s.storedInfo(ctx, key)
 	if err != nil {
 		return snapshots.Usage{}, err
 	}

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/spanpull/spanpull/internal/testutil/snaptest"
 	"github.com/spanpull/spanpull/resolver"
 )
 
@@ -294,13 +295,7 @@ func TestServe(t *testing.T) {
 	if _, err := sn.Stat(ctx, "layer1"); err != nil {
 		t.Fatalf("stat after restart: %v", err)
 	}
-	var keys []string
-	if err := sn.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
-		keys = append(keys, i.Name)
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	keys := snaptest.Names(ctx, t, sn)
 	if len(keys) != 2 {
 		t.Fatalf("walk after restart: %v, want b and layer1", keys)
 	}

@@ -5,11 +5,11 @@ import (
 	"fmt"
 	"io"
 	"regexp"
-	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/spanpull/spanpull/internal/syncio"
 	"github.com/spanpull/spanpull/record"
 	"github.com/spanpull/spanpull/recordrun"
 )
@@ -157,7 +157,9 @@ func (o recordRunFlags) options(cmd *cobra.Command, args []string) (recordrun.Op
 	if err != nil {
 		return recordrun.Options{}, fmt.Errorf("--ready: %w", err)
 	}
-	stderr := &lockedWriter{w: cmd.ErrOrStderr()}
+	// Progress lines and the container's output reach stderr from
+	// different goroutines.
+	stderr := syncio.NewWriter(cmd.ErrOrStderr())
 	command := o.cmd
 	if len(args) > 1 {
 		if len(o.cmd) > 0 {
@@ -170,17 +172,4 @@ func (o recordRunFlags) options(cmd *cobra.Command, args []string) (recordrun.Op
 		PlainHTTP: o.plainHTTP, Platform: o.platform, HostsDir: o.hostsDir, HostNetwork: o.hostNet,
 		Containerd: o.containerd, WorkDir: o.workDir, Log: stderr, Output: stderr,
 	}, nil
-}
-
-// lockedWriter serializes writes to w: progress lines and the container's
-// output reach stderr from different goroutines.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
