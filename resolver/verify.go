@@ -83,18 +83,23 @@ func (l *lazyLayer) verifyEntry(ctx context.Context, e fusefs.Entry) error {
 // bindingReadAhead is how much of a file's data the header check reads
 // along with the header: as much as the kernel's first read of the file
 // usually asks for (its readahead window), so that the read the check
-// stands in front of is served from the same span load. Read alone, a
-// header in an earlier chunk of the span than the data makes the data's
-// read a second load (and span.Layer grows a span's prefix fourfold on
-// each further load).
+// stands in front of is served from the span loads the check waited for,
+// also when the header ends one span and the data starts the next.
 const bindingReadAhead = 128 << 10
 
 // readHeader reads the header bytes [start, end) of a file of size bytes
 // through the verified span path, together with the start of its data
-// (bindingReadAhead).
+// (bindingReadAhead). A read of the data follows the check, so the span is
+// fetched whole (span.Layer.ReadAt); an entry without data (a symlink, an
+// empty file) may be the only thing read in its span, so only the chunks
+// of its header are (ReadAtExact).
 func (l *lazyLayer) readHeader(ctx context.Context, start, end, size int64) ([]byte, error) {
 	buf := make([]byte, end-start+min(max(size, 0), bindingReadAhead))
-	n, err := l.spans.Load().ReadAt(ctx, buf, start)
+	read := l.spans.Load().ReadAt
+	if size <= 0 {
+		read = l.spans.Load().ReadAtExact
+	}
+	n, err := read(ctx, buf, start)
 	if err != nil && !(errors.Is(err, io.EOF) && int64(n) >= end-start) {
 		return nil, err
 	}

@@ -54,7 +54,7 @@ func needsWindow(z *ztoc.Ztoc, s ztoc.Span) bool {
 	return z.Algorithm == ztoc.Gzip && s.Window == nil && s.UncompressedStart > 0
 }
 
-// chunkStream is the fetch of span s from chunk from to its end: one
+// chunkStream is the fetch of chunks [from, to) of span s: one
 // range read of the blob, whose bytes it passes on (Read) a chunk at a
 // time, each only once it matched its digest, so that inflation (and the
 // reads waiting on it) can start on the first chunks while the rest are
@@ -68,6 +68,7 @@ type chunkStream struct {
 	class   Class
 	s       ztoc.Span
 	from    int           // first chunk fetched
+	to      int           // chunks [from, to) are fetched
 	next    int           // next chunk to read from body
 	body    io.ReadCloser // the open range read; nil after a chunk that did not match
 	got     []byte        // chunks [from, next), verified
@@ -75,12 +76,13 @@ type chunkStream struct {
 	retries int
 	start   time.Time
 	release func() // gives back the demand slot; nil without one
+	failed  error  // why a chunk could not be read, if one could not
 }
 
-// openChunks starts the fetch of span s from chunk from to its end: it
-// waits for a demand slot (class demand) and sends the range request.
-func (l *Layer) openChunks(ctx context.Context, class Class, s ztoc.Span, from int) (*chunkStream, error) {
-	c := &chunkStream{l: l, ctx: ctx, class: class, s: s, from: from, next: from, start: time.Now()}
+// openChunks starts the fetch of chunks [from, to) of span s: it waits for
+// a demand slot (class demand) and sends the range request.
+func (l *Layer) openChunks(ctx context.Context, class Class, s ztoc.Span, from, to int) (*chunkStream, error) {
+	c := &chunkStream{l: l, ctx: ctx, class: class, s: s, from: from, to: to, next: from, start: time.Now()}
 	if class == ClassDemand {
 		release, err := l.sched.acquireDemand(ctx, &l.state)
 		if err != nil {
@@ -88,7 +90,7 @@ func (l *Layer) openChunks(ctx context.Context, class Class, s ztoc.Span, from i
 		}
 		c.release = release
 	}
-	c.got = make([]byte, 0, s.CompressedEnd-l.chunkStart(s, from))
+	c.got = make([]byte, 0, c.end()-l.chunkStart(s, from))
 	if err := c.open(); err != nil {
 		c.Close()
 		return nil, err
@@ -96,12 +98,15 @@ func (l *Layer) openChunks(ctx context.Context, class Class, s ztoc.Span, from i
 	return c, nil
 }
 
-// open sends the range request for the span's bytes from chunk next on.
+// end is the blob offset where the fetched chunks end.
+func (c *chunkStream) end() int64 { return c.l.chunks[c.s.ID][c.to-1].CompressedEnd }
+
+// open sends the range request for chunks [next, to).
 func (c *chunkStream) open() error {
-	off := c.l.chunkStart(c.s, c.next)
-	body, err := c.l.blob.ReadRange(c.ctx, off, c.s.CompressedEnd-off)
+	off, end := c.l.chunkStart(c.s, c.next), c.end()
+	body, err := c.l.blob.ReadRange(c.ctx, off, end-off)
 	if err != nil {
-		return fmt.Errorf("fetch compressed bytes %d-%d: %w", off, c.s.CompressedEnd-1, err)
+		return fmt.Errorf("fetch compressed bytes %d-%d: %w", off, end-1, err)
 	}
 	c.body = body
 	return nil
@@ -111,7 +116,7 @@ func (c *chunkStream) open() error {
 // next chunk when those read so far are used up.
 func (c *chunkStream) Read(p []byte) (int, error) {
 	for len(c.unread) == 0 {
-		if c.next == len(c.l.chunks[c.s.ID]) {
+		if c.next == c.to {
 			return 0, io.EOF
 		}
 		if err := c.readChunk(); err != nil {
@@ -126,6 +131,17 @@ func (c *chunkStream) Read(p []byte) (int, error) {
 // readChunk reads chunk next from the range read and verifies it, fetching
 // it again (with what follows it) when it does not match.
 func (c *chunkStream) readChunk() error {
+	if c.failed != nil {
+		return c.failed
+	}
+	if c.failed = c.readNext(); c.failed != nil {
+		return c.failed
+	}
+	return nil
+}
+
+// readNext does the work of readChunk.
+func (c *chunkStream) readNext() error {
 	k := c.next
 	lo, hi := c.l.chunkStart(c.s, k), c.l.chunks[c.s.ID][k].CompressedEnd
 	buf := c.got[len(c.got) : len(c.got)+int(hi-lo)]
@@ -160,9 +176,9 @@ func (c *chunkStream) readChunk() error {
 }
 
 // rest reads the chunks that Read did not reach and returns the verified
-// compressed bytes of the span from chunk from on.
+// compressed bytes of chunks [from, to).
 func (c *chunkStream) rest() ([]byte, error) {
-	for c.next < len(c.l.chunks[c.s.ID]) {
+	for c.next < c.to {
 		if err := c.readChunk(); err != nil {
 			return nil, err
 		}

@@ -52,7 +52,7 @@ func (l *Layer) writeRange(ctx context.Context, w io.Writer, from, to int64) err
 			buf = make([]byte, stop-pos)
 		}
 		dst := buf[:stop-pos]
-		if err := l.readSpan(ctx, s, dst, pos-s.UncompressedStart); err != nil {
+		if err := l.readSpan(ctx, s, dst, pos-s.UncompressedStart, false); err != nil {
 			return err
 		}
 		if _, err := w.Write(dst); err != nil {

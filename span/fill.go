@@ -101,7 +101,7 @@ func (l *Layer) loadWhole(ctx context.Context, class Class, id ztoc.SpanID) (put
 		ld := l.loads[id]
 		own := ld == nil
 		if own {
-			ld = l.startLoad(id, class, false)
+			ld = l.startLoad(id, class, len(l.chunks[id]), false)
 		}
 		l.mu.Unlock()
 		_, err := ld.wait(ctx, -1)

@@ -201,6 +201,19 @@ func (l *Layer) Spans() []ztoc.Span { return l.spans }
 // stream (it implements fusefs.StreamReader). Like io.ReaderAt, it returns
 // io.EOF with a short read at the end of the stream.
 func (l *Layer) ReadAt(ctx context.Context, p []byte, off int64) (n int, err error) {
+	return l.readAt(ctx, p, off, false)
+}
+
+// ReadAtExact reads like ReadAt, but fetches of a span it needs bring only
+// the span's chunks through the one that covers the read, not the rest of
+// the span: for reads that no read of the rest of the span is likely to
+// follow, such as the check of a symlink's tar header, whose span the
+// container may never read.
+func (l *Layer) ReadAtExact(ctx context.Context, p []byte, off int64) (n int, err error) {
+	return l.readAt(ctx, p, off, true)
+}
+
+func (l *Layer) readAt(ctx context.Context, p []byte, off int64, exact bool) (n int, err error) {
 	start := time.Now()
 	defer func() { l.opts.Metrics.Read(n, time.Since(start), err) }()
 	if off < 0 {
@@ -214,7 +227,7 @@ func (l *Layer) ReadAt(ctx context.Context, p []byte, off int64) (n int, err err
 		}
 		stop := min(end, s.UncompressedEnd)
 		dst := p[pos-off : stop-off]
-		if err := l.readSpan(ctx, s, dst, pos-s.UncompressedStart); err != nil {
+		if err := l.readSpan(ctx, s, dst, pos-s.UncompressedStart, exact); err != nil {
 			return n, err
 		}
 		n += len(dst)
@@ -236,8 +249,11 @@ func (l *Layer) spanAt(off int64) (ztoc.Span, error) {
 }
 
 // readSpan fills dst with span s's bytes from relative offset rel: from
-// memory, else from a load of the span (shared with concurrent reads).
-func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64) error {
+// memory, else from a load of the span (shared with concurrent reads;
+// exact: see ReadAtExact). A load of a prefix of the span may stop short
+// of dst's end (chunk marks are hints, or the load was another read's
+// exact one); the next load then takes more chunks.
+func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64, exact bool) error {
 	need := rel + int64(len(dst))
 	defer l.notePrefetchHit(s.ID)
 	for attempt := 0; ; attempt++ {
@@ -246,10 +262,10 @@ func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64
 			l.opts.Metrics.SpanCacheHit()
 			return nil
 		}
-		if attempt == maxLoadAttempts {
-			return fmt.Errorf("%sspan %d: no load of it reached offset %d", l.prefix, s.ID, s.UncompressedStart+need)
+		if attempt > len(l.chunks[s.ID])+2 {
+			return fmt.Errorf("%sspan %d: inflation does not reach offset %d", l.prefix, s.ID, s.UncompressedStart+need)
 		}
-		ld, err := l.demandLoad(s)
+		ld, err := l.demandLoad(s, need, exact)
 		if err != nil {
 			return fmt.Errorf("%sspan %d: %w", l.prefix, s.ID, err)
 		}
@@ -258,17 +274,26 @@ func (l *Layer) readSpan(ctx context.Context, s ztoc.Span, dst []byte, rel int64
 			return fmt.Errorf("%sspan %d: %w", l.prefix, s.ID, err)
 		}
 		if int64(len(out)) >= need {
+			l.served(ld)
 			copy(dst, out[rel:need])
 			return nil
 		}
 		// A prefetch or fill load (which does not inflate) finished or
-		// failed: look again.
+		// failed, or a load of fewer chunks ended: look again.
 	}
 }
 
-// maxLoadAttempts bounds the loads a read waits on: a prefetch or fill
-// load in flight, then its own.
-const maxLoadAttempts = 4
+// served notes that a demand read waiting on ld got its bytes: should the
+// load fail later (in the rest of its span), only the reads it failed may
+// be failed again at once (Options.FailureMemory).
+func (l *Layer) served(ld *load) {
+	if ld.class != ClassDemand {
+		return
+	}
+	l.mu.Lock()
+	ld.readers--
+	l.mu.Unlock()
+}
 
 // notePrefetchHit counts a read of a span that prefetch fetched.
 func (l *Layer) notePrefetchHit(id ztoc.SpanID) {

@@ -13,17 +13,19 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// A load brings the verified compressed bytes of one whole span into
-// memory (from memory, the disk cache or a fetch of the chunks neither
-// holds), stores fetched bytes in the caches and, for reads, inflates
-// them as they arrive. At most one load of a span is in flight; the reads
-// of the span wait on it and return as soon as their bytes are inflated.
-// Every fetch of a layer is started by a load (startLoad).
+// A load brings the verified compressed bytes of one span, from its start
+// through chunk target (the whole span but for ReadAtExact), into memory
+// (from memory, the disk cache or a fetch of the chunks neither holds),
+// stores fetched bytes in the caches and, for reads, inflates them as they
+// arrive. At most one load of a span is in flight; the reads of the span
+// wait on it and return as soon as their bytes are inflated. Every fetch
+// of a layer is started by a load (startLoad).
 type load struct {
 	id      ztoc.SpanID
 	class   Class
+	target  int  // chunks [0, target) are wanted
 	inflate bool // reads wait on the inflated bytes
-	readers int  // demand reads that waited on it; guarded by Layer.mu
+	readers int  // demand reads waiting on it and not served yet; guarded by Layer.mu
 
 	mu      sync.Mutex
 	out     []byte // inflated bytes from the span start, growing
@@ -41,9 +43,11 @@ type failure struct {
 	retries int // reads that may still be failed at once
 }
 
-// demandLoad returns the load a read of span s waits on: the one in
-// flight, or a new one, or the failure of a recent one.
-func (l *Layer) demandLoad(s ztoc.Span) (*load, error) {
+// demandLoad returns the load a read of span s needing its first need
+// uncompressed bytes waits on: the one in flight, or a new one (of the
+// whole span, or with exact of the chunks that cover the read), or the
+// failure of a recent one.
+func (l *Layer) demandLoad(s ztoc.Span, need int64, exact bool) (*load, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	ld := l.loads[s.ID]
@@ -55,12 +59,31 @@ func (l *Layer) demandLoad(s ztoc.Span) (*load, error) {
 			}
 			delete(l.failures, s.ID)
 		}
-		ld = l.startLoad(s.ID, ClassDemand, true)
+		target := len(l.chunks[s.ID])
+		if exact {
+			target = l.exactTarget(s, need)
+		}
+		ld = l.startLoad(s.ID, ClassDemand, target, true)
 	}
 	if ld.class == ClassDemand {
 		ld.readers++
 	}
 	return ld, nil
+}
+
+// exactTarget returns how many chunks of span s a read of its first need
+// bytes loads with ReadAtExact: through the first chunk whose mark covers
+// need, or one more than memory holds when those fell short (marks are
+// hints). l.mu must be held.
+func (l *Layer) exactTarget(s ztoc.Span, need int64) int {
+	chunks := l.chunks[s.ID]
+	n := len(chunks)
+	end := s.UncompressedStart + need
+	want := min(n, 1+sort.Search(n, func(k int) bool { return chunks[k].UncompressedEnd >= end }))
+	if v, ok := l.mem.get(l, s.ID); ok && v.out != nil && int64(len(v.out)) < need {
+		want = max(want, v.chunks+1)
+	}
+	return min(n, want)
 }
 
 // chunksIn returns how many chunks of span s end within its first size
@@ -70,9 +93,10 @@ func (l *Layer) chunksIn(s ztoc.Span, size int64) int {
 	return sort.Search(len(chunks), func(k int) bool { return chunks[k].CompressedEnd-s.CompressedStart > size })
 }
 
-// startLoad starts a load of span id. l.mu must be held.
-func (l *Layer) startLoad(id ztoc.SpanID, class Class, inflate bool) *load {
-	ld := &load{id: id, class: class, inflate: inflate, changed: make(chan struct{})}
+// startLoad starts a load of span id's first target chunks. l.mu must be
+// held.
+func (l *Layer) startLoad(id ztoc.SpanID, class Class, target int, inflate bool) *load {
+	ld := &load{id: id, class: class, target: target, inflate: inflate, changed: make(chan struct{})}
 	if l.closed {
 		ld.finish(errClosed)
 		return ld
@@ -113,20 +137,22 @@ func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	comp, have, onDisk := l.localPrefix(s)
 	var src io.Reader = bytes.NewReader(comp)
 	var fetch *chunkStream
-	if n := len(l.chunks[s.ID]); have < n {
-		if fetch, err = l.openChunks(ctx, ld.class, s, have); err != nil {
+	if have < ld.target {
+		if fetch, err = l.openChunks(ctx, ld.class, s, have, ld.target); err != nil {
 			return false, err
 		}
 		defer fetch.Close()
 		src, fetched = io.MultiReader(src, fetch), true
+		have = ld.target
 	} else if ld.class == ClassDemand {
 		l.opts.Metrics.SpanCacheHit()
 	}
 	var out []byte
 	if ld.inflate {
-		if out, err = l.inflate(ld, s, window, src); err != nil {
+		if out, err = l.inflate(ld, s, window, src, have); err != nil && (have == len(l.chunks[s.ID]) || fetch != nil && fetch.failed != nil) {
 			return fetched, err
 		}
+		// A prefix of the span inflates as far as its chunks go.
 	}
 	if fetch != nil {
 		if comp, err = l.completeFetch(s, comp, fetch); err != nil {
@@ -140,20 +166,21 @@ func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	} else if ld.putErr = l.store(s, comp, ld.class == ClassFill); ld.putErr == nil {
 		keep = nil
 	}
-	l.mem.put(l, s.ID, inflated{out: out, comp: keep, chunks: len(l.chunks[s.ID])})
+	l.mem.put(l, s.ID, inflated{out: out, comp: keep, chunks: have})
 	return fetched, nil
 }
 
-// completeFetch reads the rest of fetch and returns the whole span's
-// compressed bytes, local prefix included, checked against the span
-// digest: chunk by chunk verified, the span digest binds them to the zTOC.
+// completeFetch reads the rest of fetch and returns the span's compressed
+// bytes it completes, local prefix included; a whole span is checked
+// against the span digest: chunk by chunk verified, the span digest binds
+// them to the zTOC.
 func (l *Layer) completeFetch(s ztoc.Span, prefix []byte, fetch *chunkStream) ([]byte, error) {
 	more, err := fetch.rest()
 	if err != nil {
 		return nil, err
 	}
 	comp := append(prefix[:len(prefix):len(prefix)], more...)
-	if len(l.chunks[s.ID]) > 1 {
+	if n := len(l.chunks[s.ID]); fetch.to == n && n > 1 {
 		if err := l.z.VerifySpan(s, comp); err != nil {
 			l.opts.Metrics.SpanVerifyFailed()
 			return nil, err
@@ -212,10 +239,12 @@ func (l *Layer) store(s ztoc.Span, comp []byte, protect bool) error {
 	return err
 }
 
-// inflate inflates span s from its checkpoint, its compressed bytes read
-// from src as they come, into ld, waking ld's readers as the bytes come.
-// window gives the span's window when the zTOC does not hold it.
-func (l *Layer) inflate(ld *load, s ztoc.Span, window func() ([]byte, error), src io.Reader) ([]byte, error) {
+// inflate inflates span s from its checkpoint, its compressed bytes (its
+// first have chunks) read from src as they come, into ld, waking ld's
+// readers as the bytes come. window gives the span's window when the zTOC
+// does not hold it. Inflating a prefix of the span ends in an error when
+// the prefix does; the bytes inflated so far are returned with it.
+func (l *Layer) inflate(ld *load, s ztoc.Span, window func() ([]byte, error), src io.Reader, have int) ([]byte, error) {
 	if needsWindow(l.z, s) {
 		w, err := window()
 		if err != nil {
@@ -223,8 +252,12 @@ func (l *Layer) inflate(ld *load, s ztoc.Span, window func() ([]byte, error), sr
 		}
 		s.Window = w
 	}
+	size := s.UncompressedEnd - s.UncompressedStart
+	if have < len(l.chunks[s.ID]) {
+		size = min(size, l.chunks[s.ID][have-1].UncompressedEnd-s.UncompressedStart+64<<10)
+	}
 	ld.mu.Lock()
-	ld.out = make([]byte, 0, s.UncompressedEnd-s.UncompressedStart)
+	ld.out = make([]byte, 0, size)
 	ld.mu.Unlock()
 	l.inflations.Add(1)
 	err := ztoc.InflateStream(l.z.Algorithm, s, src, s.UncompressedStart, s.UncompressedEnd, func(b []byte) error {
@@ -234,10 +267,7 @@ func (l *Layer) inflate(ld *load, s ztoc.Span, window func() ([]byte, error), sr
 		ld.append(b)
 		return nil
 	})
-	if err != nil {
-		return nil, err
-	}
-	return ld.bytes(), nil
+	return ld.bytes(), err
 }
 
 // append adds inflated bytes and wakes the reads waiting on the load.

@@ -110,6 +110,47 @@ func TestLayerStreamsSpans(t *testing.T) {
 	}
 }
 
+// TestLayerReadAtExact: an exact read fetches its span only through the
+// chunk that covers it; a later read of the span's end fetches the chunks
+// it lacks, after which the span is cached whole.
+func TestLayerReadAtExact(t *testing.T) {
+	z, blob, tarball := chunkedLayer(t)
+	cache, err := OpenCache(t.TempDir(), CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := digest.FromBytes(blob)
+	rb := newRecBlob(blob)
+	l, err := NewLayer(d, z, rb, Options{Cache: cache})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	s, chunks := mustSpans(t, z)[1], z.Chunks[1]
+	off := s.UncompressedStart + 3000
+	k := 0
+	for chunks[k].UncompressedEnd < off+512 {
+		k++
+	}
+	p := make([]byte, 512)
+	if _, err := l.ReadAtExact(context.Background(), p, off); err != nil || !bytes.Equal(p, tarball[off:off+512]) {
+		t.Fatalf("ReadAtExact: %v, or wrong bytes", err)
+	}
+	reqs := rb.requests()
+	if len(reqs) != 1 || reqs[0].off != s.CompressedStart || reqs[0].end != chunks[k].CompressedEnd || k+1 == len(chunks) {
+		t.Fatalf("range reads %v, want one of span 1 through chunk %d [%d, %d)", reqs, k, s.CompressedStart, chunks[k].CompressedEnd)
+	}
+	readCheck(t, l, tarball, s.UncompressedEnd-100, 100)
+	reqs = rb.requests()
+	if len(reqs) != 2 || reqs[1].off != chunks[k].CompressedEnd || reqs[1].end != s.CompressedEnd {
+		t.Fatalf("range reads %v, want a second one of [%d, %d)", reqs, chunks[k].CompressedEnd, s.CompressedEnd)
+	}
+	waitFor(t, "span 1 cached whole", func() bool { return l.Cached(s.ID) })
+	if _, err := l.ReadAtExact(context.Background(), p, off); err != nil || len(rb.requests()) != 2 {
+		t.Fatalf("ReadAtExact of a cached span: %v, %d range reads", err, len(rb.requests()))
+	}
+}
+
 // gateBlob is a BlobReader over a layer in memory that records its range
 // reads and holds the bytes from blob offset gate on until open is
 // closed. corruptAt, when positive, names a blob offset whose byte the

@@ -217,7 +217,7 @@ func TestLayerFetchSpan(t *testing.T) {
 			blob := l.compress(t, tarball)
 			z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
 			for _, s := range r.Spans() {
-				fetch, err := r.openChunks(context.Background(), ClassDemand, s, 0)
+				fetch, err := r.openChunks(context.Background(), ClassDemand, s, 0, len(r.chunks[s.ID]))
 				if err != nil {
 					t.Fatalf("openChunks(%d): %v", s.ID, err)
 				}
