@@ -16,7 +16,11 @@
 // the same request costs bytes but saves the round trips that later reads
 // of the span would take (BENCHMARKS.md, "Whole spans, streamed"): over a
 // link with 20 ms of round trip, a start that reads files one after the
-// other is bound by round trips, not by bytes.
+// other is bound by round trips, not by bytes. ReadAtExact fetches less:
+// the chunks through the one that covers its read, for reads that nothing
+// else of the span is likely to follow (the tar header of a symlink,
+// checked before the link is served); a later read of the span fetches
+// the chunks it lacks.
 //
 // Where bytes are kept: a Cache keeps verified compressed bytes on disk
 // (whole spans or verified prefixes, plus the blob's header bytes), within

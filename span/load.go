@@ -149,10 +149,9 @@ func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	}
 	var out []byte
 	if ld.inflate {
-		if out, err = l.inflate(ld, s, window, src, have); err != nil && (have == len(l.chunks[s.ID]) || fetch != nil && fetch.failed != nil) {
+		if out, err = l.inflate(ld, s, window, src, have); err != nil && !l.prefixEnded(s, have, fetch, err) {
 			return fetched, err
 		}
-		// A prefix of the span inflates as far as its chunks go.
 	}
 	if fetch != nil {
 		if comp, err = l.completeFetch(s, comp, fetch); err != nil {
@@ -168,6 +167,15 @@ func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	}
 	l.mem.put(l, s.ID, inflated{out: out, comp: keep, chunks: have})
 	return fetched, nil
+}
+
+// prefixEnded reports whether inflation error err only says that the
+// prefix of span s being inflated (its first have chunks, the last of
+// them fetched by fetch if not nil) ended before the span: a load of a
+// prefix inflates as far as its chunks go.
+func (l *Layer) prefixEnded(s ztoc.Span, have int, fetch *chunkStream, err error) bool {
+	return have < len(l.chunks[s.ID]) && errors.Is(err, io.ErrUnexpectedEOF) &&
+		(fetch == nil || fetch.failed == nil) && l.ctx.Err() == nil
 }
 
 // completeFetch reads the rest of fetch and returns the span's compressed

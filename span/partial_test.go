@@ -471,3 +471,29 @@ func TestFillFetchesWindows(t *testing.T) {
 		t.Fatalf("after Fill: complete %v, windows of %d spans asked for (%v), want all %d", l.Complete(), len(ws.calls), ws.calls, len(spans))
 	}
 }
+
+// TestLayerReadAtExactWindowFails: a read of a span prefix whose window
+// cannot be had fails with the window's error, not as a short prefix.
+func TestLayerReadAtExactWindowFails(t *testing.T) {
+	z, blob, _ := chunkedLayer(t)
+	l, err := NewLayer(digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Windows: downWindows{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for i := range l.spans {
+		l.spans[i].Window = nil
+	}
+	s := l.spans[2]
+	_, err = l.ReadAtExact(context.Background(), make([]byte, 100), s.UncompressedStart+10)
+	if err == nil || !strings.Contains(err.Error(), "window source down") {
+		t.Fatalf("ReadAtExact without a window: %v, want the window source's error", err)
+	}
+}
+
+// downWindows is a WindowSource that has no window to give.
+type downWindows struct{}
+
+func (downWindows) Window(context.Context, ztoc.SpanID) ([]byte, error) {
+	return nil, errors.New("window source down")
+}
