@@ -149,7 +149,14 @@ func (l *Layer) runLoad(ld *load) (fetched bool, err error) {
 	}
 	var out []byte
 	if ld.inflate {
-		if out, err = l.inflate(ld, s, window, src, have); err != nil && !l.prefixEnded(s, have, fetch, err) {
+		w, err := window()
+		if err != nil {
+			return fetched, err
+		}
+		if w != nil {
+			s.Window = w
+		}
+		if out, err = l.inflate(ld, s, src, have); err != nil && !l.prefixEnded(s, have, fetch, err) {
 			return fetched, err
 		}
 	}
@@ -247,19 +254,12 @@ func (l *Layer) store(s ztoc.Span, comp []byte, protect bool) error {
 	return err
 }
 
-// inflate inflates span s from its checkpoint, its compressed bytes (its
-// first have chunks) read from src as they come, into ld, waking ld's
-// readers as the bytes come. window gives the span's window when the zTOC
-// does not hold it. Inflating a prefix of the span ends in an error when
-// the prefix does; the bytes inflated so far are returned with it.
-func (l *Layer) inflate(ld *load, s ztoc.Span, window func() ([]byte, error), src io.Reader, have int) ([]byte, error) {
-	if needsWindow(l.z, s) {
-		w, err := window()
-		if err != nil {
-			return nil, err
-		}
-		s.Window = w
-	}
+// inflate inflates span s from its checkpoint (s holds its window), its
+// compressed bytes (its first have chunks) read from src as they come,
+// into ld, waking ld's readers as the bytes come. Inflating a prefix of
+// the span ends in an error when the prefix does; the bytes inflated so
+// far are returned with it.
+func (l *Layer) inflate(ld *load, s ztoc.Span, src io.Reader, have int) ([]byte, error) {
 	size := s.UncompressedEnd - s.UncompressedStart
 	if have < len(l.chunks[s.ID]) {
 		size = min(size, l.chunks[s.ID][have-1].UncompressedEnd-s.UncompressedStart+64<<10)
