@@ -39,8 +39,9 @@ type Options struct {
 	// Windows supplies the windows of spans whose zTOC entry has none.
 	// Required when some span that does not start the stream has none.
 	Windows WindowSource
-	// FetchTimeout bounds one fetch (waiting for a demand slot, the range
-	// request and its body). Reads waiting on a span fail after it.
+	// FetchTimeout bounds one load of a span: waiting for a demand slot,
+	// the range request, its body (read as it is inflated) and the span's
+	// window. Reads waiting on a span fail after it.
 	// Default DefaultFetchTimeout.
 	FetchTimeout time.Duration
 	// VerifyRetries is how many times bytes that do not match their digest
