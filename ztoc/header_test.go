@@ -115,19 +115,21 @@ type forgery struct {
 	forge     func(t testing.TB, z *Ztoc) (entry int, field string)
 }
 
+// forgeEntry is the forge of a single entry: it changes the entry with
+// raw name name by set, and that entry must fail naming field.
+func forgeEntry(name, field string, set func(f *FileMetadata)) func(testing.TB, *Ztoc) (int, string) {
+	return func(t testing.TB, z *Ztoc) (int, string) {
+		j := hdIndex(t, z, name)
+		set(&z.Files[j])
+		return j, field
+	}
+}
+
 // forgeries of the posix full tree (layertest.WriteFullTree archived by
 // GNU tar --format=posix --xattrs).
 var forgeries = []forgery{
-	{"name", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/hard")
-		z.Files[j].Name = "d/shadow"
-		return j, "name"
-	}},
-	{"type", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/empty")
-		z.Files[j].Type = TypeFifo
-		return j, "type"
-	}},
+	{"name", true, forgeEntry("d/hard", "name", func(f *FileMetadata) { f.Name = "d/shadow" })},
+	{"type", true, forgeEntry("d/empty", "type", func(f *FileMetadata) { f.Type = TypeFifo })},
 	{"offset-to-later-file", true, func(t testing.TB, z *Ztoc) (int, string) {
 		// Entry j takes the data of entry j+3; the entries between go.
 		j := hdIndex(t, z, "d/exact-1024")
@@ -141,71 +143,19 @@ var forgeries = []forgery{
 		z.Files[j].UncompressedOffset = z.Files[j-1].UncompressedOffset + 30209
 		return j, ""
 	}},
-	{"offset-unaligned", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/hard")
-		z.Files[j].UncompressedOffset++
-		return j, "offset"
-	}},
-	{"size", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/hard")
-		z.Files[j].UncompressedSize += 100
-		return j, "size"
-	}},
-	{"setuid", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/hard")
-		z.Files[j].Mode |= 0o4000
-		return j, "mode"
-	}},
-	{"uid", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/text.txt")
-		z.Files[j].UID = 0
-		return j, "uid"
-	}},
-	{"gid", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/text.txt")
-		z.Files[j].GID = 0
-		return j, "gid"
-	}},
-	{"uname", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/text.txt")
-		z.Files[j].Uname = "root"
-		return j, "uname"
-	}},
-	{"gname", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/text.txt")
-		z.Files[j].Gname = "root"
-		return j, "gname"
-	}},
-	{"mtime", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/text.txt")
-		z.Files[j].ModTime = z.Files[j].ModTime.Add(time.Nanosecond)
-		return j, "mtime"
-	}},
-	{"symlink-target", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/link")
-		z.Files[j].Linkname = "/etc/shadow"
-		return j, "linkname"
-	}},
-	{"hardlink-target", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/small.txt")
-		z.Files[j].Linkname = "d/text.txt" // was d/hard
-		return j, "linkname"
-	}},
-	{"devmajor", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/null")
-		z.Files[j].Devmajor = 8
-		return j, "devmajor"
-	}},
-	{"devminor", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/null")
-		z.Files[j].Devminor = 0
-		return j, "devminor"
-	}},
-	{"xattr", true, func(t testing.TB, z *Ztoc) (int, string) {
-		j := hdIndex(t, z, "d/hard")
-		z.Files[j].PAXRecords["SCHILY.xattr.security.capability"] = "\x01\x00\x00\x02"
-		return j, "pax"
-	}},
+	{"offset-unaligned", true, forgeEntry("d/hard", "offset", func(f *FileMetadata) { f.UncompressedOffset++ })},
+	{"size", true, forgeEntry("d/hard", "size", func(f *FileMetadata) { f.UncompressedSize += 100 })},
+	{"setuid", true, forgeEntry("d/hard", "mode", func(f *FileMetadata) { f.Mode |= 0o4000 })},
+	{"uid", true, forgeEntry("d/text.txt", "uid", func(f *FileMetadata) { f.UID = 0 })},
+	{"gid", true, forgeEntry("d/text.txt", "gid", func(f *FileMetadata) { f.GID = 0 })},
+	{"uname", true, forgeEntry("d/text.txt", "uname", func(f *FileMetadata) { f.Uname = "root" })},
+	{"gname", true, forgeEntry("d/text.txt", "gname", func(f *FileMetadata) { f.Gname = "root" })},
+	{"mtime", true, forgeEntry("d/text.txt", "mtime", func(f *FileMetadata) { f.ModTime = f.ModTime.Add(time.Nanosecond) })},
+	{"symlink-target", true, forgeEntry("d/link", "linkname", func(f *FileMetadata) { f.Linkname = "/etc/shadow" })},
+	{"hardlink-target", true, forgeEntry("d/small.txt", "linkname", func(f *FileMetadata) { f.Linkname = "d/text.txt" /* was d/hard */ })},
+	{"devmajor", true, forgeEntry("d/null", "devmajor", func(f *FileMetadata) { f.Devmajor = 8 })},
+	{"devminor", true, forgeEntry("d/null", "devminor", func(f *FileMetadata) { f.Devminor = 0 })},
+	{"xattr", true, forgeEntry("d/hard", "pax", func(f *FileMetadata) { f.PAXRecords["SCHILY.xattr.security.capability"] = "\x01\x00\x00\x02" })},
 	{"entry-added-inside-data", true, func(t testing.TB, z *Ztoc) (int, string) {
 		j := hdIndex(t, z, "d/text.txt")
 		fake := z.Files[j]
