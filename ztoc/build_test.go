@@ -756,10 +756,7 @@ func TestBuildGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got, err := Marshal(z)
-			if err != nil {
-				t.Fatal(err)
-			}
+			got := mustMarshal(t, z)
 			if !bytes.Equal(got, want) {
 				t.Errorf("zTOC of %d bytes differs from SOCI's %d bytes at offset %d", len(got), len(want), cfFirstDiff(got, want))
 				if gz, err := Unmarshal(want); err == nil {

@@ -112,14 +112,8 @@ func TestChunks(t *testing.T) {
 					if z0.Chunks != nil {
 						t.Error("a negative chunk size still built a chunk table")
 					}
-					b, err := Marshal(z)
-					if err != nil {
-						t.Fatal(err)
-					}
-					b0, err := Marshal(z0)
-					if err != nil {
-						t.Fatal(err)
-					}
+					b := mustMarshal(t, z)
+					b0 := mustMarshal(t, z0)
 					if !bytes.Equal(b, b0) {
 						t.Error("the zTOC bytes depend on the chunk size")
 					}

@@ -102,10 +102,7 @@ func TestGoldenByteExact(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		out, err := Marshal(z)
-		if err != nil {
-			t.Fatal(err)
-		}
+		out := mustMarshal(t, z)
 		if !bytes.Equal(out, b) {
 			i := 0
 			for i < len(out) && i < len(b) && out[i] == b[i] {
@@ -208,10 +205,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 	for name, z := range cases {
 		t.Run(name, func(t *testing.T) {
-			b, err := Marshal(z)
-			if err != nil {
-				t.Fatal(err)
-			}
+			b := mustMarshal(t, z)
 			for range 10 {
 				b2, err := Marshal(z)
 				if err != nil || !bytes.Equal(b, b2) {
@@ -245,10 +239,7 @@ func TestModTimeEdges(t *testing.T) {
 		{Name: "neg", Type: TypeDir, UncompressedOffset: 1536, ModTime: time.Date(-5, 1, 1, 0, 0, 0, 0, time.UTC)},
 		{Name: "zone", Type: TypeDir, UncompressedOffset: 2048, ModTime: time.Date(2020, 1, 1, 0, 0, 0, 0, time.FixedZone("x", -7*3600))},
 	}
-	b, err := Marshal(z)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := mustMarshal(t, z)
 	for _, want := range []string{"0001-01-01T00:00:00Z", "2020-01-01T07:00:00Z"} {
 		if !bytes.Contains(b, []byte(want)) {
 			t.Errorf("encoding lacks mod_time %q", want)
@@ -544,14 +535,21 @@ func TestUnmarshalBitFlips(t *testing.T) {
 	}
 }
 
-// roundTrip marshals z and unmarshals the bytes, failing the test when
-// either fails, and returns the bytes and the decoded zTOC.
-func roundTrip(t testing.TB, z *Ztoc) ([]byte, *Ztoc) {
+// mustMarshal returns Marshal(z), failing the test when Marshal fails.
+func mustMarshal(t testing.TB, z *Ztoc) []byte {
 	t.Helper()
 	b, err := Marshal(z)
 	if err != nil {
 		t.Fatalf("Marshal: %v", err)
 	}
+	return b
+}
+
+// roundTrip marshals z and unmarshals the bytes, failing the test when
+// either fails, and returns the bytes and the decoded zTOC.
+func roundTrip(t testing.TB, z *Ztoc) ([]byte, *Ztoc) {
+	t.Helper()
+	b := mustMarshal(t, z)
 	z2, err := Unmarshal(b)
 	if err != nil {
 		t.Fatalf("Unmarshal(Marshal(z)): %v", err)
@@ -633,10 +631,7 @@ func BenchmarkMarshal(b *testing.B) {
 // (SOCI formats in the host's zone): the instant is kept, normalized to UTC.
 // Re-encoding then writes "Z", so such zTOCs do not re-encode byte for byte.
 func TestModTimeOtherZone(t *testing.T) {
-	good, err := Marshal(syntheticTar())
-	if err != nil {
-		t.Fatal(err)
-	}
+	good := mustMarshal(t, syntheticTar())
 	b := patch(t, good, "2100-06-01T12:00:00.123456789Z", "2100-06-01T05:00:00.1234-07:00")
 	z, err := Unmarshal(b)
 	if err != nil {
@@ -646,10 +641,7 @@ func TestModTimeOtherZone(t *testing.T) {
 	if got := z.Files[1].ModTime; !reflect.DeepEqual(got, want) {
 		t.Fatalf("mod time %v, want %v", got, want)
 	}
-	out, err := Marshal(z)
-	if err != nil {
-		t.Fatal(err)
-	}
+	out := mustMarshal(t, z)
 	if !bytes.Contains(out, []byte("2100-06-01T12:00:00.1234Z")) {
 		t.Fatal("re-encoded mod time is not the UTC form")
 	}

@@ -16,10 +16,7 @@ func TestDecodeFiles(t *testing.T) {
 		bufs[g.File] = readGolden(t, g.File)
 	}
 	for name, z := range map[string]*Ztoc{"gzip": syntheticGzip(t, false), "tar": syntheticTar()} {
-		b, err := Marshal(z)
-		if err != nil {
-			t.Fatal(err)
-		}
+		b := mustMarshal(t, z)
 		bufs[name] = b
 	}
 	for name, b := range bufs {
@@ -54,10 +51,7 @@ func TestDecodeFiles(t *testing.T) {
 // sees them and that the caller's error ends the walk.
 func TestDecodeFilesErrors(t *testing.T) {
 	z := syntheticGzip(t, false)
-	b, err := Marshal(z)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := mustMarshal(t, z)
 	stop := errors.New("stop")
 	n := 0
 	if err := DecodeFiles(b, func(*FileMetadata) error { n++; return stop }); err != stop || n != 1 {

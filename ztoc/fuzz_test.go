@@ -89,10 +89,7 @@ func fuzzSeeds(t *testing.T) map[string]map[string][]any {
 		"FuzzCheckHeader":        checkHeaderSeeds(t),
 	}
 	for _, l := range fuzzLayers(t) {
-		zb, err := Marshal(l.z)
-		if err != nil {
-			t.Fatal(err)
-		}
+		zb := mustMarshal(t, l.z)
 		seeds["FuzzBuild"][l.name] = []any{l.blob, uint16(l.spanSize - 1)}
 		if len(zb) > 16<<10 {
 			// A window makes a zTOC too big to minimize quickly: the
@@ -109,22 +106,13 @@ func fuzzSeeds(t *testing.T) map[string]map[string][]any {
 // syntheticSeeds are zTOCs with every corner of FileMetadata.
 func syntheticSeeds(t *testing.T) map[string][]any {
 	t.Helper()
-	tarZ, err := Marshal(syntheticTar())
-	if err != nil {
-		t.Fatal(err)
-	}
+	tarZ := mustMarshal(t, syntheticTar())
 	one := syntheticTar()
 	one.Files = one.Files[:1]
-	oneB, err := Marshal(one)
-	if err != nil {
-		t.Fatal(err)
-	}
+	oneB := mustMarshal(t, one)
 	sparse := syntheticTar()
 	sparse.Files[1].PAXRecords = map[string]string{SparseMapRecord: "0,10,500,20,990,10"}
-	sparseB, err := Marshal(sparse)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sparseB := mustMarshal(t, sparse)
 	return map[string][]any{
 		"synthetic-tar":         {tarZ},
 		"synthetic-tar-1file":   {oneB},

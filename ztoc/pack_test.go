@@ -89,11 +89,8 @@ func packTestDigests(prefix string, n int) []digest.Digest {
 // packOf encodes z and its pack, and decodes the head.
 func packOf(t testing.TB, z *Ztoc) (zb, head, windows []byte, h *PackHead) {
 	t.Helper()
-	zb, err := Marshal(z)
-	if err != nil {
-		t.Fatal(err)
-	}
-	head, windows, err = MarshalPack(z, digest.FromBytes(zb), int64(len(zb)))
+	zb = mustMarshal(t, z)
+	head, windows, err := MarshalPack(z, digest.FromBytes(zb), int64(len(zb)))
 	if err != nil {
 		t.Fatalf("MarshalPack: %v", err)
 	}
@@ -297,10 +294,7 @@ func TestDecodeWindowErrors(t *testing.T) {
 
 func TestMarshalPackErrors(t *testing.T) {
 	z := packTestGzip(t, true)
-	zb, err := Marshal(z)
-	if err != nil {
-		t.Fatal(err)
-	}
+	zb := mustMarshal(t, z)
 	d := digest.FromBytes(zb)
 	if _, _, err := MarshalPack(nil, d, 1); err == nil {
 		t.Error("nil zTOC packed")
