@@ -313,14 +313,19 @@ func TestUnmarshalHostile(t *testing.T) {
 	if _, err := Unmarshal(good); err != nil {
 		t.Fatal(err)
 	}
-	forge := func(mod func(z *Ztoc)) []byte {
-		z := syntheticTar()
+	// forgeFrom encodes z, changed by mod, without Marshal's validation.
+	forgeFrom := func(z *Ztoc, mod func(z *Ztoc)) []byte {
 		mod(z)
 		b, err := encode(z)
 		if err != nil {
 			t.Fatal(err)
 		}
 		return b
+	}
+	forge := func(mod func(z *Ztoc)) []byte { return forgeFrom(syntheticTar(), mod) }
+	forgeGzip := func(mod func(z *Ztoc)) []byte { return forgeFrom(syntheticGzip(t, false), mod) }
+	forgeCheckpoints := func(mod func(zi *GzipZinfo)) []byte {
+		return forgeGzip(func(z *Ztoc) { z.Checkpoints = vfForgeCheckpoints(t, z, mod).Checkpoints })
 	}
 	_, metaVec := locate(t, good, fbTOCMetadata, fbZtocTOC)
 	_, digestVec := locate(t, good, fbCISpanDigests, fbZtocCompressionInfo)
@@ -369,41 +374,13 @@ func TestUnmarshalHostile(t *testing.T) {
 		{"bad mod_time", patch(t, good, "2024-01-02T03:04:05Z", "2024-13-02T03:04:05Z"), "mod_time"},
 		{"mod_time out of range", patch(t, good, "2100-06-01T12:00:00.123456789Z", "0000-01-01T00:00:00.1234+01:00"), "mod_time"},
 		{"duplicate xattr", patch(t, good, "LIBARCHIVE.xattr.user.b", "LIBARCHIVE.xattr.user.a"), "twice"},
-		{"gzip unsorted checkpoints", func() []byte {
-			z := syntheticGzip(t, false)
-			zi, _ := UnmarshalGzipZinfo(z.Checkpoints)
+		{"gzip unsorted checkpoints", forgeCheckpoints(func(zi *GzipZinfo) {
 			zi.Checkpoints[1], zi.Checkpoints[2] = zi.Checkpoints[2], zi.Checkpoints[1]
-			z.Checkpoints, _ = MarshalGzipZinfo(zi)
-			b, _ := encode(z)
-			return b
-		}(), "span 1"},
-		{"gzip first span not at 0", func() []byte {
-			z := syntheticGzip(t, false)
-			zi, _ := UnmarshalGzipZinfo(z.Checkpoints)
-			zi.Checkpoints[0].Out = 100
-			z.Checkpoints, _ = MarshalGzipZinfo(zi)
-			b, _ := encode(z)
-			return b
-		}(), "span 0 starts"},
-		{"gzip checkpoint past layer", func() []byte {
-			z := syntheticGzip(t, false)
-			z.CompressedArchiveSize = 2000
-			b, _ := encode(z)
-			return b
-		}(), "outside"},
-		{"gzip zinfo truncated", func() []byte {
-			z := syntheticGzip(t, false)
-			z.Checkpoints = z.Checkpoints[:len(z.Checkpoints)-1]
-			b, _ := encode(z)
-			return b
-		}(), "zinfo"},
-		{"gzip zinfo spans mismatch", func() []byte {
-			z := syntheticGzip(t, false)
-			z.MaxSpanID = 1
-			z.SpanDigests = z.SpanDigests[:2]
-			b, _ := encode(z)
-			return b
-		}(), "checkpoints"},
+		}), "span 1"},
+		{"gzip first span not at 0", forgeCheckpoints(func(zi *GzipZinfo) { zi.Checkpoints[0].Out = 100 }), "span 0 starts"},
+		{"gzip checkpoint past layer", forgeGzip(func(z *Ztoc) { z.CompressedArchiveSize = 2000 }), "outside"},
+		{"gzip zinfo truncated", forgeGzip(func(z *Ztoc) { z.Checkpoints = z.Checkpoints[:len(z.Checkpoints)-1] }), "zinfo"},
+		{"gzip zinfo spans mismatch", forgeGzip(func(z *Ztoc) { z.MaxSpanID = 1; z.SpanDigests = z.SpanDigests[:2] }), "checkpoints"},
 		{"no toc", forgeRaw(func(b *flatbuffers.Builder) {
 			v := b.CreateString(Version)
 			b.StartObject(fbZtocNumFields)
