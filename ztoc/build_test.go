@@ -300,10 +300,10 @@ func cfCheckSpans(t *testing.T, z *Ztoc, blob []byte, spanSize int64) []Span {
 	return spans
 }
 
-// cfCheckLayer builds blob's zTOC at spanSize and checks it against the
-// uncompressed stream (tarball), GNU tar's extraction (extracted) and GNU
-// tar's listing. It returns the zTOC.
-func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing []cfListEntry, spanSize int64) *Ztoc {
+// cfBuildChecked builds blob's zTOC at spanSize and checks the layer
+// digest, the archive sizes (blob's length, and end, where the tar stream
+// ends) and the spans. It returns the zTOC and a reader of blob through it.
+func cfBuildChecked(t *testing.T, blob []byte, end, spanSize int64) (*Ztoc, *cfReader) {
 	t.Helper()
 	z, layerDigest, err := cfBuild(t, blob, BuildOptions{SpanSize: spanSize})
 	if err != nil {
@@ -312,6 +312,28 @@ func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing 
 	if want := digest.FromBytes(blob); layerDigest != want {
 		t.Errorf("layer digest %s, want %s", layerDigest, want)
 	}
+	if z.CompressedArchiveSize != int64(len(blob)) || z.UncompressedArchiveSize != end {
+		t.Errorf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(blob), end)
+	}
+	cfCheckSpans(t, z, blob, spanSize)
+	r, err := cfNewReader(z, blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return z, r
+}
+
+// cfCheckLayer builds blob's zTOC at spanSize and checks it against the
+// uncompressed stream (tarball), GNU tar's extraction (extracted) and GNU
+// tar's listing. It returns the zTOC.
+func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing []cfListEntry, spanSize int64) *Ztoc {
+	t.Helper()
+	goEntries, end, err := cfReadTar(t, tarball)
+	if err != nil {
+		t.Fatalf("archive/tar cannot read the generated tar: %v", err)
+	}
+	// (d) spans, with the layer digest and sizes.
+	z, r := cfBuildChecked(t, blob, end, spanSize)
 	wantAlg := Uncompressed
 	if bytes.HasPrefix(blob, gzipMagic) {
 		wantAlg = Gzip
@@ -319,22 +341,8 @@ func cfCheckLayer(t *testing.T, blob, tarball []byte, extracted string, listing 
 	if z.Version != Version || z.BuildToolIdentifier != DefaultBuildToolIdentifier || z.Algorithm != wantAlg {
 		t.Errorf("version %q, tool %q, algorithm %v; want %q, %q, %v", z.Version, z.BuildToolIdentifier, z.Algorithm, Version, DefaultBuildToolIdentifier, wantAlg)
 	}
-	goEntries, end, err := cfReadTar(t, tarball)
-	if err != nil {
-		t.Fatalf("archive/tar cannot read the generated tar: %v", err)
-	}
-	if z.CompressedArchiveSize != int64(len(blob)) || z.UncompressedArchiveSize != end {
-		t.Errorf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(blob), end)
-	}
-
-	// (d) spans.
-	cfCheckSpans(t, z, blob, spanSize)
 
 	// The whole uncompressed archive reads back through the zTOC.
-	r, err := cfNewReader(z, blob)
-	if err != nil {
-		t.Fatal(err)
-	}
 	all := make([]byte, z.UncompressedArchiveSize)
 	if n, err := r.ReadAt(all, 0); n != len(all) || err != nil {
 		t.Fatalf("ReadAt(whole archive) = %d, %v", n, err)
@@ -985,21 +993,7 @@ func TestDebianLayer(t *testing.T) {
 	end := cfTarEnd(t, tarball)
 	for _, s := range []int64{DefaultSpanSize, 256 << 10} {
 		t.Run(fmt.Sprint(s), func(t *testing.T) {
-			z, layerDigest, err := cfBuild(t, blob, BuildOptions{SpanSize: s})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if layerDigest != digest.FromBytes(blob) {
-				t.Errorf("layer digest %s", layerDigest)
-			}
-			if z.UncompressedArchiveSize != end || z.CompressedArchiveSize != int64(len(blob)) {
-				t.Errorf("sizes %d/%d, want %d/%d", z.CompressedArchiveSize, z.UncompressedArchiveSize, len(blob), end)
-			}
-			cfCheckSpans(t, z, blob, s)
-			r, err := cfNewReader(z, blob)
-			if err != nil {
-				t.Fatal(err)
-			}
+			z, r := cfBuildChecked(t, blob, end, s)
 			// The whole stream, span by span, through ReadAt.
 			stream := make([]byte, z.UncompressedArchiveSize)
 			for off := int64(0); off < int64(len(stream)); off += s {
