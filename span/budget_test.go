@@ -51,13 +51,8 @@ func diskBytes(t *testing.T, dir string) int64 {
 // that the cache never holds more than maxBytes. It returns the metrics
 // and the size of the layer.
 func readUnderPressure(t *testing.T, root string, maxBytes int64) (*recMetrics, int64) {
-	tarball := layertest.SeededTar(t, 11)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
-	cache, err := OpenCache(root, CacheOptions{MaxBytes: maxBytes})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tarball, blob, z := seededGzipLayer(t, 11)
+	cache := mustCache(t, root, CacheOptions{MaxBytes: maxBytes})
 	rb := newRecBlob(blob)
 	m := newRecMetrics()
 	l, err := NewLayer(digest.FromBytes(blob), z, rb, Options{Cache: cache, Memory: NewMemoryCache(48 << 10), Metrics: m})
@@ -160,10 +155,7 @@ func TestLayerFillMakesComplete(t *testing.T) {
 		t.Run(k.name, func(t *testing.T) {
 			blob := k.compress(t, tarball)
 			z := build(t, blob, 16<<10)
-			cache, err := OpenCache(t.TempDir(), CacheOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
+			cache := mustCache(t, t.TempDir(), CacheOptions{})
 			l := mustOpen(t, z, bytes.NewReader(blob), Options{Cache: cache})
 			readCheck(t, l, tarball, 70000, 1000)
 			if l.Complete() {
@@ -197,19 +189,10 @@ func TestLayerFillMakesComplete(t *testing.T) {
 // TestLayerFillStopsWhenCacheFull: Fill of a layer larger than the budget
 // ends with ErrCacheFull instead of fetching forever.
 func TestLayerFillStopsWhenCacheFull(t *testing.T) {
-	tarball := layertest.SeededTar(t, 13)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
-	cache, err := OpenCache(t.TempDir(), CacheOptions{MaxBytes: int64(len(blob)) / 2})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, blob, z := seededGzipLayer(t, 13)
+	cache := mustCache(t, t.TempDir(), CacheOptions{MaxBytes: int64(len(blob)) / 2})
 	rb := newRecBlob(blob)
-	l, err := NewLayer(digest.FromBytes(blob), z, rb, Options{Cache: cache})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLayer(t, digest.FromBytes(blob), z, rb, Options{Cache: cache})
 	if err := l.Fill(context.Background()); !errors.Is(err, ErrCacheFull) {
 		t.Fatalf("Fill into half the layer's size: %v, want ErrCacheFull", err)
 	}

@@ -41,10 +41,7 @@ func openFDs(t *testing.T) int {
 func TestCache(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root, CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustCache(t, root, CacheOptions{})
 	if _, err := c.Get(ctx, layerA, 0); !errors.Is(err, ErrNotCached) {
 		t.Errorf("Get of an empty cache = %v, want ErrNotCached", err)
 	}
@@ -120,10 +117,7 @@ func TestCache(t *testing.T) {
 
 func TestCacheBadInput(t *testing.T) {
 	ctx := context.Background()
-	c, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustCache(t, t.TempDir(), CacheOptions{})
 	for _, d := range []digest.Digest{"", "sha256:../../etc", "sha256:abc", "md5:d41d8cd98f00b204e9800998ecf8427e"} {
 		if err := c.Put(ctx, d, 0, []byte("x")); err == nil {
 			t.Errorf("Put accepted layer %q", d)
@@ -147,10 +141,7 @@ func TestCacheBadInput(t *testing.T) {
 
 func TestCacheRemovesLeftovers(t *testing.T) {
 	root := t.TempDir()
-	c, err := OpenCache(root, CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustCache(t, root, CacheOptions{})
 	if err := c.Put(context.Background(), layerA, 0, []byte("span")); err != nil {
 		t.Fatal(err)
 	}
@@ -158,9 +149,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, atomicfile.TempPrefix+"1-123"), []byte("torn"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := OpenCache(root, CacheOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	mustCache(t, root, CacheOptions{})
 	if got := dirtest.Files(t, dir); strings.Join(got, ",") != "0" {
 		t.Errorf("after reopening: %v", got)
 	}
@@ -171,10 +160,7 @@ func TestCacheRemovesLeftovers(t *testing.T) {
 func TestCacheConcurrent(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root, CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustCache(t, root, CacheOptions{})
 	var wg sync.WaitGroup
 	for g := range 6 {
 		wg.Add(1)
@@ -218,10 +204,7 @@ func TestCacheConcurrent(t *testing.T) {
 // write that cannot fit; usage is reported per layer.
 func TestCacheLRU(t *testing.T) {
 	ctx := context.Background()
-	c, err := OpenCache(t.TempDir(), CacheOptions{MaxBytes: 10000})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustCache(t, t.TempDir(), CacheOptions{MaxBytes: 10000})
 	put := func(l digest.Digest, id ztoc.SpanID, n int) error {
 		return c.Put(ctx, l, id, bytes.Repeat([]byte{byte(id)}, n))
 	}
@@ -285,10 +268,7 @@ func TestCacheLRU(t *testing.T) {
 func TestCacheReopen(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	c, err := OpenCache(root, CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := mustCache(t, root, CacheOptions{})
 	old := time.Now().Add(-time.Hour)
 	for id := range ztoc.SpanID(4) {
 		if err := c.Put(ctx, layerA, id, make([]byte, 1000)); err != nil {
@@ -304,10 +284,7 @@ func TestCacheReopen(t *testing.T) {
 	if err := c.Put(ctx, layerB, 0, make([]byte, 500)); err != nil {
 		t.Fatal(err)
 	}
-	c, err = OpenCache(root, CacheOptions{MaxBytes: 2600})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c = mustCache(t, root, CacheOptions{MaxBytes: 2600})
 	if c.Has(layerA, 2) || c.Has(layerA, 0) || !c.Has(layerA, 3) || !c.Has(layerA, 1) || !c.Has(layerB, 0) {
 		t.Fatal("reopening with a smaller budget did not evict the two oldest entries (spans 2 and 0 of a)")
 	}

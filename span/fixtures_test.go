@@ -65,6 +65,15 @@ func build(t testing.TB, blob []byte, spanSize int64) *ztoc.Ztoc {
 	return z
 }
 
+// seededGzipLayer returns layertest.SeededTar(seed), that tar compressed
+// with gzip -6 and the zTOC of the latter in 16 KiB spans.
+func seededGzipLayer(t testing.TB, seed uint64) (tarball, blob []byte, z *ztoc.Ztoc) {
+	t.Helper()
+	tarball = layertest.SeededTar(t, seed)
+	blob = layertest.GzipCommand(t, tarball, "-6")
+	return tarball, blob, build(t, blob, 16<<10)
+}
+
 // mustLayer builds blob's zTOC and a Layer with no cache over other, as
 // "indexer ztoc get-file" reads.
 func mustLayer(t testing.TB, blob []byte, other io.ReaderAt, spanSize int64) (*ztoc.Ztoc, *Layer) {
@@ -77,12 +86,28 @@ func mustLayer(t testing.TB, blob []byte, other io.ReaderAt, spanSize int64) (*z
 // ends.
 func mustOpen(t testing.TB, z *ztoc.Ztoc, blob io.ReaderAt, opts Options) *Layer {
 	t.Helper()
-	l, err := NewLayer(digest.FromString("layer"), z, LocalBlob(blob), opts)
+	return newLayer(t, digest.FromString("layer"), z, LocalBlob(blob), opts)
+}
+
+// regularFiles returns the regular files of z, in archive order.
+func regularFiles(z *ztoc.Ztoc) []*ztoc.FileMetadata {
+	var fs []*ztoc.FileMetadata
+	for i := range z.Files {
+		if f := &z.Files[i]; f.Type == ztoc.TypeReg {
+			fs = append(fs, f)
+		}
+	}
+	return fs
+}
+
+// mustLookup returns the entry of z named name.
+func mustLookup(t testing.TB, z *ztoc.Ztoc, name string) *ztoc.FileMetadata {
+	t.Helper()
+	f, err := z.Lookup(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(l.Close)
-	return l
+	return f
 }
 
 // fileSpans returns the first and last span of a regular file's data.

@@ -2,7 +2,8 @@ package span
 
 // Helpers of the scheduler, cache and partial-span tests: a blob that
 // records (and can hold) range reads, metrics that count, a compressible
-// layer, and chunk marks computed with ztoc.ComputeChunks.
+// layer, chunk marks computed with ztoc.ComputeChunks, and a cache and
+// layer opened for one test.
 
 import (
 	"bytes"
@@ -13,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
@@ -178,16 +181,42 @@ func addChunks(t testing.TB, z *ztoc.Ztoc, blob []byte, size int64) {
 	}
 }
 
+// mustCache opens a span cache under root with opts.
+func mustCache(t testing.TB, root string, opts CacheOptions) *Cache {
+	t.Helper()
+	c, err := OpenCache(root, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// newLayer returns a Layer described by z over blob, closed when the test
+// ends.
+func newLayer(t testing.TB, d digest.Digest, z *ztoc.Ztoc, blob BlobReader, opts Options) *Layer {
+	t.Helper()
+	l, err := NewLayer(d, z, blob, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Close)
+	return l
+}
+
+// dropWindows takes the windows out of l's span table, as for a layer
+// loaded without its windows.
+func dropWindows(l *Layer) {
+	for i := range l.spans {
+		l.spans[i].Window = nil
+	}
+}
+
 // readEveryFile reads every regular file of z through l, in archive
 // order, and checks its contents; after each file it calls check (if not
 // nil).
 func readEveryFile(t *testing.T, l *Layer, z *ztoc.Ztoc, want map[string][]byte, check func()) {
 	t.Helper()
-	for i := range z.Files {
-		f := &z.Files[i]
-		if f.Type != ztoc.TypeReg {
-			continue
-		}
+	for _, f := range regularFiles(z) {
 		var got bytes.Buffer
 		if _, err := l.WriteFile(context.Background(), &got, f); err != nil {
 			t.Fatalf("WriteFile(%s): %v", f.Name, err)

@@ -2,7 +2,6 @@ package span
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
 	"io"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -53,14 +53,7 @@ func testLayer(t *testing.T) (*ztoc.Ztoc, []byte, []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	zr, err := gzip.NewReader(bytes.NewReader(data))
-	if err != nil {
-		t.Fatal(err)
-	}
-	plain, err := io.ReadAll(zr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	plain := layertest.Gunzip(t, data)
 	if z.NumSpans() < 10 {
 		t.Fatalf("test layer has %d spans, want many", z.NumSpans())
 	}
@@ -69,17 +62,8 @@ func testLayer(t *testing.T) (*ztoc.Ztoc, []byte, []byte) {
 
 func newTestLayer(t *testing.T, blob BlobReader, z *ztoc.Ztoc, opts Options) *Layer {
 	t.Helper()
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts.Cache = cache
-	l, err := NewLayer(digest.FromString("layer"), z, blob, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(l.Close)
-	return l
+	opts.Cache = mustCache(t, t.TempDir(), CacheOptions{})
+	return newLayer(t, digest.FromString("layer"), z, blob, opts)
 }
 
 func TestLayerReadsEqualStream(t *testing.T) {

@@ -19,10 +19,7 @@ func TestLayerSequentialReadsInflateOnce(t *testing.T) {
 	tarball := textTar(t)
 	blob := layertest.GzipCommand(t, tarball, "-6")
 	z := build(t, blob, 256<<10)
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
 	filled := mustOpen(t, z, bytes.NewReader(blob), Options{Cache: cache})
 	if err := filled.Fill(context.Background()); err != nil {
 		t.Fatal(err)
@@ -60,10 +57,7 @@ func TestLayerSequentialReadsInflateOnce(t *testing.T) {
 // its span from the checkpoint.
 func BenchmarkLayerReadFilesWarm(b *testing.B) {
 	f, z := debianZtoc(b)
-	cache, err := OpenCache(b.TempDir(), CacheOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	cache := mustCache(b, b.TempDir(), CacheOptions{})
 	d := digest.FromString("debian")
 	filler, err := NewLayer(d, z, LocalBlob(f), Options{Cache: cache})
 	if err != nil {

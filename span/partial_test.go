@@ -54,10 +54,7 @@ func readCheck(t *testing.T, l *Layer, tarball []byte, off, n int64) {
 // lacks; a corrupt chunk is fetched again from that chunk on.
 func TestLayerStreamsSpans(t *testing.T) {
 	z, blob, tarball := chunkedLayer(t)
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
 	d := digest.FromBytes(blob)
 	s := mustSpans(t, z)[2]
 	chunks := z.Chunks[2]
@@ -69,11 +66,7 @@ func TestLayerStreamsSpans(t *testing.T) {
 		k++
 	}
 	gb := &gateBlob{data: blob, gate: chunks[k].CompressedEnd, open: make(chan struct{})}
-	l, err := NewLayer(d, z, gb, Options{Cache: cache})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLayer(t, d, z, gb, Options{Cache: cache})
 	readCheck(t, l, tarball, s.UncompressedStart+100, 50) // would hang if it waited for the gate
 	if reqs := gb.requests(); len(reqs) != 1 || reqs[0] != [2]int64{s.CompressedStart, s.CompressedEnd} {
 		t.Fatalf("range reads %v, want one of span 2 [%d, %d)", reqs, s.CompressedStart, s.CompressedEnd)
@@ -115,17 +108,10 @@ func TestLayerStreamsSpans(t *testing.T) {
 // it lacks, after which the span is cached whole.
 func TestLayerReadAtExact(t *testing.T) {
 	z, blob, tarball := chunkedLayer(t)
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
 	d := digest.FromBytes(blob)
 	rb := newRecBlob(blob)
-	l, err := NewLayer(d, z, rb, Options{Cache: cache})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLayer(t, d, z, rb, Options{Cache: cache})
 	s, chunks := mustSpans(t, z)[1], z.Chunks[1]
 	off := s.UncompressedStart + 3000
 	k := 0
@@ -254,11 +240,7 @@ func TestLayerPartialSpansRead(t *testing.T) {
 				addChunks(t, z, blob, 1500)
 				var opts Options
 				if withCache {
-					c, err := OpenCache(t.TempDir(), CacheOptions{})
-					if err != nil {
-						t.Fatal(err)
-					}
-					opts.Cache = c
+					opts.Cache = mustCache(t, t.TempDir(), CacheOptions{})
 				}
 				rb := newRecBlob(blob)
 				l, err := NewLayer(digest.FromBytes(blob), z, rb, opts)
@@ -275,11 +257,7 @@ func TestLayerPartialSpansRead(t *testing.T) {
 				// Sequentially, 16 KiB at a time, on a fresh layer.
 				rb = newRecBlob(blob)
 				if opts.Cache != nil {
-					c, err := OpenCache(t.TempDir(), CacheOptions{})
-					if err != nil {
-						t.Fatal(err)
-					}
-					opts.Cache = c
+					opts.Cache = mustCache(t, t.TempDir(), CacheOptions{})
 				}
 				l, err = NewLayer(digest.FromBytes(blob), z, rb, opts)
 				if err != nil {
@@ -328,6 +306,16 @@ type windowSource struct {
 	started, blobStarted map[ztoc.SpanID]chan struct{}
 }
 
+// newWindowSource returns a windowSource holding a copy of the window of
+// every span.
+func newWindowSource(spans []ztoc.Span) *windowSource {
+	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{}}
+	for _, s := range spans {
+		ws.windows[s.ID] = bytes.Clone(s.Window)
+	}
+	return ws
+}
+
 func (w *windowSource) Window(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 	w.mu.Lock()
 	w.calls[id]++
@@ -346,14 +334,11 @@ func (w *windowSource) Window(ctx context.Context, id ztoc.SpanID) ([]byte, erro
 // TestLayerWindowsFromSource: spans without a window get it from
 // Options.Windows, once per span, in parallel with the span's bytes.
 func TestLayerWindowsFromSource(t *testing.T) {
-	tarball := layertest.SeededTar(t, 10)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
+	tarball, blob, z := seededGzipLayer(t, 10)
 	spans := mustSpans(t, z)
-	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{},
-		started: map[ztoc.SpanID]chan struct{}{}, blobStarted: map[ztoc.SpanID]chan struct{}{}}
+	ws := newWindowSource(spans)
+	ws.started, ws.blobStarted = map[ztoc.SpanID]chan struct{}{}, map[ztoc.SpanID]chan struct{}{}
 	for _, s := range spans {
-		ws.windows[s.ID] = bytes.Clone(s.Window)
 		ws.started[s.ID], ws.blobStarted[s.ID] = make(chan struct{}), make(chan struct{})
 	}
 	rb := newRecBlob(blob)
@@ -365,18 +350,9 @@ func TestLayerWindowsFromSource(t *testing.T) {
 		}
 		return ws.started[id]
 	}
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := NewLayer(digest.FromBytes(blob), z, rb, Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	for i := range l.spans {
-		l.spans[i].Window = nil // as a layer loaded without its windows
-	}
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
+	l := newLayer(t, digest.FromBytes(blob), z, rb, Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second})
+	dropWindows(l)
 	want := fileContents(t, tarball)
 	readEveryFile(t, l, z, want, nil)
 	readEveryFile(t, l, z, want, nil)
@@ -444,26 +420,12 @@ func BenchmarkLayerColdRead4KChunks(b *testing.B) {
 // its windows also asks the window source for the window of every span, so
 // that a source keeping what it fetches lets the layer read offline.
 func TestFillFetchesWindows(t *testing.T) {
-	tarball := layertest.SeededTar(t, 10)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
+	_, blob, z := seededGzipLayer(t, 10)
 	spans := mustSpans(t, z)
-	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{}}
-	for _, s := range spans {
-		ws.windows[s.ID] = bytes.Clone(s.Window)
-	}
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := NewLayer(digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	for i := range l.spans {
-		l.spans[i].Window = nil
-	}
+	ws := newWindowSource(spans)
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
+	l := newLayer(t, digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second})
+	dropWindows(l)
 	if err := l.Fill(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -476,16 +438,10 @@ func TestFillFetchesWindows(t *testing.T) {
 // cannot be had fails with the window's error, not as a short prefix.
 func TestLayerReadAtExactWindowFails(t *testing.T) {
 	z, blob, _ := chunkedLayer(t)
-	l, err := NewLayer(digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Windows: downWindows{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	for i := range l.spans {
-		l.spans[i].Window = nil
-	}
+	l := newLayer(t, digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Windows: downWindows{}})
+	dropWindows(l)
 	s := l.spans[2]
-	_, err = l.ReadAtExact(context.Background(), make([]byte, 100), s.UncompressedStart+10)
+	_, err := l.ReadAtExact(context.Background(), make([]byte, 100), s.UncompressedStart+10)
 	if err == nil || !strings.Contains(err.Error(), "window source down") {
 		t.Fatalf("ReadAtExact without a window: %v, want the window source's error", err)
 	}

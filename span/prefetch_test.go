@@ -9,7 +9,6 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -17,31 +16,17 @@ import (
 // its bytes when the zTOC lacks it, so that a read of a prefetched span
 // asks neither the blob nor the window source again.
 func TestPrefetchFetchesWindows(t *testing.T) {
-	tarball := layertest.SeededTar(t, 11)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
+	tarball, blob, z := seededGzipLayer(t, 11)
 	spans := mustSpans(t, z)
 	if len(spans) < 4 {
 		t.Fatalf("%d spans, want at least 4", len(spans))
 	}
-	ws := &windowSource{windows: map[ztoc.SpanID][]byte{}, calls: map[ztoc.SpanID]int{}}
-	for _, s := range spans {
-		ws.windows[s.ID] = bytes.Clone(s.Window)
-	}
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ws := newWindowSource(spans)
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
 	rb := newRecBlob(blob)
 	m := newRecMetrics()
-	l, err := NewLayer(digest.FromBytes(blob), z, rb, Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	for i := range l.spans {
-		l.spans[i].Window = nil // as a layer loaded without its windows
-	}
+	l := newLayer(t, digest.FromBytes(blob), z, rb, Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second, Metrics: m})
+	dropWindows(l)
 	ids := []ztoc.SpanID{3, 0, 2}
 	if err := l.Prefetch(context.Background(), ids); err != nil {
 		t.Fatal(err)

@@ -33,9 +33,8 @@ func TestLayerMismatchedBlob(t *testing.T) {
 				t.Fatalf("layers of %d and %d bytes; the test needs equal sizes", len(blobA), len(blobB))
 			}
 			z, r := mustLayer(t, blobA, bytes.NewReader(blobB), 16<<10)
-			for i := range z.Files {
-				f := &z.Files[i]
-				if f.Type != ztoc.TypeReg || f.UncompressedSize == 0 {
+			for _, f := range regularFiles(z) {
+				if f.UncompressedSize == 0 {
 					continue
 				}
 				var got bytes.Buffer
@@ -70,26 +69,16 @@ func TestLayerCorruptSpanInFiles(t *testing.T) {
 		t.Run(l.name, func(t *testing.T) {
 			blob := l.compress(t, tarball)
 			z := build(t, blob, 16<<10)
-			spans, err := z.Spans()
-			if err != nil {
-				t.Fatal(err)
-			}
+			spans := mustSpans(t, z)
 			// Corrupt the middle of the span holding the middle of r/b.
-			b, err := z.Lookup("r/b")
-			if err != nil {
-				t.Fatal(err)
-			}
+			b := mustLookup(t, z, "r/b")
 			bad, _ := ztoc.SpanForOffset(spans, b.UncompressedOffset+b.UncompressedSize/2)
 			s := spans[bad]
 			corrupt := bytes.Clone(blob)
 			corrupt[(s.CompressedStart+s.CompressedEnd)/2] ^= 0xff
 			r := mustOpen(t, z, bytes.NewReader(corrupt), Options{})
 			sawBad := false
-			for i := range z.Files {
-				f := &z.Files[i]
-				if f.Type != ztoc.TypeReg {
-					continue
-				}
+			for _, f := range regularFiles(z) {
 				first, last := fileSpans(spans, f)
 				var got bytes.Buffer
 				n, err := r.WriteFile(ctx, &got, f)
@@ -129,11 +118,7 @@ func TestLayerTruncatedBlob(t *testing.T) {
 			cut := int64(len(blob) / 2)
 			z, r := mustLayer(t, blob, bytes.NewReader(blob[:cut]), 16<<10)
 			spans := r.Spans()
-			for i := range z.Files {
-				f := &z.Files[i]
-				if f.Type != ztoc.TypeReg {
-					continue
-				}
+			for _, f := range regularFiles(z) {
 				_, last := fileSpans(spans, f)
 				var got bytes.Buffer
 				_, err := r.WriteFile(ctx, &got, f)
@@ -251,17 +236,11 @@ func TestLayerWriteFileErrors(t *testing.T) {
 	ctx := context.Background()
 	blob := layertest.SeededTar(t, 7)
 	z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
-	dir, err := z.Lookup("r")
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := mustLookup(t, z, "r")
 	if _, err := r.WriteFile(ctx, io.Discard, dir); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Errorf("WriteFile(directory) = %v", err)
 	}
-	f, err := z.Lookup("r/b")
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := mustLookup(t, z, "r/b")
 	boom := errors.New("pipe closed")
 	if _, err := r.WriteFile(ctx, failWriter{boom}, f); !errors.Is(err, boom) {
 		t.Errorf("WriteFile to a failing writer = %v", err)
@@ -282,19 +261,13 @@ func BenchmarkLayerReadRandom4K(b *testing.B) {
 // TestLayerConcurrent: one Layer serves concurrent reads of the stream and
 // of files (as the FUSE file system does); run with -race.
 func TestLayerConcurrent(t *testing.T) {
-	tarball := layertest.SeededTar(t, 8)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
+	tarball, blob, z := seededGzipLayer(t, 8)
 	want := fileContents(t, tarball)
 	for _, withCache := range []bool{false, true} {
 		t.Run(fmt.Sprintf("cache=%t", withCache), func(t *testing.T) {
 			var opts Options
 			if withCache {
-				c, err := OpenCache(t.TempDir(), CacheOptions{})
-				if err != nil {
-					t.Fatal(err)
-				}
-				opts.Cache = c
+				opts.Cache = mustCache(t, t.TempDir(), CacheOptions{})
 			}
 			r := mustOpen(t, z, bytes.NewReader(blob), opts)
 			concurrentReads(t, r, z, tarball, want)

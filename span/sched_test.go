@@ -15,7 +15,6 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
@@ -51,21 +50,12 @@ func (h *holds) release(id ztoc.SpanID) {
 // over it and a Layer with a cache, sched and metrics.
 func schedLayer(t *testing.T, sched *Scheduler, opts Options) (*Layer, *recBlob, *recMetrics, []byte) {
 	t.Helper()
-	tarball := layertest.SeededTar(t, 9)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
+	tarball, blob, z := seededGzipLayer(t, 9)
 	rb := newRecBlob(blob)
 	m := newRecMetrics()
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
 	opts.Cache, opts.Scheduler, opts.Metrics = cache, sched, m
-	l, err := NewLayer(digest.FromString("sched layer"), z, rb, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(l.Close)
+	l := newLayer(t, digest.FromString("sched layer"), z, rb, opts)
 	if len(l.Spans()) < 15 {
 		t.Fatalf("layer has %d spans, want more", len(l.Spans()))
 	}
@@ -291,20 +281,11 @@ func (b *flakyBlob) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser,
 // TestFillRetriesFailedFetches: fetches that fail end a fill pass after a
 // few in a row; the next pass, after a pause, completes the layer.
 func TestFillRetriesFailedFetches(t *testing.T) {
-	tarball := layertest.SeededTar(t, 14)
-	blob := layertest.GzipCommand(t, tarball, "-6")
-	z := build(t, blob, 16<<10)
-	cache, err := OpenCache(t.TempDir(), CacheOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, blob, z := seededGzipLayer(t, 14)
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
 	m := newRecMetrics()
 	fb := &flakyBlob{BlobReader: LocalBlob(bytes.NewReader(blob)), fails: 1 + fillGiveUp}
-	l, err := NewLayer(digest.FromBytes(blob), z, fb, Options{Cache: cache, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	l := newLayer(t, digest.FromBytes(blob), z, fb, Options{Cache: cache, Metrics: m})
 	start := time.Now()
 	if err := l.Fill(context.Background()); err != nil {
 		t.Fatal(err)
