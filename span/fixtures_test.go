@@ -11,7 +11,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"slices"
 	"testing"
 	"time"
@@ -22,11 +21,14 @@ import (
 	"github.com/spanpull/spanpull/ztoc"
 )
 
-// readerLayers are the layer flavours of the read tests.
-var readerLayers = []struct {
+// layerKind is a layer flavour: how a tar is stored as a layer.
+type layerKind struct {
 	name     string
 	compress func(testing.TB, []byte) []byte
-}{
+}
+
+// readerLayers are the layer flavours of the read tests.
+var readerLayers = []layerKind{
 	{"tar", func(_ testing.TB, b []byte) []byte { return b }},
 	{"gzip-stored", func(t testing.TB, b []byte) []byte { return layertest.Gzip(t, b, gzip.NoCompression) }},
 	{"gzip-6", func(t testing.TB, b []byte) []byte { return layertest.GzipCommand(t, b, "-6") }},
@@ -127,25 +129,11 @@ func firstDiff(a, b []byte) int {
 	return min(len(a), len(b))
 }
 
-// debianLayer returns the path of the real Debian layer, building it with
-// scripts/debian-layer.sh when it is missing.
-func debianLayer(t testing.TB) string {
-	t.Helper()
-	const path = "/var/cache/spanpull/debian-python3.tar.gz"
-	if st, err := os.Stat(path); err == nil && st.Size() > 0 {
-		return path
-	}
-	if out, err := exec.Command("../scripts/debian-layer.sh", path).CombinedOutput(); err != nil {
-		t.Fatalf("build the Debian layer: %v\n%s", err, out)
-	}
-	return path
-}
-
 // debianZtoc opens the Debian layer (closed when the test ends) and builds
 // its zTOC with the default options (4 MiB spans).
 func debianZtoc(tb testing.TB) (*os.File, *ztoc.Ztoc) {
 	tb.Helper()
-	f, err := os.Open(debianLayer(tb))
+	f, err := os.Open(layertest.DebianLayer(tb))
 	if err != nil {
 		tb.Fatal(err)
 	}

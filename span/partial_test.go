@@ -228,10 +228,8 @@ func mustSpans(t *testing.T, z *ztoc.Ztoc) []ztoc.Span {
 // cache; a span read from start to end takes one range read.
 func TestLayerPartialSpansRead(t *testing.T) {
 	tarball := textTar(t)
-	kinds := append(readerLayers[:len(readerLayers):len(readerLayers)], struct {
-		name     string
-		compress func(testing.TB, []byte) []byte
-	}{"gzip-members", func(t testing.TB, b []byte) []byte { return layertest.GzipCommandMembers(t, b, 100003, "-6") }})
+	kinds := append(readerLayers[:len(readerLayers):len(readerLayers)],
+		layerKind{"gzip-members", func(t testing.TB, b []byte) []byte { return layertest.GzipCommandMembers(t, b, 100003, "-6") }})
 	for _, k := range kinds {
 		for _, withCache := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/cache=%t", k.name, withCache), func(t *testing.T) {

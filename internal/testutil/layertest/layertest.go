@@ -3,7 +3,8 @@
 // disk archived by GNU tar (for what only a real tar writes: sparse files,
 // xattrs of a real file system, old formats), the gzip forms a layer
 // arrives in, and archive/tar's own reading of a layer with the offset of
-// every member's data. Everything is deterministic.
+// every member's data. Everything is deterministic. DebianLayer gives the
+// path of the real Debian layer scripts/debian-layer.sh builds.
 //
 // It must not import ztoc (ztoc's own tests use it); the TOC a tar should
 // yield is in package toctest.

@@ -170,3 +170,18 @@ func TestTrees(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestFindUp: the Debian layer's script is found from a package directory
+// below the repository's root; a path that is nowhere is an error.
+func TestFindUp(t *testing.T) {
+	p, err := findUp(debianScript)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, _ := filepath.Abs(filepath.Join("..", "..", "..", debianScript)); p != want {
+		t.Errorf("findUp(%s) = %s, want %s", debianScript, p, want)
+	}
+	if p, err := findUp("no/such/file-anywhere"); err == nil {
+		t.Errorf("findUp of a missing file = %s", p)
+	}
+}
