@@ -151,39 +151,36 @@ func (zeroReader) Read(p []byte) (int, error) {
 // blob (header, spans, trailer) and OpenBlob streams exactly the blob.
 func TestLayerFillMakesComplete(t *testing.T) {
 	tarball := layertest.SeededTar(t, 12)
-	for _, k := range readerLayers {
-		t.Run(k.name, func(t *testing.T) {
-			blob := k.compress(t, tarball)
-			z := build(t, blob, 16<<10)
-			cache := mustCache(t, t.TempDir(), CacheOptions{})
-			l := mustOpen(t, z, bytes.NewReader(blob), Options{Cache: cache})
-			readCheck(t, l, tarball, 70000, 1000)
-			if l.Complete() {
-				t.Fatal("layer complete before Fill")
-			}
-			if _, err := l.OpenBlob(context.Background()); err == nil {
-				t.Fatal("OpenBlob of an incomplete layer succeeded")
-			}
-			if err := l.Fill(context.Background()); err != nil {
-				t.Fatal(err)
-			}
-			if !l.Complete() {
-				t.Fatal("layer not complete after Fill")
-			}
-			if got := cache.Usage(l.digest); got < int64(len(blob)) {
-				t.Fatalf("cache holds %d bytes of a %d-byte layer", got, len(blob))
-			}
-			rc, err := l.OpenBlob(context.Background())
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := io.ReadAll(rc)
-			rc.Close()
-			if err != nil || !bytes.Equal(got, blob) {
-				t.Fatalf("OpenBlob streamed %d bytes (%v), want the %d-byte blob (differ at %d)", len(got), err, len(blob), firstDiff(got, blob))
-			}
-		})
-	}
+	eachReaderLayer(t, tarball, func(t *testing.T, blob []byte) {
+		z := build(t, blob, 16<<10)
+		cache := mustCache(t, t.TempDir(), CacheOptions{})
+		l := mustOpen(t, z, bytes.NewReader(blob), Options{Cache: cache})
+		readCheck(t, l, tarball, 70000, 1000)
+		if l.Complete() {
+			t.Fatal("layer complete before Fill")
+		}
+		if _, err := l.OpenBlob(context.Background()); err == nil {
+			t.Fatal("OpenBlob of an incomplete layer succeeded")
+		}
+		if err := l.Fill(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if !l.Complete() {
+			t.Fatal("layer not complete after Fill")
+		}
+		if got := cache.Usage(l.digest); got < int64(len(blob)) {
+			t.Fatalf("cache holds %d bytes of a %d-byte layer", got, len(blob))
+		}
+		rc, err := l.OpenBlob(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || !bytes.Equal(got, blob) {
+			t.Fatalf("OpenBlob streamed %d bytes (%v), want the %d-byte blob (differ at %d)", len(got), err, len(blob), firstDiff(got, blob))
+		}
+	})
 }
 
 // TestLayerFillStopsWhenCacheFull: Fill of a layer larger than the budget

@@ -34,6 +34,14 @@ var readerLayers = []layerKind{
 	{"gzip-6", func(t testing.TB, b []byte) []byte { return layertest.GzipCommand(t, b, "-6") }},
 }
 
+// eachReaderLayer runs fn as a subtest for every layer flavour of
+// readerLayers, with tarball stored that way.
+func eachReaderLayer(t *testing.T, tarball []byte, fn func(t *testing.T, blob []byte)) {
+	for _, k := range readerLayers {
+		t.Run(k.name, func(t *testing.T) { fn(t, k.compress(t, tarball)) })
+	}
+}
+
 // fileContents reads every regular file of tarball with archive/tar.
 func fileContents(t testing.TB, tarball []byte) map[string][]byte {
 	t.Helper()

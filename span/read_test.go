@@ -65,45 +65,42 @@ func TestLayerCorruptSpanInFiles(t *testing.T) {
 	ctx := context.Background()
 	tarball := layertest.SeededTar(t, 3)
 	want := fileContents(t, tarball)
-	for _, l := range readerLayers {
-		t.Run(l.name, func(t *testing.T) {
-			blob := l.compress(t, tarball)
-			z := build(t, blob, 16<<10)
-			spans := mustSpans(t, z)
-			// Corrupt the middle of the span holding the middle of r/b.
-			b := mustLookup(t, z, "r/b")
-			bad, _ := ztoc.SpanForOffset(spans, b.UncompressedOffset+b.UncompressedSize/2)
-			s := spans[bad]
-			corrupt := bytes.Clone(blob)
-			corrupt[(s.CompressedStart+s.CompressedEnd)/2] ^= 0xff
-			r := mustOpen(t, z, bytes.NewReader(corrupt), Options{})
-			sawBad := false
-			for _, f := range regularFiles(z) {
-				first, last := fileSpans(spans, f)
-				var got bytes.Buffer
-				n, err := r.WriteFile(ctx, &got, f)
-				if f.UncompressedSize > 0 && first <= bad && bad <= last {
-					sawBad = true
-					if !errors.Is(err, ztoc.ErrSpanDigest) || !strings.Contains(err.Error(), fmt.Sprintf("span %d", bad)) {
-						t.Errorf("WriteFile(%s) across corrupt span %d: %v; want ErrSpanDigest naming the span", f.Name, bad, err)
-					}
-					if !bytes.HasPrefix(want[f.Name], got.Bytes()) || n != int64(got.Len()) {
-						t.Errorf("WriteFile(%s) wrote %d bytes (returned %d) that are not the file's", f.Name, got.Len(), n)
-					}
-					if limit := s.UncompressedStart - f.UncompressedOffset; int64(got.Len()) > max(limit, 0) {
-						t.Errorf("WriteFile(%s) wrote %d bytes, past the corrupt span's start (%d bytes in)", f.Name, got.Len(), limit)
-					}
-					continue
+	eachReaderLayer(t, tarball, func(t *testing.T, blob []byte) {
+		z := build(t, blob, 16<<10)
+		spans := mustSpans(t, z)
+		// Corrupt the middle of the span holding the middle of r/b.
+		b := mustLookup(t, z, "r/b")
+		bad, _ := ztoc.SpanForOffset(spans, b.UncompressedOffset+b.UncompressedSize/2)
+		s := spans[bad]
+		corrupt := bytes.Clone(blob)
+		corrupt[(s.CompressedStart+s.CompressedEnd)/2] ^= 0xff
+		r := mustOpen(t, z, bytes.NewReader(corrupt), Options{})
+		sawBad := false
+		for _, f := range regularFiles(z) {
+			first, last := fileSpans(spans, f)
+			var got bytes.Buffer
+			n, err := r.WriteFile(ctx, &got, f)
+			if f.UncompressedSize > 0 && first <= bad && bad <= last {
+				sawBad = true
+				if !errors.Is(err, ztoc.ErrSpanDigest) || !strings.Contains(err.Error(), fmt.Sprintf("span %d", bad)) {
+					t.Errorf("WriteFile(%s) across corrupt span %d: %v; want ErrSpanDigest naming the span", f.Name, bad, err)
 				}
-				if err != nil || !bytes.Equal(got.Bytes(), want[f.Name]) {
-					t.Errorf("WriteFile(%s), spans %d-%d away from corrupt span %d: %v", f.Name, first, last, bad, err)
+				if !bytes.HasPrefix(want[f.Name], got.Bytes()) || n != int64(got.Len()) {
+					t.Errorf("WriteFile(%s) wrote %d bytes (returned %d) that are not the file's", f.Name, got.Len(), n)
 				}
+				if limit := s.UncompressedStart - f.UncompressedOffset; int64(got.Len()) > max(limit, 0) {
+					t.Errorf("WriteFile(%s) wrote %d bytes, past the corrupt span's start (%d bytes in)", f.Name, got.Len(), limit)
+				}
+				continue
 			}
-			if !sawBad {
-				t.Fatal("no file covers the corrupt span")
+			if err != nil || !bytes.Equal(got.Bytes(), want[f.Name]) {
+				t.Errorf("WriteFile(%s), spans %d-%d away from corrupt span %d: %v", f.Name, first, last, bad, err)
 			}
-		})
-	}
+		}
+		if !sawBad {
+			t.Fatal("no file covers the corrupt span")
+		}
+	})
 }
 
 // TestLayerTruncatedBlob: reads that need bytes past the end of a
@@ -112,36 +109,33 @@ func TestLayerTruncatedBlob(t *testing.T) {
 	ctx := context.Background()
 	tarball := layertest.SeededTar(t, 4)
 	want := fileContents(t, tarball)
-	for _, l := range readerLayers {
-		t.Run(l.name, func(t *testing.T) {
-			blob := l.compress(t, tarball)
-			cut := int64(len(blob) / 2)
-			z, r := mustLayer(t, blob, bytes.NewReader(blob[:cut]), 16<<10)
-			spans := r.Spans()
-			for _, f := range regularFiles(z) {
-				_, last := fileSpans(spans, f)
-				var got bytes.Buffer
-				_, err := r.WriteFile(ctx, &got, f)
-				if spans[last].CompressedEnd <= cut || f.UncompressedSize == 0 {
-					if err != nil || !bytes.Equal(got.Bytes(), want[f.Name]) {
-						t.Errorf("WriteFile(%s) from spans before the cut: %v", f.Name, err)
-					}
-					continue
+	eachReaderLayer(t, tarball, func(t *testing.T, blob []byte) {
+		cut := int64(len(blob) / 2)
+		z, r := mustLayer(t, blob, bytes.NewReader(blob[:cut]), 16<<10)
+		spans := r.Spans()
+		for _, f := range regularFiles(z) {
+			_, last := fileSpans(spans, f)
+			var got bytes.Buffer
+			_, err := r.WriteFile(ctx, &got, f)
+			if spans[last].CompressedEnd <= cut || f.UncompressedSize == 0 {
+				if err != nil || !bytes.Equal(got.Bytes(), want[f.Name]) {
+					t.Errorf("WriteFile(%s) from spans before the cut: %v", f.Name, err)
 				}
-				if err == nil || !errors.Is(err, io.ErrUnexpectedEOF) || !strings.Contains(err.Error(), "span") {
-					t.Errorf("WriteFile(%s) past the cut at %d: %v; want an unexpected-EOF error naming the span", f.Name, cut, err)
-				}
-				if !bytes.HasPrefix(want[f.Name], got.Bytes()) {
-					t.Errorf("WriteFile(%s) past the cut wrote wrong bytes", f.Name)
-				}
+				continue
 			}
-			// An empty blob fails cleanly too.
-			_, r = mustLayer(t, blob, bytes.NewReader(nil), 16<<10)
-			if _, err := r.ReadAt(ctx, make([]byte, 10), 0); err == nil {
-				t.Error("ReadAt from an empty blob succeeded")
+			if err == nil || !errors.Is(err, io.ErrUnexpectedEOF) || !strings.Contains(err.Error(), "span") {
+				t.Errorf("WriteFile(%s) past the cut at %d: %v; want an unexpected-EOF error naming the span", f.Name, cut, err)
 			}
-		})
-	}
+			if !bytes.HasPrefix(want[f.Name], got.Bytes()) {
+				t.Errorf("WriteFile(%s) past the cut wrote wrong bytes", f.Name)
+			}
+		}
+		// An empty blob fails cleanly too.
+		_, r = mustLayer(t, blob, bytes.NewReader(nil), 16<<10)
+		if _, err := r.ReadAt(ctx, make([]byte, 10), 0); err == nil {
+			t.Error("ReadAt from an empty blob succeeded")
+		}
+	})
 }
 
 // TestLayerReadAt compares random ranges read through the zTOC with the
@@ -197,32 +191,29 @@ func TestLayerReadAt(t *testing.T) {
 // compressed bytes, and Prefetch refuses spans the layer does not have.
 func TestLayerFetchSpan(t *testing.T) {
 	tarball := layertest.SeededTar(t, 6)
-	for _, l := range readerLayers {
-		t.Run(l.name, func(t *testing.T) {
-			blob := l.compress(t, tarball)
-			z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
-			for _, s := range r.Spans() {
-				fetch, err := r.openChunks(context.Background(), ClassDemand, s, 0, len(r.chunks[s.ID]))
-				if err != nil {
-					t.Fatalf("openChunks(%d): %v", s.ID, err)
-				}
-				comp, err := fetch.rest()
-				fetch.Close()
-				if err != nil || !bytes.Equal(comp, blob[s.CompressedStart:s.CompressedEnd]) {
-					t.Fatalf("fetch of span %d: %d bytes, %v; want its compressed bytes", s.ID, len(comp), err)
-				}
-				if err := r.Prefetch(context.Background(), []ztoc.SpanID{s.ID}); err != nil {
-					t.Fatalf("Prefetch(%d): %v", s.ID, err)
-				}
+	eachReaderLayer(t, tarball, func(t *testing.T, blob []byte) {
+		z, r := mustLayer(t, blob, bytes.NewReader(blob), 16<<10)
+		for _, s := range r.Spans() {
+			fetch, err := r.openChunks(context.Background(), ClassDemand, s, 0, len(r.chunks[s.ID]))
+			if err != nil {
+				t.Fatalf("openChunks(%d): %v", s.ID, err)
 			}
-			if err := r.Prefetch(context.Background(), []ztoc.SpanID{ztoc.SpanID(z.NumSpans())}); err == nil {
-				t.Error("Prefetch past the last span succeeded")
+			comp, err := fetch.rest()
+			fetch.Close()
+			if err != nil || !bytes.Equal(comp, blob[s.CompressedStart:s.CompressedEnd]) {
+				t.Fatalf("fetch of span %d: %d bytes, %v; want its compressed bytes", s.ID, len(comp), err)
 			}
-			if err := r.Prefetch(context.Background(), []ztoc.SpanID{-1}); err == nil {
-				t.Error("Prefetch(-1) succeeded")
+			if err := r.Prefetch(context.Background(), []ztoc.SpanID{s.ID}); err != nil {
+				t.Fatalf("Prefetch(%d): %v", s.ID, err)
 			}
-		})
-	}
+		}
+		if err := r.Prefetch(context.Background(), []ztoc.SpanID{ztoc.SpanID(z.NumSpans())}); err == nil {
+			t.Error("Prefetch past the last span succeeded")
+		}
+		if err := r.Prefetch(context.Background(), []ztoc.SpanID{-1}); err == nil {
+			t.Error("Prefetch(-1) succeeded")
+		}
+	})
 }
 
 // failWriter fails every write.
