@@ -4,13 +4,11 @@ package integration
 
 import (
 	"context"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/spanpull/spanpull/integration/testenv"
-	"github.com/spanpull/spanpull/registry/registrytest"
 )
 
 // TestCredentialRotation: images in an htpasswd-protected docker-registry,
@@ -23,43 +21,18 @@ import (
 func TestCredentialRotation(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := testenv.Dir(t)
-	snapBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
-	indexerBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	snapBin, indexerBin := testenv.BuildBinaries(t, dir)
 
 	// Images are pushed and indexed before the registry requires auth.
-	regDir := filepath.Join(dir, "registry")
-	if err := os.MkdirAll(regDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	open, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{Dir: regDir})
-	if err != nil {
-		t.Fatal(err)
-	}
+	htpasswd := filepath.Join(dir, "htpasswd")
+	writeHtpasswd(t, htpasswd, "alice", "one")
 	files := map[string]int{"data/a.bin": 300 << 10, "data/b.bin": 300 << 10}
 	var imgs []nodeImage
-	for i, repo := range []string{"cred/one", "cred/two", "cred/three"} {
-		imgs = append(imgs, pushNodeImage(t, indexerBin, open.Addr, repo, uint64(100*i), files))
-	}
-	if err := open.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	htpasswd := filepath.Join(dir, "htpasswd")
-	setPassword := func(pw string) {
-		line, err := registrytest.HtpasswdEntry("alice", pw)
-		if err != nil {
-			t.Fatal(err)
+	reg := startAuthRegistry(t, mkdir(t, filepath.Join(dir, "registry")), htpasswd, func(addr string) {
+		for i, repo := range []string{"cred/one", "cred/two", "cred/three"} {
+			imgs = append(imgs, pushNodeImage(t, indexerBin, addr, repo, uint64(100*i), files))
 		}
-		if err := os.WriteFile(htpasswd, []byte(line), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	setPassword("one")
-	reg, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{
-		Dir: regDir, Listen: open.Addr, Htpasswd: htpasswd})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = reg.Stop() })
+	})
 
 	daemonDocker := filepath.Join(dir, "daemon-docker")
 	clientDocker := filepath.Join(dir, "client-docker")
@@ -85,7 +58,7 @@ func TestCredentialRotation(t *testing.T) {
 
 	// Rotation: the registry and the client know the new password, the
 	// daemon's config still has the old one.
-	setPassword("two")
+	writeHtpasswd(t, htpasswd, "alice", "two")
 	if err := reg.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -104,12 +77,8 @@ func TestCredentialRotation(t *testing.T) {
 		t.Fatalf("fallbacks: unauthorized %v -> %v, no_index %v -> %v; want +1 unauthorized",
 			before[unauthorized], after[unauthorized], before[mFallbackNoIdx], after[mFallbackNoIdx])
 	}
-	logb, err := os.ReadFile(n.sn.Log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(logb), "fallback=unauthorized") {
-		t.Fatalf("daemon log has no fallback=unauthorized line:\n%s", logb)
+	if log := logOf(t, n.sn.Log); !strings.Contains(log, "fallback=unauthorized") {
+		t.Fatalf("daemon log has no fallback=unauthorized line:\n%s", log)
 	}
 
 	// The config file changes; the daemon keeps running.

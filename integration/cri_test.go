@@ -15,7 +15,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/spanpull/spanpull/integration/testenv"
-	"github.com/spanpull/spanpull/registry/registrytest"
 )
 
 // TestCRIContainerd16 and TestCRIContainerd2 run a pod through CRI as
@@ -39,35 +38,18 @@ func testCRI(t *testing.T, containerd2 string, subnet string) {
 	testenv.RequireRoot(t)
 	crictl := testenv.Crictl(t)
 	dir := testenv.Dir(t)
-	snapBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
-	indexerBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	snapBin, indexerBin := testenv.BuildBinaries(t, dir)
 
 	// Push before the registry requires credentials, then restart it with
 	// htpasswd auth on the same address and storage.
-	regDir := mkdir(t, filepath.Join(dir, "registry"))
-	open, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{Dir: regDir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	img := pushNodeImage(t, indexerBin, open.Addr, "cri/app", 3, map[string]int{"data/a.bin": 300 << 10, "data/b.bin": 2 << 20})
-	pauseRef, _ := testenv.PushImage(t, open.Addr, "cri/pause", "1", []string{"/pause"}, testenv.PauseImageLayer(t))
-	if err := open.Stop(); err != nil {
-		t.Fatal(err)
-	}
 	htpasswd := filepath.Join(dir, "htpasswd")
-	line, err := registrytest.HtpasswdEntry("alice", "s3cret")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(htpasswd, []byte(line), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	reg, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{
-		Dir: regDir, Listen: open.Addr, Htpasswd: htpasswd})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = reg.Stop() })
+	writeHtpasswd(t, htpasswd, "alice", "s3cret")
+	var img nodeImage
+	var pauseRef string
+	reg := startAuthRegistry(t, mkdir(t, filepath.Join(dir, "registry")), htpasswd, func(addr string) {
+		img = pushNodeImage(t, indexerBin, addr, "cri/app", 3, map[string]int{"data/a.bin": 300 << 10, "data/b.bin": 2 << 20})
+		pauseRef, _ = testenv.PushImage(t, addr, "cri/pause", "1", []string{"/pause"}, testenv.PauseImageLayer(t))
+	})
 
 	// containerd and the daemon reach the registry over plain HTTP through
 	// the same host configuration.

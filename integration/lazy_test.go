@@ -279,6 +279,21 @@ func readPair[T any](read func(string) (T, error), want, got, what string) (w, g
 	return w, g, nil
 }
 
+// readFailsEIO reads the uncached file f with read while the registry is
+// unusable (state says how: "down", "hung"), requires EIO, and returns how
+// long the read took.
+func readFailsEIO(t *testing.T, read func(ztoc.FileMetadata) ([]byte, error), f ztoc.FileMetadata, state string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	_, err := read(f)
+	elapsed := time.Since(start)
+	t.Logf("read of uncached %s with the registry %s: %v after %v", f.Name, state, err, elapsed.Round(time.Millisecond))
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read of uncached %s with the registry %s: %v, want EIO", f.Name, state, err)
+	}
+	return elapsed
+}
+
 // spanFiles maps each span to the regular files lying wholly inside it
 // (non-empty, not hardlinks), by cleaned path.
 func spanFiles(z *ztoc.Ztoc, spans []ztoc.Span) map[ztoc.SpanID][]ztoc.FileMetadata {
@@ -424,13 +439,7 @@ func TestLazyFaults(t *testing.T) {
 		}
 		e.reg.Stop(t)
 
-		start := time.Now()
-		_, err := read(uncached)
-		elapsed := time.Since(start)
-		t.Logf("read of uncached %s with the registry down: %v after %v", uncached.Name, err, elapsed.Round(time.Millisecond))
-		if !errors.Is(err, syscall.EIO) {
-			t.Fatalf("read of uncached %s with the registry down: %v, want EIO", uncached.Name, err)
-		}
+		elapsed := readFailsEIO(t, read, uncached, "down")
 		// One fetch timeout (2 s), not one per attempt: the kernel's retry
 		// of the failed read fails at once.
 		if limit := 3 * time.Second; elapsed >= limit {
@@ -443,7 +452,7 @@ func TestLazyFaults(t *testing.T) {
 			t.Fatalf("read cached %s with the registry down: %v", g.Name, err)
 		}
 		// A container reading the uncached file fails, it does not hang.
-		start = time.Now()
+		start := time.Now()
 		out, err := e.run(ref, 2*time.Minute, "python3", "-c", fmt.Sprintf("open(%q, 'rb').read()", "/"+ztoc.CleanPath(uncached.Name)))
 		elapsed = time.Since(start)
 		t.Logf("container reading %s with the registry down: %v after %v", uncached.Name, err, elapsed.Round(time.Millisecond))

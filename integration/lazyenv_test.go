@@ -123,8 +123,7 @@ func newLazyBase(t *testing.T, config string) *lazyEnv {
 	e.layerDesc = ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip,
 		Digest: digest.FromBytes(e.layer.Blob), Size: int64(len(e.layer.Blob))}
 	e.reg = testenv.StartRegistryDaemon(t, e.dir)
-	e.snapBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
-	e.indexerBin = testenv.BuildGo(t, e.dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	e.snapBin, e.indexerBin = testenv.BuildBinaries(t, e.dir)
 	return e
 }
 

@@ -4,10 +4,8 @@ package integration
 
 import (
 	"bytes"
-	"errors"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
@@ -61,13 +59,7 @@ func TestTimeoutHungRegistry(t *testing.T) {
 	hung := registrytest.Faults{Match: registrytest.MatchBlobGET, Latency: 10 * time.Minute}
 	proxy.Set(hung)
 	for _, f := range files[:2] {
-		start := time.Now()
-		_, err := read(f)
-		elapsed := time.Since(start)
-		t.Logf("read of uncached %s with the registry hung: %v after %v", f.Name, err, elapsed.Round(time.Millisecond))
-		if !errors.Is(err, syscall.EIO) {
-			t.Fatalf("read of %s with the registry hung: %v, want EIO", f.Name, err)
-		}
+		elapsed := readFailsEIO(t, read, f, "hung")
 		if elapsed < timeout || elapsed >= limit {
 			t.Fatalf("read of %s failed after %v, want between the fetch timeout %v and %v", f.Name, elapsed, timeout, limit)
 		}

@@ -35,8 +35,7 @@ import (
 func TestMirrorTwoNodes(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := testenv.Dir(t)
-	snapBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
-	indexerBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	snapBin, indexerBin := testenv.BuildBinaries(t, dir)
 
 	origin := testenv.StartRegistryDaemon(t, mkdir(t, filepath.Join(dir, "origin")))
 	img := pushNodeImage(t, indexerBin, origin.Addr, "mirror/app", 7, map[string]int{

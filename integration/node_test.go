@@ -9,10 +9,11 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/spanpull/spanpull/integration/testenv"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
+	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/snapshotter"
 )
 
@@ -48,12 +50,7 @@ func pushNodeImage(t *testing.T, indexerBin, addr, repo string, seed uint64, fil
 	t.Helper()
 	img := nodeImage{sums: map[string]string{}}
 	extra := []testenv.Entry{{Name: "data/", Dir: true}}
-	names := make([]string, 0, len(files))
-	for name := range files {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(files)) {
 		size := files[name]
 		data := layertest.Random(seed+uint64(len(name)), size)
 		sum := sha256.Sum256(data)
@@ -153,6 +150,43 @@ func writeDockerConfig(t *testing.T, dir, host, user, password string) {
 	if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// writeHtpasswd writes an htpasswd file at path with the one entry of user
+// and password.
+func writeHtpasswd(t *testing.T, path, user, password string) {
+	t.Helper()
+	line, err := registrytest.HtpasswdEntry(user, password)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(line), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startAuthRegistry runs docker-registry with its storage in dir twice:
+// open, while push publishes the test's images at the address it is
+// given, then on the same address and storage requiring HTTP basic auth
+// of the users in the htpasswd file. The second one is returned, and
+// stopped in Cleanup.
+func startAuthRegistry(t *testing.T, dir, htpasswd string, push func(addr string)) *registrytest.Distribution {
+	t.Helper()
+	open, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	push(open.Addr)
+	if err := open.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	reg, err := registrytest.LaunchDistribution(context.Background(), registrytest.DistributionOptions{
+		Dir: dir, Listen: open.Addr, Htpasswd: htpasswd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = reg.Stop() })
+	return reg
 }
 
 // metricDelta is after[series] - before[series].

@@ -75,10 +75,7 @@ func TestPrefetchRecordedPython(t *testing.T) {
 	recPath := filepath.Join(e.dir, "rec.json")
 	runTool(t, e.snapBin, "record", "export", "--metrics-address", metricsAddress(t, e.sn), "--name", "py", "-o", recPath, v2)
 	checkPythonRecord(t, v2, recPath)
-	rec, err := record.ReadFile(recPath)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rec := readRecord(t, recPath)
 	recorded := rec.Layers[0].SpanIDs()
 
 	// Publish it: v2 moves the tag to a new image digest, v1 pushes a

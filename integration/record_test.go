@@ -47,8 +47,7 @@ func TestRecordRunPython(t *testing.T) {
 	reg := testenv.StartRegistryDaemon(t, dir)
 	layer := lazyDebianLayer(t)
 	src, _ := testenv.PushImage(t, reg.Addr, "py/rec", "src", []string{"python3"}, layer)
-	snapBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
-	indexerBin := testenv.BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	snapBin, indexerBin := testenv.BuildBinaries(t, dir)
 	ref := reg.Addr + "/py/rec:soci"
 	runTool(t, indexerBin, "convert", "--plain-http", "--cache-dir", filepath.Join(dir, "indexer-cache"), src, ref)
 
@@ -164,14 +163,21 @@ func pythonLayer(t *testing.T, ref string) (*registry.Repository, ocispec.Descri
 	return repo, m.Layers[0], li, ix
 }
 
-// checkPythonRecord checks the record file: the python layer, spans within
-// it, python's files.
-func checkPythonRecord(t *testing.T, ref, path string) {
+// readRecord reads the record file at path.
+func readRecord(t *testing.T, path string) *record.Record {
 	t.Helper()
 	rec, err := record.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return rec
+}
+
+// checkPythonRecord checks the record file: the python layer, spans within
+// it, python's files.
+func checkPythonRecord(t *testing.T, ref, path string) {
+	t.Helper()
+	rec := readRecord(t, path)
 	_, layer, li, _ := pythonLayer(t, ref)
 	if rec.Name != "py" || rec.Empty() || len(rec.Layers) != 1 || rec.Layers[0].Digest != layer.Digest {
 		t.Fatalf("record %s: name %q, layers %d (want the python layer %s)", path, rec.Name, len(rec.Layers), layer.Digest)
@@ -193,10 +199,7 @@ func checkPythonRecord(t *testing.T, ref, path string) {
 // prefetch artifact, in the recorded order.
 func checkAttachedRecord(t *testing.T, ref, path string) {
 	t.Helper()
-	rec, err := record.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rec := readRecord(t, path)
 	repo, layer, li, ix := pythonLayer(t, ref)
 	ids, err := soci.LoadPrefetch(context.Background(), repo, ix, layer.Digest, rec.Name, li.Ztoc.NumSpans())
 	if err != nil || !slices.Equal(ids, rec.Layers[0].SpanIDs()) {

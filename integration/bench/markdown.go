@@ -4,7 +4,8 @@ package main
 
 import (
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -145,12 +146,7 @@ func (rep *report) readMarkdown(b *strings.Builder) {
 // setupMarkdown writes the images, the machine and the commands.
 func (rep *report) setupMarkdown(b *strings.Builder) {
 	b.WriteString("\n### Images\n\nOne gzip layer each, linux/amd64, built by scripts/debian-layer.sh:\n\n")
-	names := make([]string, 0, len(rep.Images))
-	for n := range rep.Images {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
+	for _, n := range slices.Sorted(maps.Keys(rep.Images)) {
 		im := rep.Images[n]
 		fmt.Fprintf(b, "- %s: %s compressed; command `%s`\n", n, mb(float64(im.Bytes)), strings.Join(quoteArgs(im.Command), " "))
 	}

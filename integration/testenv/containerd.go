@@ -7,10 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -165,11 +166,7 @@ state = %q
 [debug]
   level = %q
 `, version, cd.Root, cd.State, disabled, cd.Socket, cd.Socket+".ttrpc", level)
-	names := make([]string, 0, len(c.Snapshotters))
-	for n := range c.Snapshotters {
-		names = append(names, n)
-	}
-	sort.Strings(names)
+	names := slices.Sorted(maps.Keys(c.Snapshotters))
 	for _, n := range names {
 		fmt.Fprintf(&b, "[proxy_plugins.%s]\n  type = \"snapshot\"\n  address = %q\n", n, c.Snapshotters[n])
 		if c.RemoteSnapshotAnnotations {

@@ -165,7 +165,6 @@ func (c *Containerd) MustCrictl(t testing.TB, crictl, imageEndpoint string, args
 // static program that sleeps until SIGTERM or SIGINT, at /pause.
 func PauseImageLayer(t testing.TB) LayerBlob {
 	t.Helper()
-	dir := t.TempDir()
 	src := `package main
 
 import (
@@ -180,21 +179,7 @@ func main() {
 	<-c
 }
 `
-	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module pause\n\ngo 1.21\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := execGo(dir, "build", "-trimpath", "-ldflags=-s -w", "-o", "pause", ".")
-	cmd.Env = append(proc.EnvWithout("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build pause program: %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(filepath.Join(dir, "pause"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := buildStatic(t, "pause", src)
 	blob, diffID := Layer(t, []Entry{
 		{Name: "dev/", Dir: true}, {Name: "proc/", Dir: true}, {Name: "sys/", Dir: true},
 		{Name: "etc/", Dir: true}, {Name: "pause", Mode: 0o755, Data: b},

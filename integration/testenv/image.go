@@ -6,8 +6,6 @@ import (
 	"archive/tar"
 	"compress/gzip"
 	"encoding/json"
-	"os"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -16,7 +14,6 @@ import (
 	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/spanpull/spanpull/internal/proc"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry/registrytest"
 )
@@ -121,7 +118,6 @@ func PushImage(t testing.TB, addr, repo, tag string, cmd []string, layers ...Lay
 // this way.
 func HelloBinary(t testing.TB, message string) []byte {
 	t.Helper()
-	dir := t.TempDir()
 	src := `package main
 
 import (
@@ -162,22 +158,7 @@ func main() {
 	}
 }
 `
-	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module hello\n\ngo 1.21\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := execGo(dir, "build", "-trimpath", "-ldflags=-s -w", "-o", "hello", ".")
-	cmd.Env = append(proc.EnvWithout("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build hello program: %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(filepath.Join(dir, "hello"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return buildStatic(t, "hello", src)
 }
 
 // HelloLayer is a minimal root file system: the directories runc mounts

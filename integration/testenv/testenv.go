@@ -88,6 +88,15 @@ func BuildGo(t testing.TB, dir, pkg, name string, env ...string) string {
 	return out
 }
 
+// BuildBinaries builds spanpull's two programs, the snapshotter daemon and
+// the indexer, into dir and returns their paths.
+func BuildBinaries(t testing.TB, dir string) (snapshotter, indexer string) {
+	t.Helper()
+	snapshotter = BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/snapshotter", "snapshotter")
+	indexer = BuildGo(t, dir, "github.com/spanpull/spanpull/cmd/indexer", "indexer")
+	return snapshotter, indexer
+}
+
 // cleanupProcess registers stop in Cleanup, and printing p's log when the
 // test failed.
 func cleanupProcess(t testing.TB, p *proc.Process, stop func() error) {
@@ -146,11 +155,29 @@ func Containerd2Binaries(t testing.TB) string {
 	return dir
 }
 
-// execGo prepares a go command run in dir.
-func execGo(dir string, args ...string) *exec.Cmd {
-	cmd := exec.Command("go", args...)
+// buildStatic builds src, the main.go of a program that needs only the
+// standard library, as a static linux/amd64 executable named name and
+// returns its bytes.
+func buildStatic(t testing.TB, name, src string) []byte {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module "+name+"\n\ngo 1.21\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", name, ".")
 	cmd.Dir = dir
-	return cmd
+	cmd.Env = append(proc.EnvWithout("CGO_ENABLED", "GOOS", "GOARCH", "GOFLAGS"), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build %s program: %v\n%s", name, err, out)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // ServeSnapshotter serves sn's snapshots gRPC API in-process on a unix
