@@ -8,21 +8,12 @@ cd "$(dirname "$0")/.."
 CACHE=${SPANPULL_CACHE:-/var/cache/spanpull}
 RUNS=${RUNS:-3}
 export PATH="$(go env GOPATH)/bin:$PATH"
-small=$CACHE/debian-python3.tar.gz
-large=$CACHE/debian-scipy.tar.gz
-scripts/debian-layer.sh "$small" python3
-scripts/debian-layer.sh "$large" python3 python3-numpy python3-scipy python3-pandas python3-sklearn \
-  python3-matplotlib python3-sympy gcc g++ gfortran
-go build -o bin/indexer ./cmd/indexer
+source scripts/lib.sh
+bench_layers
 
 tmp=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$tmp/reg.yml" <<EOC
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $tmp/data}}
-http: {addr: 127.0.0.1:$port, secret: bench}
-EOC
+port=$(free_port)
+registry_config "$tmp/data" "$port" bench >"$tmp/reg.yml"
 docker-registry serve "$tmp/reg.yml" >"$tmp/reg.log" 2>&1 &
 regpid=$!
 trap 'kill $regpid 2>/dev/null; wait $regpid 2>/dev/null; rm -rf "$tmp"' EXIT
@@ -32,7 +23,6 @@ crane append -f "$small" -f "$large" -t "$ref-base" --oci-empty-base >/dev/null 
 crane mutate "$ref-base" --set-platform linux/amd64 -t "$ref" >/dev/null 2>&1
 image_bytes=$(( $(stat -c %s "$small") + $(stat -c %s "$large") ))
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$tmp/g"; : >"$tmp/i"
 for _ in $(seq "$RUNS"); do
   cat "$small" "$large" >/dev/null

@@ -7,16 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SPANPULL_CACHE:-/var/cache/spanpull}
 RUNS=${RUNS:-5}
-small=$CACHE/debian-python3.tar.gz
-large=$CACHE/debian-scipy.tar.gz
-scripts/debian-layer.sh "$small" python3
-scripts/debian-layer.sh "$large" python3 python3-numpy python3-scipy python3-pandas python3-sklearn \
-  python3-matplotlib python3-sympy gcc g++ gfortran
-go build -o bin/indexer ./cmd/indexer
+source scripts/lib.sh
+bench_layers
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-
-# median of the first field of N lines on stdin
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "| layer | gzip size | uncompressed | gzip -dc (s) | indexer ztoc build (s) | ratio | build peak RSS | spans | zTOC size | zTOC / layer |"
 echo "|---|---|---|---|---|---|---|---|---|---|"

@@ -17,6 +17,7 @@ export PATH="$(go env GOPATH)/bin:$PATH"
 CACHE=${SPANPULL_CACHE:-/var/cache/spanpull}
 DEMO_DIR=${DEMO_DIR:-/tmp/spanpull-demo}
 layer=$CACHE/debian-python3.tar.gz
+source scripts/lib.sh
 
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (containerd, FUSE and overlayfs need it)" >&2; exit 1; }
 
@@ -44,19 +45,13 @@ mkdir -p "$DEMO_DIR"
 bg() { local name=$1; shift; "$@" >"$DEMO_DIR/$name.log" 2>&1 & pids+=($!); }
 wait_for() { local t=$1; shift; for _ in $(seq $((t * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timeout: $*" >&2; return 1; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 metric() { curl -sf "http://$metrics/metrics" | awk -v m="$1" '$1==m {s+=$2} END {printf "%d", s}'; }
 now() { date +%s.%N; }
 
 step "1. Registry and a real Debian bookworm + python3 image"
 scripts/debian-layer.sh "$layer" python3
 port=$(free_port)
-cat >"$DEMO_DIR/registry.yml" <<EOF
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $DEMO_DIR/registry}}
-http: {addr: 127.0.0.1:$port, secret: demo}
-EOF
+registry_config "$DEMO_DIR/registry" "$port" demo >"$DEMO_DIR/registry.yml"
 bg registry docker-registry serve "$DEMO_DIR/registry.yml"
 wait_for 10 curl -sf "http://127.0.0.1:$port/v2/"
 ref=127.0.0.1:$port/demo/debian-python
