@@ -4,10 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
-	"sort"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -255,12 +256,7 @@ func (h *holder) handle(c *net.UnixConn, f frame) error {
 func (h *holder) list(c *net.UnixConn) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	keys := make([]string, 0, len(h.entries))
-	for k := range h.entries {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
+	for _, k := range slices.Sorted(maps.Keys(h.entries)) {
 		e := h.entries[k]
 		if err := writeFrame(c, frame{kind: kindEntry, key: k, data: e.State, files: e.Files}); err != nil {
 			return err
