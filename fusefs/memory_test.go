@@ -1,7 +1,6 @@
 package fusefs
 
 import (
-	"fmt"
 	"runtime"
 	"strconv"
 	"testing"
@@ -105,14 +104,6 @@ func TestTreeMemory(t *testing.T) {
 // (the generator's own cost included).
 func BenchmarkTreeBuild(b *testing.B) {
 	for _, n := range []int{100_000, 1_000_000} {
-		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := NewTree(generatedTOC(n), nil); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/entry")
-		})
+		benchNewTree(b, n, func() Entries { return generatedTOC(n) })
 	}
 }

@@ -108,14 +108,7 @@ func TestMountMatchesGNUTar(t *testing.T) {
 	seen := map[string]bool{}
 	inoMap := map[uint64]uint64{}
 	revIno := map[uint64]uint64{}
-	err = filepath.WalkDir(want, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(want, p)
-		if rel == "." {
-			rel = ""
-		}
+	walkRel(t, want, func(rel, p string, d fs.DirEntry) error {
 		base := filepath.Base(rel)
 		switch {
 		case strings.HasPrefix(rel, ".wh..wh.plnk"):
@@ -194,27 +187,34 @@ func TestMountMatchesGNUTar(t *testing.T) {
 		}
 		return nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	// Nothing more is shown than GNU tar extracted.
-	err = filepath.WalkDir(mnt, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(mnt, p)
-		if rel == "." {
-			rel = ""
-		}
+	walkRel(t, mnt, func(rel, _ string, _ fs.DirEntry) error {
 		if !seen[rel] {
 			t.Errorf("%s is shown but GNU tar did not extract it", rel)
 		}
 		return nil
 	})
+	src.check(t)
+}
+
+// walkRel walks the tree at root like filepath.WalkDir, calling fn with
+// each path relative to root ("" for root itself) and as walked, and
+// fails the test on an error from the walk or fn.
+func walkRel(t *testing.T, root string, fn func(rel, p string, d fs.DirEntry) error) {
+	t.Helper()
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		if rel == "." {
+			rel = ""
+		}
+		return fn(rel, p, d)
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	src.check(t)
 }
 
 func compareStat(t *testing.T, rel string, g, f *syscall.Stat_t) {

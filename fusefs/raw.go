@@ -55,6 +55,19 @@ func (v *view) node(id uint64) (uint32, fuse.Status) {
 	return 0, fuse.Status(syscall.ESTALE)
 }
 
+// dir is node for an ID that must name a directory: the status is
+// node's for an unknown ID and ENOTDIR for a node that is no directory.
+func (v *view) dir(id uint64) (uint32, fuse.Status) {
+	d, st := v.node(id)
+	if !st.Ok() {
+		return 0, st
+	}
+	if !v.root.tree.isDir(d) {
+		return 0, fuse.ENOTDIR
+	}
+	return d, fuse.OK
+}
+
 // id returns the node ID of node i.
 func (v *view) id(i uint32) uint64 {
 	if i == 0 {
@@ -130,14 +143,11 @@ func (f *fsys) entryOut(v *view, i uint32, out *fuse.EntryOut) {
 // Lookup implements fuse.RawFileSystem.
 func (f *fsys) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
 	v := f.view.Load()
-	d, st := v.node(h.NodeId)
+	d, st := v.dir(h.NodeId)
 	if !st.Ok() {
 		return st
 	}
 	t := v.root.tree
-	if !t.isDir(d) {
-		return fuse.ENOTDIR
-	}
 	c, ok := t.child(d, name)
 	if !ok {
 		if f.negative <= 0 {
@@ -301,13 +311,8 @@ func (f *fsys) ListXAttr(cancel <-chan struct{}, h *fuse.InHeader, dest []byte) 
 // OpenDir implements fuse.RawFileSystem. Directories never change while a
 // tree is served, so the kernel may cache their listings.
 func (f *fsys) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	v := f.view.Load()
-	i, st := v.node(in.NodeId)
-	if !st.Ok() {
+	if _, st := f.view.Load().dir(in.NodeId); !st.Ok() {
 		return st
-	}
-	if !v.root.tree.isDir(i) {
-		return fuse.ENOTDIR
 	}
 	out.Fh, out.OpenFlags = 0, fuse.FOPEN_KEEP_CACHE|fuse.FOPEN_CACHE_DIR
 	return fuse.OK
@@ -327,14 +332,11 @@ func (f *fsys) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.Di
 
 func (f *fsys) readDir(in *fuse.ReadIn, out *fuse.DirEntryList, plus bool) fuse.Status {
 	v := f.view.Load()
-	d, st := v.node(in.NodeId)
+	d, st := v.dir(in.NodeId)
 	if !st.Ok() {
 		return st
 	}
 	t := v.root.tree
-	if !t.isDir(d) {
-		return fuse.ENOTDIR
-	}
 	es := t.children(d)
 	for k := in.Offset; k < uint64(len(es)); k++ {
 		e := &es[k]
