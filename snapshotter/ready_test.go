@@ -26,10 +26,7 @@ func TestReady(t *testing.T) {
 
 	r.err = errors.New("registry gone")
 	var checkErr error
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithReadiness(func() error { return checkErr }))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn = newRemote(ctx, t, root, r, WithReadiness(func() error { return checkErr }))
 	defer sn.Close()
 	if err := sn.Ready(); err == nil || !strings.Contains(err.Error(), "1 remote layers were not mounted again: c1") {
 		t.Fatalf("ready with an unrestored layer: %v", err)

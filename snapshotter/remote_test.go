@@ -116,6 +116,17 @@ func layerDir(t *testing.T, files map[string]string) string {
 	return d
 }
 
+// newRemote starts a snapshotter under root over the remote layer
+// resolver r.
+func newRemote(ctx context.Context, t *testing.T, root string, r RemoteLayerResolver, opts ...Opt) *Snapshotter {
+	t.Helper()
+	sn, err := New(ctx, root, append([]Opt{WithRemoteLayerResolver(r)}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sn
+}
+
 // newL1Snapshotter starts a snapshotter under root over a bind resolver
 // that holds layer sha256:l1, and prepares k1 from it, which mounts the
 // layer remotely (containerd then sees AlreadyExists).
@@ -123,10 +134,7 @@ func newL1Snapshotter(ctx context.Context, t *testing.T, root string, opts ...Op
 	t.Helper()
 	r := newBindResolver()
 	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
-	sn, err := New(ctx, root, append([]Opt{WithRemoteLayerResolver(r)}, opts...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn := newRemote(ctx, t, root, r, opts...)
 	if _, err := sn.Prepare(ctx, "k1", "", unpackLabels("c1", "sha256:l1")); !errdefs.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
@@ -152,6 +160,18 @@ func mountsBelow(t *testing.T, dir string) int {
 	return len(m)
 }
 
+// closeUnmounted closes sn and fails the test if a mount is left below
+// root.
+func closeUnmounted(t *testing.T, sn *Snapshotter, root string) {
+	t.Helper()
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsBelow(t, root); n != 0 {
+		t.Fatalf("%d mounts left", n)
+	}
+}
+
 // withMounted mounts ms on a temporary directory, runs fn on it and
 // unmounts it.
 func withMounted(t *testing.T, ms []mount.Mount, fn func(dir string)) {
@@ -166,6 +186,14 @@ func withMounted(t *testing.T, ms []mount.Mount, fn func(dir string)) {
 		}
 	}()
 	fn(d)
+}
+
+// readMounted mounts ms, reads the file name in it and unmounts it.
+func readMounted(t *testing.T, ms []mount.Mount, name string) string {
+	t.Helper()
+	var s string
+	withMounted(t, ms, func(dir string) { s = readFile(t, filepath.Join(dir, name)) })
+	return s
 }
 
 func readFile(t *testing.T, path string) string {
@@ -185,14 +213,11 @@ func TestRemotePrepare(t *testing.T) {
 	r.layers["sha256:l1"] = layerDir(t, map[string]string{"a": "from l1", "dir/b": "b1"})
 	r.layers["sha256:l2"] = layerDir(t, map[string]string{"dir/b": "b2"})
 	reg := prometheus.NewRegistry()
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithMetrics(reg))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn := newRemote(ctx, t, root, r, WithMetrics(reg))
 	defer sn.Close()
 
 	// Layer 1: mounted remotely, committed as its chain ID by Prepare.
-	_, err = sn.Prepare(ctx, "extract-1 c1", "", unpackLabels("c1", "sha256:l1"))
+	_, err := sn.Prepare(ctx, "extract-1 c1", "", unpackLabels("c1", "sha256:l1"))
 	if !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("prepare of a remote layer: err = %v, want AlreadyExists", err)
 	}
@@ -294,11 +319,9 @@ func TestRemoteLocalDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	withMounted(t, before, func(dir string) {
-		if got := readFile(t, filepath.Join(dir, "hello")); got != "world" {
-			t.Fatalf("view before the tree: hello = %q, want the remote mount's \"world\"", got)
-		}
-	})
+	if got := readMounted(t, before, "hello"); got != "world" {
+		t.Fatalf("view before the tree: hello = %q, want the remote mount's \"world\"", got)
+	}
 	local := layerDir(t, map[string]string{"hello": "local"})
 	r.mu.Lock()
 	r.local["sha256:l1"] = local
@@ -320,11 +343,9 @@ func TestRemoteLocalDir(t *testing.T) {
 		if !strings.Contains(fmt.Sprint(ms), "/local") {
 			t.Errorf("%s: mounts %+v do not name the snapshot's link to the local tree %s", name, ms, local)
 		}
-		withMounted(t, ms, func(dir string) {
-			if got := readFile(t, filepath.Join(dir, "hello")); got != "local" {
-				t.Errorf("%s: hello = %q, want the local tree's \"local\"", name, got)
-			}
-		})
+		if got := readMounted(t, ms, "hello"); got != "local" {
+			t.Errorf("%s: hello = %q, want the local tree's \"local\"", name, got)
+		}
 	}
 }
 
@@ -333,10 +354,7 @@ func TestRemoteFallback(t *testing.T) {
 	ctx := context.Background()
 	r := newBindResolver()
 	reg := prometheus.NewRegistry()
-	sn, err := New(ctx, t.TempDir(), WithRemoteLayerResolver(r), WithMetrics(reg))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn := newRemote(ctx, t, t.TempDir(), r, WithMetrics(reg))
 	defer sn.Close()
 
 	for name, rerr := range map[string]error{
@@ -438,10 +456,7 @@ func TestRemoteStrayMountRemoved(t *testing.T) {
 	requireRoot(t)
 	ctx := context.Background()
 	root := t.TempDir()
-	sn, err := New(ctx, root, WithRemoteLayerResolver(strayResolver{}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn := newRemote(ctx, t, root, strayResolver{})
 	defer sn.Close()
 	if _, err := sn.Prepare(ctx, "k", "", unpackLabels("t", "sha256:x")); err != nil {
 		t.Fatal(err)
@@ -467,10 +482,7 @@ func TestRemoteAsyncRemoveAndRestart(t *testing.T) {
 	if n := mountsBelow(t, root); n != 0 || r.liveMounts() != 0 {
 		t.Fatalf("after Close: %d mounts below root, %d live", n, r.liveMounts())
 	}
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r), WithAsyncRemove())
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn = newRemote(ctx, t, root, r, WithAsyncRemove())
 	defer sn.Close()
 	if r.liveMounts() != 2 {
 		t.Fatalf("after restart: %d live remote mounts, want 2", r.liveMounts())
@@ -479,11 +491,9 @@ func TestRemoteAsyncRemoveAndRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	withMounted(t, ms, func(d string) {
-		if got := readFile(t, filepath.Join(d, "hello")); got != "world" {
-			t.Errorf("hello after restart = %q", got)
-		}
-	})
+	if got := readMounted(t, ms, "hello"); got != "world" {
+		t.Errorf("hello after restart = %q", got)
+	}
 
 	// Async: Remove keeps the mount until Cleanup.
 	for _, k := range []string{"v", "c1"} {
@@ -513,12 +523,7 @@ func TestRemoteAsyncRemoveAndRestart(t *testing.T) {
 	if err := sn2.Remove(ctx, "c2"); err != nil {
 		t.Fatal(err)
 	}
-	if err := sn2.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if n := mountsBelow(t, root); n != 0 {
-		t.Fatalf("%d mounts left", n)
-	}
+	closeUnmounted(t, sn2, root)
 }
 
 // A dead mount left by a crashed process (here: any mount on the
@@ -541,22 +546,14 @@ func TestRemoteRestartReplacesOldMount(t *testing.T) {
 	if n := mountsBelow(t, root); n != 1 {
 		t.Fatalf("%d mounts, want the stale one", n)
 	}
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn = newRemote(ctx, t, root, r)
 	if n := mountsBelow(t, root); n != 1 || r.liveMounts() != 1 {
 		t.Fatalf("after restart: %d mounts (want 1), %d live", n, r.liveMounts())
 	}
 	if err := sn.Remove(ctx, "c1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := sn.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if n := mountsBelow(t, root); n != 0 {
-		t.Fatalf("%d mounts left", n)
-	}
+	closeUnmounted(t, sn, root)
 	if s := strings.TrimSpace(fmt.Sprint(r.liveMounts())); s != "0" {
 		t.Fatalf("live = %s", s)
 	}
@@ -570,10 +567,7 @@ func TestRemoteConcurrentSameTarget(t *testing.T) {
 	root := t.TempDir()
 	r := newBindResolver()
 	r.layers["sha256:l1"] = layerDir(t, map[string]string{"hello": "world"})
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn := newRemote(ctx, t, root, r)
 	defer sn.Close()
 	const n = 8
 	errs := make(chan error, n)
@@ -611,10 +605,7 @@ func TestRemoteRestartMany(t *testing.T) {
 	for i := range n {
 		r.layers[fmt.Sprintf("sha256:l%d", i)] = layerDir(t, map[string]string{"id": fmt.Sprint(i)})
 	}
-	sn, err := New(ctx, root, WithRemoteLayerResolver(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn := newRemote(ctx, t, root, r)
 	parent := ""
 	for i := range n {
 		target := fmt.Sprintf("c%d", i)
@@ -626,10 +617,7 @@ func TestRemoteRestartMany(t *testing.T) {
 	if err := sn.Close(); err != nil {
 		t.Fatal(err)
 	}
-	sn, err = New(ctx, root, WithRemoteLayerResolver(r))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn = newRemote(ctx, t, root, r)
 	defer sn.Close()
 	if got := r.liveMounts(); got != n {
 		t.Fatalf("%d layers mounted after restart, want %d", got, n)
@@ -639,10 +627,8 @@ func TestRemoteRestartMany(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		withMounted(t, ms, func(d string) {
-			if got := readFile(t, filepath.Join(d, "id")); got != fmt.Sprint(i) {
-				t.Errorf("layer %d reads id %q", i, got)
-			}
-		})
+		if got := readMounted(t, ms, "id"); got != fmt.Sprint(i) {
+			t.Errorf("layer %d reads id %q", i, got)
+		}
 	}
 }
