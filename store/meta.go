@@ -98,10 +98,7 @@ type MetaStore struct {
 // database.
 func OpenMetaStore(root string) (*MetaStore, error) {
 	ztocs := filepath.Join(root, "ztocs")
-	if err := os.MkdirAll(ztocs, 0o700); err != nil {
-		return nil, fmt.Errorf("create metadata store: %w", err)
-	}
-	if err := atomicfile.RemoveTemp(ztocs); err != nil {
+	if err := makeBlobDir(ztocs, 0o700); err != nil {
 		return nil, fmt.Errorf("open metadata store: %w", err)
 	}
 	dbPath := filepath.Join(root, "meta.db")

@@ -26,13 +26,20 @@ func remote(key string, ztocBlob []byte) RemoteLayer {
 	}
 }
 
-func TestMetaStore(t *testing.T) {
-	ctx := context.Background()
-	root := t.TempDir()
+// openMeta opens the metadata store under root.
+func openMeta(t *testing.T, root string) *MetaStore {
+	t.Helper()
 	m, err := OpenMetaStore(root)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return m
+}
+
+func TestMetaStore(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	m := openMeta(t, root)
 	z1, z2 := []byte("ztoc one"), []byte("ztoc two")
 	l1, l2, l3 := remote("k1", z1), remote("k2", z1), remote("k3", z2)
 	for _, l := range []RemoteLayer{l3, l1, l2} {
@@ -59,10 +66,7 @@ func TestMetaStore(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
-	m, err = OpenMetaStore(root)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m = openMeta(t, root)
 	defer m.Close()
 	ls2, err := m.ListLayers(ctx)
 	if err != nil || fmt.Sprint(ls2) != fmt.Sprint(ls) {
@@ -107,10 +111,7 @@ func TestMetaStore(t *testing.T) {
 func TestMetaStoreBadInput(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
-	m, err := OpenMetaStore(root)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := openMeta(t, root)
 	defer m.Close()
 	z := []byte("ztoc")
 	for name, tc := range map[string]struct {
@@ -161,17 +162,12 @@ func TestMetaStoreBadInput(t *testing.T) {
 // many goroutines: a recorded layer always finds its zTOC.
 func TestMetaStoreConcurrent(t *testing.T) {
 	ctx := context.Background()
-	m, err := OpenMetaStore(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := openMeta(t, t.TempDir())
 	defer m.Close()
 	blobs := [][]byte{[]byte("z0"), []byte("z1"), []byte("z2")}
 	var wg sync.WaitGroup
 	for g := range 6 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := range 40 {
 				key := fmt.Sprintf("k%d-%d", g, i%4)
 				blob := blobs[(g+i)%3]
@@ -194,7 +190,7 @@ func TestMetaStoreConcurrent(t *testing.T) {
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	ls, err := m.ListLayers(ctx)

@@ -12,7 +12,22 @@
 // fetches them.
 package store
 
-import "errors"
+import (
+	"errors"
+	"os"
+
+	"github.com/spanpull/spanpull/internal/atomicfile"
+)
 
 // ErrNotFound is returned (wrapped) for a missing record or zTOC.
 var ErrNotFound = errors.New("not found")
+
+// makeBlobDir creates dir, where a store keeps its blobs, if needed, and
+// removes the temporary files that writes cut short by a crash left in
+// it. Call it when opening the store, before anything writes to dir.
+func makeBlobDir(dir string, perm os.FileMode) error {
+	if err := os.MkdirAll(dir, perm); err != nil {
+		return err
+	}
+	return atomicfile.RemoveTemp(dir)
+}

@@ -36,10 +36,7 @@ var (
 // seconds for another process that holds the cache open.
 func OpenZtocCache(dir string) (*ZtocCache, error) {
 	blobs := filepath.Join(dir, "blobs")
-	if err := os.MkdirAll(blobs, 0o755); err != nil {
-		return nil, fmt.Errorf("open zTOC cache: %w", err)
-	}
-	if err := atomicfile.RemoveTemp(blobs); err != nil {
+	if err := makeBlobDir(blobs, 0o755); err != nil {
 		return nil, fmt.Errorf("open zTOC cache: %w", err)
 	}
 	db, err := bolt.Open(filepath.Join(dir, "ztocs.db"), 0o644, &bolt.Options{Timeout: 5 * time.Second})
