@@ -128,20 +128,12 @@ func Build(opts BuildOptions) (*Built, error) {
 		}
 		m.Layers = append(m.Layers, ds...)
 	}
-	b, err := json.Marshal(m)
+	b, d, err := marshalDescribed("build soci index: marshal", m, ocispec.MediaTypeImageManifest)
 	if err != nil {
-		return nil, fmt.Errorf("build soci index: marshal: %w", err)
+		return nil, err
 	}
-	return &Built{
-		Manifest: m,
-		Bytes:    b,
-		Descriptor: ocispec.Descriptor{
-			MediaType:    ocispec.MediaTypeImageManifest,
-			ArtifactType: opts.Version.ArtifactType(),
-			Digest:       digest.FromBytes(b),
-			Size:         int64(len(b)),
-		},
-	}, nil
+	d.ArtifactType = opts.Version.ArtifactType()
+	return &Built{Manifest: m, Bytes: b, Descriptor: d}, nil
 }
 
 // check validates the version, the subject it needs (v1) or forbids (v2),
@@ -261,4 +253,14 @@ func checkDescriptor(d ocispec.Descriptor) error {
 		return fmt.Errorf("%s: invalid size %d", d.Digest, d.Size)
 	}
 	return nil
+}
+
+// marshalDescribed returns the JSON bytes of v and a descriptor of them
+// with media type mediaType; what prefixes a marshal error.
+func marshalDescribed(what string, v any, mediaType string) ([]byte, ocispec.Descriptor, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, ocispec.Descriptor{}, fmt.Errorf("%s: %w", what, err)
+	}
+	return b, ocispec.Descriptor{MediaType: mediaType, Digest: digest.FromBytes(b), Size: int64(len(b))}, nil
 }

@@ -27,49 +27,58 @@ import (
 // ParseImageIndex decodes an image index: an OCI image index or a Docker
 // manifest list (whose descriptors have the same JSON shape).
 func ParseImageIndex(b []byte) (*ocispec.Index, error) {
-	var idx ocispec.Index
-	if err := json.Unmarshal(b, &idx); err != nil {
-		return nil, fmt.Errorf("parse image index: %w", err)
-	}
-	if idx.SchemaVersion != 2 {
-		return nil, fmt.Errorf("parse image index: schemaVersion %d, want 2", idx.SchemaVersion)
-	}
-	switch idx.MediaType {
-	case "", ocispec.MediaTypeImageIndex, images.MediaTypeDockerSchema2ManifestList:
-	default:
-		return nil, fmt.Errorf("parse image index: media type %q is not an OCI image index or Docker manifest list", idx.MediaType)
-	}
-	for i, d := range idx.Manifests {
-		if err := checkDescriptor(d); err != nil {
-			return nil, fmt.Errorf("parse image index: manifests[%d]: %w", i, err)
-		}
-	}
-	return &idx, nil
+	return decodeChecked("parse image index", b, checkImageIndex)
 }
 
 // ParseImageManifest decodes an image manifest: OCI or Docker schema2.
 func ParseImageManifest(b []byte) (*ocispec.Manifest, error) {
-	var m ocispec.Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("parse image manifest: %w", err)
+	return decodeChecked("parse image manifest", b, checkImageManifest)
+}
+
+// decodeChecked decodes b as JSON into a new T and validates it with check;
+// what prefixes the errors of both.
+func decodeChecked[T any](what string, b []byte, check func(*T) error) (*T, error) {
+	v := new(T)
+	if err := json.Unmarshal(b, v); err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	if m.SchemaVersion != 2 {
-		return nil, fmt.Errorf("parse image manifest: schemaVersion %d, want 2", m.SchemaVersion)
+	if err := check(v); err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	switch m.MediaType {
-	case "", ocispec.MediaTypeImageManifest, images.MediaTypeDockerSchema2Manifest:
-	default:
-		return nil, fmt.Errorf("parse image manifest: media type %q is not an OCI or Docker schema2 image manifest", m.MediaType)
+	return v, nil
+}
+
+// checkImageIndex checks the schema and media type of an image index and
+// the descriptors of its manifests.
+func checkImageIndex(idx *ocispec.Index) error {
+	if err := checkSchema(idx.SchemaVersion, idx.MediaType, "an OCI image index or Docker manifest list",
+		ocispec.MediaTypeImageIndex, images.MediaTypeDockerSchema2ManifestList); err != nil {
+		return err
+	}
+	for i, d := range idx.Manifests {
+		if err := checkDescriptor(d); err != nil {
+			return fmt.Errorf("manifests[%d]: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// checkImageManifest checks the schema and media type of an image manifest
+// and the digests of its config and layers.
+func checkImageManifest(m *ocispec.Manifest) error {
+	if err := checkSchema(m.SchemaVersion, m.MediaType, "an OCI or Docker schema2 image manifest",
+		ocispec.MediaTypeImageManifest, images.MediaTypeDockerSchema2Manifest); err != nil {
+		return err
 	}
 	if err := m.Config.Digest.Validate(); err != nil {
-		return nil, fmt.Errorf("parse image manifest: config digest %q: %w", m.Config.Digest, err)
+		return fmt.Errorf("config digest %q: %w", m.Config.Digest, err)
 	}
 	for i, d := range m.Layers {
 		if err := d.Digest.Validate(); err != nil {
-			return nil, fmt.Errorf("parse image manifest: layers[%d]: digest %q: %w", i, d.Digest, err)
+			return fmt.Errorf("layers[%d]: digest %q: %w", i, d.Digest, err)
 		}
 	}
-	return &m, nil
+	return nil
 }
 
 // PlatformFromConfig reads the platform of an image from its config blob
@@ -114,16 +123,12 @@ func RewriteManifest(manifest []byte, indexDigest digest.Digest) ([]byte, ocispe
 			m.Annotations = nil
 		}
 	}
-	b, err := json.Marshal(m)
+	b, d, err := marshalDescribed("rewrite manifest: marshal", m, ocispec.MediaTypeImageManifest)
 	if err != nil {
-		return nil, ocispec.Descriptor{}, fmt.Errorf("rewrite manifest: marshal: %w", err)
+		return nil, ocispec.Descriptor{}, err
 	}
-	return b, ocispec.Descriptor{
-		MediaType:   ocispec.MediaTypeImageManifest,
-		Digest:      digest.FromBytes(b),
-		Size:        int64(len(b)),
-		Annotations: maps.Clone(m.Annotations),
-	}, nil
+	d.Annotations = maps.Clone(m.Annotations)
+	return b, d, nil
 }
 
 // IndexDescriptorV2 returns the descriptor under which a SOCI index v2 is
@@ -256,7 +261,7 @@ func ConvertIndex(source []byte, converted []Converted) ([]byte, ocispec.Descrip
 		}
 	}
 	out.Manifests = append(out.Manifests, added...)
-	return marshalIndex(out)
+	return marshalDescribed("marshal image index", out, ocispec.MediaTypeImageIndex)
 }
 
 // WrapManifest produces the OCI image index of a SOCI-enabled image whose
@@ -283,19 +288,7 @@ func WrapManifest(platform ocispec.Platform, c Converted) ([]byte, ocispec.Descr
 		Manifests: []ocispec.Descriptor{md, IndexDescriptorV2(*c.Index, platform, c.Manifest.Digest)},
 	}
 	out.SchemaVersion = 2
-	return marshalIndex(out)
-}
-
-func marshalIndex(idx ocispec.Index) ([]byte, ocispec.Descriptor, error) {
-	b, err := json.Marshal(idx)
-	if err != nil {
-		return nil, ocispec.Descriptor{}, fmt.Errorf("marshal image index: %w", err)
-	}
-	return b, ocispec.Descriptor{
-		MediaType: ocispec.MediaTypeImageIndex,
-		Digest:    digest.FromBytes(b),
-		Size:      int64(len(b)),
-	}, nil
+	return marshalDescribed("marshal image index", out, ocispec.MediaTypeImageIndex)
 }
 
 // samePlatform compares two platforms field by field.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 
 	"github.com/opencontainers/go-digest"
@@ -75,11 +76,8 @@ func Parse(b []byte) (*Index, error) {
 // checkManifest checks what an index manifest says of itself (schema,
 // media types, config and subject) and returns its SOCI index version.
 func checkManifest(m ocispec.Manifest) (Version, error) {
-	if m.SchemaVersion != 2 {
-		return 0, fmt.Errorf("schemaVersion %d, want 2", m.SchemaVersion)
-	}
-	if m.MediaType != "" && m.MediaType != ocispec.MediaTypeImageManifest {
-		return 0, fmt.Errorf("media type %q is not an OCI image manifest", m.MediaType)
+	if err := checkSchema(m.SchemaVersion, m.MediaType, "an OCI image manifest", ocispec.MediaTypeImageManifest); err != nil {
+		return 0, err
 	}
 	v := versionOf(m.Config.MediaType)
 	if v == 0 {
@@ -94,6 +92,19 @@ func checkManifest(m ocispec.Manifest) (Version, error) {
 		}
 	}
 	return v, nil
+}
+
+// checkSchema checks what an image index or manifest (a SOCI index
+// included) says of its own format: schemaVersion 2 and a media type that is
+// absent or one of allowed, which kind describes in the error.
+func checkSchema(schemaVersion int, mediaType, kind string, allowed ...string) error {
+	if schemaVersion != 2 {
+		return fmt.Errorf("schemaVersion %d, want 2", schemaVersion)
+	}
+	if mediaType != "" && !slices.Contains(allowed, mediaType) {
+		return fmt.Errorf("media type %q is not %s", mediaType, kind)
+	}
+	return nil
 }
 
 // add checks one of the manifest's layer descriptors and adds what it
