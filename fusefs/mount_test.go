@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/spanpull/spanpull/internal/syncio"
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 	"github.com/spanpull/spanpull/internal/testutil/treediff"
@@ -365,7 +366,7 @@ func TestStatfsAndReaddir(t *testing.T) {
 		names = append(names, filepath.Base(name))
 	}
 	mnt := mountLayer(t, es...)
-	got := readDirNames(t, filepath.Join(mnt, "d"))
+	got := dirtest.Names(t, filepath.Join(mnt, "d"))
 	sort.Strings(names)
 	if strings.Join(got, ",") != strings.Join(names, ",") {
 		t.Errorf("readdir = %v, want %v", got, names)

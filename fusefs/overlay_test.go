@@ -6,11 +6,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 )
@@ -36,20 +36,6 @@ func mountOverlay(t *testing.T, lowers ...string) (merged, upper string) {
 		}
 	})
 	return merged, upper
-}
-
-func readDirNames(t *testing.T, p string) []string {
-	t.Helper()
-	des, err := os.ReadDir(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, de := range des {
-		names = append(names, de.Name())
-	}
-	sort.Strings(names)
-	return names
 }
 
 // TestOverlay stacks two FUSE layers under overlayfs, as the snapshotter
@@ -82,13 +68,13 @@ func TestOverlay(t *testing.T) {
 			t.Errorf("%s is visible: %v", p, err)
 		}
 	}
-	if got := readDirNames(t, merged); strings.Join(got, ",") != "dir,keep,merge" {
+	if got := dirtest.Names(t, merged); strings.Join(got, ",") != "dir,keep,merge" {
 		t.Errorf("merged root = %v", got)
 	}
-	if got := readDirNames(t, filepath.Join(merged, "dir")); strings.Join(got, ",") != "z" {
+	if got := dirtest.Names(t, filepath.Join(merged, "dir")); strings.Join(got, ",") != "z" {
 		t.Errorf("opaque dir = %v, want [z]", got)
 	}
-	if got := readDirNames(t, filepath.Join(merged, "merge")); strings.Join(got, ",") != "lower,upper" {
+	if got := dirtest.Names(t, filepath.Join(merged, "merge")); strings.Join(got, ",") != "lower,upper" {
 		t.Errorf("merged dir = %v", got)
 	}
 
@@ -121,7 +107,7 @@ func TestOverlay(t *testing.T) {
 	if st.Mode&syscall.S_IFMT != syscall.S_IFCHR || st.Rdev != 0 {
 		t.Errorf("upperdir whiteout: mode %o rdev %d", st.Mode, st.Rdev)
 	}
-	if got := readDirNames(t, filepath.Join(merged, "merge")); strings.Join(got, ",") != "new,upper" {
+	if got := dirtest.Names(t, filepath.Join(merged, "merge")); strings.Join(got, ",") != "new,upper" {
 		t.Errorf("merge after changes = %v", got)
 	}
 }

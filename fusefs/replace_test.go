@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/internal/testutil/toctest"
 )
@@ -68,7 +69,7 @@ func TestReplace(t *testing.T) {
 	if _, err := os.Lstat(filepath.Join(mnt, "n")); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("n exists before the replacement: %v", err)
 	}
-	readDirNames(t, mnt)
+	dirtest.Names(t, mnt)
 	subdir, err := os.Open(filepath.Join(mnt, "sub"))
 	if err != nil {
 		t.Fatal(err)
@@ -116,7 +117,7 @@ func TestReplace(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(mnt, "n")); err != nil || string(got) != "a new file" {
 		t.Errorf("n after Replace: %q, %v", got, err)
 	}
-	if got := strings.Join(readDirNames(t, mnt), ","); got != "f,keep,n,sub,typechange" {
+	if got := strings.Join(dirtest.Names(t, mnt), ","); got != "f,keep,n,sub,typechange" {
 		t.Errorf("root after Replace: %s", got)
 	}
 	if names, err := subdir.Readdirnames(-1); err != nil || strings.Join(names, ",") != "z" {

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/spanpull/spanpull/integration/testenv"
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 )
 
 // TestCredentialRotation: images in an htpasswd-protected docker-registry,
@@ -77,7 +78,7 @@ func TestCredentialRotation(t *testing.T) {
 		t.Fatalf("fallbacks: unauthorized %v -> %v, no_index %v -> %v; want +1 unauthorized",
 			before[unauthorized], after[unauthorized], before[mFallbackNoIdx], after[mFallbackNoIdx])
 	}
-	if log := logOf(t, n.sn.Log); !strings.Contains(log, "fallback=unauthorized") {
+	if log := dirtest.ReadString(t, n.sn.Log); !strings.Contains(log, "fallback=unauthorized") {
 		t.Fatalf("daemon log has no fallback=unauthorized line:\n%s", log)
 	}
 

@@ -19,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/spanpull/spanpull/integration/testenv"
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -290,7 +291,7 @@ func (l *readLoop) check(t *testing.T, lines []string) {
 	if after[mReadErrors] != 0 || l.beforeRestart[mReadErrors] != 0 {
 		t.Fatalf("the daemons counted read errors: %v before the restart, %v after", l.beforeRestart[mReadErrors], after[mReadErrors])
 	}
-	if !strings.Contains(logOf(t, l.e.sn.Log), "took over the live FUSE connection") {
+	if !strings.Contains(dirtest.ReadString(t, l.e.sn.Log), "took over the live FUSE connection") {
 		t.Fatalf("the new daemon did not log that it took over the live FUSE connection:\n%s", l.e.sn.LogTail(8<<10))
 	}
 	// Reads take milliseconds, but one of them had to wait for the new
@@ -423,14 +424,4 @@ func fileSum(t *testing.T, path string) string {
 	}
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:])
-}
-
-// logOf returns a daemon's log.
-func logOf(t *testing.T, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
 	"github.com/spanpull/spanpull/internal/testutil/snaptest"
 )
 
@@ -192,17 +193,8 @@ func withMounted(t *testing.T, ms []mount.Mount, fn func(dir string)) {
 func readMounted(t *testing.T, ms []mount.Mount, name string) string {
 	t.Helper()
 	var s string
-	withMounted(t, ms, func(dir string) { s = readFile(t, filepath.Join(dir, name)) })
+	withMounted(t, ms, func(dir string) { s = dirtest.ReadString(t, filepath.Join(dir, name)) })
 	return s
-}
-
-func readFile(t *testing.T, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
 }
 
 func TestRemotePrepare(t *testing.T) {
@@ -268,17 +260,17 @@ func TestRemotePrepare(t *testing.T) {
 		t.Fatal(err)
 	}
 	withMounted(t, ms, func(d string) {
-		if got := readFile(t, filepath.Join(d, "a")); got != "from l1" {
+		if got := dirtest.ReadString(t, filepath.Join(d, "a")); got != "from l1" {
 			t.Errorf("a = %q", got)
 		}
-		if got := readFile(t, filepath.Join(d, "dir/b")); got != "b2" {
+		if got := dirtest.ReadString(t, filepath.Join(d, "dir/b")); got != "b2" {
 			t.Errorf("dir/b = %q, want the upper layer's", got)
 		}
 		if err := os.WriteFile(filepath.Join(d, "a"), []byte("changed"), 0o644); err != nil {
 			t.Errorf("copy-up over a remote layer: %v", err)
 		}
 	})
-	if got := readFile(t, filepath.Join(r.layers["sha256:l1"], "a")); got != "from l1" {
+	if got := dirtest.ReadString(t, filepath.Join(r.layers["sha256:l1"], "a")); got != "from l1" {
 		t.Fatalf("the remote layer was written through: %q", got)
 	}
 

@@ -5,20 +5,9 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
-)
 
-func names(t *testing.T, dir string) []string {
-	t.Helper()
-	des, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, de := range des {
-		out = append(out, de.Name())
-	}
-	return out
-}
+	"github.com/spanpull/spanpull/internal/testutil/dirtest"
+)
 
 func TestWriteFile(t *testing.T) {
 	dir := t.TempDir()
@@ -30,7 +19,7 @@ func TestWriteFile(t *testing.T) {
 			t.Fatalf("after writing %q the file holds %q (%v)", data, b, err)
 		}
 	}
-	if got := names(t, dir); !slices.Equal(got, []string{"f"}) {
+	if got := dirtest.Names(t, dir); !slices.Equal(got, []string{"f"}) {
 		t.Errorf("dir holds %v, want only f", got)
 	}
 	if st, err := os.Stat(filepath.Join(dir, "f")); err != nil || st.Mode().Perm() != 0o600 {
@@ -47,7 +36,7 @@ func TestWriteFile(t *testing.T) {
 	if err := WriteFile(dir, "d", []byte("x")); err == nil {
 		t.Error("WriteFile over a non-empty directory succeeded")
 	}
-	if got := names(t, dir); !slices.Equal(got, []string{"d", "f"}) {
+	if got := dirtest.Names(t, dir); !slices.Equal(got, []string{"d", "f"}) {
 		t.Errorf("after a failed write the dir holds %v", got)
 	}
 }
@@ -62,7 +51,7 @@ func TestRemoveTemp(t *testing.T) {
 	if err := RemoveTemp(dir); err != nil {
 		t.Fatal(err)
 	}
-	if got := names(t, dir); !slices.Equal(got, []string{"f", "tmp-f"}) {
+	if got := dirtest.Names(t, dir); !slices.Equal(got, []string{"f", "tmp-f"}) {
 		t.Errorf("after RemoveTemp the dir holds %v", got)
 	}
 	if err := RemoveTemp(filepath.Join(dir, "missing")); err == nil {

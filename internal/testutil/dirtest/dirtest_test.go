@@ -23,4 +23,13 @@ func TestFiles(t *testing.T) {
 	if got := strings.Join(Files(t, dir), ","); got != "a,b/1,b/2,c/d/e" {
 		t.Errorf("Files = %s", got)
 	}
+	if got := strings.Join(Names(t, dir), ","); got != "a,b,c,empty" {
+		t.Errorf("Names = %s", got)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "a"), []byte("text"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := ReadString(t, filepath.Join(dir, "a")); got != "text" {
+		t.Errorf("ReadString = %q", got)
+	}
 }
