@@ -13,6 +13,7 @@ import (
 
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
 	"github.com/spanpull/spanpull/index"
@@ -38,25 +39,37 @@ func (f *remoteFlags) repo(ref string) (*registry.Repository, error) {
 // percent of a layer; this leaves room for multi-GB layers).
 const maxZtocSize = 1 << 30
 
-// loadZtocArg reads a zTOC from a local file or, for REF@sha256:<digest>
-// (when no such file exists), straight from the registry.
-func loadZtocArg(ctx context.Context, arg string, rf *remoteFlags) (*ztoc.Ztoc, int64, error) {
-	if _, err := os.Stat(arg); err == nil || !strings.Contains(arg, "@") {
-		return loadZtoc(arg)
-	}
-	repo, err := rf.repo(arg)
+// isLocalArg reports whether arg names a local file: one exists by that
+// name, or arg is no REF@<digest>.
+func isLocalArg(arg string) bool {
+	_, err := os.Stat(arg)
+	return err == nil || !strings.Contains(arg, "@")
+}
+
+// resolveBlob resolves arg, a REF@sha256:<digest> naming a blob (what says
+// which, for the error when arg has no digest), to its repository and the
+// blob's descriptor.
+func (f *remoteFlags) resolveBlob(ctx context.Context, arg, what string) (*registry.Repository, ocispec.Descriptor, error) {
+	repo, err := f.repo(arg)
 	if err != nil {
-		return nil, 0, err
+		return nil, ocispec.Descriptor{}, err
 	}
 	d, err := digest.Parse(repo.Reference())
 	if err != nil {
-		return nil, 0, fmt.Errorf("%s: want REF@sha256:<zTOC digest>: %w", arg, err)
+		return nil, ocispec.Descriptor{}, fmt.Errorf("%s: want REF@sha256:<%s digest>: %w", arg, what, err)
 	}
 	desc, err := repo.ResolveBlob(ctx, d)
 	if err != nil {
-		return nil, 0, err
+		return nil, ocispec.Descriptor{}, err
 	}
-	b, err := repo.FetchBlobBytes(ctx, desc, maxZtocSize)
+	return repo, desc, nil
+}
+
+// loadZtocArg reads a zTOC from a local file or, for REF@sha256:<digest>
+// (when no such file exists), straight from the registry. It returns the
+// zTOC and its size.
+func loadZtocArg(ctx context.Context, arg string, rf *remoteFlags) (*ztoc.Ztoc, int64, error) {
+	b, err := readZtocArg(ctx, arg, rf)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -67,11 +80,23 @@ func loadZtocArg(ctx context.Context, arg string, rf *remoteFlags) (*ztoc.Ztoc, 
 	return z, int64(len(b)), nil
 }
 
+// readZtocArg returns the bytes of the zTOC arg names (see loadZtocArg).
+func readZtocArg(ctx context.Context, arg string, rf *remoteFlags) ([]byte, error) {
+	if isLocalArg(arg) {
+		return os.ReadFile(arg)
+	}
+	repo, desc, err := rf.resolveBlob(ctx, arg, "zTOC")
+	if err != nil {
+		return nil, err
+	}
+	return repo.FetchBlobBytes(ctx, desc, maxZtocSize)
+}
+
 // openLayerArg opens a layer for span reads: a local file or, for
 // REF@sha256:<layer digest> (when no such file exists), HTTP range reads
 // from the registry. It returns the layer's size.
 func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (span.BlobReader, int64, func(), error) {
-	if _, err := os.Stat(arg); err == nil || !strings.Contains(arg, "@") {
+	if isLocalArg(arg) {
 		f, err := os.Open(arg)
 		if err != nil {
 			return nil, 0, nil, err
@@ -83,15 +108,7 @@ func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (span.BlobRe
 		}
 		return span.LocalBlob(f), st.Size(), func() { f.Close() }, nil
 	}
-	repo, err := rf.repo(arg)
-	if err != nil {
-		return nil, 0, nil, err
-	}
-	d, err := digest.Parse(repo.Reference())
-	if err != nil {
-		return nil, 0, nil, fmt.Errorf("%s: want REF@sha256:<layer digest>: %w", arg, err)
-	}
-	desc, err := repo.ResolveBlob(ctx, d)
+	repo, desc, err := rf.resolveBlob(ctx, arg, "layer")
 	if err != nil {
 		return nil, 0, nil, err
 	}

@@ -194,34 +194,25 @@ func newZtocListCommand() *cobra.Command {
 	return cmd
 }
 
+// tarEscapes are the C escapes of GNU tar's "escape" quoting style.
+var tarEscapes = map[byte]string{
+	'\\': `\\`, '\a': `\a`, '\b': `\b`, '\f': `\f`, '\n': `\n`, '\r': `\r`, '\t': `\t`, '\v': `\v`,
+}
+
 // tarQuote escapes a name the way GNU tar's default "escape" quoting
 // style does in listings, so that every entry stays on one line.
 func tarQuote(s string) string {
 	var b strings.Builder
 	for i := 0; i < len(s); i++ {
-		switch c := s[i]; c {
-		case '\\':
-			b.WriteString(`\\`)
-		case '\a':
-			b.WriteString(`\a`)
-		case '\b':
-			b.WriteString(`\b`)
-		case '\f':
-			b.WriteString(`\f`)
-		case '\n':
-			b.WriteString(`\n`)
-		case '\r':
-			b.WriteString(`\r`)
-		case '\t':
-			b.WriteString(`\t`)
-		case '\v':
-			b.WriteString(`\v`)
+		c := s[i]
+		esc, ok := tarEscapes[c]
+		switch {
+		case ok:
+			b.WriteString(esc)
+		case c < 0x20 || c == 0x7f:
+			fmt.Fprintf(&b, "\\%03o", c)
 		default:
-			if c < 0x20 || c == 0x7f {
-				fmt.Fprintf(&b, "\\%03o", c)
-			} else {
-				b.WriteByte(c)
-			}
+			b.WriteByte(c)
 		}
 	}
 	return b.String()
@@ -319,17 +310,4 @@ REF@sha256:<digest> blobs in a registry (read with HTTP range requests).`,
 	cmd.Flags().StringVarP(&out, "output", "o", "", "write the file here instead of stdout")
 	rf.add(cmd)
 	return cmd
-}
-
-// loadZtoc reads and decodes a zTOC file, returning it and its size.
-func loadZtoc(name string) (*ztoc.Ztoc, int64, error) {
-	b, err := os.ReadFile(name)
-	if err != nil {
-		return nil, 0, err
-	}
-	z, err := ztoc.Unmarshal(b)
-	if err != nil {
-		return nil, 0, fmt.Errorf("read zTOC %s: %w", name, err)
-	}
-	return z, int64(len(b)), nil
 }
