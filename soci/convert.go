@@ -26,11 +26,7 @@ func Convert(ctx context.Context, src, dst *registry.Repository, opts Options) (
 	if dst.Reference() == "" || strings.HasPrefix(dst.Reference(), "sha256:") {
 		return nil, fmt.Errorf("convert to %s: the destination needs a tag", dst.Name())
 	}
-	ix, err := newIndexer(src, dst, opts)
-	if err != nil {
-		return nil, err
-	}
-	img, err := resolveSource(ctx, src, ix.opts)
+	ix, img, err := startRun(ctx, src, dst, opts)
 	if err != nil {
 		return nil, err
 	}

@@ -18,11 +18,7 @@ import (
 // Per-platform failures are in the result; the error is for a run that
 // could not start (unknown image, no matching platform, bad options).
 func Create(ctx context.Context, repo *registry.Repository, opts Options) (*Result, error) {
-	ix, err := newIndexer(repo, repo, opts)
-	if err != nil {
-		return nil, err
-	}
-	img, err := resolveSource(ctx, repo, ix.opts)
+	ix, img, err := startRun(ctx, repo, repo, opts)
 	if err != nil {
 		return nil, err
 	}

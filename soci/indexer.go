@@ -66,6 +66,20 @@ func newIndexer(src, dst *registry.Repository, o Options) (*indexer, error) {
 	}, nil
 }
 
+// startRun starts a run of Create or Convert: the indexer from src to dst,
+// and the image manifests of src's reference to index.
+func startRun(ctx context.Context, src, dst *registry.Repository, o Options) (*indexer, *source, error) {
+	ix, err := newIndexer(src, dst, o)
+	if err != nil {
+		return nil, nil, err
+	}
+	img, err := resolveSource(ctx, src, ix.opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	return ix, img, nil
+}
+
 // indexPlatforms builds (or reuses) the zTOCs of every target and pushes
 // them to dst. A platform's failure is recorded in its result.
 func (ix *indexer) indexPlatforms(ctx context.Context, targets []target) []*platformJob {

@@ -33,11 +33,11 @@ type IndexSummary struct {
 // that only an image manifest's annotation names is not listed: it is the
 // v2 descriptor of the SOCI-enabled image index that holds the manifest.
 func List(ctx context.Context, repo *registry.Repository) ([]IndexSummary, error) {
-	b, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+	img, err := fetchImage(ctx, repo)
 	if err != nil {
 		return nil, err
 	}
-	return list(ctx, repo, Image{Descriptor: root, Bytes: b})
+	return list(ctx, repo, img)
 }
 
 func list(ctx context.Context, repo *registry.Repository, img Image) ([]IndexSummary, error) {
@@ -93,14 +93,14 @@ func (e *AmbiguousError) Error() string {
 // ErrNoIndex for an image without index and an *AmbiguousError for one with
 // several.
 func Info(ctx context.Context, repo *registry.Repository) ([]byte, error) {
-	b, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+	img, err := fetchImage(ctx, repo)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := index.Parse(b); err == nil {
-		return b, nil
+	if _, err := index.Parse(img.Bytes); err == nil {
+		return img.Bytes, nil
 	}
-	entries, err := list(ctx, repo, Image{Descriptor: root, Bytes: b})
+	entries, err := list(ctx, repo, img)
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +111,7 @@ func Info(ctx context.Context, repo *registry.Repository) ([]byte, error) {
 	default:
 		return nil, &AmbiguousError{Indexes: len(entries)}
 	}
-	_, b, err = FetchIndex(ctx, repo, entries[0].Index)
+	_, b, err := FetchIndex(ctx, repo, entries[0].Index)
 	return b, err
 }
 
@@ -122,4 +122,14 @@ func referenceOrLatest(r *registry.Repository) string {
 		return "latest"
 	}
 	return r.Reference()
+}
+
+// fetchImage fetches the manifest repo's reference names ("latest" when it
+// has none).
+func fetchImage(ctx context.Context, repo *registry.Repository) (Image, error) {
+	b, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+	if err != nil {
+		return Image{}, err
+	}
+	return Image{Descriptor: root, Bytes: b}, nil
 }

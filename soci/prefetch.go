@@ -191,14 +191,14 @@ func (o AttachOptions) check() error {
 // resolveAttachTarget fetches the image, selects its image manifest and
 // finds the SOCI index a runtime would mount for it.
 func resolveAttachTarget(ctx context.Context, repo *registry.Repository, o AttachOptions) (*attachTarget, error) {
-	raw, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+	root, err := fetchImage(ctx, repo)
 	if err != nil {
 		return nil, err
 	}
-	t := &attachTarget{root: Image{Descriptor: root, Bytes: raw}}
+	t := &attachTarget{root: root}
 	switch {
-	case isImageIndex(root.MediaType):
-		if t.rootIdx, err = index.ParseImageIndex(raw); err != nil {
+	case isImageIndex(root.Descriptor.MediaType):
+		if t.rootIdx, err = index.ParseImageIndex(root.Bytes); err != nil {
 			return nil, err
 		}
 		if t.desc, err = selectAttachManifest(t.rootIdx, o); err != nil {
@@ -207,10 +207,10 @@ func resolveAttachTarget(ctx context.Context, repo *registry.Repository, o Attac
 		if t.raw, err = repo.FetchManifestDescriptor(ctx, t.desc); err != nil {
 			return nil, err
 		}
-	case isImageManifest(root.MediaType):
-		t.desc, t.raw = root, raw
+	case isImageManifest(root.Descriptor.MediaType):
+		t.desc, t.raw = root.Descriptor, root.Bytes
 	default:
-		return nil, fmt.Errorf("%s is a %q, not an image", reference(repo), root.MediaType)
+		return nil, fmt.Errorf("%s is a %q, not an image", reference(repo), root.Descriptor.MediaType)
 	}
 	if t.manifest, err = index.ParseImageManifest(t.raw); err != nil {
 		return nil, err

@@ -43,11 +43,12 @@ func (s *source) manifests() []ocispec.Descriptor {
 // resolveSource fetches the image repo's reference names and selects the
 // image manifests to index.
 func resolveSource(ctx context.Context, repo *registry.Repository, o Options) (*source, error) {
-	raw, root, err := repo.FetchManifest(ctx, referenceOrLatest(repo))
+	img, err := fetchImage(ctx, repo)
 	if err != nil {
 		return nil, err
 	}
-	s := &source{Image: Image{Descriptor: root, Bytes: raw}}
+	s := &source{Image: img}
+	root, raw := img.Descriptor, img.Bytes
 	switch {
 	case isImageIndex(root.MediaType):
 		s.targets, s.index, err = selectFromIndex(raw, o)
