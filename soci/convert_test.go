@@ -126,19 +126,16 @@ func TestConvertErrors(t *testing.T) {
 // base layer with an image already converted into the destination reuses
 // the base layer's zTOC from there, without a local cache.
 func TestConvertReusesAcrossImages(t *testing.T) {
-	base := socitest.GzipLayer(190, 200<<10, socitest.OCIGzip)
-	a1 := socitest.GzipLayer(191, 100<<10, socitest.OCIGzip)
-	b1 := socitest.GzipLayer(192, 100<<10, socitest.OCIGzip)
+	f := newSharedBase(190, 200<<10, 100<<10, 100<<10)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
-		a := socitest.PushImage(t, reg.Addr, "src", "a", "linux/amd64", false, base, a1)
-		b := socitest.PushImage(t, reg.Addr, "src", "b", "linux/amd64", false, base, b1)
+		a, b := f.push(t, reg.Addr, "src")
 		opts := soci.Options{MinLayerSize: 1000}
 		convert(t, reg.Addr+"/src:a", reg.Addr+"/dst:a-soci", opts)
 		res := convert(t, reg.Addr+"/src:b", reg.Addr+"/dst:b-soci", opts)
-		if st := statuses(res); st[base.Desc.Digest] != soci.LayerReused || st[b1.Desc.Digest] != soci.LayerIndexed {
-			t.Errorf("second conversion: base %s, own layer %s; want reused and indexed", st[base.Desc.Digest], st[b1.Desc.Digest])
+		if st := statuses(res); st[f.base.Desc.Digest] != soci.LayerReused || st[f.b1.Desc.Digest] != soci.LayerIndexed {
+			t.Errorf("second conversion: base %s, own layer %s; want reused and indexed", st[f.base.Desc.Digest], st[f.b1.Desc.Digest])
 		}
-		socitest.CheckConverted(t, reg.Addr, "dst", "b-soci", []socitest.Image{b}, [][]socitest.Want{{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: b1, SpanSize: soci.DefaultSpanSize}}})
-		socitest.CheckConverted(t, reg.Addr, "dst", "a-soci", []socitest.Image{a}, [][]socitest.Want{{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: a1, SpanSize: soci.DefaultSpanSize}}})
+		socitest.CheckConverted(t, reg.Addr, "dst", "b-soci", []socitest.Image{b}, [][]socitest.Want{{{Layer: f.base, SpanSize: soci.DefaultSpanSize}, {Layer: f.b1, SpanSize: soci.DefaultSpanSize}}})
+		socitest.CheckConverted(t, reg.Addr, "dst", "a-soci", []socitest.Image{a}, [][]socitest.Want{{{Layer: f.base, SpanSize: soci.DefaultSpanSize}, {Layer: f.a1, SpanSize: soci.DefaultSpanSize}}})
 	})
 }

@@ -121,21 +121,18 @@ func TestCreateDefaults(t *testing.T) {
 // local cache already has a layer's zTOC, that Force rebuilds, and that a
 // base layer shared by two images of a repository is indexed once.
 func TestCreateReuse(t *testing.T) {
-	base := socitest.GzipLayer(20, 300<<10, socitest.OCIGzip)
-	a1 := socitest.GzipLayer(21, 200<<10, socitest.OCIGzip)
-	b1 := socitest.GzipLayer(22, 250<<10, socitest.OCIGzip)
+	f := newSharedBase(20, 300<<10, 200<<10, 250<<10)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
-		imgA := socitest.PushImage(t, reg.Addr, "app", "a", "linux/amd64", false, base, a1)
-		imgB := socitest.PushImage(t, reg.Addr, "app", "b", "linux/amd64", false, base, b1)
-		r := &reuseRun{t: t, reg: reg, cache: newCache(t), proxy: socitest.StartProxy(t, reg.Addr), layers: []socitest.Layer{base, a1, b1}}
-		idx := r.rerunImageA(base, a1)
+		imgA, imgB := f.push(t, reg.Addr, "app")
+		r := &reuseRun{t: t, reg: reg, cache: newCache(t), proxy: socitest.StartProxy(t, reg.Addr), layers: []socitest.Layer{f.base, f.a1, f.b1}}
+		idx := r.rerunImageA(f.base, f.a1)
 
 		// Image b shares the base layer: indexed once, reused now.
 		second := r.create("b", soci.Options{Cache: r.cache})
-		r.want(second, "image b", map[digest.Digest]soci.LayerStatus{base.Desc.Digest: soci.LayerReused, b1.Desc.Digest: soci.LayerIndexed})
+		r.want(second, "image b", map[digest.Digest]soci.LayerStatus{f.base.Desc.Digest: soci.LayerReused, f.b1.Desc.Digest: soci.LayerIndexed})
 		subject := imgB.Desc
 		socitest.CheckIndex(t, reg.Addr, "app", second.Platforms[0].Index.Digest, index.V1, &subject,
-			[]socitest.Want{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: b1, SpanSize: soci.DefaultSpanSize}})
+			[]socitest.Want{{Layer: f.base, SpanSize: soci.DefaultSpanSize}, {Layer: f.b1, SpanSize: soci.DefaultSpanSize}})
 
 		// Re-runs push the same index: the image has one SOCI index.
 		if refs := socitest.SociReferrers(t, reg, "app", imgA.Desc.Digest); len(refs) != 1 || refs[0].Digest != idx {
@@ -244,25 +241,22 @@ func (r *reuseRun) rerunImageA(base, a1 socitest.Layer) digest.Digest {
 // found through the other image's SOCI index (a referrer: fallback tag or
 // referrers API).
 func TestCreateSharedLayerNoCache(t *testing.T) {
-	base := socitest.GzipLayer(30, 300<<10, socitest.OCIGzip)
-	a1 := socitest.GzipLayer(31, 100<<10, socitest.OCIGzip)
-	b1 := socitest.GzipLayer(32, 100<<10, socitest.OCIGzip)
+	f := newSharedBase(30, 300<<10, 100<<10, 100<<10)
 	socitest.EachRegistry(t, func(t *testing.T, reg socitest.Registry) {
-		socitest.PushImage(t, reg.Addr, "shared", "a", "linux/amd64", false, base, a1)
-		imgB := socitest.PushImage(t, reg.Addr, "shared", "b", "linux/amd64", false, base, b1)
+		_, imgB := f.push(t, reg.Addr, "shared")
 		opts := soci.Options{MinLayerSize: 1000}
 		create(t, reg.Addr+"/shared:a", opts)
 		res := create(t, reg.Addr+"/shared:b", opts)
 		st := statuses(res)
-		if st[b1.Desc.Digest] != soci.LayerIndexed {
-			t.Errorf("second image: own layer %s, want indexed", st[b1.Desc.Digest])
+		if st[f.b1.Desc.Digest] != soci.LayerIndexed {
+			t.Errorf("second image: own layer %s, want indexed", st[f.b1.Desc.Digest])
 		}
-		if st[base.Desc.Digest] != soci.LayerReused {
-			t.Errorf("second image without cache: base layer %s, want reused (from image a's index)", st[base.Desc.Digest])
+		if st[f.base.Desc.Digest] != soci.LayerReused {
+			t.Errorf("second image without cache: base layer %s, want reused (from image a's index)", st[f.base.Desc.Digest])
 		}
 		subject := imgB.Desc
 		socitest.CheckIndex(t, reg.Addr, "shared", res.Platforms[0].Index.Digest, index.V1, &subject,
-			[]socitest.Want{{Layer: base, SpanSize: soci.DefaultSpanSize}, {Layer: b1, SpanSize: soci.DefaultSpanSize}})
+			[]socitest.Want{{Layer: f.base, SpanSize: soci.DefaultSpanSize}, {Layer: f.b1, SpanSize: soci.DefaultSpanSize}})
 	})
 }
 

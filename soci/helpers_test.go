@@ -18,6 +18,7 @@ import (
 
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/soci"
+	"github.com/spanpull/spanpull/soci/socitest"
 	"github.com/spanpull/spanpull/store"
 )
 
@@ -40,6 +41,31 @@ func newCache(t testing.TB) *store.ZtocCache {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// sharedBase is two images of one repository, tags "a" and "b", that share
+// a base layer: a has layers base and a1, b has base and b1.
+type sharedBase struct {
+	base, a1, b1 socitest.Layer
+}
+
+// newSharedBase makes the layers (OCI gzip) from seeds seed, seed+1 and
+// seed+2, of the sizes given.
+func newSharedBase(seed uint64, baseSize, a1Size, b1Size int64) sharedBase {
+	return sharedBase{
+		base: socitest.GzipLayer(seed, baseSize, socitest.OCIGzip),
+		a1:   socitest.GzipLayer(seed+1, a1Size, socitest.OCIGzip),
+		b1:   socitest.GzipLayer(seed+2, b1Size, socitest.OCIGzip),
+	}
+}
+
+// push pushes images a and b, linux/amd64, to repository name of the
+// registry at addr.
+func (s sharedBase) push(t testing.TB, addr, name string) (a, b socitest.Image) {
+	t.Helper()
+	a = socitest.PushImage(t, addr, name, "a", "linux/amd64", false, s.base, s.a1)
+	b = socitest.PushImage(t, addr, name, "b", "linux/amd64", false, s.base, s.b1)
+	return a, b
 }
 
 // outcome is what one run of the engine gave.
