@@ -21,6 +21,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -173,7 +174,7 @@ func TestLazyFileByFile(t *testing.T) {
 	}
 	tarDone := make(chan error, 1)
 	go func() {
-		out, err := exec.Command("tar", "-xpzf", debianLayerPath, "-C", want, "--numeric-owner").CombinedOutput()
+		out, err := exec.Command("tar", "-xpzf", layertest.DebianLayerPath, "-C", want, "--numeric-owner").CombinedOutput()
 		if err != nil {
 			err = fmt.Errorf("GNU tar: %v\n%s", err, out)
 		}

@@ -27,14 +27,11 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/integration/testenv"
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/snapshotter"
 	"github.com/spanpull/spanpull/ztoc"
 )
-
-// debianLayerPath is the real Debian bookworm + python3 root filesystem
-// layer (gzip -6), built once by scripts/debian-layer.sh and cached.
-const debianLayerPath = "/var/cache/spanpull/debian-python3.tar.gz"
 
 var debianLayer struct {
 	once sync.Once
@@ -46,14 +43,9 @@ var debianLayer struct {
 // building the layer with scripts/debian-layer.sh when it is missing.
 func lazyDebianLayer(t testing.TB) testenv.LayerBlob {
 	t.Helper()
+	path := layertest.DebianLayer(t)
 	debianLayer.once.Do(func() {
-		if st, err := os.Stat(debianLayerPath); err != nil || st.Size() == 0 {
-			if out, err := exec.Command("../scripts/debian-layer.sh", debianLayerPath).CombinedOutput(); err != nil {
-				debianLayer.err = fmt.Errorf("build the Debian layer: %v\n%s", err, out)
-				return
-			}
-		}
-		b, err := os.ReadFile(debianLayerPath)
+		b, err := os.ReadFile(path)
 		if err != nil {
 			debianLayer.err = err
 			return

@@ -14,6 +14,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/soci"
@@ -200,10 +201,9 @@ func TestLoadLayerWithoutPack(t *testing.T) {
 // what a mount fetches: the head instead of the zTOC, and a window per
 // span first read.
 func TestLoadLayerDebian(t *testing.T) {
-	const path = "/var/cache/spanpull/debian-python3.tar.gz"
-	data, err := os.ReadFile(path)
+	data, err := os.ReadFile(layertest.DebianLayer(t))
 	if err != nil {
-		t.Fatalf("%v (the ztoc tests build it with scripts/debian-layer.sh)", err)
+		t.Fatal(err)
 	}
 	layer := socitest.NewLayer(socitest.OCIGzip, data, digest.FromString("unused diff id"), nil)
 	addr := registrytest.StartDistribution(t)

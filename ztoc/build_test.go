@@ -966,23 +966,11 @@ func (cfZeros) Read(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// cfDebianLayer returns the path of the real Debian layer, building it
-// with scripts/debian-layer.sh when it is missing.
-func cfDebianLayer(t testing.TB) string {
-	t.Helper()
-	const path = "/var/cache/spanpull/debian-python3.tar.gz"
-	if st, err := os.Stat(path); err == nil && st.Size() > 0 {
-		return path
-	}
-	cfRun(t, nil, nil, "../scripts/debian-layer.sh", path)
-	return path
-}
-
 // TestDebianLayer compares a real Debian root filesystem layer with GNU
 // tar: every regular file through the zTOC, and all metadata.
 func TestDebianLayer(t *testing.T) {
 	t.Parallel()
-	layer := cfDebianLayer(t)
+	layer := layertest.DebianLayer(t)
 	blob, err := os.ReadFile(layer)
 	if err != nil {
 		t.Fatal(err)

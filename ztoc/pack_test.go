@@ -238,7 +238,7 @@ func TestPackRoundTrip(t *testing.T) {
 // the sizes: the head is what a mount fetches instead of the zTOC.
 func TestPackDebianLayer(t *testing.T) {
 	t.Parallel()
-	blob, err := os.ReadFile(cfDebianLayer(t))
+	blob, err := os.ReadFile(layertest.DebianLayer(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -361,7 +361,7 @@ func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
 // lie in another span than the file's first byte.
 func TestVerifyDebianLayer(t *testing.T) {
 	t.Parallel()
-	blob, err := os.ReadFile(cfDebianLayer(t))
+	blob, err := os.ReadFile(layertest.DebianLayer(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/soci"
@@ -192,27 +193,13 @@ func TestIndexInspect(t *testing.T) {
 	})
 }
 
-// itDebianLayer returns the cached real Debian layer, building it with
-// scripts/debian-layer.sh when it is missing.
-func itDebianLayer(t *testing.T) string {
-	t.Helper()
-	const path = "/var/cache/spanpull/debian-python3.tar.gz"
-	if st, err := os.Stat(path); err == nil && st.Size() > 0 {
-		return path
-	}
-	if out, err := exec.Command("../../scripts/debian-layer.sh", path).CombinedOutput(); err != nil {
-		t.Fatalf("build the Debian layer: %v\n%s", err, out)
-	}
-	return path
-}
-
 // TestDebianLayerFromRegistry indexes a real Debian root filesystem layer
 // in docker-registry and checks that the pushed zTOC reproduces every
 // regular file GNU tar extracts from the layer, reading the layer straight
 // from the registry with range requests: all files in bulk through the
 // ztoc and registry packages, and a sample through `ztoc get-file`.
 func TestDebianLayerFromRegistry(t *testing.T) {
-	path := itDebianLayer(t)
+	path := layertest.DebianLayer(t)
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
