@@ -415,19 +415,10 @@ func (e *lazyEnv) fetchManifest(t *testing.T, repo, reference string) ocispec.Ma
 // fetchRaw fetches repo's manifest or image index reference.
 func (e *lazyEnv) fetchRaw(t *testing.T, repo, reference string) []byte {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, "http://"+e.reg.Addr+"/v2/"+repo+"/manifests/"+reference, nil)
-	if err != nil {
-		t.Fatal(err)
+	r := registrytest.Do(t, http.MethodGet, "http://"+e.reg.Addr+"/v2/"+repo+"/manifests/"+reference,
+		http.Header{"Accept": {ocispec.MediaTypeImageManifest + ", " + ocispec.MediaTypeImageIndex}}, nil)
+	if r.StatusCode != http.StatusOK {
+		t.Fatalf("GET manifest %s:%s: %s %s", repo, reference, r.Status, r.Body)
 	}
-	req.Header.Set("Accept", ocispec.MediaTypeImageManifest+", "+ocispec.MediaTypeImageIndex)
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET manifest %s:%s: %s %s", repo, reference, resp.Status, b)
-	}
-	return b
+	return r.Body
 }

@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -72,7 +73,7 @@ func waitReady(ctx context.Context, p *proc.Process, addr string) error {
 func PushBlob(t testing.TB, addr, repo string, data []byte) string {
 	t.Helper()
 	dgst := digest.FromBytes(data).String()
-	resp := do(t, http.MethodPost, "http://"+addr+"/v2/"+repo+"/blobs/uploads/", "", nil)
+	resp := Do(t, http.MethodPost, "http://"+addr+"/v2/"+repo+"/blobs/uploads/", nil, nil)
 	if resp.StatusCode != http.StatusAccepted {
 		t.Fatalf("start upload to %s/%s: %s", addr, repo, resp.Status)
 	}
@@ -84,7 +85,7 @@ func PushBlob(t testing.TB, addr, repo string, data []byte) string {
 	if strings.Contains(loc, "?") {
 		sep = "&"
 	}
-	resp = do(t, http.MethodPut, loc+sep+"digest="+dgst, "application/octet-stream", data)
+	resp = Do(t, http.MethodPut, loc+sep+"digest="+dgst, contentType("application/octet-stream"), data)
 	if resp.StatusCode != http.StatusCreated {
 		t.Fatalf("upload blob %s to %s/%s: %s", dgst, addr, repo, resp.Status)
 	}
@@ -94,13 +95,25 @@ func PushBlob(t testing.TB, addr, repo string, data []byte) string {
 // PushManifest uploads a manifest under reference (tag or digest).
 func PushManifest(t testing.TB, addr, repo, reference, mediaType string, data []byte) {
 	t.Helper()
-	resp := do(t, http.MethodPut, "http://"+addr+"/v2/"+repo+"/manifests/"+reference, mediaType, data)
+	resp := Do(t, http.MethodPut, "http://"+addr+"/v2/"+repo+"/manifests/"+reference, contentType(mediaType), data)
 	if resp.StatusCode != http.StatusCreated {
 		t.Fatalf("push manifest %s/%s:%s: %s", addr, repo, reference, resp.Status)
 	}
 }
 
-func do(t testing.TB, method, url, contentType string, body []byte) *http.Response {
+// Response is a registry's answer to Do, its body read whole.
+type Response struct {
+	StatusCode int
+	Status     string
+	Header     http.Header
+	Body       []byte
+}
+
+// Do sends one raw request to a registry, for tests that seed or inspect
+// it without going through the code under test. header may be nil. A
+// request that gets no answer within 30 s, or whose body cannot be read,
+// fails the test; any status is returned.
+func Do(t testing.TB, method, url string, header http.Header, body []byte) Response {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -108,14 +121,20 @@ func do(t testing.TB, method, url, contentType string, body []byte) *http.Respon
 	if err != nil {
 		t.Fatal(err)
 	}
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
+	maps.Copy(req.Header, header)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, url, err)
 	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	return resp
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, url, err)
+	}
+	return Response{StatusCode: resp.StatusCode, Status: resp.Status, Header: resp.Header, Body: b}
+}
+
+// contentType is the header of a request whose body has media type mt.
+func contentType(mt string) http.Header {
+	return http.Header{"Content-Type": {mt}}
 }

@@ -2,7 +2,6 @@ package registrytest
 
 import (
 	"bytes"
-	"io"
 	"net"
 	"net/http"
 	"testing"
@@ -27,29 +26,16 @@ func TestRegistriesStartServeAndStop(t *testing.T) {
 				if dgst != digest.FromBytes(data).String() {
 					t.Fatalf("digest %s", dgst)
 				}
-				req, _ := http.NewRequest(http.MethodGet, "http://"+addr+"/v2/a/b/blobs/"+dgst, nil)
-				req.Header.Set("Range", "bytes=7-14")
-				resp, err := http.DefaultClient.Do(req)
-				if err != nil {
-					t.Fatal(err)
-				}
-				got, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(got, data[7:15]) {
-					t.Fatalf("range GET: %s %q", resp.Status, got)
+				r := Do(t, http.MethodGet, "http://"+addr+"/v2/a/b/blobs/"+dgst, http.Header{"Range": {"bytes=7-14"}}, nil)
+				if r.StatusCode != http.StatusPartialContent || !bytes.Equal(r.Body, data[7:15]) {
+					t.Fatalf("range GET: %s %q", r.Status, r.Body)
 				}
 				m := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"` +
 					dgst + `","size":15},"layers":[]}`)
 				PushManifest(t, addr, "a/b", "t1", "application/vnd.oci.image.manifest.v1+json", m)
-				req, _ = http.NewRequest(http.MethodGet, "http://"+addr+"/v2/a/b/manifests/t1", nil)
-				req.Header.Set("Accept", "application/vnd.oci.image.manifest.v1+json")
-				resp, err = http.DefaultClient.Do(req)
-				if err != nil {
-					t.Fatal(err)
-				}
-				resp.Body.Close()
-				if resp.Header.Get("Docker-Content-Digest") != digest.FromBytes(m).String() {
-					t.Fatalf("manifest digest %q", resp.Header.Get("Docker-Content-Digest"))
+				r = Do(t, http.MethodGet, "http://"+addr+"/v2/a/b/manifests/t1", http.Header{"Accept": {"application/vnd.oci.image.manifest.v1+json"}}, nil)
+				if r.Header.Get("Docker-Content-Digest") != digest.FromBytes(m).String() {
+					t.Fatalf("manifest digest %q", r.Header.Get("Docker-Content-Digest"))
 				}
 			})
 			// The subtest's Cleanup has stopped the registry.

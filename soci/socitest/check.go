@@ -5,19 +5,18 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"slices"
 	"sort"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -26,25 +25,12 @@ import (
 // headers and body.
 func httpGet(t testing.TB, method, u, accept string) (int, http.Header, []byte) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, u, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	var h http.Header
 	if accept != "" {
-		req.Header.Set("Accept", accept)
+		h = http.Header{"Accept": {accept}}
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, u, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("%s %s: read body: %v", method, u, err)
-	}
-	return resp.StatusCode, resp.Header, b
+	r := registrytest.Do(t, method, u, h, nil)
+	return r.StatusCode, r.Header, r.Body
 }
 
 // Manifest fetches a manifest by tag or digest; ok is false on 404.
