@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/spanpull/spanpull/index"
+	"github.com/spanpull/spanpull/internal/cli"
 	"github.com/spanpull/spanpull/registry"
 	"github.com/spanpull/spanpull/soci"
 	"github.com/spanpull/spanpull/span"
@@ -120,7 +121,7 @@ func openLayerArg(ctx context.Context, arg string, rf *remoteFlags) (span.BlobRe
 }
 
 func newIndexCommand() *cobra.Command {
-	return newGroupCommand("index", "Inspect the SOCI indexes of images in a registry",
+	return cli.Group(&cobra.Command{Use: "index", Short: "Inspect the SOCI indexes of images in a registry"},
 		newIndexListCommand(), newIndexInfoCommand())
 }
 

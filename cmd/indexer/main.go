@@ -4,23 +4,16 @@
 package main
 
 import (
-	"context"
-	"fmt"
 	"os"
-	"os/signal"
 	"runtime/debug"
-	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/spanpull/spanpull/internal/cli"
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := newRootCommand().ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "indexer:", err)
-		os.Exit(1)
-	}
+	cli.Main("indexer", newRootCommand())
 }
 
 func newRootCommand() *cobra.Command {
@@ -36,25 +29,6 @@ containers after fetching only the bytes they read.`,
 	}
 	root.AddCommand(newZtocCommand(), newCreateCommand(), newConvertCommand(), newIndexCommand(), newPrefetchCommand())
 	return root
-}
-
-// newGroupCommand returns a command that only holds subcommands: without
-// one it prints its help, and an unknown one is an error (cobra would
-// print the help and succeed).
-func newGroupCommand(use, short string, subs ...*cobra.Command) *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   use,
-		Short: short,
-		Args:  cobra.ArbitraryArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unknown command %q for %q (see %s --help)", args[0], cmd.CommandPath(), cmd.CommandPath())
-			}
-			return cmd.Help()
-		},
-	}
-	cmd.AddCommand(subs...)
-	return cmd
 }
 
 // memoryPerLayer is the soft memory limit per layer being indexed: the

@@ -13,12 +13,13 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
+	"github.com/spanpull/spanpull/internal/cli"
 	"github.com/spanpull/spanpull/record"
 	"github.com/spanpull/spanpull/soci"
 )
 
 func newPrefetchCommand() *cobra.Command {
-	return newGroupCommand("prefetch", "Publish what a container start reads, for runtimes to fetch ahead (SOCI prefetch artifacts)",
+	return cli.Group(&cobra.Command{Use: "prefetch", Short: "Publish what a container start reads, for runtimes to fetch ahead (SOCI prefetch artifacts)"},
 		newPrefetchAttachCommand())
 }
 

@@ -13,12 +13,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/spanpull/spanpull/internal/atomicfile"
+	"github.com/spanpull/spanpull/internal/cli"
 	"github.com/spanpull/spanpull/span"
 	"github.com/spanpull/spanpull/ztoc"
 )
 
 func newZtocCommand() *cobra.Command {
-	return newGroupCommand("ztoc", "Build and inspect zTOCs",
+	return cli.Group(&cobra.Command{Use: "ztoc", Short: "Build and inspect zTOCs"},
 		newZtocBuildCommand(), newZtocInfoCommand(), newZtocListCommand(), newZtocGetFileCommand())
 }
 

@@ -4,22 +4,13 @@
 package main
 
 import (
-	"context"
-	"fmt"
-	"os"
-	"os/signal"
-	"syscall"
-
 	"github.com/spf13/cobra"
+
+	"github.com/spanpull/spanpull/internal/cli"
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := newRootCommand().ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "snapshotter:", err)
-		os.Exit(1)
-	}
+	cli.Main("snapshotter", newRootCommand())
 }
 
 func newRootCommand() *cobra.Command {

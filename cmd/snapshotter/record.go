@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/spanpull/spanpull/internal/cli"
 	"github.com/spanpull/spanpull/internal/syncio"
 	"github.com/spanpull/spanpull/record"
 	"github.com/spanpull/spanpull/recordrun"
@@ -22,16 +23,8 @@ func newRecordCommand() *cobra.Command {
 first, in order, for [record] window_seconds after the layer's mount. Export
 a record from a node ("record export") or make one in CI without a node
 ("record run"), then publish it with "indexer prefetch attach".`,
-		Args: cobra.ArbitraryArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(args) > 0 {
-				return fmt.Errorf("unknown command %q for %q (see %s --help)", args[0], cmd.CommandPath(), cmd.CommandPath())
-			}
-			return cmd.Help()
-		},
 	}
-	cmd.AddCommand(newRecordExportCommand(), newRecordRunCommand())
-	return cmd
+	return cli.Group(cmd, newRecordExportCommand(), newRecordRunCommand())
 }
 
 // writeRecord writes rec to the file out, or to w when out is empty.
