@@ -80,6 +80,10 @@ type lazyLayer struct {
 
 var _ snapshotter.RemoteMount = (*lazyLayer)(nil)
 
+// A pack's windows are kept on disk and fetched for a whole layer at once
+// by the fill.
+var _ span.WindowKeeper = (*soci.Windows)(nil)
+
 // layerDesc is the layer blob's descriptor as the record knows it.
 func (l *lazyLayer) layerDesc() ocispec.Descriptor {
 	return ocispec.Descriptor{MediaType: l.rec.LayerMediaType, Digest: l.rec.LayerDigest, Size: l.rec.LayerSize}

@@ -261,10 +261,7 @@ func (w *Windows) fetch(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 	if n > 0 {
 		compressed = make([]byte, n)
 		got, err := w.repo.ReadAt(ctx, w.desc, compressed, off)
-		w.fetched.Add(int64(got))
-		if fn := w.onFetch.Load(); fn != nil {
-			(*fn)(int64(got))
-		}
+		w.count(int64(got))
 		if err != nil {
 			return nil, fmt.Errorf("window of span %d: read [%d, %d) of %s: %w", id, off, off+n, w.desc.Digest, err)
 		}
@@ -277,6 +274,15 @@ func (w *Windows) fetch(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 		w.keep(id, compressed)
 	}
 	return w.remember(id, win), nil
+}
+
+// count adds n fetched bytes to Fetched and reports them to OnFetch's
+// function.
+func (w *Windows) count(n int64) {
+	w.fetched.Add(n)
+	if fn := w.onFetch.Load(); fn != nil {
+		(*fn)(n)
+	}
 }
 
 // remember puts window win of span id in the memory cache and returns it.

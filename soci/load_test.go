@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -289,5 +290,71 @@ func TestWindowsKeepIn(t *testing.T) {
 	}
 	if b, err := open("127.0.0.1:1").Window(ctx, 1); err != nil || !bytes.Equal(b, want[1].Window) {
 		t.Fatalf("window 1 kept again after the refetch: %v", err)
+	}
+}
+
+// TestWindowsKeepWindows: KeepWindows fetches the windows not kept yet in
+// one range read of the windows blob, after which every window serves
+// without the registry; with nothing missing it sends no request; a windows
+// blob whose bytes do not match the head fails it.
+func TestWindowsKeepWindows(t *testing.T) {
+	ctx := context.Background()
+	up := registrytest.StartDistribution(t)
+	proxy := socitest.StartProxy(t, up)
+	f := newLoadFixture(t, proxy.Addr, "keepall", soci.Options{})
+	gz := f.layers[0]
+	z, _ := f.ztocOf(t, "keepall", gz)
+	want, err := z.Spans()
+	if err != nil {
+		t.Fatal(err)
+	}
+	li, err := soci.LoadLayer(ctx, repoAt(t, proxy.Addr, "keepall"), f.ix, gz.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, windows, _ := f.ix.Pack(gz.Desc.Digest)
+	open := func(addr, dir string) *soci.Windows {
+		w := soci.NewWindows(repoAt(t, addr, "keepall"), windows, li.Pack)
+		w.KeepIn(dir)
+		return w
+	}
+	gets := func() int {
+		n := 0
+		for _, r := range proxy.Requests() {
+			if strings.HasPrefix(r, "GET ") && strings.Contains(r, windows.Digest.String()) {
+				n++
+			}
+		}
+		return n
+	}
+	var ids []ztoc.SpanID
+	for _, s := range want {
+		ids = append(ids, s.ID)
+	}
+	dir := t.TempDir()
+	w := open(proxy.Addr, dir)
+	if _, err := w.Window(ctx, 1); err != nil { // kept by a read first
+		t.Fatal(err)
+	}
+	before := gets()
+	if err := w.KeepWindows(ctx, ids); err != nil {
+		t.Fatal(err)
+	}
+	if got := gets() - before; got != 1 {
+		t.Errorf("KeepWindows of %d spans sent %d requests for the windows blob, want 1", len(ids), got)
+	}
+	offline := open("127.0.0.1:1", dir)
+	for i := range want {
+		if b, err := offline.Window(ctx, ztoc.SpanID(i)); err != nil || !bytes.Equal(b, want[i].Window) {
+			t.Fatalf("kept window %d without the registry: %v", i, err)
+		}
+	}
+	if err := offline.KeepWindows(ctx, ids); err != nil || offline.Fetched() != 0 {
+		t.Errorf("KeepWindows with every window kept: %v, %d bytes fetched", err, offline.Fetched())
+	}
+	off, _ := li.Pack.WindowRange(3)
+	proxy.Corrupt(windows.Digest, off)
+	if err := open(proxy.Addr, t.TempDir()).KeepWindows(ctx, ids); !errors.Is(err, ztoc.ErrWindowDigest) {
+		t.Errorf("KeepWindows of a corrupted windows blob: %v, want %v", err, ztoc.ErrWindowDigest)
 	}
 }

@@ -146,19 +146,31 @@ func (l *Layer) Fill(ctx context.Context) error {
 	}
 }
 
-// fillWindows asks Options.Windows once for the window of every span
-// whose window is not in the span table, so that a window source that
-// keeps what it fetches (soci.Windows.KeepIn) has every window of a
-// complete layer, which then reads without the registry. Failures are
-// left to the reads that need the window.
+// fillWindows gets the window of every span whose window is not in the
+// span table from Options.Windows, so that a source that keeps what it
+// fetches (soci.Windows.KeepIn) has every window of a complete layer,
+// which then reads without the registry: in one call when the source is a
+// WindowKeeper, else one Window call per span. Failures are left to the
+// reads that need the window.
 func (l *Layer) fillWindows(ctx context.Context) {
 	if l.opts.Windows == nil {
 		return
 	}
+	var ids []ztoc.SpanID
 	for _, s := range l.spans {
-		if s.Window == nil && ctx.Err() == nil {
-			_, _ = l.opts.Windows.Window(ctx, s.ID)
+		if s.Window == nil {
+			ids = append(ids, s.ID)
 		}
+	}
+	if k, ok := l.opts.Windows.(WindowKeeper); ok {
+		_ = k.KeepWindows(ctx, ids)
+		return
+	}
+	for _, id := range ids {
+		if ctx.Err() != nil {
+			return
+		}
+		_, _ = l.opts.Windows.Window(ctx, id)
 	}
 }
 

@@ -22,6 +22,15 @@ type WindowSource interface {
 	Window(ctx context.Context, id ztoc.SpanID) ([]byte, error)
 }
 
+// WindowKeeper is a WindowSource that keeps the windows it fetches (on
+// disk) and can fetch many at once. Fill asks it, once a layer is
+// complete, for the windows of every span that lacks one, so the layer
+// reads without the registry after one request instead of one per span.
+type WindowKeeper interface {
+	WindowSource
+	KeepWindows(ctx context.Context, ids []ztoc.SpanID) error
+}
+
 // Options tune a Layer.
 type Options struct {
 	// Cache keeps the layer's verified compressed bytes on disk, so that

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -241,11 +242,7 @@ func TestLayerPartialSpansRead(t *testing.T) {
 					opts.Cache = mustCache(t, t.TempDir(), CacheOptions{})
 				}
 				rb := newRecBlob(blob)
-				l, err := NewLayer(digest.FromBytes(blob), z, rb, opts)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer l.Close()
+				l := newLayer(t, digest.FromBytes(blob), z, rb, opts)
 				rng := rand.New(rand.NewPCG(5, 6))
 				for range 100 {
 					off := rng.Int64N(int64(len(tarball)))
@@ -257,10 +254,9 @@ func TestLayerPartialSpansRead(t *testing.T) {
 				if opts.Cache != nil {
 					opts.Cache = mustCache(t, t.TempDir(), CacheOptions{})
 				}
-				l, err = NewLayer(digest.FromBytes(blob), z, rb, opts)
-				if err != nil {
-					t.Fatal(err)
-				}
+				// Closed (by newLayer) before the test removes its cache
+				// directory, which the layer's cache writes may still fill.
+				l = newLayer(t, digest.FromBytes(blob), z, rb, opts)
 				for off := int64(0); off < int64(len(tarball)); off += 16 << 10 {
 					readCheck(t, l, tarball, off, 16<<10)
 				}
@@ -429,6 +425,43 @@ func TestFillFetchesWindows(t *testing.T) {
 	}
 	if !l.Complete() || len(ws.calls) != len(spans) {
 		t.Fatalf("after Fill: complete %v, windows of %d spans asked for (%v), want all %d", l.Complete(), len(ws.calls), ws.calls, len(spans))
+	}
+}
+
+// keepingWindows is a windowSource that is also a WindowKeeper: it
+// records the spans KeepWindows was asked for.
+type keepingWindows struct {
+	*windowSource
+	kept [][]ztoc.SpanID
+}
+
+func (k *keepingWindows) KeepWindows(_ context.Context, ids []ztoc.SpanID) error {
+	k.kept = append(k.kept, slices.Clone(ids))
+	return nil
+}
+
+// TestFillKeepsWindowsAtOnce: a fill that completes a layer whose window
+// source is a WindowKeeper asks it once for the windows of every span, and
+// does not ask for them one by one.
+func TestFillKeepsWindowsAtOnce(t *testing.T) {
+	_, blob, z := seededGzipLayer(t, 10)
+	spans := mustSpans(t, z)
+	ws := &keepingWindows{windowSource: newWindowSource(spans)}
+	cache := mustCache(t, t.TempDir(), CacheOptions{})
+	l := newLayer(t, digest.FromBytes(blob), z, LocalBlob(bytes.NewReader(blob)), Options{Cache: cache, Windows: ws, FetchTimeout: 5 * time.Second})
+	dropWindows(l)
+	if err := l.Fill(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var want []ztoc.SpanID
+	for _, s := range spans {
+		want = append(want, s.ID)
+	}
+	if len(ws.kept) != 1 || !slices.Equal(ws.kept[0], want) {
+		t.Fatalf("KeepWindows calls %v, want one for spans %v", ws.kept, want)
+	}
+	if len(ws.calls) != 0 {
+		t.Errorf("Window asked span by span as well: %v", ws.calls)
 	}
 }
 
