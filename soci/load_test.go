@@ -232,35 +232,55 @@ func TestLoadLayerDebian(t *testing.T) {
 	}
 }
 
+// windowsFixture is a packed gzip layer in a registry behind a recording
+// proxy, for the tests of soci.Windows.
+type windowsFixture struct {
+	proxy   *socitest.Proxy
+	repo    string
+	want    []ztoc.Span // with their windows
+	head    *ztoc.PackHead
+	windows ocispec.Descriptor
+}
+
+func newWindowsFixture(t *testing.T, repo string) windowsFixture {
+	t.Helper()
+	proxy := socitest.StartProxy(t, registrytest.StartDistribution(t))
+	f := newLoadFixture(t, proxy.Addr, repo, soci.Options{})
+	gz := f.layers[0]
+	z, _ := f.ztocOf(t, repo, gz)
+	want, err := z.Spans()
+	if err != nil {
+		t.Fatal(err)
+	}
+	li, err := soci.LoadLayer(context.Background(), repoAt(t, proxy.Addr, repo), f.ix, gz.Desc, 1<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, windows, _ := f.ix.Pack(gz.Desc.Digest)
+	if head.Digest == "" || li.Pack == nil {
+		t.Fatal("no pack")
+	}
+	return windowsFixture{proxy: proxy, repo: repo, want: want, head: li.Pack, windows: windows}
+}
+
+// open returns a Windows of the layer that reads the registry at addr and
+// keeps windows in dir (a second one over the same directory is as after a
+// restart).
+func (f windowsFixture) open(t *testing.T, addr, dir string) *soci.Windows {
+	w := soci.NewWindows(repoAt(t, addr, f.repo), f.windows, f.head)
+	w.KeepIn(dir)
+	return w
+}
+
 // TestWindowsKeepIn: windows kept on disk serve without the registry (a
 // second Windows over the same directory, as after a restart), a kept
 // window that no longer matches the head is fetched again, and a window
 // neither kept nor reachable fails.
 func TestWindowsKeepIn(t *testing.T) {
 	ctx := context.Background()
-	up := registrytest.StartDistribution(t)
-	proxy := socitest.StartProxy(t, up)
-	f := newLoadFixture(t, proxy.Addr, "keep", soci.Options{})
-	gz := f.layers[0]
-	z, _ := f.ztocOf(t, "keep", gz)
-	want, err := z.Spans()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	open := func(addr string) *soci.Windows {
-		li, err := soci.LoadLayer(ctx, repoAt(t, proxy.Addr, "keep"), f.ix, gz.Desc, 1<<30)
-		if err != nil {
-			t.Fatal(err)
-		}
-		head, windows, _ := f.ix.Pack(gz.Desc.Digest)
-		if head.Digest == "" {
-			t.Fatal("no pack")
-		}
-		w := soci.NewWindows(repoAt(t, addr, "keep"), windows, li.Pack)
-		w.KeepIn(dir)
-		return w
-	}
+	f := newWindowsFixture(t, "keep")
+	want, proxy, dir := f.want, f.proxy, t.TempDir()
+	open := func(addr string) *soci.Windows { return f.open(t, addr, dir) }
 	w := open(proxy.Addr)
 	for i := 1; i < len(want); i++ {
 		if b, err := w.Window(ctx, ztoc.SpanID(i)); err != nil || !bytes.Equal(b, want[i].Window) {
@@ -299,28 +319,11 @@ func TestWindowsKeepIn(t *testing.T) {
 // blob whose bytes do not match the head fails it.
 func TestWindowsKeepWindows(t *testing.T) {
 	ctx := context.Background()
-	up := registrytest.StartDistribution(t)
-	proxy := socitest.StartProxy(t, up)
-	f := newLoadFixture(t, proxy.Addr, "keepall", soci.Options{})
-	gz := f.layers[0]
-	z, _ := f.ztocOf(t, "keepall", gz)
-	want, err := z.Spans()
-	if err != nil {
-		t.Fatal(err)
-	}
-	li, err := soci.LoadLayer(ctx, repoAt(t, proxy.Addr, "keepall"), f.ix, gz.Desc, 1<<30)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, windows, _ := f.ix.Pack(gz.Desc.Digest)
-	open := func(addr, dir string) *soci.Windows {
-		w := soci.NewWindows(repoAt(t, addr, "keepall"), windows, li.Pack)
-		w.KeepIn(dir)
-		return w
-	}
+	f := newWindowsFixture(t, "keepall")
+	want, windows := f.want, f.windows
 	gets := func() int {
 		n := 0
-		for _, r := range proxy.Requests() {
+		for _, r := range f.proxy.Requests() {
 			if strings.HasPrefix(r, "GET ") && strings.Contains(r, windows.Digest.String()) {
 				n++
 			}
@@ -332,7 +335,7 @@ func TestWindowsKeepWindows(t *testing.T) {
 		ids = append(ids, s.ID)
 	}
 	dir := t.TempDir()
-	w := open(proxy.Addr, dir)
+	w := f.open(t, f.proxy.Addr, dir)
 	if _, err := w.Window(ctx, 1); err != nil { // kept by a read first
 		t.Fatal(err)
 	}
@@ -343,7 +346,7 @@ func TestWindowsKeepWindows(t *testing.T) {
 	if got := gets() - before; got != 1 {
 		t.Errorf("KeepWindows of %d spans sent %d requests for the windows blob, want 1", len(ids), got)
 	}
-	offline := open("127.0.0.1:1", dir)
+	offline := f.open(t, "127.0.0.1:1", dir)
 	for i := range want {
 		if b, err := offline.Window(ctx, ztoc.SpanID(i)); err != nil || !bytes.Equal(b, want[i].Window) {
 			t.Fatalf("kept window %d without the registry: %v", i, err)
@@ -352,9 +355,9 @@ func TestWindowsKeepWindows(t *testing.T) {
 	if err := offline.KeepWindows(ctx, ids); err != nil || offline.Fetched() != 0 {
 		t.Errorf("KeepWindows with every window kept: %v, %d bytes fetched", err, offline.Fetched())
 	}
-	off, _ := li.Pack.WindowRange(3)
-	proxy.Corrupt(windows.Digest, off)
-	if err := open(proxy.Addr, t.TempDir()).KeepWindows(ctx, ids); !errors.Is(err, ztoc.ErrWindowDigest) {
+	off, _ := f.head.WindowRange(3)
+	f.proxy.Corrupt(windows.Digest, off)
+	if err := f.open(t, f.proxy.Addr, t.TempDir()).KeepWindows(ctx, ids); !errors.Is(err, ztoc.ErrWindowDigest) {
 		t.Errorf("KeepWindows of a corrupted windows blob: %v, want %v", err, ztoc.ErrWindowDigest)
 	}
 }
