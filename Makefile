@@ -42,6 +42,7 @@ fuzz:
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzVerifyLayer$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./ztoc -run '^$$' -fuzz '^FuzzInflateStream$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseIndex$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./index -run '^$$' -fuzz '^FuzzParseImage$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./fusefs -run '^$$' -fuzz '^FuzzNewRoot$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 
 bench: deps build

@@ -3,9 +3,13 @@ package index
 import (
 	"bytes"
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -263,4 +267,45 @@ func TestWrapSingleManifest(t *testing.T) {
 	if _, _, err := WrapManifest(p, Converted{Source: digest.FromString(oci), Manifest: mdesc}); err == nil {
 		t.Fatal("wrap without index accepted")
 	}
+}
+
+// FuzzParseImage checks that ParseImageIndex and ParseImageManifest, which
+// read what a registry serves, never panic and that what they accept holds
+// what their callers rely on: schema version 2, an image media type (or
+// none), valid descriptors in an index, valid config and layer digests in
+// a manifest.
+func FuzzParseImage(f *testing.F) {
+	for _, name := range []string{"index-v1.golden.json", "index-v2.golden.json"} {
+		b, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte(`{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","digest":"sha256:3e5316d5336b1834209f78e962ae755a2ea438af32192802b198a9bb6dbf6607","size":7,"platform":{"architecture":"amd64","os":"linux"}}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if idx, err := ParseImageIndex(b); err == nil {
+			if idx.SchemaVersion != 2 || !slices.Contains([]string{"", ocispec.MediaTypeImageIndex, images.MediaTypeDockerSchema2ManifestList}, idx.MediaType) {
+				t.Fatalf("accepted image index schema %d, media type %q", idx.SchemaVersion, idx.MediaType)
+			}
+			for _, d := range idx.Manifests {
+				if d.Digest.Validate() != nil || d.Size <= 0 {
+					t.Fatalf("accepted manifest descriptor %+v", d)
+				}
+			}
+		}
+		if m, err := ParseImageManifest(b); err == nil {
+			if m.SchemaVersion != 2 || !slices.Contains([]string{"", ocispec.MediaTypeImageManifest, images.MediaTypeDockerSchema2Manifest}, m.MediaType) {
+				t.Fatalf("accepted image manifest schema %d, media type %q", m.SchemaVersion, m.MediaType)
+			}
+			if m.Config.Digest.Validate() != nil {
+				t.Fatalf("accepted config digest %q", m.Config.Digest)
+			}
+			for _, d := range m.Layers {
+				if d.Digest.Validate() != nil {
+					t.Fatalf("accepted layer digest %q", d.Digest)
+				}
+			}
+		}
+	})
 }
