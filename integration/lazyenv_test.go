@@ -27,6 +27,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/spanpull/spanpull/integration/testenv"
+	"github.com/spanpull/spanpull/internal/atomicfile"
 	"github.com/spanpull/spanpull/internal/testutil/layertest"
 	"github.com/spanpull/spanpull/registry/registrytest"
 	"github.com/spanpull/spanpull/snapshotter"
@@ -314,7 +315,8 @@ func (e *lazyEnv) storedZtoc(t *testing.T) (*ztoc.Ztoc, []ztoc.Span) {
 // cachedSpans returns the IDs of the Debian layer's spans in the span
 // cache.
 // keptWindows counts the checkpoint windows the daemon keeps on disk
-// (fetched from packs' windows blobs), over all layers.
+// (fetched from packs' windows blobs), over all layers: files named by
+// their span, not the temporary files of writes in progress.
 func (e *lazyEnv) keptWindows(t *testing.T) int {
 	t.Helper()
 	n := 0
@@ -322,7 +324,7 @@ func (e *lazyEnv) keptWindows(t *testing.T) int {
 		if os.IsNotExist(err) {
 			return filepath.SkipDir
 		}
-		if err == nil && d.Type().IsRegular() {
+		if err == nil && d.Type().IsRegular() && !strings.HasPrefix(d.Name(), atomicfile.TempPrefix) {
 			n++
 		}
 		return err
