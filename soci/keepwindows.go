@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 
 	"github.com/spanpull/spanpull/ztoc"
 )
@@ -67,7 +66,7 @@ func (w *Windows) unkept(dir string, ids []ztoc.SpanID) []windowRange {
 		if n == 0 {
 			continue
 		}
-		if _, err := os.Stat(filepath.Join(dir, strconv.Itoa(int(id)))); err == nil {
+		if _, err := os.Stat(filepath.Join(dir, keptName(id))); err == nil {
 			continue
 		}
 		out = append(out, windowRange{id, off, n})

@@ -229,13 +229,16 @@ func (w *Windows) Window(ctx context.Context, id ztoc.SpanID) ([]byte, error) {
 // head like fetched ones.
 func (w *Windows) KeepIn(dir string) { w.dir.Store(&dir) }
 
+// keptName is the name of the file that keeps span id's compressed window.
+func keptName(id ztoc.SpanID) string { return strconv.Itoa(int(id)) }
+
 // kept returns the compressed window of span id kept on disk, if any.
 func (w *Windows) kept(id ztoc.SpanID) ([]byte, bool) {
 	dir := w.dir.Load()
 	if dir == nil {
 		return nil, false
 	}
-	b, err := os.ReadFile(filepath.Join(*dir, strconv.Itoa(int(id))))
+	b, err := os.ReadFile(filepath.Join(*dir, keptName(id)))
 	return b, err == nil
 }
 
@@ -246,7 +249,7 @@ func (w *Windows) keep(id ztoc.SpanID, compressed []byte) {
 	if dir == nil || os.MkdirAll(*dir, 0o700) != nil {
 		return
 	}
-	_ = atomicfile.WriteFile(*dir, strconv.Itoa(int(id)), compressed)
+	_ = atomicfile.WriteFile(*dir, keptName(id), compressed)
 }
 
 // fetch reads, verifies and decodes the window of span id, and caches it.

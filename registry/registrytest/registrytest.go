@@ -134,7 +134,11 @@ func Do(t testing.TB, method, url string, header http.Header, body []byte) Respo
 	return Response{StatusCode: resp.StatusCode, Status: resp.Status, Header: resp.Header, Body: b}
 }
 
-// contentType is the header of a request whose body has media type mt.
+// contentType is the header of a request whose body has media type mt
+// (none when mt is empty).
 func contentType(mt string) http.Header {
+	if mt == "" {
+		return nil
+	}
 	return http.Header{"Content-Type": {mt}}
 }
